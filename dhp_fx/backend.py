@@ -1,0 +1,114 @@
+"""The torch.compile backend: capture → rewrite attention → hand the graph to a downstream compiler.
+
+Registered under the entry point group ``torch_dynamo_backends`` as "dhp_fx", so
+``torch.compile(model, backend="dhp_fx", options={"keep_ratio": 0.7})`` works after
+``pip install`` without importing dhp_fx first.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import kernels as _kernels  # noqa: F401  (registers dhp::gated_attention)
+from .config import DHPConfig
+from .passes import AttentionSite, SkippedSite, rewrite_attention
+
+log = logging.getLogger("dhp_fx")
+
+GateBuilder = Callable[[AttentionSite, DHPConfig], nn.Module]
+
+
+def default_gate_builder(site: AttentionSite, config: DHPConfig) -> nn.Module:
+    from .gates import build_gate
+
+    return build_gate(site, config)
+
+
+class DHPCompiler:
+    """A Dynamo backend with memory: every graph it sees is rewritten, its sites and gates kept.
+
+    Gates are keyed by site name, so the graphs of one model (graph breaks, recompiles for new
+    shapes) share one gate per attention site.
+    """
+
+    def __init__(
+        self,
+        config: Optional[DHPConfig] = None,
+        gates: Optional[nn.ModuleDict] = None,
+        gate_builder: Optional[GateBuilder] = None,
+        param_names: Optional[dict[str, str]] = None,
+    ):
+        self.config = config or DHPConfig()
+        self.gates = gates if gates is not None else nn.ModuleDict()
+        self.gate_builder = gate_builder or default_gate_builder
+        self.sites: dict[str, AttentionSite] = {}
+        self.skipped: list[SkippedSite] = []
+        self.graphs_compiled = 0
+        self.counters: dict[str, int] = {}
+
+    @staticmethod
+    def gate_key(site_name: str) -> str:
+        # ModuleDict keys may not contain "."; "#" marks a module owning several cores.
+        return site_name.replace(".", "__").replace("#", "_core")
+
+    def _make_gate(self, site: AttentionSite) -> nn.Module:
+        key = self.gate_key(site.name)
+        if key in self.gates:
+            known = self.sites.get(site.name)
+            if known is not None and (known.num_heads, known.num_kv_heads) != (site.num_heads, site.num_kv_heads):
+                raise RuntimeError(
+                    f"site {site.name!r} was captured with {known.num_heads} heads before and "
+                    f"{site.num_heads} now; the model changed under dhp_fx"
+                )
+        else:
+            self.gates[key] = self.gate_builder(site, self.config)
+        self.sites[site.name] = site
+        return self.gates[key]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        result = rewrite_attention(gm, self._make_gate, taken_names=set())
+        self.graphs_compiled += 1
+        for key, value in result.counters.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+        known_skips = {(s.module_path, s.reason) for s in self.skipped}
+        self.skipped += [s for s in result.skipped if (s.module_path, s.reason) not in known_skips]
+        for skip in result.skipped:
+            log.info("dhp_fx left %s unchanged (%s): %s", skip.module_path or "<root>", skip.pattern, skip.reason)
+        return downstream_compile(gm, example_inputs, self.config.compiler)
+
+
+def downstream_compile(gm: fx.GraphModule, example_inputs, compiler: str) -> Callable:
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    if compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    raise ValueError(f"unknown downstream compiler {compiler!r}")
+
+
+def dhp_fx_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None) -> Callable:
+    """Entry point for ``torch.compile(backend="dhp_fx", options={...})``.
+
+    options are DHPConfig fields; the downstream compiler defaults to inductor here so that
+    users lose nothing against plain torch.compile.
+    """
+    options = dict(options or {})
+    options.setdefault("compiler", "inductor")
+    compiler = DHPCompiler(DHPConfig.from_dict(options))
+    compiled = compiler(gm, example_inputs)
+    # Let callers that hold the compiled function find what was rewritten.
+    LAST_COMPILED.append(compiler)
+    del LAST_COMPILED[:-8]
+    return compiled
+
+
+LAST_COMPILED: list[DHPCompiler] = []

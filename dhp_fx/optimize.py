@@ -1,0 +1,136 @@
+"""``dhp_fx.optimize``: the two-line entry point."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .backend import DHPCompiler
+from .config import DHPConfig
+from .passes import AttentionSite, SkippedSite
+
+log = logging.getLogger("dhp_fx")
+
+
+class DHPModel(nn.Module):
+    """A model whose attention runs through gated ops; called exactly like the original.
+
+    Attributes the wrapper does not have (``generate``, ``config``, ...) come from the wrapped
+    model, whose own calls (as in ``generate``) also go through the rewritten graph. Weights are
+    shared with the model passed to ``optimize``, as with ``torch.compile``.
+    """
+
+    def __init__(self, model: nn.Module, config: DHPConfig):
+        super().__init__()
+        self.model = model
+        self.gates = nn.ModuleDict()
+        # dhp_config, not config: HF code reads ``.config`` and must find the model's own.
+        object.__setattr__(self, "dhp_config", config)
+        object.__setattr__(self, "_compiler", DHPCompiler(config, self.gates))
+        # A shallow copy owns its call path: compiling it leaves the caller's model untouched,
+        # while parameters and submodules stay shared.
+        inner = copy.copy(model)
+        inner.compile(backend=self._compiler, dynamic=config.dynamic, fullgraph=config.fullgraph)
+        object.__setattr__(self, "_inner", inner)
+
+    def forward(self, *args, **kwargs):
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # ----------------------------------------------------------------- what was found
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return list(self._compiler.sites.values())
+
+    @property
+    def skipped(self) -> list[SkippedSite]:
+        return list(self._compiler.skipped)
+
+    @property
+    def graphs_compiled(self) -> int:
+        return self._compiler.graphs_compiled
+
+    def gate(self, site: Union[str, AttentionSite]) -> nn.Module:
+        name = site.name if isinstance(site, AttentionSite) else site
+        key = DHPCompiler.gate_key(name)
+        if key not in self.gates:
+            raise KeyError(f"no attention site named {name!r}; known sites: {[s.name for s in self.sites]}")
+        return self.gates[key]
+
+    def report(self) -> str:
+        from .report import sites_table
+
+        return sites_table(self.sites, self.skipped)
+
+    # ----------------------------------------------------------------- gate control
+    def set_keep_ratio(self, keep_ratio: float, min_heads: Optional[int] = None) -> None:
+        """Change the keep budget of every site; takes effect on the next call."""
+        self._require_sites()
+        for gate in self.gates.values():
+            gate.set_keep_ratio(keep_ratio, min_heads)
+        self._gates_changed()
+
+    def set_keep_mask(self, masks: Union[None, torch.Tensor, dict]) -> None:
+        """Pin gates: one bool mask for every site, a {site name: mask} dict, or None to unpin all."""
+        self._require_sites()
+        if isinstance(masks, dict):
+            for name, mask in masks.items():
+                self.gate(name).set_keep_mask(mask)
+        else:
+            for gate in self.gates.values():
+                gate.set_keep_mask(masks)
+        self._gates_changed()
+
+    def _require_sites(self) -> None:
+        if not self._compiler.graphs_compiled:
+            raise RuntimeError("no graph captured yet: call the model once (or pass example_inputs to optimize)")
+
+    def _gates_changed(self) -> None:
+        # Eager graphs call the gates afresh every time; compiled ones baked the gates' Python
+        # state in, so they must be traced again.
+        if self.dhp_config.compiler != "eager":
+            torch._dynamo.reset()
+
+
+def optimize(
+    model: nn.Module,
+    config: Optional[DHPConfig] = None,
+    example_inputs: Optional[Union[tuple, dict, Iterable]] = None,
+) -> DHPModel:
+    """Rewrite every attention site of ``model`` into a gated op.
+
+    ``example_inputs`` (a tuple of positional args or a dict of keyword args) captures the graph
+    now, so ``sites`` and ``report()`` are ready before the first real call.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DHPModel):
+        raise ValueError("model is already optimized by dhp_fx; pass the original model")
+    if config is None:
+        config = DHPConfig()
+    elif isinstance(config, dict):
+        config = DHPConfig.from_dict(config)
+    elif not isinstance(config, DHPConfig):
+        raise TypeError(f"config must be a DHPConfig or a dict, got {type(config).__name__}")
+    optimized = DHPModel(model, config)
+    if example_inputs is not None:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                optimized(**example_inputs)
+            else:
+                optimized(*example_inputs)
+        if not optimized.sites:
+            log.warning("dhp_fx found no attention in %s; it runs unchanged", type(model).__name__)
+    return optimized

@@ -1,0 +1,335 @@
+"""Triton forward of gated attention: FA2-style online softmax that launches no work for pruned heads.
+
+Grid: (query blocks, B*Hq slots). Slot s reads pair ``pairs[s]`` of a device-side list of
+(batch, head) pairs sorted kept-first; slots at or past ``n_kept`` belong to pruned pairs and only
+store zeros. The list and count come from torch ops, so the launch never syncs with the host.
+Pruned programs store their zeros themselves rather than a memset over the whole output first:
+a memset writes every element, then kept programs write theirs again, i.e. up to twice the
+output traffic, while this way every element is written exactly once.
+
+Everything runs in the log2 domain: logits are scaled by ``scale * log2(e)`` so the softmax
+uses ``exp2``; additive masks are multiplied by log2(e) on load.
+
+Rows with no visible key (fully masked) give output 0, entropy 0 and lse = +inf, matching
+PyTorch's math SDPA (``_safe_softmax``) and keeping the backward NaN-free.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import: the interpreter cannot benchmark, and its bf16 tl.dot is wrong.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# fp32 finfo.min * log2(e) overflows to -inf; clamping finite masks keeps "huge negative"
+# (HF's padding value) distinct from -inf, so fully masked HF rows stay uniform as in SDPA.
+_MASK_FLOOR = tl.constexpr(-1.0e38)
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+def _bucket(n: int) -> int:
+    # Autotune keys on buckets, not exact lengths, so decode (Lk grows by one per step)
+    # does not retune at every step.
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    shapes = [
+        (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+        # decode / short query blocks
+        (16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def prune_by_query_len(configs, named_args, **kwargs):
+    """Drop query blocks far larger than Lq (decode) and tiny ones for long queries."""
+    lq = named_args["Lq"]
+    cap = max(16, triton.next_power_of_2(lq))
+    out = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (lq < 64 or c.kwargs["BLOCK_M"] >= 64)]
+    return out or configs[:1]
+
+
+@triton.jit
+def _load2d(ptrs, ok0, ok1, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
+    # Constexpr flags let full interior tiles load without predication.
+    if CHECK0:
+        if CHECK1:
+            x = tl.load(ptrs, mask=ok0 & ok1, other=0)
+        else:
+            x = tl.load(ptrs, mask=ok0, other=0)
+    else:
+        if CHECK1:
+            x = tl.load(ptrs, mask=ok1, other=0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if DOT_F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        r = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return r
+
+
+@triton.jit
+def _apply_mask(t, mask_base, mi, nj, mi_ok, nj_ok, Lk, stride_mm, stride_mn,
+                EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Mask log2-domain logits ``t``; mi/nj are query/key indices already broadcast to t's shape
+    (either orientation, so the transposed dK/dV tiles share this code)."""
+    if MASK_KIND != 0:
+        mb = _load2d(mask_base + mi * stride_mm + nj * stride_mn, mi_ok, nj_ok, True, EDGE)
+        if MASK_KIND == 1:
+            t = tl.where(mb != 0, t, float("-inf"))
+        else:
+            mb = mb.to(tl.float32)
+            mb = tl.where(mb == float("-inf"), mb, tl.maximum(mb, _MASK_FLOOR))
+            t = t + mb * _LOG2E
+    if EDGE:
+        ok = nj_ok
+        if IS_CAUSAL:
+            ok = ok & (nj <= mi)
+        t = tl.where(ok, t, float("-inf"))
+    return t
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_d, offs_dv,
+               Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr,
+               COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    row_ok = offs_m < Lq
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
+        t = _dot(q, kt, DOT_F32, DOT_PRECISION) * scale_log2
+        t = _apply_mask(t, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
+                        Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        # A row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(t - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        if ENTROPY:
+            # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
+            pd = tl.where(p > 0.0, p * (t - m_use[:, None]), 0.0)
+            shift = tl.where(l_i > 0.0, (m_i - m_use) * l_i, 0.0)
+            s_i = (s_i + shift) * alpha + tl.sum(pd, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if COMPUTE_PV:
+            v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        col_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i, s_i
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV"],
+    prune_configs_by={"early_config_prune": prune_by_query_len},
+)
+@triton.jit
+def _gated_attn_fwd(
+    Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
+    COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    pair = tl.load(Pairs + slot).to(tl.int64)
+    kept = slot < tl.load(NKept)
+    # int64 base offsets: b * stride_b overflows int32 for large batches / full masks.
+    b = pair // Hq
+    h = pair % Hq
+    hk = h // GROUP
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+
+    q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                row_ok[:, None] & kept, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    if IS_CAUSAL:
+        # Top-left aligned: row i sees keys j <= i. Blocks ending at or before the block's first
+        # row need no causal test; blocks past its last row are skipped entirely.
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        full_hi = tl.minimum(((start_m + 1) // BLOCK_N) * BLOCK_N, (Lk // BLOCK_N) * BLOCK_N)
+    else:
+        hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    # Pruned slots run zero iterations and fall through to storing zeros.
+    hi = tl.where(kept, hi, 0)
+    full_hi = tl.where(kept, full_hi, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, 0, full_hi, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, full_hi, hi, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    if COMPUTE_PV:
+        out = acc / l_safe[:, None]
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        if BLOCK_DV == HEAD_DV:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    row_ptr = pair * Lq + offs_m
+    if ENTROPY:
+        ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
+        tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=row_ok)
+    if STORE_LSE:
+        tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def triton_available(device) -> bool:
+    """True where the Triton path should serve the op: CUDA devices of compute capability >= 8.0
+    (bf16 tl.dot). CPU tensors keep the PyTorch path even under TRITON_INTERPRET (tests call the
+    kernels directly)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def kept_pairs(keep: torch.Tensor):
+    """(pairs sorted kept-first as int64 [B*Hq], n_kept as int32 0-d), both on keep's device."""
+    flat = keep.reshape(-1)
+    pairs = torch.argsort((~flat).to(torch.int8), stable=True)
+    return pairs, flat.sum(dtype=torch.int32)
+
+
+def mask_operand(attn_mask, B, Hq, Lq, Lk, like: torch.Tensor):
+    """(kind, tensor, strides): broadcast dims get stride 0 through expand(), nothing is copied."""
+    if attn_mask is None:
+        return MASK_NONE, like, (0, 0, 0, 0)
+    m = attn_mask.expand(B, Hq, Lq, Lk)
+    if m.dtype == torch.bool:
+        return MASK_BOOL, m.view(torch.uint8), m.stride()
+    return MASK_ADD, m, m.stride()
+
+
+def dot_flags(dtype: torch.dtype):
+    """(DOT_F32, DOT_PRECISION): fp32 inputs use exact fp32 dots (SDPA parity, not tf32);
+    bf16 is upcast under the interpreter, whose bf16 tl.dot is wrong."""
+    return _INTERPRET and dtype == torch.bfloat16, "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_blocks(D: int, Dv: int):
+    # tl.arange needs powers of two and tl.dot needs >= 16: head dims 80/96 pad to 128 with masks.
+    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+
+
+def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
+                           return_entropy=False, *, return_lse=False, out=None, compute_out=True,
+                           pairs=None):
+    """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
+    when ``return_entropy`` / ``return_lse`` ask for them.
+
+    entropy: float32 [B, Hq], mean over query rows of each row's attention entropy (nats);
+    fully masked rows and pruned heads count as 0. lse: float32 [B, Hq, Lq] in log2 units
+    (+inf for fully masked rows), as the backward wants it. ``out`` may be a preallocated
+    [B, Hq, Lq, Dv] tensor of any strides; every element is written. ``compute_out=False``
+    skips P@V (lse/entropy only; ``out`` is then returned as None). ``pairs`` reuses a
+    (pairs, n_kept) from :func:`kept_pairs`.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if keep.shape != (B, Hq) or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be bool [{B}, {Hq}], got {keep.dtype} {tuple(keep.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) not a multiple of kv heads ({Hkv})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if compute_out and out is None:
+        out = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
+    o_arg = out if compute_out else q
+    o_strides = out.stride() if compute_out else (0, 0, 0, 0)
+    ent_rows = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32) if return_entropy else None
+    lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32) if return_lse else None
+    pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
+    kind, mask_t, mstr = mask_operand(attn_mask, B, Hq, Lq, Lk, q)
+    dot_f32, precision = dot_flags(q.dtype)
+    block_d, block_dv = head_blocks(D, Dv)
+
+    if B * Hq > 0 and Lq > 0:
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+        _gated_attn_fwd[grid](
+            q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
+            pair_idx, n_kept,
+            *q.stride(), *k.stride(), *v.stride(), *mstr, *o_strides,
+            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk),
+            HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
+            STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
+            DOT_F32=dot_f32, DOT_PRECISION=precision,
+        )
+    extras = []
+    if return_entropy:
+        extras.append(ent_rows.mean(-1) if Lq > 0 else ent_rows.sum(-1))
+    if return_lse:
+        extras.append(lse)
+    result = out if compute_out else None
+    return (result, *extras) if extras else result
+
+
+from .triton_attention_bwd import (  # noqa: E402  (the backward reuses the helpers above)
+    TritonGatedAttention,
+    triton_gated_attention_backward,
+    triton_gated_attention_autograd,
+)
+
+__all__ = [
+    "triton_available",
+    "triton_gated_attention",
+    "triton_gated_attention_backward",
+    "triton_gated_attention_autograd",
+    "TritonGatedAttention",
+    "kept_pairs",
+]

@@ -1,0 +1,137 @@
+"""The pass pipeline: find every attention core in a captured graph and route it through the gated op.
+
+Order matters and is fixed:
+  1. decompose fused multi-head-attention nodes (nn.MultiheadAttention / TransformerEncoderLayer
+     fast paths) into projections + SDPA, so their heads become visible;
+  2. match SDPA calls, then eager matmul-softmax-matmul cores;
+  3. for each match: undo repeat-KV expansion (GQA), locate projections, describe the site;
+  4. rewrite each match into gate + dhp::gated_attention, then lint and recompile.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .graph_utils import example_value, module_path_of
+from .projections import find_projections
+from .rewrite import rewrite_match
+from .sdpa import match_sdpa
+from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
+
+GateFactory = Callable[[AttentionSite], nn.Module]
+Matcher = Callable[[fx.GraphModule], list]
+
+
+def _matchers() -> list[tuple[str, Matcher]]:
+    matchers: list[tuple[str, Matcher]] = [("sdpa", match_sdpa)]
+    try:
+        from .eager import match_eager
+    except ImportError:  # pragma: no cover - the eager matcher is optional while it is developed
+        pass
+    else:
+        matchers.append(("eager", match_eager))
+    return matchers
+
+
+def _pre_passes() -> list[tuple[str, Callable[[fx.GraphModule], int]]]:
+    try:
+        from .fused_mha import decompose_fused_mha
+    except ImportError:  # pragma: no cover
+        return []
+    return [("decompose_fused_mha", decompose_fused_mha)]
+
+
+def _resolve_kv(match: AttentionMatch) -> None:
+    try:
+        from .gqa import resolve_repeat_kv
+    except ImportError:  # pragma: no cover
+        return
+    resolve_repeat_kv(match)
+
+
+def _unique_name(path: str, taken: set[str]) -> str:
+    name, i = path or "<root>", 1
+    while name in taken:
+        name, i = f"{path or '<root>'}#{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def describe(match: AttentionMatch, name: str, projections) -> AttentionSite:
+    q, k, v = (example_value(n) for n in (match.q, match.k, match.v))
+    if match.heads_folded:
+        num_heads, num_kv = match.heads_folded, match.kv_heads_folded or match.heads_folded
+    else:
+        num_heads, num_kv = int(q.shape[1]), int(k.shape[1])
+    head_dim = int(q.shape[-1])
+    path, cls = module_path_of(match.anchor)
+    return AttentionSite(
+        name=name,
+        module_path=path,
+        module_type=cls,
+        pattern=match.pattern,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        value_head_dim=int(v.shape[-1]),
+        scale=match.scale if match.scale is not None else 1.0 / math.sqrt(head_dim),
+        is_causal=match.is_causal,
+        mask_kind=match.mask_kind,
+        dropout_p=match.dropout_p,
+        cross_attention=projections.cross_attention,
+        q_proj=projections.q,
+        k_proj=projections.k,
+        v_proj=projections.v,
+        out_proj=projections.out,
+    )
+
+
+def rewrite_attention(
+    gm: fx.GraphModule,
+    make_gate: Optional[GateFactory] = None,
+    taken_names: Optional[set[str]] = None,
+) -> PassResult:
+    """Rewrite every attention core of ``gm`` in place; returns the sites and what was skipped.
+
+    ``make_gate(site)`` builds the module that decides, per call, which heads run
+    (``gate(q, k, v, attn_mask, hidden=...) -> bool [B, H]``); without it every gate is open.
+    ``taken_names`` lets several graphs of one model (graph breaks, recompiles) share a namespace.
+    """
+    result = PassResult()
+    taken = taken_names if taken_names is not None else set()
+    for name, pre in _pre_passes():
+        result.bump(name, pre(gm))
+
+    matches: list[AttentionMatch] = []
+    claimed: set[fx.Node] = set()
+    for matcher_name, matcher in _matchers():
+        for item in matcher(gm):
+            if isinstance(item, SkippedSite):
+                result.skipped.append(item)
+                result.bump(f"skipped_{matcher_name}")
+            elif item.anchor not in claimed:
+                claimed.add(item.anchor)
+                matches.append(item)
+
+    for match in matches:
+        _resolve_kv(match)
+        path, _ = module_path_of(match.anchor)
+        # The site is described before rewriting, while the original output node still exists.
+        provisional = find_projections(match, match.anchor)
+        site = describe(match, _unique_name(path, taken), provisional)
+        gate_target = None
+        if make_gate is not None:
+            gate_target = f"dhp_gate_{len(result.sites)}"
+            while hasattr(gm, gate_target):
+                gate_target += "_"
+            gm.add_submodule(gate_target, make_gate(site))
+        rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
+        result.sites.append(site)
+        result.bump(f"rewritten_{match.pattern}")
+
+    gm.graph.lint()
+    gm.recompile()
+    return result
