@@ -19,13 +19,30 @@ from .passes import AttentionSite, SkippedSite, rewrite_attention
 
 log = logging.getLogger("dhp_fx")
 
-GateBuilder = Callable[[AttentionSite, DHPConfig], nn.Module]
+# gate_builder(site, config, params): params maps qualified parameter names of the captured
+# model (e.g. "encoder.layer.0.attention.self.query.weight") to the live tensors.
+GateBuilder = Callable[[AttentionSite, DHPConfig, dict], nn.Module]
 
 
-def default_gate_builder(site: AttentionSite, config: DHPConfig) -> nn.Module:
+def default_gate_builder(site: AttentionSite, config: DHPConfig, params: dict) -> nn.Module:
     from .gates import build_gate
 
-    return build_gate(site, config)
+    return build_gate(site, config, params)
+
+
+def graph_parameters(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
+    """Qualified name -> tensor for the module state Dynamo lifted into graph inputs."""
+    from .passes.graph_utils import parameter_name
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {}
+    for node, value in zip(placeholders, example_inputs):
+        name = parameter_name(node)
+        if name is not None and isinstance(value, torch.Tensor):
+            params[name] = value
+    for name, value in gm.named_parameters():
+        params.setdefault(name, value)
+    return params
 
 
 class DHPCompiler:
@@ -49,6 +66,7 @@ class DHPCompiler:
         self.skipped: list[SkippedSite] = []
         self.graphs_compiled = 0
         self.counters: dict[str, int] = {}
+        self._params: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def gate_key(site_name: str) -> str:
@@ -65,11 +83,12 @@ class DHPCompiler:
                     f"{site.num_heads} now; the model changed under dhp_fx"
                 )
         else:
-            self.gates[key] = self.gate_builder(site, self.config)
+            self.gates[key] = self.gate_builder(site, self.config, self._params)
         self.sites[site.name] = site
         return self.gates[key]
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        self._params = graph_parameters(gm, example_inputs)
         result = rewrite_attention(gm, self._make_gate, taken_names=set())
         self.graphs_compiled += 1
         for key, value in result.counters.items():
@@ -78,7 +97,32 @@ class DHPCompiler:
         self.skipped += [s for s in result.skipped if (s.module_path, s.reason) not in known_skips]
         for skip in result.skipped:
             log.info("dhp_fx left %s unchanged (%s): %s", skip.module_path or "<root>", skip.pattern, skip.reason)
+        if self.config.compiler != "eager":
+            _freeze_gates(gm)
         return downstream_compile(gm, example_inputs, self.config.compiler)
+
+
+class _FrozenGate(nn.Module):
+    """Calls a gate without registering it, so AOTAutograd sees no gate state as graph inputs.
+
+    Tracing then bakes the gate's current tensors in as constants; DHPModel re-traces when a
+    gate changes.
+    """
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "gate", gate)
+
+    def forward(self, *args, **kwargs):
+        return self.gate(*args, **kwargs)
+
+
+def _freeze_gates(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("dhp_gate_"):
+            gate = gm.get_submodule(node.target)
+            if not isinstance(gate, _FrozenGate):
+                setattr(gm, node.target, _FrozenGate(gate))
 
 
 def downstream_compile(gm: fx.GraphModule, example_inputs, compiler: str) -> Callable:

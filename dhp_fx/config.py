@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 COMPILERS = ("eager", "aot_eager", "inductor")
 GRANULARITIES = ("sample", "batch")
+SCORINGS = ("probe", "router", "lagged", "static")
 
 
 @dataclass
@@ -22,6 +24,21 @@ class DHPConfig:
         "aot_eager", or "inductor" (what plain torch.compile uses).
     dynamic: passed to torch.compile; None lets Dynamo mark dims dynamic after the first change.
     fullgraph: passed to torch.compile; True raises on graph breaks instead of splitting.
+
+    Head scoring (dhp_fx.scoring; S = alpha * weight norm + (1 - alpha) * (1 - entropy)):
+    scoring: "probe" (entropy from a strided subset of query rows), "router" (learned per-site
+        predictor from the pooled layer input), "lagged" (entropy of an earlier call, refreshed
+        every lag_refresh calls; for decoding), "static" (calibration ranking, no per-call cost).
+    alpha: weight of the weight-norm term, in [0, 1] (1 = static norm ranking, 0 = entropy only).
+    probe_fraction: share of query rows the probe scores, in (0, 1]; at least one row.
+    lag_refresh: "lagged" recomputes entropy every this many calls.
+    router_hidden: width of the router MLP; 0 makes it linear.
+    keep_ratios: {fnmatch pattern of site names: keep ratio} overriding keep_ratio per site, e.g.
+        {"encoder.layer.1[01].*": 0.5}; the longest matching pattern wins.
+    score_threshold: if set, keep heads with S >= threshold (keep_ratio then caps the count).
+    prune_kv_groups: decide per KV group (group score = mean of its heads), so a pruned group's
+        K/V projections can be skipped too.
+    union_cap: with granularity "batch", at most this share of heads survives the union.
     """
 
     keep_ratio: float = 1.0
@@ -30,6 +47,15 @@ class DHPConfig:
     compiler: str = "eager"
     dynamic: Optional[bool] = None
     fullgraph: bool = False
+    scoring: str = "probe"
+    alpha: float = 0.5
+    probe_fraction: float = 1.0 / 16
+    lag_refresh: int = 8
+    router_hidden: int = 32
+    keep_ratios: dict = field(default_factory=dict)
+    score_threshold: Optional[float] = None
+    prune_kv_groups: bool = False
+    union_cap: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0,
@@ -40,6 +66,26 @@ class DHPConfig:
         _check(self.compiler in COMPILERS, "compiler", self.compiler, f"one of {COMPILERS}")
         _check(self.dynamic in (None, True, False), "dynamic", self.dynamic, "None, True or False")
         _check(isinstance(self.fullgraph, bool), "fullgraph", self.fullgraph, "a bool")
+        _check(self.scoring in SCORINGS, "scoring", self.scoring, f"one of {SCORINGS}")
+        _check(_is_num(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
+        _check(_is_num(self.probe_fraction) and 0.0 < self.probe_fraction <= 1.0,
+               "probe_fraction", self.probe_fraction, "a number in (0, 1]")
+        _check(_is_int(self.lag_refresh) and self.lag_refresh >= 1, "lag_refresh", self.lag_refresh, "an int >= 1")
+        _check(_is_int(self.router_hidden) and self.router_hidden >= 0,
+               "router_hidden", self.router_hidden, "an int >= 0")
+        _check(isinstance(self.keep_ratios, dict) and all(
+            isinstance(k, str) and _is_num(v) and 0.0 < v <= 1.0 for k, v in self.keep_ratios.items()),
+            "keep_ratios", self.keep_ratios, "a dict {site pattern (str): number in (0, 1]}")
+        _check(self.score_threshold is None or (_is_num(self.score_threshold) and 0.0 <= self.score_threshold <= 1.0),
+               "score_threshold", self.score_threshold, "None or a number in [0, 1]")
+        _check(isinstance(self.prune_kv_groups, bool), "prune_kv_groups", self.prune_kv_groups, "a bool")
+        _check(self.union_cap is None or (_is_num(self.union_cap) and 0.0 < self.union_cap <= 1.0),
+               "union_cap", self.union_cap, "None or a number in (0, 1]")
+
+    def keep_ratio_for(self, site_name: str) -> float:
+        """keep_ratio of one site: the longest matching keep_ratios pattern, else keep_ratio."""
+        hits = [p for p in self.keep_ratios if fnmatch.fnmatchcase(site_name, p)]
+        return float(self.keep_ratios[max(hits, key=len)]) if hits else float(self.keep_ratio)
 
     def replace(self, **changes: Any) -> "DHPConfig":
         return dataclasses.replace(self, **changes)
@@ -61,6 +107,14 @@ class DHPConfig:
     @classmethod
     def from_json(cls, text: str) -> "DHPConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:

@@ -3,9 +3,22 @@
 The rewrite pass puts ``keep = gate(q, k, v, attn_mask, hidden=x)`` in front of every gated op.
 A gate returns bool [B, H]. Gates are ordinary nn.Modules owned by the optimized model, so a
 user can inspect them, set masks, and train the learned ones.
+
+``HeadGate`` owns the budget (keep ratio or score threshold, min_heads, KV groups, per-sample or
+batch-shared masks) and calibration recording; the scoring strategies of ``DHPConfig.scoring``
+live in ``dhp_fx.strategies`` and only implement ``score``.
+
+Granularity, and what it costs. "sample" gives every batch row its own heads: each sample runs
+exactly what it needs, but a head that is off for some rows and on for others still has to be
+projected for the whole batch, or the projections become gathered (per-row) GEMMs, so savings
+come mostly from the attention core. "batch" shares one mask (the union of what the rows need,
+at most ``union_cap`` of the heads): pruned heads can be sliced out of the Q/K/V/O weights once
+per call and every GEMM stays dense, but the union grows with the batch, so fewer heads are
+skipped on large, diverse batches.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,20 +35,63 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
+def decide_keep(
+    scores: torch.Tensor,
+    n_keep: int,
+    min_keep: int,
+    threshold: Optional[float] = None,
+    batch_shared: bool = False,
+    union_cap: Optional[int] = None,
+) -> torch.Tensor:
+    """bool [B, U] from scores [B, U] (U = heads or KV groups).
+
+    Without threshold exactly max(n_keep, min_keep) units per row; with one, the units scoring
+    >= threshold, at most n_keep and at least min_keep. batch_shared: the union of the rows'
+    choices, cut to the union_cap most-voted units (ties by mean score), never below min_keep.
+    """
+    units = scores.shape[-1]
+    n_keep, min_keep = min(units, max(n_keep, min_keep)), min(units, min_keep)
+    if threshold is None:
+        keep = keep_top(scores, n_keep)
+    else:
+        keep = scores >= threshold
+        if n_keep < units:
+            keep &= keep_top(scores, n_keep)
+        keep |= keep_top(scores, min_keep)
+    if batch_shared:
+        votes = keep.sum(0, dtype=torch.float32)
+        cap = units if union_cap is None else min(units, max(union_cap, min_keep))
+        # votes are integers and 0.5 * score < 1 for scores in [0, 1]: ranks by votes, then score
+        rank = votes + 0.5 * scores.float().mean(0).clamp(0, 1)
+        shared = (votes > 0) & keep_top(rank, cap)
+        shared |= keep_top(rank, min_keep)
+        keep = shared.expand_as(keep)
+    return keep
+
+
 class HeadGate(nn.Module):
     """Gate of one site: an explicit mask if one is set, else the keep budget applied to head scores."""
 
     def __init__(self, site: AttentionSite, config: DHPConfig):
         super().__init__()
+        self.site = site
         self.site_name = site.name
         self.num_heads = site.num_heads
         self.num_kv_heads = site.num_kv_heads
-        self.keep_ratio = config.keep_ratio
+        self.keep_ratio = config.keep_ratio_for(site.name)
         self.min_heads = min(config.min_heads, site.num_heads)
         self.granularity = config.granularity
+        self.score_threshold = config.score_threshold
+        # Whole groups only make sense when there are several query heads per KV head.
+        self.prune_kv_groups = config.prune_kv_groups and site.num_kv_heads < site.num_heads
+        self.union_cap = config.union_cap
+        self.recording = False
+        self._last_entropy: Optional[torch.Tensor] = None
         # Not persistent: an explicit mask is a run-time choice, not model state.
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
+        self._init_stats()
 
+    # ------------------------------------------------------------------ budget
     @property
     def n_keep(self) -> int:
         return max(self.min_heads, int(round(self.keep_ratio * self.num_heads)))
@@ -48,6 +104,12 @@ class HeadGate(nn.Module):
             if min_heads < 1:
                 raise ValueError(f"min_heads must be >= 1, got {min_heads!r}")
             self.min_heads = min(min_heads, self.num_heads)
+
+    def set_score_threshold(self, threshold: Optional[float]) -> None:
+        """Keep heads scoring >= threshold (keep_ratio caps the count); None returns to keep_ratio."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"score_threshold must be None or in [0, 1], got {threshold!r}")
+        self.score_threshold = threshold
 
     def set_keep_mask(self, mask: Optional[torch.Tensor]) -> None:
         """Pin the gate: bool [H] (every row) or [B, H] (one row per sample); None unpins."""
@@ -69,6 +131,26 @@ class HeadGate(nn.Module):
             "or choose a scoring strategy in DHPConfig"
         )
 
+    def calibration_score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        """The per-input score recorded (and decided on) while calibrating."""
+        return self.score(q, k, v, attn_mask, hidden)
+
+    def decide(self, scores: torch.Tensor) -> torch.Tensor:
+        """bool [B, H] keep mask for scores [B, H] under this gate's budget."""
+        batch, H = scores.shape[0], self.num_heads
+        group = H // self.num_kv_heads if self.prune_kv_groups else 1
+        units = scores.float().reshape(batch, H // group, group).mean(-1)
+        n_units = H // group
+        keep = decide_keep(
+            units,
+            n_keep=int(round(self.keep_ratio * n_units)),
+            min_keep=math.ceil(self.min_heads / group),
+            threshold=self.score_threshold,
+            batch_shared=self.granularity == "batch",
+            union_cap=None if self.union_cap is None else int(round(self.union_cap * n_units)),
+        )
+        return keep.repeat_interleave(group, dim=-1) if group > 1 else keep
+
     def forward(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         batch = q.shape[0]
         if self.fixed_keep.numel():
@@ -77,17 +159,76 @@ class HeadGate(nn.Module):
                 raise ValueError(
                     f"keep mask for site {self.site_name!r} has {fixed.shape[0]} rows but the batch has {batch}"
                 )
-            return fixed.expand(batch, self.num_heads)
-        if self.n_keep >= self.num_heads:
+            keep = fixed.expand(batch, self.num_heads)
+            if self.recording:
+                self._record(None, keep)
+            return keep
+        if self.recording:
+            scores = self.calibration_score(q, k, v, attn_mask, hidden)
+            keep = self.decide(scores)
+            self._record(scores, keep)
+            return keep
+        if self.score_threshold is None and self.n_keep >= self.num_heads:
             return torch.ones(batch, self.num_heads, dtype=torch.bool, device=q.device)
-        scores = self.score(q, k, v, attn_mask, hidden)
-        if self.granularity == "batch":
-            # The union the batch needs would keep too many; rank heads by their batch-mean score.
-            keep = keep_top(scores.float().mean(0, keepdim=True), self.n_keep)
-            return keep.expand(batch, self.num_heads)
-        return keep_top(scores, self.n_keep)
+        return self.decide(self.score(q, k, v, attn_mask, hidden))
+
+    # ------------------------------------------------------------------ calibration recording
+    def _init_stats(self) -> None:
+        H = self.num_heads
+        for name, init in (("samples", torch.zeros(())), ("keep", torch.zeros(H)), ("scored", torch.zeros(())),
+                           ("score_sum", torch.zeros(H)), ("score_sq", torch.zeros(H)),
+                           ("score_min", torch.full((H,), math.inf)), ("score_max", torch.full((H,), -math.inf)),
+                           ("entropy_sum", torch.zeros(H)), ("entropy_n", torch.zeros(()))):
+            # float64 sums: calibration may run many batches; not persistent: stats are saved apart
+            self.register_buffer(f"stat_{name}", init.double(), persistent=False)
+
+    def reset_stats(self) -> None:
+        for name, buf in self.named_buffers(recurse=False):
+            if name.startswith("stat_"):
+                buf.fill_(math.inf if name == "stat_score_min" else -math.inf if name == "stat_score_max" else 0.0)
+
+    def start_recording(self, reset: bool = True) -> None:
+        if reset:
+            self.reset_stats()
+        self.recording = True
+
+    def stop_recording(self) -> None:
+        self.recording = False
+
+    @torch.no_grad()
+    def _record(self, scores: Optional[torch.Tensor], keep: torch.Tensor) -> None:
+        # In-place tensor updates only, so a traced gate (aot_eager) records too.
+        self.stat_samples += keep.shape[0]
+        self.stat_keep += keep.sum(0, dtype=torch.float64).to(self.stat_keep.device)
+        if scores is not None:
+            s = scores.detach().double().to(self.stat_keep.device)
+            self.stat_scored += s.shape[0]
+            self.stat_score_sum += s.sum(0)
+            self.stat_score_sq += s.square().sum(0)
+            torch.minimum(self.stat_score_min, s.min(0).values, out=self.stat_score_min)
+            torch.maximum(self.stat_score_max, s.max(0).values, out=self.stat_score_max)
+        entropy = self._last_entropy
+        if entropy is not None and scores is not None:
+            self.stat_entropy_sum += entropy.detach().double().sum(0).to(self.stat_keep.device)
+            self.stat_entropy_n += entropy.shape[0]
+
+    def recorded(self) -> dict:
+        """Plain-Python summary of what was recorded (lists per head; None where nothing was)."""
+        n, m = float(self.stat_samples), float(self.stat_scored)
+        out = {"samples": int(n), "keep_freq": (self.stat_keep / n).tolist() if n else None,
+               "score_mean": None, "score_std": None, "score_min": None, "score_max": None, "entropy_mean": None}
+        if m:
+            mean = self.stat_score_sum / m
+            out.update(score_mean=mean.tolist(),
+                       score_std=(self.stat_score_sq / m - mean.square()).clamp_min(0).sqrt().tolist(),
+                       score_min=self.stat_score_min.tolist(), score_max=self.stat_score_max.tolist())
+        if float(self.stat_entropy_n):
+            out["entropy_mean"] = (self.stat_entropy_sum / self.stat_entropy_n).tolist()
+        return out
 
 
-def build_gate(site: AttentionSite, config: DHPConfig) -> nn.Module:
-    """The gate a site gets under ``config``."""
-    return HeadGate(site, config)
+def build_gate(site: AttentionSite, config: DHPConfig, params: Optional[dict] = None) -> nn.Module:
+    """The gate a site gets under ``config``; ``params`` maps parameter names to live tensors."""
+    from .strategies import STRATEGIES
+
+    return STRATEGIES[config.scoring](site, config, params or {})

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import types
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -33,7 +35,17 @@ class DHPModel(nn.Module):
         # A shallow copy owns its call path: compiling it leaves the caller's model untouched,
         # while parameters and submodules stay shared.
         inner = copy.copy(model)
-        inner.compile(backend=self._compiler, dynamic=config.dynamic, fullgraph=config.fullgraph)
+        compiled = torch.compile(
+            _private_entry(inner), backend=self._compiler, dynamic=config.dynamic, fullgraph=config.fullgraph
+        )
+
+        def call_compiled(*args, **kwargs):
+            # Past Dynamo's recompile limit the model would silently run ungated: fail instead.
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+
+        # What nn.Module.compile() sets; routes every call of inner (generate's too) through Dynamo.
+        inner._compiled_call_impl = call_compiled
         object.__setattr__(self, "_inner", inner)
 
     def forward(self, *args, **kwargs):
@@ -102,6 +114,24 @@ class DHPModel(nn.Module):
         # state in, so they must be traced again.
         if self.dhp_config.compiler != "eager":
             torch._dynamo.reset()
+
+
+_entry_ids = itertools.count()
+
+
+def _private_entry(dhp_fx_root: nn.Module):
+    """A function calling ``module`` whose code object belongs to it alone.
+
+    Dynamo keeps compiled code, and counts recompiles, per code object; compiling
+    nn.Module._call_impl (as Module.compile does) would make every optimized model share one
+    cache and its recompile limit.
+    """
+
+    def entry(*args, **kwargs):
+        return dhp_fx_root._call_impl(*args, **kwargs)
+
+    code = entry.__code__.replace(co_name=f"dhp_fx_entry_{next(_entry_ids)}")
+    return types.FunctionType(code, entry.__globals__, code.co_name, entry.__defaults__, entry.__closure__)
 
 
 def optimize(

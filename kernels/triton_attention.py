@@ -129,8 +129,9 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
         alpha = tl.exp2(m_i - m_use)
         if ENTROPY:
             # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
-            pd = tl.where(p > 0.0, p * (t - m_use[:, None]), 0.0)
-            shift = tl.where(l_i > 0.0, (m_i - m_use) * l_i, 0.0)
+            # Select before multiplying so 0 * -inf never forms a NaN at all.
+            pd = p * tl.where(p > 0.0, t - m_use[:, None], 0.0)
+            shift = l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)
             s_i = (s_i + shift) * alpha + tl.sum(pd, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_PV:
@@ -175,8 +176,11 @@ def _gated_attn_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
 
+    # Pruned slots read no Q. (A comparison against a masked length rather than `& kept`: the
+    # interpreter turns bool & scalar-bool into int32, which tl.load rejects as a mask.)
+    q_rows = tl.where(kept, Lq, 0)
     q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                row_ok[:, None] & kept, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
+                offs_m[:, None] < q_rows, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh

@@ -58,8 +58,10 @@ def module_path_of(node: fx.Node) -> tuple[str, str]:
 
 def normalize_source_path(path: str) -> str:
     """"L['self'].encoder.layer.0" or "L['self']._modules['encoder']..." -> "encoder.layer.0"."""
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"^L\['(?:self|mod|fn)'\]\.?", "", path)
+    # The root module is L['self'] for torch.compile(model), or the first positional argument
+    # (L['args'][0]) when a decorated forward is the compiled frame.
+    path = re.sub(r"^L\['args'\](?:\[0\]|\.0)\.?", "", path)
+    path = re.sub(r"^L\['(?:self|mod|fn|dhp_fx_root)'\]\.?", "", path)
     path = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"^_(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
@@ -89,3 +91,73 @@ def users_outside(node: fx.Node, allowed: set[fx.Node]) -> list[fx.Node]:
 
 
 GETITEM = operator.getitem
+
+
+def const_number(x: Any) -> Optional[float]:
+    """x as a float if it is a plain Python int/float (bools and symbolic numbers are not constants)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def shape_of(node: Any) -> Optional[tuple]:
+    val = example_value(node)
+    return None if val is None else tuple(val.shape)
+
+
+def _fake_mode_of(values) -> Any:
+    from torch._guards import detect_fake_mode
+
+    try:
+        return detect_fake_mode(values)
+    except Exception:
+        return None
+
+
+def _meta_value(op: str, target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Run a new node's target on its inputs' fake values, so later passes can read its shape."""
+    missing = []
+
+    def value(n: fx.Node):
+        val = n.meta.get("example_value", n.meta.get("val"))
+        if val is None:
+            missing.append(n)
+        return val
+
+    vargs, vkwargs = fx.node.map_arg((args, kwargs), value)
+    if missing:
+        return None
+    flat: list = []
+    fx.node.map_aggregate((vargs, vkwargs), lambda v: flat.append(v) if isinstance(v, torch.Tensor) else None)
+    mode = _fake_mode_of(flat)
+    if mode is None:
+        return None
+    try:
+        with mode:
+            if op == "call_method":
+                return getattr(vargs[0], target)(*vargs[1:], **vkwargs)
+            return target(*vargs, **vkwargs)
+    except Exception:
+        return None
+
+
+def insert_node(
+    graph: fx.Graph,
+    op: str,
+    target: Any,
+    args: tuple,
+    kwargs: Optional[dict] = None,
+    meta_like: Optional[fx.Node] = None,
+) -> fx.Node:
+    """Create a call node at the graph's current insertion point, with example_value meta where
+    the inputs carry fake values, and the module ownership of ``meta_like``."""
+    kwargs = kwargs or {}
+    node = graph.create_node(op, target, args, kwargs)
+    val = _meta_value(op, target, args, kwargs)
+    if val is not None:
+        node.meta["example_value"] = val
+    if meta_like is not None:
+        for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
+            if key in meta_like.meta:
+                node.meta[key] = meta_like.meta[key]
+    return node

@@ -1,0 +1,206 @@
+"""The scoring strategies of ``DHPConfig.scoring``: how a gate gets S before the heads run.
+
+All share ŵ (normalised weight norms, from the live parameters handed to ``build_gate``) and the
+probe (entropy of a strided subset of query rows); they differ in what they pay per call:
+probe ≈ probe_fraction of QKᵀ, router a tiny MLP, lagged one probe every lag_refresh calls,
+static nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DHPConfig
+from .gates import HeadGate
+from .passes import AttentionSite
+from .scoring import attention_entropy, combine_scores, head_weight_norms, normalize_per_site, probe_rows, query_padding
+
+
+class ScoringGate(HeadGate):
+    """A gate that scores heads with S = α·ŵ + (1 − α)·(1 − Ĥ)."""
+
+    def __init__(self, site: AttentionSite, config: DHPConfig, params: Mapping[str, torch.Tensor]):
+        super().__init__(site, config)
+        self.alpha = float(config.alpha)
+        self.probe_fraction = float(config.probe_fraction)
+        # Plain dict, not parameters: the weights belong to the model, the gate only reads them.
+        self._weights = {name: params[name] for name in self._weight_names() if name in params}
+        self._weights_version = None
+        self.register_buffer("w_hat", torch.ones(site.num_heads), persistent=False)
+        self.refresh_weight_norms()
+
+    def _weight_names(self) -> list[str]:
+        refs = (self.site.q_proj, self.site.k_proj, self.site.v_proj, self.site.out_proj)
+        return [r.weight for r in refs if r is not None]
+
+    def _version(self):
+        return tuple(getattr(w, "_version", 0) for w in self._weights.values())
+
+    @torch.no_grad()
+    def refresh_weight_norms(self, params: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Recompute ŵ from the weights (``params`` replaces the stored references); returns it."""
+        if params is not None:
+            self._weights = {name: params[name] for name in self._weight_names() if name in params}
+        w = normalize_per_site(head_weight_norms(self.site, self._weights))
+        self.w_hat = w.to(self.w_hat.device)
+        self._weights_version = self._version()
+        return self.w_hat
+
+    def _fresh_w_hat(self) -> torch.Tensor:
+        # Training (distillation) updates weights in place, which bumps their version counter.
+        if not torch.compiler.is_compiling() and self._weights and self._version() != self._weights_version:
+            self.refresh_weight_norms()
+        return self.w_hat
+
+    def entropy(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
+        """Ĥ [B, H] from the probe rows (or every row), padding queries left out."""
+        B, _, Lq, _ = q.shape
+        valid = None if self.site.cross_attention else query_padding(attn_mask, B, Lq, k.shape[2])
+        rows = None if all_rows else probe_rows(Lq, self.probe_fraction, valid, q.device)
+        return attention_entropy(q, k, attn_mask, self.site.is_causal, self.site.scale, rows, valid)
+
+    def probe_score(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
+        w_hat = self._fresh_w_hat()
+        if self.alpha == 1.0:
+            self._last_entropy = None
+            return w_hat[None].expand(q.shape[0], -1).to(q.device)
+        entropy = self.entropy(q, k, attn_mask, all_rows)
+        self._last_entropy = entropy
+        return combine_scores(w_hat, entropy, self.alpha)
+
+    def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        return self.probe_score(q, k, attn_mask)
+
+
+class ProbeGate(ScoringGate):
+    """Entropy from ceil(probe_fraction · Lq) strided query rows (≥ 1)."""
+
+
+class LaggedGate(ScoringGate):
+    """For autoregressive decoding: gate each call with the entropy an earlier call measured.
+
+    Every ``lag_refresh``-th call (and whenever the batch size changes) runs the probe and
+    stores its entropy; the calls between reuse it, so they pay nothing for scoring. The call
+    counter is Python state: use compiler="eager" (the default) or the count is traced once.
+    """
+
+    def __init__(self, site: AttentionSite, config: DHPConfig, params):
+        super().__init__(site, config, params)
+        self.lag_refresh = int(config.lag_refresh)
+        self._calls = 0
+        self.register_buffer("lag_entropy", torch.zeros(0, site.num_heads), persistent=False)
+
+    def reset_lag(self) -> None:
+        self._calls = 0
+        self.lag_entropy = self.lag_entropy.new_zeros(0, self.num_heads)
+
+    def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        w_hat = self._fresh_w_hat()
+        if self.alpha == 1.0:
+            return w_hat[None].expand(q.shape[0], -1).to(q.device)
+        stale = self._calls % self.lag_refresh == 0 or self.lag_entropy.shape[0] != q.shape[0]
+        self._calls += 1
+        if stale:
+            self.lag_entropy = self.entropy(q, k, attn_mask).detach()
+        self._last_entropy = self.lag_entropy
+        return combine_scores(w_hat, self.lag_entropy.to(q.device), self.alpha)
+
+
+class StaticGate(ScoringGate):
+    """One ranking for every input: ŵ alone until calibration, then the mean calibration score.
+
+    While calibrating it scores (and decides) with the probe, so the recorded keep frequencies
+    are those of dynamic gating; ``dhp_fx.calibrate`` then installs the mean score.
+    """
+
+    def __init__(self, site: AttentionSite, config: DHPConfig, params):
+        super().__init__(site, config, params)
+        self.register_buffer("static_scores", self.w_hat.clone())
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    def set_static_scores(self, scores) -> None:
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        if scores.numel() != self.num_heads:
+            raise ValueError(f"static scores of site {self.site_name!r} need {self.num_heads} values, got {scores.numel()}")
+        self.static_scores = scores.to(self.static_scores.device)
+        self.calibrated = torch.ones((), dtype=torch.bool, device=self.calibrated.device)
+
+    def calibration_score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        return self.probe_score(q, k, attn_mask)
+
+    def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        self._last_entropy = None
+        # where(), not an if: traced gates must not branch on buffer values
+        ranking = torch.where(self.calibrated, self.static_scores, self._fresh_w_hat())
+        return ranking[None].expand(q.shape[0], -1).to(q.device)
+
+
+class RouterGate(ScoringGate):
+    """A learned predictor of S from the site's input, pooled over tokens: sigmoid(MLP(mean x)).
+
+    Starts out predicting α·ŵ + (1 − α)/2 for every input (the weight-norm ranking), and learns
+    per-input scores through ``router_loss``. Without ``hidden`` (the projection input was not
+    found) it falls back to the probe.
+    """
+
+    def __init__(self, site: AttentionSite, config: DHPConfig, params):
+        super().__init__(site, config, params)
+        d_in = self._input_dim(params)
+        self.router: Optional[nn.Module] = None
+        self.capture_loss = False
+        self.last_router_loss: Optional[torch.Tensor] = None
+        if d_in is None:
+            return
+        width = config.router_hidden
+        last = nn.Linear(width or d_in, site.num_heads)
+        self.router = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, width), nn.GELU(), last) if width else nn.Sequential(nn.LayerNorm(d_in), last)
+        prior = (self.alpha * self.w_hat + (1 - self.alpha) * 0.5).clamp(0.02, 0.98)
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.logit(prior))
+
+    def _input_dim(self, params) -> Optional[int]:
+        ref = self.site.q_proj
+        w = params.get(ref.weight) if ref is not None else None
+        if w is None or w.dim() != 2:
+            return None
+        return int(w.shape[1] if ref.layout == "out_in" else w.shape[0])
+
+    def predict(self, hidden: torch.Tensor, attn_mask=None, batch: Optional[int] = None) -> torch.Tensor:
+        """Predicted S [B, H] from the layer input [B, ..., d]."""
+        batch = hidden.shape[0] if batch is None else batch
+        x = hidden.reshape(batch, -1, hidden.shape[-1]).float()
+        valid = query_padding(attn_mask, batch, x.shape[1], x.shape[1]) if not self.site.cross_attention else None
+        if valid is not None:
+            w = valid.to(x.device, torch.float32)[..., None]
+            pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        else:
+            pooled = x.mean(1)
+        return torch.sigmoid(self.router(pooled))
+
+    def target_scores(self, q, k, attn_mask) -> torch.Tensor:
+        """What the router learns to predict: S with the entropy of every query row."""
+        with torch.no_grad():
+            return self.probe_score(q, k, attn_mask, all_rows=True).float()
+
+    def router_loss(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        """MSE between predicted and measured S; gradients reach the router only."""
+        if self.router is None or hidden is None:
+            raise RuntimeError(f"site {self.site_name!r} has no router (input projection not found)")
+        return F.mse_loss(self.predict(hidden, attn_mask, q.shape[0]), self.target_scores(q, k, attn_mask))
+
+    def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
+        if self.router is None or hidden is None:
+            return self.probe_score(q, k, attn_mask)
+        if self.capture_loss:
+            # the distillation loop sets capture_loss, runs the model, and sums last_router_loss
+            self.last_router_loss = self.router_loss(q, k, v, attn_mask, hidden)
+        self._last_entropy = None
+        return self.predict(hidden, attn_mask, q.shape[0]).detach()
+
+
+STRATEGIES = {"probe": ProbeGate, "router": RouterGate, "lagged": LaggedGate, "static": StaticGate}

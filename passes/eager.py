@@ -1,0 +1,477 @@
+"""Matcher for eager attention: matmul(q, kᵀ) → scale → masks → softmax(-1) → dropout → matmul(·, v).
+
+The walk starts at every softmax and goes back along the scores to the first matmul and forward
+along the probabilities to the second. A softmax with no batched matmul behind it is not
+attention and is ignored silently; once both matmuls are there, anything the matcher cannot
+reproduce exactly is reported as a SkippedSite and the graph is left alone.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import arg, const_number, example_value, insert_node, is_call, is_method, module_path_of, static_int
+from .site import AttentionMatch, SkippedSite
+
+_SOFTMAX_FUNCS = (torch.softmax, F.softmax, torch.special.softmax)
+_MATMUL_FUNCS = (torch.matmul, operator.matmul, torch.bmm)
+_MATMUL_METHODS = ("matmul", "bmm")
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+_SUB_FUNCS = (operator.sub, operator.isub, torch.sub)
+_MUL_FUNCS = (operator.mul, operator.imul, torch.mul)
+_DIV_FUNCS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
+# Value-preserving for the softmax input: precision casts and copies.
+_CAST_METHODS = ("float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone")
+_DROPOUT_FUNCS = (F.dropout, torch.dropout)
+_INPLACE_TO_PURE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
+# A finite masked_fill value is turned into an additive term: exact after softmax only when it
+# underflows exp() like -inf does, so small "mask" values are refused.
+_MIN_FILL = -1e4
+_MAX_CHAIN = 24
+
+
+class _Skip(Exception):
+    pass
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    return is_call(node, *_SOFTMAX_FUNCS) or is_method(node, "softmax")
+
+
+def _is_mm(node: Any) -> bool:
+    return is_call(node, *_MATMUL_FUNCS) or is_method(node, *_MATMUL_METHODS)
+
+
+def _is_first_mm(node: Any) -> bool:
+    return _is_mm(node) or is_call(node, torch.baddbmm) or is_method(node, "baddbmm")
+
+
+def _is_tensor_node(x: Any) -> bool:
+    return isinstance(x, fx.Node) and example_value(x) is not None
+
+
+def _const_tensor_value(node: Any) -> Optional[float]:
+    """The value of a 0-dim tensor built from a literal (torch.tensor(-1e9), torch.full((), v))."""
+    if is_call(node, torch.tensor):
+        return const_number(node.args[0]) if node.args else None
+    if is_call(node, torch.full) and len(node.args) > 1:
+        return const_number(node.args[1])
+    return None
+
+
+def _binary(node: fx.Node) -> tuple[Any, Any]:
+    # Functions and methods alike record self/input first, then other.
+    return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def _kind(node: Any) -> Optional[str]:
+    """Which scores-chain operation a node is, if any."""
+    if not isinstance(node, fx.Node):
+        return None
+    if is_call(node, *_ADD_FUNCS) or is_method(node, "add", "add_"):
+        return "add"
+    if is_call(node, *_SUB_FUNCS) or is_method(node, "sub", "sub_"):
+        return "sub"
+    if is_call(node, *_MUL_FUNCS) or is_method(node, "mul", "mul_"):
+        return "mul"
+    if is_call(node, *_DIV_FUNCS) or is_method(node, "div", "div_"):
+        return "div"
+    if is_method(node, "masked_fill", "masked_fill_") or is_call(node, torch.masked_fill):
+        return "fill"
+    if is_call(node, torch.where) and len(node.args) == 3:
+        return "where"
+    if is_method(node, *_CAST_METHODS):
+        return "cast"
+    return None
+
+
+def _scores_operands(node: fx.Node, kind: str) -> list:
+    """Operands of a chain node that could carry the scores (the others are masks or constants)."""
+    if kind in ("add", "sub", "mul", "div"):
+        a, b = _binary(node)
+        return [a, b] if kind in ("add", "mul") else [a]
+    if kind == "where":
+        return [node.args[1], node.args[2]]
+    return [node.args[0]]
+
+
+def _walk_scores(start: Any, probe: bool = False) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(first matmul, chain nodes after it in forward order) behind a softmax input, or None."""
+    chain: list[fx.Node] = []
+    node = start
+    for _ in range(_MAX_CHAIN):
+        if _is_first_mm(node):
+            return node, chain[::-1]
+        kind = _kind(node)
+        if kind is None:
+            return None
+        candidates = [c for c in _scores_operands(node, kind) if _is_tensor_node(c)]
+        if len(candidates) > 1:
+            # Both operands are tensors: the scores are the one a batched matmul produced.
+            candidates = [c for c in candidates if _walk_scores(c, probe=True) is not None]
+            if len(candidates) > 1:
+                if probe:
+                    return None
+                raise _Skip(f"both operands of {node.name} look like attention scores")
+        if not candidates:
+            return None
+        chain.append(node)
+        node = candidates[0]
+    return None
+
+
+@dataclass
+class _Term:
+    """One additive contribution to the mask, scaled by every constant applied after it."""
+
+    kind: str  # "add" | "fill"
+    node: fx.Node  # the additive tensor, or the fill condition
+    sign: float = 1.0
+    value: float = 0.0  # fill value
+    invert: bool = False  # fill where the condition is False
+    mult: float = 1.0
+
+
+@dataclass
+class _Chain:
+    scale: float = 1.0
+    terms: list[_Term] = field(default_factory=list)
+    inplace: list[fx.Node] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rescale(self, c: float, where: str) -> None:
+        if not math.isfinite(c) or c <= 0:
+            raise _Skip(f"scale {c} at {where} is not a positive finite constant")
+        self.scale *= c
+        for t in self.terms:
+            t.mult *= c
+
+
+def _fill_value(value: Any, where: str) -> float:
+    v = const_number(value)
+    if v is None:
+        v = _const_tensor_value(value)
+    if v is None:
+        raise _Skip(f"mask fill value at {where} is not a constant")
+    if not v <= _MIN_FILL:
+        raise _Skip(f"mask fill value {v} at {where} is not a large negative constant")
+    return v
+
+
+def _read_chain(mm1: fx.Node, chain: list[fx.Node], softmax: fx.Node) -> _Chain:
+    st = _Chain()
+    if is_call(mm1, torch.baddbmm) or is_method(mm1, "baddbmm"):
+        beta = const_number(mm1.kwargs.get("beta", 1.0))
+        alpha = const_number(mm1.kwargs.get("alpha", 1.0))
+        if beta is None or alpha is None:
+            raise _Skip("baddbmm beta/alpha are not constants")
+        st.rescale(alpha, mm1.name)
+        if beta != 0.0:  # beta == 0 ignores the input entirely, NaNs included
+            st.terms.append(_Term("add", mm1.args[0], mult=beta))
+    prev = mm1
+    for node in chain:
+        kind = _kind(node)
+        if node.op == "call_method" and node.target in _INPLACE_TO_PURE:
+            st.inplace.append(node)
+        if kind == "cast":
+            val = example_value(node)
+            if val is None or not val.is_floating_point():
+                raise _Skip(f"{node.name} casts the scores to a non-float type")
+        elif kind in ("mul", "div"):
+            a, b = _binary(node)
+            other = b if a is prev else a
+            c = const_number(other)
+            if c is None or (kind == "div" and other is a) or node.kwargs.get("rounding_mode") is not None:
+                raise _Skip(f"scores are scaled by a non-constant at {node.name}")
+            st.rescale(c if kind == "mul" else 1.0 / c, node.name)
+        elif kind in ("add", "sub"):
+            a, b = _binary(node)
+            if a is b:
+                raise _Skip(f"{node.name} combines the scores with themselves")
+            other = b if a is prev else a
+            alpha = node.kwargs.get("alpha", 1)
+            if alpha != 1:
+                raise _Skip(f"{node.name} adds with alpha={alpha}")
+            if isinstance(other, fx.Node):
+                st.terms.append(_Term("add", other, sign=-1.0 if kind == "sub" else 1.0))
+            elif const_number(other) is None:
+                raise _Skip(f"{node.name} adds something that is neither a tensor nor a constant")
+            # A constant shift of every score leaves the softmax unchanged.
+        elif kind == "fill":
+            mask = arg(node, 1, "mask")
+            value = arg(node, 2, "value")
+            st.terms.append(_Term("fill", mask, value=_fill_value(value, node.name)))
+        elif kind == "where":
+            cond, a, b = node.args
+            keep_where_true = a is prev
+            value = b if keep_where_true else a
+            st.terms.append(_Term("fill", cond, value=_fill_value(value, node.name), invert=keep_where_true))
+        prev = node
+    return st
+
+
+def _softmax_dim(node: fx.Node) -> Any:
+    # F.softmax(input, dim), torch.softmax(input, dim) and Tensor.softmax(dim) all put dim second.
+    return arg(node, 1, "dim")
+
+
+def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], float]:
+    """(second matmul, nodes between softmax and it, dropout probability)."""
+    node, between, dropout_p = softmax, [], 0.0
+    for _ in range(_MAX_CHAIN):
+        users = list(node.users)
+        if len(users) != 1:
+            raise _Skip(
+                "attention probabilities are used outside the attention core"
+                + (" (e.g. returned with output_attentions=True)" if users else "")
+            )
+        user = users[0]
+        if _is_mm(user):
+            if user.args[0] is not node:
+                raise _Skip("attention probabilities are the right operand of the second matmul")
+            return user, between, dropout_p
+        if is_method(user, *_CAST_METHODS) and user.args[0] is node:
+            val = example_value(user)
+            if val is None or not val.is_floating_point():
+                raise _Skip(f"{user.name} casts the probabilities to a non-float type")
+        elif is_call(user, *_DROPOUT_FUNCS) and user.args[0] is node:
+            p = arg(user, 1, "p", 0.5)
+            training = arg(user, 2, "training" if user.target is F.dropout else "train", True)
+            if const_number(p) is None or not isinstance(training, bool):
+                raise _Skip(f"dropout {user.name} has a run-time probability or training flag")
+            dropout_p = float(p) if training else 0.0
+        else:
+            raise _Skip(f"attention probabilities feed {user.name}, not a matmul with the values")
+        between.append(user)
+        node = user
+    raise _Skip("probabilities chain too long")
+
+
+def _unscale(node: Any) -> tuple[Any, float]:
+    """Strip constant multiplications/divisions (pre-scaled q or k); returns (base, factor)."""
+    factor = 1.0
+    for _ in range(4):
+        kind = _kind(node)
+        if kind not in ("mul", "div") or node.kwargs.get("rounding_mode") is not None:
+            break
+        a, b = _binary(node)
+        if kind == "mul" and const_number(a) is not None and isinstance(b, fx.Node):
+            a, b = b, a
+        c = const_number(b)
+        if c is None or not isinstance(a, fx.Node) or not math.isfinite(c) or c <= 0:
+            break
+        factor *= c if kind == "mul" else 1.0 / c
+        node = a
+    return node, factor
+
+
+def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
+    """k when kt is k with its last two dims swapped; None when kt is not such a transpose."""
+    val = example_value(kt)
+    if val is None:
+        return None
+    nd = val.dim()
+    last = {nd - 1, nd - 2}
+    if is_method(kt, "transpose") or is_call(kt, torch.transpose):
+        dims = kt.args[1:3]
+        if len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % nd for d in dims} == last:
+            return kt.args[0]
+    if is_method(kt, "permute") or is_call(kt, torch.permute):
+        dims = kt.args[1:] if is_method(kt, "permute") else kt.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        expect = list(range(nd - 2)) + [nd - 1, nd - 2]
+        if [d % nd for d in dims if isinstance(d, int)] == expect and len(dims) == nd:
+            return kt.args[0]
+    if is_call(kt, getattr) and kt.args[1] == "mT":
+        return kt.args[0]
+    return None
+
+
+def _axis_sizes(node: fx.Node) -> Optional[list[int]]:
+    val = example_value(node)
+    if val is None:
+        return None
+    sizes = [static_int(s) for s in val.shape]
+    return None if any(s is None for s in sizes) else sizes
+
+
+def folded_heads(node: Any, limit: int = 12) -> Optional[int]:
+    """How many heads were folded into dim 0 of a bmm operand [B*H, L, D], read from the
+    reshape that produced it; None when no reshape in its history says."""
+    axis = 0
+    for _ in range(limit):
+        if not isinstance(node, fx.Node):
+            return None
+        out = _axis_sizes(node)
+        if out is None:
+            return None
+        if is_method(node, "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as"):
+            node = node.args[0]
+            continue
+        if _kind(node) in ("mul", "div"):
+            base, _ = _unscale(node)
+            if base is node:
+                return None
+            node = base
+            continue
+        if is_method(node, "transpose") or is_call(node, torch.transpose):
+            a, b = (d % len(out) for d in node.args[1:3])
+            axis = b if axis == a else a if axis == b else axis
+            node = node.args[0]
+            continue
+        if is_method(node, "permute") or is_call(node, torch.permute):
+            dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            axis = dims[axis] % len(out)
+            node = node.args[0]
+            continue
+        if is_method(node, "view", "reshape", "flatten", "unflatten") or is_call(node, torch.reshape, torch.flatten):
+            src = _axis_sizes(node.args[0])
+            if src is None:
+                return None
+            before = math.prod(out[:axis])
+            k = next((i for i in range(len(src) + 1) if math.prod(src[:i]) == before), None)
+            if k is None or k >= len(src):
+                return None
+            if src[k] == out[axis]:
+                axis, node = k, node.args[0]
+                continue
+            if out[axis] % src[k] == 0 and out[axis] > src[k]:
+                return out[axis] // src[k]
+            return None
+        return None
+    return None
+
+
+def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: torch.dtype, like: fx.Node):
+    """One additive mask node equivalent to every term of the chain, or None."""
+    parts = []
+    for t in st.terms:
+        if t.kind == "add":
+            n = t.node
+            if t.sign < 0:
+                n = insert_node(graph, "call_function", operator.neg, (n,), meta_like=like)
+            if t.mult != 1.0:
+                n = insert_node(graph, "call_function", operator.mul, (n, t.mult), meta_like=like)
+        else:
+            cond = t.node
+            if t.invert:
+                cond = insert_node(graph, "call_method", "logical_not", (cond,), meta_like=like)
+            zeros = insert_node(graph, "call_function", torch.zeros_like, (cond,), {"dtype": score_dtype}, meta_like=like)
+            n = insert_node(graph, "call_method", "masked_fill", (zeros, cond, t.value * t.mult), meta_like=like)
+        parts.append(n)
+    if not parts:
+        return None
+    mask = parts[0]
+    for p in parts[1:]:
+        mask = insert_node(graph, "call_function", operator.add, (mask, p), meta_like=like)
+    val = example_value(mask)
+    if val is None or val.dtype != q_dtype:
+        mask = insert_node(graph, "call_method", "to", (mask, q_dtype), meta_like=like)
+    return mask
+
+
+def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
+    found = _walk_scores(softmax.args[0])
+    if found is None:
+        return None
+    mm1, chain = found
+    q_kt = (mm1.args[1], mm1.args[2]) if not _is_mm(mm1) else (mm1.args[0], mm1.args[1])
+    vals = [example_value(x) for x in q_kt]
+    if any(v is None or v.dim() < 3 for v in vals):
+        return None  # not batched: a classifier or some other projection, not attention
+
+    for node, nxt in zip([mm1] + chain, chain + [softmax]):
+        if len(node.users) != 1:
+            raise _Skip(f"attention scores ({node.name}) are used outside the attention core")
+    scores = example_value(mm1)
+    nd = scores.dim()
+    dim = _softmax_dim(softmax)
+    if not isinstance(dim, int) or dim % nd != nd - 1:
+        raise _Skip(f"softmax is over dim {dim}, not the key dim (-1)")
+    for node in chain + [softmax]:
+        val = example_value(node)
+        if val is None or tuple(val.shape) != tuple(scores.shape):
+            raise _Skip(f"{node.name} changes the shape of the attention scores")
+
+    mm2, _, dropout_p = _walk_probs(softmax)
+    st = _read_chain(mm1, chain, softmax)
+
+    q, q_factor = _unscale(q_kt[0])
+    kt, kt_factor = _unscale(q_kt[1])
+    k = _untranspose(kt)
+    k_factor = 1.0
+    if k is not None:
+        k, k_factor = _unscale(k)
+    v = mm2.args[1]
+    qv, ktv, vv, outv = (example_value(x) for x in (q, kt, v, mm2))
+    if any(x is None for x in (qv, ktv, vv, outv)):
+        raise _Skip("q/k/v carry no shape information")
+    if not (qv.dim() == ktv.dim() == vv.dim() == nd) or nd not in (3, 4):
+        raise _Skip(f"q/k/v ranks {qv.dim()}/{ktv.dim()}/{vv.dim()} are not all 3 or all 4")
+    if not (qv.shape[0] == ktv.shape[0] == vv.shape[0]):
+        raise _Skip("q/k/v batch sizes differ (broadcast batch)")
+    if nd == 4 and (ktv.shape[1] != vv.shape[1] or qv.shape[1] % ktv.shape[1] != 0):
+        raise _Skip(f"query heads {qv.shape[1]} / key heads {ktv.shape[1]} / value heads {vv.shape[1]} do not group")
+    if not (qv.dtype == ktv.dtype == vv.dtype == outv.dtype) or not qv.is_floating_point():
+        raise _Skip("q/k/v/output dtypes differ")
+
+    heads = None
+    if nd == 3:
+        heads = folded_heads(q)
+        if heads is None:
+            raise _Skip("3-D attention whose number of heads cannot be read from a reshape")
+        for other in (k if k is not None else kt, v):
+            h = folded_heads(other)
+            if h is not None and h != heads:
+                raise _Skip(f"q folds {heads} heads but k/v fold {h}")
+
+    graph = gm.graph
+    for node in st.inplace:
+        # Every chain node has one user, so nobody else can observe the in-place write; the
+        # pure form lets the dead chain be erased after the rewrite.
+        node.target = _INPLACE_TO_PURE[node.target]
+    with graph.inserting_before(mm2):
+        if k is None:
+            k = insert_node(graph, "call_method", "transpose", (kt, -2, -1), meta_like=mm1)
+        mask = _build_mask(graph, st, example_value(chain[-1] if chain else mm1).dtype, qv.dtype, mm1)
+        if mask is not None and nd == 3:
+            mval = example_value(mask)
+            if mval is not None and mval.dim() == 3 and mval.shape[0] != 1:
+                mask = insert_node(graph, "call_method", "unflatten", (mask, 0, (-1, heads)), meta_like=mm1)
+    return AttentionMatch(
+        pattern="eager_matmul" if nd == 4 else "eager_bmm",
+        anchor=mm2,
+        q=q,
+        k=k,
+        v=v,
+        attn_mask=mask,
+        mask_kind="none" if mask is None else "additive",
+        scale=st.scale * q_factor * kt_factor * k_factor,
+        dropout_p=dropout_p,
+        heads_folded=heads,
+        kv_heads_folded=heads,
+        notes=st.notes,
+    )
+
+
+def match_eager(gm: fx.GraphModule) -> list[AttentionMatch | SkippedSite]:
+    found: list[AttentionMatch | SkippedSite] = []
+    for softmax in [n for n in gm.graph.nodes if _is_softmax(n)]:
+        try:
+            match = _match_at(gm, softmax)
+        except _Skip as why:
+            path, _ = module_path_of(softmax)
+            found.append(SkippedSite(path, "eager", str(why)))
+            continue
+        if match is not None:
+            found.append(match)
+    return found

@@ -1,0 +1,249 @@
+"""The Triton gated-attention kernels under the Triton interpreter (CPU tensors), against float64.
+
+The interpreter must be chosen before the kernels are decorated, so the env var is set before the
+kernel module is imported, and a copy imported earlier in compiled mode is dropped first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_MODS = ("dhp_fx.kernels.triton_attention", "dhp_fx.kernels.triton_attention_bwd")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("TRITON_INTERPRET is set to something other than 1; these tests need the interpreter",
+                allow_module_level=True)
+if _MODS[0] in sys.modules and not sys.modules[_MODS[0]]._INTERPRET:
+    for name in _MODS:
+        sys.modules.pop(name, None)
+
+from dhp_fx.kernels.reference import gated_attention_reference  # noqa: E402
+from dhp_fx.kernels.triton_attention import (  # noqa: E402
+    triton_gated_attention,
+    triton_gated_attention_autograd,
+    triton_gated_attention_backward,
+)
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SLOW = settings(deadline=None, max_examples=45,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _fold_causal(mask, Lq, Lk, is_causal):
+    """SDPA refuses attn_mask together with is_causal; the kernel allows it, so the reference
+    folds the causal triangle into the mask."""
+    if not is_causal or mask is None:
+        return mask, is_causal
+    tril = torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    if mask.dtype == torch.bool:
+        return mask & tril, False
+    return mask.double() + torch.zeros(Lq, Lk, dtype=torch.float64).masked_fill(~tril, float("-inf")), False
+
+
+def reference(q, k, v, keep, mask, is_causal, scale):
+    """float64 output, per-(b, h) mean row entropy, and which rows have at least one visible key."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    md = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    md, causal = _fold_causal(md, q.shape[2], k.shape[2], is_causal)
+    out = gated_attention_reference(qd, kd, vd, keep, md, is_causal=causal, scale=scale)
+
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    g = Hq // k.shape[1]
+    kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
+    logits = qd @ kd.transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
+    visible = torch.ones(B, Hq, Lq, Lk, dtype=torch.bool)
+    if md is not None:
+        if md.dtype == torch.bool:
+            visible = visible & md
+        else:
+            logits = logits + md
+            visible = visible & (md > float("-inf"))
+    if causal:
+        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    logits = logits.masked_fill(~visible, float("-inf"))
+    row_ok = visible.any(-1)
+    p = torch.softmax(logits.masked_fill(~row_ok[..., None], 0.0), -1) * visible
+    ent_rows = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    ent_rows = torch.where(row_ok, ent_rows, torch.zeros_like(ent_rows))
+    ent = torch.where(keep, ent_rows.mean(-1), torch.zeros(()))
+    return out, ent, row_ok
+
+
+def make_mask(kind, shape_kind, B, H, Lq, Lk, dtype, gen):
+    if kind == "none":
+        return None
+    shape = {"pad": (B, 1, 1, Lk), "bias": (1, H, Lq, Lk), "full": (B, H, Lq, Lk), "2d": (Lq, Lk)}[shape_kind]
+    if kind == "bool":
+        return torch.rand(shape, generator=gen) > 0.25
+    m = torch.randn(shape, generator=gen).to(dtype)
+    # Some -inf entries: masked keys must drop out of the softmax and the entropy alike.
+    return m.masked_fill(torch.rand(shape, generator=gen) < 0.15, float("-inf"))
+
+
+def make_keep(pattern, B, H, gen):
+    if pattern == "all":
+        return torch.ones(B, H, dtype=torch.bool)
+    if pattern == "one":
+        keep = torch.zeros(B, H, dtype=torch.bool)
+        keep[0, H - 1] = True
+        return keep
+    keep = torch.rand(B, H, generator=gen) > 0.5
+    if pattern == "row_none":
+        keep[B - 1] = False
+    return keep
+
+
+def qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout=False):
+    if model_layout:
+        # [B, L, H, D] storage viewed as [B, H, L, D], as HF models hand it over: no copy.
+        q = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Lk, Hkv, D, generator=gen).to(dtype).transpose(1, 2)
+        v = torch.randn(B, Lk, Hkv, Dv, generator=gen).to(dtype).transpose(1, 2)
+        return q, k, v
+    return (torch.randn(B, Hq, Lq, D, generator=gen).to(dtype), torch.randn(B, Hkv, Lk, D, generator=gen).to(dtype),
+            torch.randn(B, Hkv, Lk, Dv, generator=gen).to(dtype))
+
+
+def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
+                  scale, model_layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
+    keep = make_keep(keep_pattern, B, Hq, gen)
+    mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
+    out = torch.full((B, Hq, Lq, Dv), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    got, ent = triton_gated_attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, out=out)
+    assert got is out and got.dtype == dtype and ent.dtype == torch.float32 and ent.shape == (B, Hq)
+    assert not torch.isnan(got).any() and not torch.isnan(ent).any()
+
+    ref, ref_ent, row_ok = reference(q, k, v, keep, mask, is_causal, scale)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
+    assert torch.equal(ent[~keep], torch.zeros_like(ent[~keep]))
+    # Fully masked rows: documented as zeros (SDPA's math path agrees); compare the rest.
+    assert torch.equal(got[~row_ok], torch.zeros_like(got[~row_ok]))
+    sel = row_ok[..., None].expand_as(got)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double()[sel], ref[sel], atol=tol, rtol=tol)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+
+
+@SLOW
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
+    Lq=st.sampled_from([1, 5, 16, 23, 40]), Lk=st.integers(1, 40),
+    D=st.sampled_from([16, 24, 32, 40, 64]), dv_same=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]),
+    mask_shape=st.sampled_from(["pad", "bias", "full", "2d"]),
+    is_causal=st.booleans(), keep_pattern=st.sampled_from(["random", "all", "one", "row_none"]),
+    scale=st.sampled_from([None, 0.3]), model_layout=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_forward_matches_reference(B, Hkv, group, Lq, Lk, D, dv_same, dtype, mask_kind, mask_shape, is_causal,
+                                   keep_pattern, scale, model_layout, seed):
+    check_forward(B, Hkv, group, Lq, Lk, D, D if dv_same else 16, dtype, mask_kind, mask_shape, is_causal,
+                  keep_pattern, scale, model_layout, seed)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # head dim 80 pads to a 128 block; causal with Lq != Lk; GQA 4:1
+        dict(B=1, Hkv=1, group=4, Lq=33, Lk=33, D=80, Dv=80, dtype=torch.float16, mask_kind="none",
+             mask_shape="pad", is_causal=True, keep_pattern="random"),
+        # decode: one query row against a long KV with a padding mask
+        dict(B=2, Hkv=2, group=1, Lq=1, Lk=100, D=64, Dv=64, dtype=torch.bfloat16, mask_kind="bool",
+             mask_shape="pad", is_causal=False, keep_pattern="row_none"),
+        # causal with more queries than keys: trailing rows see every key
+        dict(B=1, Hkv=2, group=1, Lq=40, Lk=17, D=32, Dv=32, dtype=torch.float32, mask_kind="additive",
+             mask_shape="bias", is_causal=True, keep_pattern="all"),
+    ],
+    ids=["d80-causal-gqa4", "decode-bf16", "causal-lq-gt-lk"],
+)
+def test_forward_edge_cases(case):
+    check_forward(**case, scale=None, model_layout=True, seed=7)
+
+
+def test_nothing_kept_launches_only_zero_stores():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = qkv(2, 2, 2, 9, 9, 16, 16, torch.float32, gen)
+    out = torch.full((2, 2, 9, 16), float("nan"))
+    keep = torch.zeros(2, 2, dtype=torch.bool)
+    got, ent, lse = triton_gated_attention(q, k, v, keep, return_entropy=True, return_lse=True, out=out)
+    assert torch.equal(got, torch.zeros_like(got)) and torch.equal(ent, torch.zeros_like(ent))
+
+
+def test_huge_negative_padding_mask_matches_sdpa_on_fully_masked_rows():
+    """HF pads with finfo.min, not -inf; a row masked that way is uniform in SDPA, not zero."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv(1, 2, 2, 6, 6, 16, 16, torch.float32, gen)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2, :] = torch.finfo(torch.float32).min
+    mask[..., :, 4] = torch.finfo(torch.float32).min
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    got = triton_gated_attention(q, k, v, keep, mask)
+    ref = gated_attention_reference(q.double(), k.double(), v.double(), keep, mask.double())
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+BACKWARD_CASES = [
+    dict(B=2, Hkv=2, group=2, Lq=19, Lk=27, D=24, dtype=torch.float32, mask_kind="additive", mask_shape="bias",
+         is_causal=False, keep=[[1, 0, 1, 1], [0, 0, 1, 0]]),
+    dict(B=1, Hkv=1, group=2, Lq=23, Lk=23, D=32, dtype=torch.float32, mask_kind="bool", mask_shape="pad",
+         is_causal=True, keep=[[0, 1]]),
+    dict(B=2, Hkv=2, group=1, Lq=17, Lk=30, D=16, dtype=torch.float16, mask_kind="none", mask_shape="pad",
+         is_causal=True, keep=[[1, 1], [1, 0]]),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=["gqa-bias-grad", "causal-bool", "fp16-causal"])
+def test_backward_matches_reference(case):
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, group, Lq, Lk, D, dtype = (case[n] for n in ("B", "Hkv", "group", "Lq", "Lk", "D", "dtype"))
+    Hq = Hkv * group
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype, gen, model_layout=True)
+    keep = torch.tensor(case["keep"], dtype=torch.bool)
+    mask = make_mask(case["mask_kind"], case["mask_shape"], B, Hq, Lq, Lk, dtype, gen)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.masked_fill(mask == float("-inf"), -5.0).requires_grad_()
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = triton_gated_attention_autograd(q, k, v, keep, mask, case["is_causal"])
+    grad = torch.randn(B, Lq, Hq, D, generator=gen).to(dtype).transpose(1, 2)  # non-contiguous dO
+    out.backward(grad)
+
+    leaves = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rmask = ref_leaves[3] if len(ref_leaves) > 3 else mask
+    rmask, causal = _fold_causal(rmask, Lq, Lk, case["is_causal"])
+    ref = gated_attention_reference(*ref_leaves[:3], keep, rmask, is_causal=causal)
+    ref.backward(grad.double())
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype and not torch.isnan(got.grad).any()
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=tol, rtol=tol)
+    assert torch.equal(q.grad[~keep], torch.zeros_like(q.grad[~keep])), "pruned heads' dq must be exactly zero"
+    # A kv head none of whose query heads is kept gets exactly zero dk/dv.
+    dead_kv = ~keep.view(B, Hkv, group).any(-1)
+    assert torch.equal(k.grad[dead_kv], torch.zeros_like(k.grad[dead_kv]))
+    assert torch.equal(v.grad[dead_kv], torch.zeros_like(v.grad[dead_kv]))
+
+
+def test_backward_recomputes_lse_when_not_given():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(1, 2, 1, 12, 12, 16, 16, torch.float32, gen)
+    keep = torch.tensor([[True, False]])
+    out, lse = triton_gated_attention(q, k, v, keep, is_causal=True, return_lse=True)
+    grad = torch.randn(out.shape, generator=gen)
+    with_lse = triton_gated_attention_backward(grad, q, k, v, keep, out, lse, is_causal=True)
+    without = triton_gated_attention_backward(grad, q, k, v, keep, out, None, is_causal=True)
+    for a, b in zip(with_lse[:3], without[:3]):
+        assert torch.equal(a, b)
+    assert with_lse[3] is None

@@ -1,0 +1,48 @@
+"""Every model of the zoo: sites found, head counts, gates-open equality, keep-mask reference."""
+import pytest
+import torch
+
+import dhp_fx
+from dhp_fx.testing import check_gates_open, check_keep_mask
+
+from zoo import all_entries
+
+ENTRIES = all_entries()
+
+
+@pytest.fixture(scope="module")
+def optimized_cache():
+    return {}
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+def test_zoo_sites_and_gates_open(entry, optimized_cache):
+    model, inputs = entry.build(), entry.inputs()
+    optimized = check_gates_open(model, inputs)
+    assert len(optimized.sites) == entry.sites, optimized.report()
+    for site in optimized.sites:
+        assert (site.num_heads, site.num_kv_heads, site.head_dim) == (entry.heads, entry.kv_heads, entry.head_dim), site
+    if entry.sites == 0:
+        assert "no attention" in optimized.report()
+    optimized_cache[entry.name] = (model, optimized, inputs)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sites], ids=[e.name for e in ENTRIES if e.sites])
+def test_zoo_random_keep_mask_matches_zeroed_heads(entry, optimized_cache):
+    if entry.name not in optimized_cache:
+        pytest.skip("gates-open test did not produce an optimized model")
+    model, optimized, inputs = optimized_cache[entry.name]
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(entry.batch, entry.heads, generator=gen) < 0.5
+    keep[0, 0] = True
+    keep[-1] = False  # a batch row with every head pruned must stay finite
+    if not entry.keep_reference:
+        optimized.set_keep_mask(keep)
+        try:
+            with torch.no_grad():
+                out = optimized(**inputs)
+        finally:
+            optimized.set_keep_mask(None)
+        assert torch.isfinite(out).all()
+        return
+    check_keep_mask(model, optimized, inputs, keep)
