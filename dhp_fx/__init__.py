@@ -8,6 +8,13 @@ from .backend import DHPCompiler, dhp_fx_backend
 from .config import DHPConfig
 from .optimize import DHPModel, optimize
 from .passes import AttentionSite, SkippedSite
+from .calibrate import CalibrationStats, calibrate
+from .report import heatmap, register_flop_formulas
+from .static_prune import load_pruned, save_pruned, static_prune
 
-__all__ = ["optimize", "DHPConfig", "DHPModel", "DHPCompiler", "dhp_fx_backend", "AttentionSite", "SkippedSite"]
+# FlopCounterMode copies the formula registry when it is created: register before any user does.
+register_flop_formulas()
+
+__all__ = ["optimize", "DHPConfig", "DHPModel", "DHPCompiler", "dhp_fx_backend", "AttentionSite", "SkippedSite",
+           "calibrate", "CalibrationStats", "static_prune", "save_pruned", "load_pruned", "heatmap"]
 __version__ = "0.1.0"

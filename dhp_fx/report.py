@@ -34,7 +34,14 @@ def sites_table(sites: list[AttentionSite], skipped: list[SkippedSite]) -> str:
 
 
 # ---------------------------------------------------------------------------- FLOPs
-_FLOPS_REGISTERED = False
+def gated_attention_flop(q, k, v, keep, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of dhp::gated_attention for the kept (batch, head) pairs only."""
+    per_head = 2 * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+    try:
+        kept = int(keep.sum())
+    except Exception:  # no values to read (fake / meta tensors)
+        kept = q.shape[0] * q.shape[1]
+    return kept * per_head
 
 
 def register_flop_formulas() -> None:
@@ -43,29 +50,18 @@ def register_flop_formulas() -> None:
     dhp::gated_attention costs 2·Lq·Lk·(D + Dv) per kept (batch, head): the formula reads the
     keep tensor's values (get_raw), falling back to every head when it has none (fake tensors).
     torch leaves aten._scaled_dot_product_flash_attention_for_cpu uncounted, which would make
-    the original model look cheaper on CPU than it is.
+    the original model look cheaper on CPU than it is. The registry is keyed by op packet, and
+    torch.ops may hand out a fresh packet later (seen after Dynamo runs), so this checks every
+    time instead of once.
     """
-    global _FLOPS_REGISTERED
-    if _FLOPS_REGISTERED:
-        return
     from torch.utils import flop_counter as fc
 
-    @_register_if_absent(torch.ops.dhp.gated_attention, get_raw=True)
-    def gated_attention_flop(q, k, v, keep, *args, out_val=None, **kwargs) -> int:
-        per_head = 2 * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
-        try:
-            kept = int(keep.sum())
-        except Exception:  # no values to read (fake / meta tensors)
-            kept = q.shape[0] * q.shape[1]
-        return kept * per_head
-
+    _register_if_absent(torch.ops.dhp.gated_attention, get_raw=True)(gated_attention_flop)
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         @_register_if_absent(cpu_sdpa)
         def cpu_sdpa_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
-
-    _FLOPS_REGISTERED = True
 
 
 def _register_if_absent(target, get_raw=False):
@@ -95,6 +91,14 @@ def count_flops(model, batch) -> int:
         @classmethod
         def ignore_compile_internals(cls) -> bool:
             return True
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # Graphs keep the op packet they were rewritten with, which may no longer be the
+            # one torch.ops hands out: recognise the gated op by name.
+            packet = getattr(func, "_overloadpacket", None)
+            if packet is not None and packet not in self.counter.flop_registry and func.name() == "dhp::gated_attention":
+                self.counter.flop_registry[packet] = gated_attention_flop
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
     class _Counter(FlopCounterMode):
         def __enter__(self):

@@ -1,8 +1,13 @@
-"""Tensor-level kernels of dhp_fx: the gated attention op and its implementations.
+"""Tensor-level kernels of dhp_fx: the gated attention op, head-skipping projections, entropy.
 
-Importing this package registers ``torch.ops.dhp.gated_attention``.
+Importing this package registers ``torch.ops.dhp.gated_attention`` and
+``torch.ops.dhp.head_linear_out`` / ``head_linear_in``.
 """
+from .gated_attention import check_gated_attention_args, gated_attention
+from .head_linear import head_linear_in, head_linear_out
 from .reference import gated_attention_reference
-from .gated_attention import gated_attention, check_gated_attention_args
 
-__all__ = ["gated_attention", "gated_attention_reference", "check_gated_attention_args"]
+__all__ = [
+    "gated_attention", "gated_attention_reference", "check_gated_attention_args",
+    "head_linear_in", "head_linear_out",
+]

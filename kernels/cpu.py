@@ -58,7 +58,7 @@ def _pieces(row: List[bool], group: int) -> Tuple[Piece, ...]:
 def _mask4(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if attn_mask is None:
         return None
-    return attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    return attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
 def _slice_mask(m4: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int):
@@ -70,6 +70,13 @@ def _slice_mask(m4: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int):
     if m4.shape[1] > 1:
         m4 = m4[:, h0:h1]
     return m4
+
+
+def _fold_causal(mask: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
+    above = torch.ones(Lq, Lk, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return mask & ~above
+    return mask.masked_fill(above, float("-inf"))
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -127,11 +134,13 @@ def gated_attention_cpu(
     is_causal: bool = False,
     scale: Optional[float] = None,
     seed: Optional[int] = None,
+    mask_grad: bool = False,
 ) -> torch.Tensor:
     """Contiguous [B, Hq, Lq, Dv] output; pruned heads are exact zeros and cost nothing.
 
-    ``seed`` is required when ``dropout_p > 0`` (see :func:`new_dropout_seed`). The function is
-    differentiable, which the backward op uses to recompute through kept heads only.
+    ``seed`` is required when ``dropout_p > 0`` (see :func:`new_dropout_seed`). ``mask_grad``
+    marks a recompute under ``torch.func.vjp`` that differentiates the mask: it avoids in-place
+    writes, which function transforms reject.
     """
     B, Hq, Lq, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -144,14 +153,25 @@ def gated_attention_cpu(
     if use_dropout and seed is None:
         raise ValueError("gated_attention_cpu: dropout_p > 0 needs a seed")
 
+    # The flash kernel wants unit stride along the head dim; anything else falls to the slow
+    # math backend, and one copy (even of pruned heads) is cheaper than that.
+    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
+    attn_mask = _mask4(attn_mask)  # SDPA rejects 1-D masks that do broadcast
+    if attn_mask is not None and is_causal and not use_dropout and (
+        v.shape[-1] != q.shape[-1] or mask_grad or attn_mask.requires_grad
+    ):
+        # These send SDPA to its math backend, which refuses a mask together with is_causal;
+        # folding causality into the mask keeps the op total.
+        attn_mask, is_causal = _fold_causal(attn_mask, Lq, k.shape[2]), False
+
     if n_kept == B * Hq and not use_dropout:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=group > 1
         )
         return out.contiguous()
 
-    m4 = _mask4(attn_mask)
-    if not use_dropout:
+    m4 = attn_mask
+    if not use_dropout and not mask_grad:
         # Consecutive batch rows with the same pattern share one call per piece.
         calls: List[Tuple[int, int, Piece]] = []
         b = 0
@@ -209,18 +229,22 @@ def gated_attention_backward_cpu(
     scale: Optional[float],
     seed: Optional[int],
     mask_grad: bool,
-):
-    """Gradients for q, k, v (and the additive mask) by recomputing through kept heads only."""
-    leaves = [q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()]
-    mask = attn_mask
+) -> List[torch.Tensor]:
+    """[dq, dk, dv] (+ dmask when ``mask_grad``) by recomputing through kept heads only.
+
+    Uses ``torch.func.vjp`` rather than ``torch.autograd.grad``: this runs inside a custom op's
+    kernel, where the autograd dispatch keys are excluded and a plain autograd graph is not
+    recorded even under ``enable_grad``.
+    """
+    primals = [q.detach(), k.detach(), v.detach()]
     if mask_grad:
-        mask = attn_mask.detach().requires_grad_()
-        leaves.append(mask)
+        primals.append(attn_mask.detach())
     if not bool(keep.any()):
-        grads = [None] * len(leaves)
-    else:
-        with torch.enable_grad():
-            out = gated_attention_cpu(*leaves[:3], keep, mask, dropout_p, is_causal, scale, seed)
-            grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
-    return [g.contiguous() for g in grads]
+        return [torch.zeros_like(x).contiguous() for x in primals]
+
+    def fwd(q_, k_, v_, *m):
+        mask = m[0] if mask_grad else attn_mask
+        return gated_attention_cpu(q_, k_, v_, keep, mask, dropout_p, is_causal, scale, seed, True)
+
+    _, vjp_fn = torch.func.vjp(fwd, *primals)
+    return [g.contiguous() for g in vjp_fn(grad_out.to(q.dtype))]

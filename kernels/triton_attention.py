@@ -40,16 +40,28 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _fwd_configs():
+# DHP_FX_TRITON_AUTOTUNE=0 keeps only each kernel's first config: no tuning-time compiles (CI).
+_AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
+
+
+def make_configs(shapes, pruned_by_query_len=True):
+    """The autotune list; a single small fixed config under the interpreter, which cannot time.
+    Without autotuning, kernels pruned by query length keep a decode config too: the pruning
+    leaves exactly one of the two, so nothing is ever timed."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    shapes = [
+    if not _AUTOTUNE:
+        shapes = shapes[:1] + ([s for s in shapes if s[0] == 16][:1] if pruned_by_query_len else [])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _fwd_configs():
+    return make_configs([
         (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
         (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
         # decode / short query blocks
         (16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    ])
 
 
 def prune_by_query_len(configs, named_args, **kwargs):
@@ -162,6 +174,9 @@ def _gated_attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Last query blocks see the most keys: schedule them first so the tail wave is short.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     slot = tl.program_id(1)
     pair = tl.load(Pairs + slot).to(tl.int64)
     kept = slot < tl.load(NKept)
@@ -273,16 +288,18 @@ def head_blocks(D: int, Dv: int):
 
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
                            return_entropy=False, *, return_lse=False, out=None, compute_out=True,
-                           pairs=None):
+                           pairs=None, entropy_rows=False):
     """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
     when ``return_entropy`` / ``return_lse`` ask for them.
 
-    entropy: float32 [B, Hq], mean over query rows of each row's attention entropy (nats);
-    fully masked rows and pruned heads count as 0. lse: float32 [B, Hq, Lq] in log2 units
-    (+inf for fully masked rows), as the backward wants it. ``out`` may be a preallocated
-    [B, Hq, Lq, Dv] tensor of any strides; every element is written. ``compute_out=False``
-    skips P@V (lse/entropy only; ``out`` is then returned as None). ``pairs`` reuses a
-    (pairs, n_kept) from :func:`kept_pairs`.
+    entropy: float32 [B, Hq], mean over all Lq query rows of each row's attention entropy in
+    nats (masked keys excluded; fully masked rows and pruned heads count as 0).
+    ``entropy_rows=True`` returns the per-row entropies [B, Hq, Lq] instead, for callers that
+    weight or normalise rows themselves. lse: float32 [B, Hq, Lq] in log2 units (+inf for fully
+    masked rows), as the backward wants it. ``out`` may be a preallocated [B, Hq, Lq, Dv] tensor
+    of any strides; every element is written. ``compute_out=False`` skips P@V (lse/entropy
+    only; the output slot is then None). ``pairs`` reuses a (pairs, n_kept) from
+    :func:`kept_pairs`. ``keep`` must be on q's device.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -316,7 +333,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
         )
     extras = []
     if return_entropy:
-        extras.append(ent_rows.mean(-1) if Lq > 0 else ent_rows.sum(-1))
+        extras.append(ent_rows if entropy_rows else ent_rows.mean(-1) if Lq > 0 else ent_rows.sum(-1))
     if return_lse:
         extras.append(lse)
     result = out if compute_out else None

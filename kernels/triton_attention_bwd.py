@@ -26,20 +26,16 @@ from .triton_attention import (
     dot_flags,
     head_blocks,
     kept_pairs,
+    make_configs,
     mask_operand,
     prune_by_query_len,
     triton_gated_attention,
 )
 
 
-def _configs(shapes):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (16, 64, 4, 3)])
+_DKDV_CONFIGS = make_configs([(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3)],
+                             pruned_by_query_len=False)
+_DQ_CONFIGS = make_configs([(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (16, 64, 4, 3)])
 _KEY = ["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND"]
 
 
@@ -149,6 +145,8 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     slot = tl.program_id(1)
     pair = tl.load(Pairs + slot).to(tl.int64)
     kept = slot < tl.load(NKept)
@@ -203,8 +201,8 @@ def triton_gated_attention_backward(grad_out, q, k, v, keep, out, lse=None, attn
                                     scale=None, mask_grad=None, pairs=None):
     """Gradients (dq, dk, dv, dmask) of :func:`triton_gated_attention`'s output.
 
-    ``out`` is the forward output; ``lse`` its log2 lse (``return_lse=True``) — when None it is
-    recomputed with a P@V-free forward pass. ``mask_grad`` (default: a float mask that requires
+    ``out`` is the forward output and ``lse`` its log2 lse (``return_lse=True``). Missing ones are
+    recomputed: lse alone by a P@V-free forward pass, out (with lse) by a full forward pass. ``mask_grad`` (default: a float mask that requires
     grad) also returns d(attn_mask), summed to the mask's shape and dtype; otherwise dmask is None.
     Pruned heads get exactly zero dq and contribute nothing to dk/dv/dmask.
     """
@@ -212,7 +210,9 @@ def triton_gated_attention_backward(grad_out, q, k, v, keep, out, lse=None, attn
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     pairs = kept_pairs(keep) if pairs is None else pairs
-    if lse is None:
+    if out is None:
+        out, lse = triton_gated_attention(q, k, v, keep, attn_mask, is_causal, scale, return_lse=True, pairs=pairs)
+    elif lse is None:
         _, lse = triton_gated_attention(q, k, v, keep, attn_mask, is_causal, scale, return_lse=True,
                                         compute_out=False, pairs=pairs)
     if mask_grad is None:

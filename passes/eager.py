@@ -16,7 +16,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import arg, const_number, example_value, insert_node, is_call, is_method, module_path_of, static_int
+from .graph_utils import (
+    arg, const_number, example_value, folded_heads, functionalize_writes, insert_node, is_call, is_method,
+    module_path_of,
+)
 from .site import AttentionMatch, SkippedSite
 
 _SOFTMAX_FUNCS = (torch.softmax, F.softmax, torch.special.softmax)
@@ -44,12 +47,54 @@ def _is_softmax(node: fx.Node) -> bool:
     return is_call(node, *_SOFTMAX_FUNCS) or is_method(node, "softmax")
 
 
+def _einsum_form(node: Any) -> Optional[str]:
+    """"scores" for P·q·d, P·k·d -> P·q·k; "output" for P·q·k, P·k·d -> P·q·d (P: shared batch
+    letters, same order everywhere); None for any other einsum. Other layouts are left alone."""
+    if not is_call(node, torch.einsum) or not node.args or not isinstance(node.args[0], str):
+        return None
+    if len(_einsum_operands(node)) != 2:
+        return None
+    eq = node.args[0].replace(" ", "").replace("...", "#")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2 or any(len(t) < 3 for t in (*ins, out)) or len(set(out)) != len(out):
+        return None
+    (a, b), n = ins, len(out) - 2
+    batch = out[:n]
+    if a[:-2] != batch or b[:-2] != batch or len(a) != len(out) or len(b) != len(out):
+        return None
+    x, y = out[-2:]
+    if a[-2] == x and b[-2] == y and a[-1] == b[-1] and a[-1] not in out:
+        return "scores"
+    if a[-2:] == out[-2] + b[-2] and b[-1] == out[-1] and b[-2] not in out:
+        return "output"
+    return None
+
+
+def _einsum_operands(node: fx.Node) -> tuple:
+    ops = node.args[1:]
+    return tuple(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else tuple(ops)
+
+
 def _is_mm(node: Any) -> bool:
-    return is_call(node, *_MATMUL_FUNCS) or is_method(node, *_MATMUL_METHODS)
+    """A product whose left operand is reduced over its last dim against the right's second-last."""
+    return is_call(node, *_MATMUL_FUNCS) or is_method(node, *_MATMUL_METHODS) or _einsum_form(node) == "output"
 
 
 def _is_first_mm(node: Any) -> bool:
-    return _is_mm(node) or is_call(node, torch.baddbmm) or is_method(node, "baddbmm")
+    return (_is_mm(node) or is_call(node, torch.baddbmm) or is_method(node, "baddbmm")
+            or _einsum_form(node) == "scores")
+
+
+def _mm_operands(node: fx.Node) -> tuple:
+    """(left, right) of a matmul-like node; for baddbmm the two batches, for einsum the operands."""
+    if is_call(node, torch.einsum):
+        return _einsum_operands(node)
+    if is_call(node, torch.baddbmm) or is_method(node, "baddbmm"):
+        return node.args[1], node.args[2]
+    return node.args[0], node.args[1]
 
 
 def _is_tensor_node(x: Any) -> bool:
@@ -88,6 +133,8 @@ def _kind(node: Any) -> Optional[str]:
         return "where"
     if is_method(node, *_CAST_METHODS):
         return "cast"
+    if is_method(node, "view", "reshape") or is_call(node, torch.reshape):
+        return "reshape"
     return None
 
 
@@ -136,6 +183,7 @@ class _Term:
     value: float = 0.0  # fill value
     invert: bool = False  # fill where the condition is False
     mult: float = 1.0
+    frame: int = 4  # rank of the scores it was applied to: 3 = heads folded into dim 0
 
 
 @dataclass
@@ -144,6 +192,7 @@ class _Chain:
     terms: list[_Term] = field(default_factory=list)
     inplace: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    heads: set[int] = field(default_factory=set)  # head counts read off [B, H, Lq, Lk] views
 
     def rescale(self, c: float, where: str) -> None:
         if not math.isfinite(c) or c <= 0:
@@ -153,7 +202,7 @@ class _Chain:
             t.mult *= c
 
 
-def _fill_value(value: Any, where: str) -> float:
+def _fill_value(value: Any, where: str, st: _Chain) -> float:
     v = const_number(value)
     if v is None:
         v = _const_tensor_value(value)
@@ -161,10 +210,12 @@ def _fill_value(value: Any, where: str) -> float:
         raise _Skip(f"mask fill value at {where} is not a constant")
     if not v <= _MIN_FILL:
         raise _Skip(f"mask fill value {v} at {where} is not a large negative constant")
+    if math.isfinite(v):
+        st.notes.append(f"fill {v:g} at {where} became additive: equal unless a whole row is masked")
     return v
 
 
-def _read_chain(mm1: fx.Node, chain: list[fx.Node], softmax: fx.Node) -> _Chain:
+def _read_chain(mm1: fx.Node, chain: list[fx.Node]) -> _Chain:
     st = _Chain()
     if is_call(mm1, torch.baddbmm) or is_method(mm1, "baddbmm"):
         beta = const_number(mm1.kwargs.get("beta", 1.0))
@@ -173,10 +224,13 @@ def _read_chain(mm1: fx.Node, chain: list[fx.Node], softmax: fx.Node) -> _Chain:
             raise _Skip("baddbmm beta/alpha are not constants")
         st.rescale(alpha, mm1.name)
         if beta != 0.0:  # beta == 0 ignores the input entirely, NaNs included
-            st.terms.append(_Term("add", mm1.args[0], mult=beta))
+            st.terms.append(_Term("add", mm1.args[0], mult=beta, frame=example_value(mm1).dim()))
     prev = mm1
     for node in chain:
         kind = _kind(node)
+        frame = example_value(node).dim()
+        if frame == 4:
+            st.heads.add(int(example_value(node).shape[1]))
         if node.op == "call_method" and node.target in _INPLACE_TO_PURE:
             st.inplace.append(node)
         if kind == "cast":
@@ -199,19 +253,20 @@ def _read_chain(mm1: fx.Node, chain: list[fx.Node], softmax: fx.Node) -> _Chain:
             if alpha != 1:
                 raise _Skip(f"{node.name} adds with alpha={alpha}")
             if isinstance(other, fx.Node):
-                st.terms.append(_Term("add", other, sign=-1.0 if kind == "sub" else 1.0))
+                st.terms.append(_Term("add", other, sign=-1.0 if kind == "sub" else 1.0, frame=frame))
             elif const_number(other) is None:
                 raise _Skip(f"{node.name} adds something that is neither a tensor nor a constant")
             # A constant shift of every score leaves the softmax unchanged.
         elif kind == "fill":
             mask = arg(node, 1, "mask")
             value = arg(node, 2, "value")
-            st.terms.append(_Term("fill", mask, value=_fill_value(value, node.name)))
+            st.terms.append(_Term("fill", mask, value=_fill_value(value, node.name, st), frame=frame))
         elif kind == "where":
             cond, a, b = node.args
             keep_where_true = a is prev
             value = b if keep_where_true else a
-            st.terms.append(_Term("fill", cond, value=_fill_value(value, node.name), invert=keep_where_true))
+            st.terms.append(_Term("fill", cond, value=_fill_value(value, node.name, st), invert=keep_where_true,
+                                  frame=frame))
         prev = node
     return st
 
@@ -219,6 +274,21 @@ def _read_chain(mm1: fx.Node, chain: list[fx.Node], softmax: fx.Node) -> _Chain:
 def _softmax_dim(node: fx.Node) -> Any:
     # F.softmax(input, dim), torch.softmax(input, dim) and Tensor.softmax(dim) all put dim second.
     return arg(node, 1, "dim")
+
+
+def _check_fold(node: fx.Node, before: Optional[torch.Tensor]) -> None:
+    """A reshape inside the core may only fold/unfold heads into the batch: [B*H, Lq, Lk] <->
+    [B, H, Lq, Lk], keys and queries untouched."""
+    after = example_value(node)
+    if before is None or after is None:
+        raise _Skip(f"{node.name} carries no shape information")
+    ok = (
+        after.dim() in (3, 4) and before.dim() in (3, 4)
+        and tuple(after.shape[-2:]) == tuple(before.shape[-2:])
+        and math.prod(after.shape[:-2]) == math.prod(before.shape[:-2])
+    )
+    if not ok:
+        raise _Skip(f"{node.name} reshapes the attention scores beyond folding heads into the batch")
 
 
 def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], float]:
@@ -233,19 +303,23 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], float]:
             )
         user = users[0]
         if _is_mm(user):
-            if user.args[0] is not node:
+            if _mm_operands(user)[0] is not node:
                 raise _Skip("attention probabilities are the right operand of the second matmul")
             return user, between, dropout_p
-        if is_method(user, *_CAST_METHODS) and user.args[0] is node:
+        if _kind(user) == "reshape" and user.args[0] is node:
+            _check_fold(user, example_value(node))
+        elif is_method(user, *_CAST_METHODS) and user.args[0] is node:
             val = example_value(user)
             if val is None or not val.is_floating_point():
                 raise _Skip(f"{user.name} casts the probabilities to a non-float type")
         elif is_call(user, *_DROPOUT_FUNCS) and user.args[0] is node:
             p = arg(user, 1, "p", 0.5)
             training = arg(user, 2, "training" if user.target is F.dropout else "train", True)
-            if const_number(p) is None or not isinstance(training, bool):
+            if not isinstance(training, bool) or (training and const_number(p) is None):
                 raise _Skip(f"dropout {user.name} has a run-time probability or training flag")
-            dropout_p = float(p) if training else 0.0
+            if training and dropout_p:
+                raise _Skip("two active dropouts on the attention probabilities")
+            dropout_p = float(p) if training else dropout_p  # p is irrelevant (maybe symbolic) in eval
         else:
             raise _Skip(f"attention probabilities feed {user.name}, not a matmul with the values")
         between.append(user)
@@ -294,65 +368,9 @@ def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _axis_sizes(node: fx.Node) -> Optional[list[int]]:
-    val = example_value(node)
-    if val is None:
-        return None
-    sizes = [static_int(s) for s in val.shape]
-    return None if any(s is None for s in sizes) else sizes
-
-
-def folded_heads(node: Any, limit: int = 12) -> Optional[int]:
-    """How many heads were folded into dim 0 of a bmm operand [B*H, L, D], read from the
-    reshape that produced it; None when no reshape in its history says."""
-    axis = 0
-    for _ in range(limit):
-        if not isinstance(node, fx.Node):
-            return None
-        out = _axis_sizes(node)
-        if out is None:
-            return None
-        if is_method(node, "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as"):
-            node = node.args[0]
-            continue
-        if _kind(node) in ("mul", "div"):
-            base, _ = _unscale(node)
-            if base is node:
-                return None
-            node = base
-            continue
-        if is_method(node, "transpose") or is_call(node, torch.transpose):
-            a, b = (d % len(out) for d in node.args[1:3])
-            axis = b if axis == a else a if axis == b else axis
-            node = node.args[0]
-            continue
-        if is_method(node, "permute") or is_call(node, torch.permute):
-            dims = node.args[1:] if is_method(node, "permute") else node.args[1]
-            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-                dims = dims[0]
-            axis = dims[axis] % len(out)
-            node = node.args[0]
-            continue
-        if is_method(node, "view", "reshape", "flatten", "unflatten") or is_call(node, torch.reshape, torch.flatten):
-            src = _axis_sizes(node.args[0])
-            if src is None:
-                return None
-            before = math.prod(out[:axis])
-            k = next((i for i in range(len(src) + 1) if math.prod(src[:i]) == before), None)
-            if k is None or k >= len(src):
-                return None
-            if src[k] == out[axis]:
-                axis, node = k, node.args[0]
-                continue
-            if out[axis] % src[k] == 0 and out[axis] > src[k]:
-                return out[axis] // src[k]
-            return None
-        return None
-    return None
-
-
-def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: torch.dtype, like: fx.Node):
-    """One additive mask node equivalent to every term of the chain, or None."""
+def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: torch.dtype, heads: int,
+                like: fx.Node):
+    """One additive mask node, broadcastable to [B, H, Lq, Lk], equivalent to every term."""
     parts = []
     for t in st.terms:
         if t.kind == "add":
@@ -367,6 +385,10 @@ def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: 
                 cond = insert_node(graph, "call_method", "logical_not", (cond,), meta_like=like)
             zeros = insert_node(graph, "call_function", torch.zeros_like, (cond,), {"dtype": score_dtype}, meta_like=like)
             n = insert_node(graph, "call_method", "masked_fill", (zeros, cond, t.value * t.mult), meta_like=like)
+        val = example_value(n)
+        if t.frame == 3 and val is not None and val.dim() == 3 and val.shape[0] != 1:
+            # Added to [B*H, Lq, Lk] scores: its dim 0 is batch*heads, not heads.
+            n = insert_node(graph, "call_method", "unflatten", (n, 0, (-1, heads)), meta_like=like)
         parts.append(n)
     if not parts:
         return None
@@ -379,44 +401,66 @@ def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: 
     return mask
 
 
+def _functionalize(x: fx.Node) -> bool:
+    # Only a tensor this core allocated: a view's writes would reach its base.
+    fresh = _is_first_mm(x) or (_kind(x) in ("add", "sub", "mul", "div", "fill", "where")
+                                and not str(x.target).endswith("_"))
+    return fresh and functionalize_writes(x, _INPLACE_TO_PURE)
+
+
 def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
     found = _walk_scores(softmax.args[0])
     if found is None:
         return None
     mm1, chain = found
-    q_kt = (mm1.args[1], mm1.args[2]) if not _is_mm(mm1) else (mm1.args[0], mm1.args[1])
+    q_kt = _mm_operands(mm1)
     vals = [example_value(x) for x in q_kt]
     if any(v is None or v.dim() < 3 for v in vals):
         return None  # not batched: a classifier or some other projection, not attention
 
-    for node, nxt in zip([mm1] + chain, chain + [softmax]):
+    for node in [mm1] + chain:
+        if len(node.users) != 1 and _functionalize(node):
+            return _match_at(gm, softmax)
+    for node in [mm1] + chain:
         if len(node.users) != 1:
             raise _Skip(f"attention scores ({node.name}) are used outside the attention core")
     scores = example_value(mm1)
-    nd = scores.dim()
+    sm_in = example_value(softmax.args[0])
     dim = _softmax_dim(softmax)
-    if not isinstance(dim, int) or dim % nd != nd - 1:
+    if not isinstance(dim, int) or sm_in is None or dim % sm_in.dim() != sm_in.dim() - 1:
         raise _Skip(f"softmax is over dim {dim}, not the key dim (-1)")
+    prev = scores
     for node in chain + [softmax]:
         val = example_value(node)
-        if val is None or tuple(val.shape) != tuple(scores.shape):
-            raise _Skip(f"{node.name} changes the shape of the attention scores")
+        if val is None:
+            raise _Skip(f"{node.name} carries no shape information")
+        if _kind(node) == "reshape":
+            _check_fold(node, prev)
+        elif tuple(val.shape) != tuple(prev.shape):
+            raise _Skip(f"{node.name} broadcasts the attention scores to a new shape")
+        prev = val
 
     mm2, _, dropout_p = _walk_probs(softmax)
-    st = _read_chain(mm1, chain, softmax)
+    st = _read_chain(mm1, chain)
 
     q, q_factor = _unscale(q_kt[0])
     kt, kt_factor = _unscale(q_kt[1])
-    k = _untranspose(kt)
     k_factor = 1.0
+    if _einsum_form(mm1) == "scores":
+        k, kt = kt, None  # einsum reads k untransposed
+    else:
+        k = _untranspose(kt)
     if k is not None:
         k, k_factor = _unscale(k)
-    v = mm2.args[1]
-    qv, ktv, vv, outv = (example_value(x) for x in (q, kt, v, mm2))
+    v = _mm_operands(mm2)[1]
+    qv, vv, outv = (example_value(x) for x in (q, v, mm2))
+    # Only rank, batch, heads and dtype of kᵀ are checked below: k's value serves as well.
+    ktv = example_value(kt) if kt is not None else example_value(k)
     if any(x is None for x in (qv, ktv, vv, outv)):
         raise _Skip("q/k/v carry no shape information")
-    if not (qv.dim() == ktv.dim() == vv.dim() == nd) or nd not in (3, 4):
-        raise _Skip(f"q/k/v ranks {qv.dim()}/{ktv.dim()}/{vv.dim()} are not all 3 or all 4")
+    nd = qv.dim()
+    if not (ktv.dim() == vv.dim() == outv.dim() == nd) or nd not in (3, 4):
+        raise _Skip(f"q/k/v/output ranks {qv.dim()}/{ktv.dim()}/{vv.dim()}/{outv.dim()} are not all 3 or all 4")
     if not (qv.shape[0] == ktv.shape[0] == vv.shape[0]):
         raise _Skip("q/k/v batch sizes differ (broadcast batch)")
     if nd == 4 and (ktv.shape[1] != vv.shape[1] or qv.shape[1] % ktv.shape[1] != 0):
@@ -424,15 +468,21 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
     if not (qv.dtype == ktv.dtype == vv.dtype == outv.dtype) or not qv.is_floating_point():
         raise _Skip("q/k/v/output dtypes differ")
 
-    heads = None
-    if nd == 3:
-        heads = folded_heads(q)
-        if heads is None:
-            raise _Skip("3-D attention whose number of heads cannot be read from a reshape")
-        for other in (k if k is not None else kt, v):
-            h = folded_heads(other)
-            if h is not None and h != heads:
-                raise _Skip(f"q folds {heads} heads but k/v fold {h}")
+    if nd == 4:
+        heads = int(qv.shape[1])
+        if st.heads - {heads}:
+            raise _Skip(f"scores are viewed with {sorted(st.heads)} heads but q has {heads}")
+    else:
+        found_heads = {folded_heads(x) for x in (q, k if k is not None else kt, v)} | st.heads
+        found_heads.discard(None)
+        if len(found_heads) != 1:
+            raise _Skip(
+                "3-D attention whose number of heads cannot be read from a reshape" if not found_heads
+                else f"q/k/v/scores reshapes disagree on the number of heads: {sorted(found_heads)}"
+            )
+        (heads,) = found_heads
+        if qv.shape[0] % heads:
+            raise _Skip(f"{heads} heads do not divide the folded batch {qv.shape[0]}")
 
     graph = gm.graph
     for node in st.inplace:
@@ -442,11 +492,7 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
     with graph.inserting_before(mm2):
         if k is None:
             k = insert_node(graph, "call_method", "transpose", (kt, -2, -1), meta_like=mm1)
-        mask = _build_mask(graph, st, example_value(chain[-1] if chain else mm1).dtype, qv.dtype, mm1)
-        if mask is not None and nd == 3:
-            mval = example_value(mask)
-            if mval is not None and mval.dim() == 3 and mval.shape[0] != 1:
-                mask = insert_node(graph, "call_method", "unflatten", (mask, 0, (-1, heads)), meta_like=mm1)
+        mask = _build_mask(graph, st, example_value(chain[-1] if chain else mm1).dtype, qv.dtype, heads, mm1)
     return AttentionMatch(
         pattern="eager_matmul" if nd == 4 else "eager_bmm",
         anchor=mm2,
@@ -457,8 +503,8 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
         mask_kind="none" if mask is None else "additive",
         scale=st.scale * q_factor * kt_factor * k_factor,
         dropout_p=dropout_p,
-        heads_folded=heads,
-        kv_heads_folded=heads,
+        heads_folded=heads if nd == 3 else None,
+        kv_heads_folded=heads if nd == 3 else None,
         notes=st.notes,
     )
 

@@ -11,18 +11,23 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .graph_utils import arg, example_value, is_call, is_method, static_int
 from .site import AttentionMatch
 
 _FULL = slice(None, None, None)
 
 
-def _shape(node: Any) -> Optional[tuple[int, ...]]:
+def _shape(node: Any) -> Optional[tuple]:
+    """The shape; batch/sequence dims may be SymInts under dynamic shapes."""
     val = example_value(node)
-    if val is None:
-        return None
-    dims = tuple(static_int(s) for s in val.shape)
-    return None if any(d is None for d in dims) else dims
+    return None if val is None else tuple(val.shape)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Shapes provably equal (symbolic dims must be the same expression; no guard is added)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _is_head_unsqueeze(node: Any, src_shape: tuple[int, ...]) -> Optional[fx.Node]:
@@ -41,7 +46,7 @@ def _is_head_unsqueeze(node: Any, src_shape: tuple[int, ...]) -> Optional[fx.Nod
     xs = _shape(x)
     # With only full slices and one inserted axis, the shape says where the axis went; a size-1
     # axis inserted elsewhere with the same resulting shape has the same memory order anyway.
-    if xs is None or len(xs) != 4 or src_shape != xs[:2] + (1,) + xs[2:]:
+    if xs is None or len(xs) != 4 or not _same(src_shape, xs[:2] + (1,) + xs[2:]):
         return None
     return x
 
@@ -59,20 +64,21 @@ def _unrepeat(node: Any) -> Optional[tuple[fx.Node, int]]:
         xs = _shape(x)
         if not isinstance(reps, int) or dim not in (1, -3) or xs is None or len(xs) != 4:
             return None
-        if out != (xs[0], xs[1] * reps) + xs[2:]:
+        if not _same(out, (xs[0], xs[1] * reps) + xs[2:]):
             return None
         return x, reps
     if is_method(node, "expand") or is_call(node, torch.Tensor.expand):
         # MQA by broadcast: one kv head expanded to all query heads.
         x = node.args[0]
         xs = _shape(x)
-        if xs is None or len(xs) != 4 or xs[1] != 1 or (xs[0], xs[2], xs[3]) != (out[0], out[2], out[3]):
+        n = static_int(out[1])
+        if xs is None or len(xs) != 4 or xs[1] != 1 or n is None or not _same((xs[0],) + xs[2:], (out[0],) + out[2:]):
             return None
-        return x, out[1]
+        return x, n
     if is_method(node, "reshape", "view") or is_call(node, torch.reshape):
         expanded = node.args[0]
         es = _shape(expanded)
-        if es is None or len(es) != 5 or out != (es[0], es[1] * es[2], es[3], es[4]):
+        if es is None or len(es) != 5 or static_int(es[2]) is None or not _same(out, (es[0], es[1] * es[2], es[3], es[4])):
             return None
         if is_method(expanded, "contiguous"):
             expanded = expanded.args[0]
@@ -80,12 +86,12 @@ def _unrepeat(node: Any) -> Optional[tuple[fx.Node, int]]:
             return None
         unsq = expanded.args[0]
         us = _shape(unsq)
-        if us is None or len(us) != 5 or us[2] != 1 or (us[:2] + us[3:]) != (es[:2] + es[3:]):
+        if us is None or len(us) != 5 or us[2] != 1 or not _same(us[:2] + us[3:], es[:2] + es[3:]):
             return None
         src = _is_head_unsqueeze(unsq, us)
         if src is None:
             return None
-        return src, es[2]
+        return src, static_int(es[2])
     return None
 
 
@@ -97,7 +103,7 @@ def resolve_repeat_kv(match: AttentionMatch) -> None:
         return
     (k_src, n), (v_src, _) = k, v
     ks, vs, qv = _shape(k_src), _shape(v_src), example_value(match.q)
-    if ks is None or vs is None or qv is None or ks[1] != vs[1] or qv.shape[1] % ks[1] != 0:
+    if ks is None or vs is None or qv is None or static_int(ks[1]) is None or ks[1] != vs[1] or qv.shape[1] % ks[1]:
         return
     match.k, match.v = k_src, v_src
     match.notes.append(f"repeat-KV x{n} undone: {ks[1]} kv heads")

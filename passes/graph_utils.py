@@ -1,6 +1,7 @@
 """Small helpers for reading Dynamo-captured FX graphs."""
 from __future__ import annotations
 
+import math
 import operator
 import re
 from typing import Any, Optional
@@ -106,12 +107,10 @@ def shape_of(node: Any) -> Optional[tuple]:
 
 
 def _fake_mode_of(values) -> Any:
-    from torch._guards import detect_fake_mode
-
-    try:
-        return detect_fake_mode(values)
-    except Exception:
-        return None
+    # The tensors' own mode, not detect_fake_mode(): inside a backend the tracing context may
+    # hold a different mode than the one that made the graph's example values.
+    modes = {id(m): m for m in (getattr(v, "fake_mode", None) for v in values) if m is not None}
+    return next(iter(modes.values())) if len(modes) == 1 else None
 
 
 def _meta_value(op: str, target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -161,3 +160,99 @@ def insert_node(
             if key in meta_like.meta:
                 node.meta[key] = meta_like.meta[key]
     return node
+
+
+def functionalize_writes(x: fx.Node, pure_of: dict[str, str]) -> bool:
+    """Turn in-place method writes on x (``s.mul_(c); s.masked_fill_(m, v); f(s)``) into a pure
+    chain ending in the last write, with every reader moved to it. Exact only when x is a fresh
+    tensor (not a view: the caller checks) and nothing reads x, or an alias of it, before its
+    last write; returns False, changing nothing, otherwise."""
+    aliases, writes, readers = {x}, [], []
+    node = x.next
+    while node.op != "output":
+        refs: list = []
+        fx.node.map_arg((node.args, node.kwargs), refs.append)
+        n_alias = sum(r in aliases for r in refs)
+        if n_alias:
+            if node.op == "call_method" and node.target in pure_of and node.args[0] in aliases:
+                if n_alias > 1 or readers:
+                    return False  # reads itself, or someone read a value this write changes
+                writes.append(node)
+                aliases.add(node)
+            else:
+                readers.append(node)
+        node = node.next
+    if not writes:
+        return False
+    prev = x
+    for w in writes:
+        w.target = pure_of[w.target]
+        w.args = (prev,) + tuple(w.args[1:])
+        prev = w
+    for r in readers:
+        for a in aliases:
+            if a is not prev and a in r.all_input_nodes:
+                r.replace_input_with(a, prev)
+    return True
+
+
+def _static_sizes(node: fx.Node) -> Optional[list[int]]:
+    val = example_value(node)
+    if val is None:
+        return None
+    sizes = [static_int(s) for s in val.shape]
+    return None if any(s is None for s in sizes) else sizes
+
+
+_SCALE_OPS = (operator.mul, operator.truediv, torch.mul, torch.div)
+
+
+def folded_heads(node: Any, limit: int = 12) -> Optional[int]:
+    """How many heads were folded into dim 0 of a bmm operand [B*H, L, D], read from the
+    reshape that produced it; None when no reshape in its history says."""
+    axis = 0
+    for _ in range(limit):
+        if not isinstance(node, fx.Node):
+            return None
+        out = _static_sizes(node)
+        if out is None:
+            return None
+        if is_method(node, "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as"):
+            node = node.args[0]
+            continue
+        if is_call(node, *_SCALE_OPS) or is_method(node, "mul", "div"):
+            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(tensors) != 1:
+                return None
+            node = tensors[0]  # a constant scale keeps the layout
+            continue
+        if is_method(node, "transpose") or is_call(node, torch.transpose):
+            a, b = (d % len(out) for d in node.args[1:3])
+            axis = b if axis == a else a if axis == b else axis
+            node = node.args[0]
+            continue
+        if is_method(node, "permute") or is_call(node, torch.permute):
+            dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            axis = dims[axis] % len(out)
+            node = node.args[0]
+            continue
+        if is_method(node, "view", "reshape", "flatten", "unflatten") or is_call(node, torch.reshape, torch.flatten):
+            src = _static_sizes(node.args[0])
+            if src is None:
+                return None
+            if axis == 0 and len(src) == 4 and len(out) == 3 and src[2:] == out[1:]:
+                return src[1]  # [B, H, L, D] -> [B*H, L, D], whatever B and H are (1 included)
+            before = math.prod(out[:axis])
+            k = next((i for i in range(len(src) + 1) if math.prod(src[:i]) == before), None)
+            if k is None or k >= len(src):
+                return None
+            if src[k] == out[axis]:
+                axis, node = k, node.args[0]
+                continue
+            if out[axis] % src[k] == 0 and out[axis] > src[k]:
+                return out[axis] // src[k]
+            return None
+        return None
+    return None

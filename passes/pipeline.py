@@ -36,12 +36,13 @@ def _matchers() -> list[tuple[str, Matcher]]:
     return matchers
 
 
-def _pre_passes() -> list[tuple[str, Callable[[fx.GraphModule], int]]]:
+def _pre_passes() -> list[tuple[str, Callable[[fx.GraphModule], tuple[int, list[SkippedSite]]]]]:
+    """Graph-wide passes run before matching; each returns (nodes changed, sites it left alone)."""
     try:
-        from .fused_mha import decompose_fused_mha
+        from .fused_mha import decompose_fused_mha_report
     except ImportError:  # pragma: no cover
         return []
-    return [("decompose_fused_mha", decompose_fused_mha)]
+    return [("decompose_fused_mha", decompose_fused_mha_report)]
 
 
 def _resolve_kv(match: AttentionMatch) -> None:
@@ -103,7 +104,11 @@ def rewrite_attention(
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
     for name, pre in _pre_passes():
-        result.bump(name, pre(gm))
+        changed, skipped = pre(gm)
+        result.bump(name, changed)
+        result.skipped.extend(skipped)
+        if skipped:
+            result.bump(f"skipped_{name}", len(skipped))
 
     matches: list[AttentionMatch] = []
     claimed: set[fx.Node] = set()

@@ -1,18 +1,34 @@
-"""Find the projection parameters that produce q/k/v and consume the attention output."""
+"""Find the projection parameters that produce q/k/v and consume the attention output.
+
+Walks back from q/k/v through shape ops, casts, head-level elementwise ops (RoPE, q/k norms,
+pre-scaling), KV-cache concatenation with empty tensors and fused-QKV splits, to one F.linear
+or addmm (HF Conv1D). Whatever is ambiguous (two linears reachable, a split it cannot place)
+gives a None reference rather than a guess.
+"""
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import is_call, is_method, parameter_name
+from .graph_utils import arg, example_value, is_call, is_method, parameter_name, static_int
 from .site import AttentionMatch, ProjectionRef
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
-_SHAPE_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten", "to", "type_as", "float", "half", "bfloat16")
+_ADDMM = (torch.addmm,)
+_SHAPE_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten", "to", "type_as",
+                  "float", "half", "bfloat16", "clone")
 _SHAPE_FUNCS = (torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten)
+# Ops that leave the last (feature) dim's element order alone, usable after a feature slice.
+_LAST_DIM_SAFE = ("view", "reshape", "contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
+_ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                torch.add, torch.sub, torch.mul, torch.div, torch.neg)
+_ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg")
+_MAX_DEPTH = 24
 
 
 @dataclass
@@ -25,55 +41,293 @@ class Projections:
     cross_attention: bool = False
 
 
-def _linear_ref(node: fx.Node) -> Optional[ProjectionRef]:
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    name = parameter_name(weight)
+def _sizes(node: Any) -> Optional[list]:
+    """The shape as a list; dims may be SymInts under dynamic shapes (batch, sequence)."""
+    val = example_value(node)
+    return None if val is None else list(val.shape)
+
+
+def _param_slice(node: Any) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """(parameter name, row range) for a parameter or a row slice of one (weight[a:b])."""
+    name = parameter_name(node)
+    if name is not None:
+        return name, None
+    if is_call(node, operator.getitem):
+        base, idx = node.args
+        idx = idx[0] if isinstance(idx, tuple) and len(idx) == 1 else idx
+        if isinstance(idx, slice) and idx.step in (None, 1) and isinstance(idx.start, int) and isinstance(idx.stop, int):
+            name = parameter_name(base)
+            if name is not None:
+                return name, (idx.start, idx.stop)
+    return None, None
+
+
+def _compose(outer: Optional[tuple[int, int]], inner: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+    """inner is relative to outer (a slice of a slice)."""
+    if outer is None:
+        return inner
+    if inner is None:
+        return outer
+    return outer[0] + inner[0], outer[0] + inner[1]
+
+
+@dataclass(frozen=True)
+class _Found:
+    node: fx.Node  # the linear or addmm
+    features: Optional[tuple[int, int]]
+
+
+def _split_chunk(getitem: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
+    """(input, feature range) when getitem picks chunk i of a split/chunk along the last dim."""
+    src, i = getitem.args
+    if not isinstance(src, fx.Node) or not isinstance(i, int):
+        return None
+    x = src.args[0] if src.args else None
+    sizes = _sizes(x)
+    if sizes is None or static_int(sizes[-1]) is None:
+        return None
+    sizes[-1] = static_int(sizes[-1])
+    last = len(sizes) - 1
+    if is_method(src, "split") or is_call(src, torch.split):
+        size = arg(src, 1, "split_size", src.kwargs.get("split_size_or_sections"))
+        dim = arg(src, 2, "dim", 0)
+        if not isinstance(dim, int) or dim % len(sizes) != last:
+            return None
+        if isinstance(size, int):
+            bounds = [(s, min(s + size, sizes[-1])) for s in range(0, sizes[-1], size)]
+        elif isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
+            starts = [sum(size[:j]) for j in range(len(size))]
+            bounds = [(s, s + n) for s, n in zip(starts, size)]
+        else:
+            return None
+    elif is_method(src, "chunk") or is_call(src, torch.chunk):
+        n, dim = arg(src, 1, "chunks"), arg(src, 2, "dim", 0)
+        if not isinstance(n, int) or not isinstance(dim, int) or dim % len(sizes) != last:
+            return None
+        size = -(-sizes[-1] // n)
+        bounds = [(s, min(s + size, sizes[-1])) for s in range(0, sizes[-1], size)]
+    else:
+        return None
+    return (x, bounds[i]) if 0 <= i < len(bounds) else None
+
+
+def _is_empty(node: Any) -> bool:
+    val = example_value(node)
+    return val is not None and static_int(val.numel()) == 0
+
+
+class _Walker:
+    """Depth-first walk back to projections; collects every linear reachable by allowed paths."""
+
+    def __init__(self):
+        self.found: set[_Found] = set()
+        self.unclear = False
+
+    def walk(self, node: Any, features=None, pending=None, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH or not isinstance(node, fx.Node):
+            self.unclear = self.unclear or depth > _MAX_DEPTH
+            return
+        sizes = _sizes(node)
+        if is_call(node, *_LINEAR) or is_call(node, *_ADDMM):
+            if pending is not None:
+                self.unclear = True  # picked a sub-tensor we could not place in the features
+                return
+            self.found.add(_Found(node, features))
+            return
+        nxt = lambda n, f=features, p=pending: self.walk(n, f, p, depth + 1)  # noqa: E731
+        if pending is not None:
+            self._walk_pending(node, features, pending, sizes, depth)
+            return
+        if features is not None:
+            if is_method(node, *_LAST_DIM_SAFE) or is_call(node, torch.reshape):
+                src = _sizes(node.args[0])
+                if src is not None and sizes is not None and src[-1] == sizes[-1]:
+                    return nxt(node.args[0])
+            if is_call(node, operator.getitem):
+                chunk = _split_chunk(node)
+                if chunk is not None:
+                    return nxt(chunk[0], _compose(chunk[1], features))
+            self.unclear = True
+            return
+        if is_method(node, *_SHAPE_METHODS) or is_call(node, *_SHAPE_FUNCS):
+            return nxt(node.args[0])
+        if is_call(node, operator.getitem):
+            return self._walk_getitem(node, sizes, depth)
+        if is_call(node, torch.cat):
+            return self._walk_cat(node, sizes, depth)
+        if sizes is not None and len(sizes) >= 4 and (is_call(node, *_ELEMENTWISE) or is_method(node, *_ELEMENTWISE_METHODS)):
+            # Head-level elementwise ops (RoPE, scaling): the residual stream is never 4-D,
+            # so this cannot wander into earlier layers.
+            for operand in node.all_input_nodes:
+                self._branch(operand, depth)
+            return
+        self.unclear = True
+
+    def _branch(self, operand: Any, depth: int) -> None:
+        """One operand of a head-level op: a dead end (cos/sin tables, constants) adds nothing;
+        a branch that reaches a projection must be clear all the way."""
+        sub = _Walker()
+        sub.walk(operand, None, None, depth + 1)
+        if sub.found:
+            self.found |= sub.found
+            self.unclear = self.unclear or sub.unclear
+
+    def _walk_getitem(self, node: fx.Node, sizes, depth: int) -> None:
+        src, idx = node.args
+        if isinstance(idx, int) and isinstance(src, fx.Node):
+            chunk = _split_chunk(node)
+            if chunk is not None:
+                return self.walk(chunk[0], chunk[1], None, depth + 1)
+            if is_method(src, "unbind") or is_call(src, torch.unbind):
+                dim = arg(src, 1, "dim", 0)
+                return self.walk(src.args[0], None, (dim, idx), depth + 1)
+            if example_value(src) is not None:  # qkv[i]: select along dim 0
+                return self.walk(src, None, (0, idx), depth + 1)
+        if isinstance(idx, tuple) and sizes is not None and len(sizes) >= 4:
+            if all(i is Ellipsis or isinstance(i, slice) for i in idx):
+                return self.walk(src, None, None, depth + 1)  # rotate_half's halves of the head dim
+        self.unclear = True
+
+    def _walk_cat(self, node: fx.Node, sizes, depth: int) -> None:
+        parts = node.args[0]
+        dim = arg(node, 1, "dim", 0)
+        if sizes is None or not isinstance(dim, int):
+            self.unclear = True
+            return
+        live = [p for p in parts if not _is_empty(p)]
+        if len(live) == 1:
+            return self.walk(live[0], None, None, depth + 1)  # KV cache seeded with an empty tensor
+        if len(sizes) >= 4 and dim % len(sizes) == len(sizes) - 1:
+            for p in live:
+                self._branch(p, depth)
+            return
+        self.unclear = True
+
+    def _walk_pending(self, node: fx.Node, features, pending, sizes, depth: int) -> None:
+        """Follow the axis that a later unbind/select indexes until the view that created it."""
+        axis, index = pending
+        if sizes is None:
+            self.unclear = True
+            return
+        axis %= len(sizes)
+        if is_method(node, "contiguous", "clone", "to", "float", "half", "bfloat16"):
+            return self.walk(node.args[0], features, (axis, index), depth + 1)
+        if is_method(node, "permute") or is_call(node, torch.permute):
+            dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            return self.walk(node.args[0], features, (dims[axis] % len(sizes), index), depth + 1)
+        if is_method(node, "transpose") or is_call(node, torch.transpose):
+            a, b = (d % len(sizes) for d in node.args[1:3])
+            axis = b if axis == a else a if axis == b else axis
+            return self.walk(node.args[0], features, (axis, index), depth + 1)
+        if is_method(node, "view", "reshape", "unflatten") or is_call(node, torch.reshape, torch.unflatten):
+            src = _sizes(node.args[0])
+            n = len(src) if src is not None else 0
+            # The view split the input's last dim into (chunks, ...) and axis is the chunks axis.
+            split = sizes[n - 1:] if src is not None else []
+            if (src is not None and axis == n - 1 and all(static_int(d) is not None for d in split + src[-1:])
+                    and sizes[: n - 1] == src[: n - 1] and math.prod(split) == src[-1]):
+                width = static_int(src[-1]) // static_int(sizes[axis])
+                return self.walk(node.args[0], (index * width, (index + 1) * width), None, depth + 1)
+        self.unclear = True
+
+
+def _ref(found: _Found) -> Optional[ProjectionRef]:
+    node = found.node
+    if is_call(node, *_ADDMM):
+        bias, weight, layout = node.args[0], node.args[2], "in_out"
+    else:
+        weight, bias, layout = arg(node, 1, "weight"), arg(node, 2, "bias"), "out_in"
+    name, rows = _param_slice(weight)
     if name is None:
         return None
-    return ProjectionRef(weight=name, bias=parameter_name(bias), layout="out_in")
-
-
-def _walk_back(node, limit: int = 12) -> Optional[fx.Node]:
-    for _ in range(limit):
-        if not isinstance(node, fx.Node):
-            return None
-        if is_call(node, *_LINEAR):
-            return node
-        if is_method(node, *_SHAPE_METHODS) or is_call(node, *_SHAPE_FUNCS):
-            node = node.args[0]
-            continue
+    bias_name, _ = _param_slice(bias) if isinstance(bias, fx.Node) else (None, None)
+    if rows is not None and layout != "out_in":
         return None
-    return None
+    return ProjectionRef(weight=name, bias=bias_name, layout=layout, features=_compose(rows, found.features))
 
 
-def _walk_forward(node: fx.Node, limit: int = 12) -> Optional[fx.Node]:
+def _activation_input(node: fx.Node) -> Any:
+    """What the projection reads: for addmm on x.view(-1, d), the un-flattened x."""
+    if is_call(node, *_ADDMM):
+        x = node.args[1]
+        if is_method(x, "view", "reshape") and _sizes(x.args[0]) is not None and len(_sizes(x.args[0])) >= 3:
+            return x.args[0]
+        return x
+    return node.args[0]
+
+
+def _out_width(found: _Found) -> Optional[int]:
+    if found.features is not None:
+        return found.features[1] - found.features[0]
+    val = example_value(found.node)
+    return None if val is None else static_int(val.shape[-1])
+
+
+def _projection(node: fx.Node, width: Optional[int]) -> Optional[_Found]:
+    walker = _Walker()
+    walker.walk(node)
+    if walker.unclear or len(walker.found) != 1:
+        return None
+    (found,) = walker.found
+    if width is not None and _out_width(found) != width:
+        return None  # not the whole of this role's heads: some other linear
+    return found
+
+
+def _role_width(match: AttentionMatch, role: str) -> Optional[int]:
+    val = example_value(getattr(match, role))
+    if val is None:
+        return None
+    if match.heads_folded:
+        heads = match.heads_folded if role == "q" else (match.kv_heads_folded or match.heads_folded)
+        dim = static_int(val.shape[-1])
+        return None if dim is None else heads * dim
+    if val.dim() != 4:
+        return None
+    heads, dim = static_int(val.shape[1]), static_int(val.shape[-1])
+    return None if heads is None or dim is None else heads * dim
+
+
+def _walk_forward(node: fx.Node, width: Optional[int], limit: int = 12) -> Optional[ProjectionRef]:
     for _ in range(limit):
         if len(node.users) != 1:
             return None
         (user,) = node.users
         if is_call(user, *_LINEAR) and user.args[0] is node:
-            return user
-        if is_method(user, *_SHAPE_METHODS) or is_call(user, *_SHAPE_FUNCS):
+            found = _Found(user, None)
+        elif is_call(user, *_ADDMM) and user.args[1] is node:
+            found = _Found(user, None)
+        elif is_method(user, *_SHAPE_METHODS) or is_call(user, *_SHAPE_FUNCS):
             node = user
             continue
-        return None
+        else:
+            return None
+        val = example_value(node)
+        if width is not None and (val is None or static_int(val.shape[-1]) != width):
+            return None  # the linear reads more (or less) than this site's heads
+        return _ref(found)
     return None
 
 
 def find_projections(match: AttentionMatch, out_node: fx.Node) -> Projections:
     found = Projections()
-    linears = {}
+    sources: dict[str, _Found] = {}
     for role in ("q", "k", "v"):
-        lin = _walk_back(getattr(match, role))
-        if lin is not None:
-            linears[role] = lin
-            setattr(found, role, _linear_ref(lin))
-    out_lin = _walk_forward(out_node)
-    if out_lin is not None:
-        found.out = _linear_ref(out_lin)
-    if "q" in linears:
-        found.hidden = linears["q"].args[0]
-        if "k" in linears:
-            found.cross_attention = linears["k"].args[0] is not found.hidden
+        src = _projection(getattr(match, role), _role_width(match, role))
+        if src is not None:
+            sources[role] = src
+            setattr(found, role, _ref(src))
+    out_val = example_value(out_node)
+    out_width = None
+    if out_val is not None:
+        heads = match.heads_folded or (out_val.shape[1] if out_val.dim() == 4 else None)
+        out_width = None if heads is None else static_int(heads * out_val.shape[-1])
+    found.out = _walk_forward(out_node, out_width)
+    if "q" in sources:
+        found.hidden = _activation_input(sources["q"].node)
+        kv = sources.get("k") or sources.get("v")
+        if kv is not None:
+            found.cross_attention = _activation_input(kv.node) is not found.hidden
     return found

@@ -1,38 +1,99 @@
 """The Triton gated-attention kernels under the Triton interpreter (CPU tensors), against float64.
 
-The interpreter must be chosen before the kernels are decorated, so the env var is set before the
-kernel module is imported, and a copy imported earlier in compiled mode is dropped first.
+Triton picks interpreter mode when it and the kernels are imported (triton.language's own jit
+helpers included), so the mode cannot be switched inside a process that already imported triton
+compiled, e.g. through dhp_fx in another test module, nor should it be switched on a CUDA machine
+whose other tests run real kernels. There this module runs itself in a child pytest process with
+TRITON_INTERPRET=1 (test_interpreter_suite_in_subprocess) and skips the in-process copies.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (torch does not import triton)
+
+_CHILD = "_DHP_FX_TRITON_INTERPRETER_CHILD"
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+
+
+def _set_interpret(on: bool):
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+def _load_interpreted():
+    """The interpreted kernel module, or None where this process cannot interpret."""
+    if not (os.environ.get(_CHILD) == "1" or _PREV_INTERPRET == "1"
+            or ("triton" not in sys.modules and not torch.cuda.is_available())):
+        return None
+    _set_interpret(True)
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.zeros, InterpretedFunction):
+            return None
+        name = "dhp_fx.kernels.triton_attention"
+        mod = importlib.import_module(name)
+        if not mod._INTERPRET:  # imported before in compiled mode: take a fresh interpreted copy
+            for n in (name, name + "_bwd"):
+                sys.modules.pop(n, None)
+            mod = importlib.import_module(name)
+        return mod
+    finally:
+        _set_interpret(False)
+
+
+_ta = _load_interpreted()
+IN_PROCESS = _ta is not None
+if not IN_PROCESS and os.environ.get(_CHILD) == "1":
+    raise RuntimeError("child process could not enter Triton interpreter mode")
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_interpreter_suite_in_subprocess")
+
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-_MODS = ("dhp_fx.kernels.triton_attention", "dhp_fx.kernels.triton_attention_bwd")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET is set to something other than 1; these tests need the interpreter",
-                allow_module_level=True)
-if _MODS[0] in sys.modules and not sys.modules[_MODS[0]]._INTERPRET:
-    for name in _MODS:
-        sys.modules.pop(name, None)
-
 from dhp_fx.kernels.reference import gated_attention_reference  # noqa: E402
-from dhp_fx.kernels.triton_attention import (  # noqa: E402
-    triton_gated_attention,
-    triton_gated_attention_autograd,
-    triton_gated_attention_backward,
-)
+
+if IN_PROCESS:
+    triton_available = _ta.triton_available
+    triton_gated_attention = _ta.triton_gated_attention
+    triton_gated_attention_autograd = _ta.triton_gated_attention_autograd
+    triton_gated_attention_backward = _ta.triton_gated_attention_backward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_on():
+    # Triton also consults the env var while kernels run, not only at import.
+    if IN_PROCESS:
+        _set_interpret(True)
+    yield
+    _set_interpret(False)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
+def test_interpreter_suite_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, f"interpreter suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-SLOW = settings(deadline=None, max_examples=45,
+SLOW = settings(deadline=None, max_examples=120,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -73,8 +134,8 @@ def reference(q, k, v, keep, mask, is_causal, scale):
     p = torch.softmax(logits.masked_fill(~row_ok[..., None], 0.0), -1) * visible
     ent_rows = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
     ent_rows = torch.where(row_ok, ent_rows, torch.zeros_like(ent_rows))
-    ent = torch.where(keep, ent_rows.mean(-1), torch.zeros(()))
-    return out, ent, row_ok
+    ent_rows = torch.where(keep[..., None], ent_rows, torch.zeros(()))
+    return out, ent_rows.mean(-1), row_ok, ent_rows
 
 
 def make_mask(kind, shape_kind, B, H, Lq, Lk, dtype, gen):
@@ -119,12 +180,14 @@ def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
     keep = make_keep(keep_pattern, B, Hq, gen)
     mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
-    out = torch.full((B, Hq, Lq, Dv), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    # Poisoned, so every element must be written; in model layout the buffer is strided too.
+    out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
+    out = out.transpose(1, 2) if model_layout else out
     got, ent = triton_gated_attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, out=out)
     assert got is out and got.dtype == dtype and ent.dtype == torch.float32 and ent.shape == (B, Hq)
     assert not torch.isnan(got).any() and not torch.isnan(ent).any()
 
-    ref, ref_ent, row_ok = reference(q, k, v, keep, mask, is_causal, scale)
+    ref, ref_ent, row_ok, _ = reference(q, k, v, keep, mask, is_causal, scale)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
     assert torch.equal(ent[~keep], torch.zeros_like(ent[~keep]))
     # Fully masked rows: documented as zeros (SDPA's math path agrees); compare the rest.
@@ -135,6 +198,7 @@ def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is
     torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
 
 
+@interpreted
 @SLOW
 @given(
     B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
@@ -152,6 +216,7 @@ def test_forward_matches_reference(B, Hkv, group, Lq, Lk, D, dv_same, dtype, mas
                   keep_pattern, scale, model_layout, seed)
 
 
+@interpreted
 @pytest.mark.parametrize(
     "case",
     [
@@ -171,6 +236,13 @@ def test_forward_edge_cases(case):
     check_forward(**case, scale=None, model_layout=True, seed=7)
 
 
+@interpreted
+def test_triton_available_only_for_cuda():
+    assert not triton_available("cpu")
+    assert triton_available("cuda") == (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0))
+
+
+@interpreted
 def test_nothing_kept_launches_only_zero_stores():
     gen = torch.Generator().manual_seed(0)
     q, k, v = qkv(2, 2, 2, 9, 9, 16, 16, torch.float32, gen)
@@ -180,6 +252,23 @@ def test_nothing_kept_launches_only_zero_stores():
     assert torch.equal(got, torch.zeros_like(got)) and torch.equal(ent, torch.zeros_like(ent))
 
 
+@interpreted
+def test_entropy_rows_and_lse_only_pass():
+    """Per-row entropies; compute_out=False (the backward's lse recompute) skips P@V, not them."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = qkv(2, 4, 2, 21, 30, 24, 24, torch.float32, gen)
+    keep = make_keep("random", 2, 4, gen)
+    mask = make_mask("bool", "pad", 2, 4, 21, 30, torch.float32, gen)
+    none, rows, lse = triton_gated_attention(q, k, v, keep, mask, True, return_entropy=True, return_lse=True,
+                                             compute_out=False, entropy_rows=True)
+    assert none is None and rows.shape == (2, 4, 21)
+    _, _, _, ref_rows = reference(q, k, v, keep, mask, True, None)
+    torch.testing.assert_close(rows.double(), ref_rows, atol=1e-5, rtol=1e-5)
+    _, lse_full = triton_gated_attention(q, k, v, keep, mask, True, return_lse=True)
+    assert torch.equal(lse[keep], lse_full[keep])
+
+
+@interpreted
 def test_huge_negative_padding_mask_matches_sdpa_on_fully_masked_rows():
     """HF pads with finfo.min, not -inf; a row masked that way is uniform in SDPA, not zero."""
     gen = torch.Generator().manual_seed(1)
@@ -203,8 +292,28 @@ BACKWARD_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=["gqa-bias-grad", "causal-bool", "fp16-causal"])
 def test_backward_matches_reference(case):
+    check_backward(case)
+
+
+@interpreted
+@settings(SLOW, max_examples=20)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), Lq=st.sampled_from([1, 9, 24]),
+    Lk=st.integers(1, 33), D=st.sampled_from([16, 40]), dtype=st.sampled_from([torch.float32, torch.float16]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]), mask_shape=st.sampled_from(["pad", "bias", "2d"]),
+    is_causal=st.booleans(), data=st.data(),
+)
+def test_backward_random_shapes(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, mask_shape, is_causal, data):
+    keep = data.draw(st.lists(st.lists(st.booleans(), min_size=Hkv * group, max_size=Hkv * group),
+                              min_size=B, max_size=B))
+    check_backward(dict(B=B, Hkv=Hkv, group=group, Lq=Lq, Lk=Lk, D=D, dtype=dtype, mask_kind=mask_kind,
+                        mask_shape=mask_shape, is_causal=is_causal, keep=keep))
+
+
+def check_backward(case):
     gen = torch.Generator().manual_seed(3)
     B, Hkv, group, Lq, Lk, D, dtype = (case[n] for n in ("B", "Hkv", "group", "Lq", "Lk", "D", "dtype"))
     Hq = Hkv * group
@@ -236,7 +345,8 @@ def test_backward_matches_reference(case):
     assert torch.equal(v.grad[dead_kv], torch.zeros_like(v.grad[dead_kv]))
 
 
-def test_backward_recomputes_lse_when_not_given():
+@interpreted
+def test_backward_recomputes_out_and_lse_when_not_given():
     gen = torch.Generator().manual_seed(5)
     q, k, v = qkv(1, 2, 1, 12, 12, 16, 16, torch.float32, gen)
     keep = torch.tensor([[True, False]])
@@ -244,6 +354,7 @@ def test_backward_recomputes_lse_when_not_given():
     grad = torch.randn(out.shape, generator=gen)
     with_lse = triton_gated_attention_backward(grad, q, k, v, keep, out, lse, is_causal=True)
     without = triton_gated_attention_backward(grad, q, k, v, keep, out, None, is_causal=True)
-    for a, b in zip(with_lse[:3], without[:3]):
-        assert torch.equal(a, b)
+    neither = triton_gated_attention_backward(grad, q, k, v, keep, None, None, is_causal=True)
+    for a, b, c in zip(with_lse[:3], without[:3], neither[:3]):
+        assert torch.equal(a, b) and torch.equal(a, c)
     assert with_lse[3] is None

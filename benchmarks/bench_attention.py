@@ -1,0 +1,304 @@
+"""Time gated attention on a GPU: dense SDPA, FlexAttention with a head BlockMask,
+gather -> SDPA -> scatter, and the dhp_fx Triton kernel, at several kept-head fractions p.
+
+    python benchmarks/bench_attention.py [--check] [--block] [--shapes 8,32,2048,128,causal ...]
+
+Each p keeps round(p * H) random heads per batch row. Times are medians of
+triton.testing.do_bench in ms; "x ideal" is time / (p * T_dense_SDPA). The Triton column calls
+dhp_fx.kernels.triton_attention.triton_gated_attention, the function the tests exercise.
+``--dry-run`` prints the plan and exits, and is the only mode that works without CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+DEFAULT_SHAPES = ["8,32,2048,128,causal", "8,32,2048,128", "32,12,512,64", "4,32,4096,128,causal"]
+DEFAULT_P = [1.0, 0.75, 0.5, 0.25]
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    H: int
+    L: int
+    D: int
+    causal: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        parts = text.split(",")
+        if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] not in ("causal", "full")):
+            raise argparse.ArgumentTypeError(f"shape {text!r}: want B,H,L,D[,causal|full]")
+        B, H, L, D = (int(x) for x in parts[:4])
+        return cls(B, H, L, D, len(parts) == 5 and parts[4] == "causal")
+
+    def __str__(self) -> str:
+        return f"{self.B}x{self.H}x{self.L}x{self.D}{' causal' if self.causal else ''}"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", type=Shape.parse, default=[Shape.parse(s) for s in DEFAULT_SHAPES],
+                    help="B,H,L,D[,causal] (default: %(default)s)")
+    ap.add_argument("--p", nargs="+", type=float, default=DEFAULT_P, help="kept-head fractions")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--check", action="store_true", help="validate the kernel against SDPA before timing")
+    ap.add_argument("--block", action="store_true",
+                    help="also time the attention block (QKV proj + core + out proj), d_model = H*D")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (e.g. torch without it)")
+    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (works without CUDA)")
+    args = ap.parse_args(argv)
+    for p in args.p:
+        if not 0.0 < p <= 1.0:
+            ap.error(f"--p values must be in (0, 1], got {p}")
+    return args
+
+
+def n_kept(p: float, H: int) -> int:
+    return max(1, min(H, round(p * H)))
+
+
+def plan(args) -> list[tuple[Shape, float, int]]:
+    return [(s, p, n_kept(p, s.H)) for s in args.shapes for p in args.p]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU part: everything below imports torch/triton lazily so --dry-run needs neither CUDA nor triton.
+
+
+def random_keep(torch, B, H, k, device, gen):
+    idx = torch.stack([torch.randperm(H, generator=gen)[:k] for _ in range(B)]).to(device)
+    keep = torch.zeros(B, H, dtype=torch.bool, device=device)
+    keep.scatter_(1, idx, True)
+    return keep, idx.sort(1).values
+
+
+def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex):
+    from dhp_fx.kernels.triton_attention import triton_gated_attention
+
+    B = s.B
+    rows = torch.arange(B, device=q.device)[:, None]
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=s.causal)
+
+    def gathered():
+        o = F.scaled_dot_product_attention(q[rows, idx], k[rows, idx], v[rows, idx], is_causal=s.causal)
+        out = torch.zeros_like(q)
+        out[rows, idx] = o
+        return out
+
+    def ours():
+        return triton_gated_attention(q, k, v, keep, is_causal=s.causal)
+
+    methods = {"sdpa": dense, "gather": gathered, "triton": ours}
+    if flex is not None:
+        flex_fn, create_block_mask, keep_buf, mask_mod = flex
+        keep_buf.copy_(keep)  # same tensor and mask_mod for every p: no recompile per p
+        block_mask = create_block_mask(mask_mod, B, s.H, s.L, s.L, device=q.device)
+        methods["flex"] = lambda: flex_fn(q, k, v, block_mask=block_mask)
+    return methods
+
+
+def head_mask_mod(keep_buf, causal):
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = keep_buf[b, h]
+        return (ok & (q_idx >= kv_idx)) if causal else ok
+
+    return mask_mod
+
+
+def check(torch, F, args, dtype, gen) -> bool:
+    """Kernel vs SDPA (fp32 math reference) on the benchmark shapes and a few odd cases."""
+    from dhp_fx.kernels.triton_attention import triton_gated_attention, triton_gated_attention_autograd
+
+    dev = DEVICE
+    ok = True
+
+    def ref(q, k, v, keep, mask=None, causal=False):
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.float()
+        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return torch.where(keep[:, :, None, None], o, 0.0)
+
+    def ref_entropy(q, k, v, keep, mask):
+        g = q.shape[1] // k.shape[1]
+        logits = q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        p = logits.softmax(-1)
+        ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
+        return torch.where(keep, ent, 0.0)
+
+    def report(name, got, want, tol):
+        nonlocal ok
+        err = (got.float() - want.float()).abs().max().item()
+        good = err <= tol and not torch.isnan(got).any().item()
+        ok &= good
+        print(f"  {'PASS' if good else 'FAIL'} {name}: max abs err {err:.2e} (tol {tol:.0e})")
+
+    print("check: Triton kernel vs SDPA")
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for s in args.shapes:
+        q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=dev, dtype=dtype) for _ in range(3))
+        keep, _ = random_keep(torch, s.B, s.H, n_kept(0.5, s.H), dev, gen)
+        out = torch.full_like(q, float("nan"))
+        triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out)
+        report(f"{s} p=0.5", out, ref(q, k, v, keep, causal=s.causal), tol)
+        del q, k, v, out
+    # GQA + model layout + padding mask + head dim 80, decode, additive bias, fp32.
+    B, Hq, Hkv, L = 2, 8, 2, 300
+    for D, Lq, mask_kind, dt in [(80, 300, "pad", dtype), (128, 1, "pad", dtype), (64, 257, "bias", dtype),
+                                 (64, 129, "bias", torch.float32)]:
+        q = torch.randn(B, Lq, Hq, D, device=dev, dtype=dt).transpose(1, 2)
+        k = torch.randn(B, L, Hkv, D, device=dev, dtype=dt).transpose(1, 2)
+        v = torch.randn(B, L, Hkv, D, device=dev, dtype=dt).transpose(1, 2)
+        keep = torch.rand(B, Hq, device=dev, generator=None) > 0.5
+        if mask_kind == "pad":
+            mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=dev)
+            mask[0, ..., L - 37:] = False
+        else:
+            mask = torch.randn(1, Hq, Lq, L, device=dev, dtype=dt)
+        got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True)
+        report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}", got, ref(q, k, v, keep, mask),
+               1e-4 if dt == torch.float32 else tol)
+        report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
+    # Backward vs autograd through SDPA.
+    q, k, v = (torch.randn(2, 4, 200, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool, device=dev)
+    do = torch.randn(2, 4, 200, 64, device=dev, dtype=dtype)
+    grads = torch.autograd.grad(triton_gated_attention_autograd(q, k, v, keep, None, True), (q, k, v), do)
+    want = torch.autograd.grad(ref(q, k, v, keep, causal=True), (q, k, v), do.float())
+    for name, g, w in zip("qkv", grads, want):
+        report(f"backward d{name} causal", g, w, 5e-2 if dtype == torch.bfloat16 else 1e-2)
+    return ok
+
+
+def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
+    """Dense block vs gated: per-row gate (full projections, gated core) and a gate shared by the
+    batch (kept heads' projection rows sliced once, as a deployment would cache them)."""
+    from dhp_fx.kernels.triton_attention import triton_gated_attention
+
+    d = s.H * s.D
+    x = torch.randn(s.B, s.L, d, device=DEVICE, dtype=dtype)
+    w_qkv = torch.randn(3 * d, d, device=DEVICE, dtype=dtype) / math.sqrt(d)
+    w_o = torch.randn(d, d, device=DEVICE, dtype=dtype) / math.sqrt(d)
+    heads = keep_shared.nonzero().flatten()
+    hk = heads.numel()
+    wq, wk, wv = (w.view(s.H, s.D, d)[heads].reshape(hk * s.D, d) for w in w_qkv.chunk(3))
+    w_qkv_kept = torch.cat([wq, wk, wv])
+    w_o_kept = w_o.view(d, s.H, s.D)[:, heads].reshape(d, hk * s.D)
+    keep_rows = keep_shared[None].expand(s.B, s.H).contiguous()
+
+    def split(qkv, h):
+        return qkv.view(s.B, s.L, 3, h, s.D).permute(2, 0, 3, 1, 4)
+
+    def dense():
+        q, k, v = split(x @ w_qkv.T, s.H)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal)
+        return o.transpose(1, 2).reshape(s.B, s.L, d) @ w_o.T
+
+    def gated_rows():
+        q, k, v = split(x @ w_qkv.T, s.H)
+        o = triton_gated_attention(q, k, v, keep_rows, is_causal=s.causal)
+        return o.transpose(1, 2).reshape(s.B, s.L, d) @ w_o.T
+
+    def gated_shared():
+        q, k, v = split(x @ w_qkv_kept.T, hk)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal)
+        return o.transpose(1, 2).reshape(s.B, s.L, hk * s.D) @ w_o_kept.T
+
+    return {name: bench(fn) for name, fn in
+            [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared)]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        for s, p, k in plan(args):
+            print(f"{str(s):28s} p={p:.2f} kept heads per row={k}")
+        return 0
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        sys.exit("bench_attention.py: torch is not installed")
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "use --dry-run to see the plan")
+    try:
+        import triton.testing
+        from dhp_fx.kernels.triton_attention import triton_available
+    except ImportError as e:
+        sys.exit(f"bench_attention.py: triton / dhp_fx kernels unavailable: {e}")
+    if not triton_available(DEVICE):
+        sys.exit("bench_attention.py: the Triton kernel needs compute capability >= 8.0")
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"dtype {args.dtype}")
+    if args.check and not check(torch, F, args, dtype, gen):
+        print("check FAILED; not timing")
+        return 1
+
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+            for knob in ("recompile_limit", "cache_size_limit"):  # one recompile per shape
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        except ImportError:
+            print("FlexAttention unavailable; skipping it")
+
+    def bench(fn):
+        fn()  # compile / autotune outside the timed region
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    names = ["sdpa", "flex", "gather", "triton"] if flex is not None else ["sdpa", "gather", "triton"]
+    header = f"{'shape':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>10s} {'x ideal':>8s}" for n in names)
+    print(header)
+    print("-" * len(header))
+    for s in args.shapes:
+        q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=DEVICE, dtype=dtype) for _ in range(3))
+        t_dense = None
+        flex_s = None
+        if flex is not None:
+            keep_buf = torch.zeros(s.B, s.H, dtype=torch.bool, device=DEVICE)
+            flex_s = (*flex, keep_buf, head_mask_mod(keep_buf, s.causal))
+        for p in args.p:
+            keep, idx = random_keep(torch, s.B, s.H, n_kept(p, s.H), DEVICE, gen)
+            times = {}
+            for name, fn in make_methods(torch, F, s, q, k, v, keep, idx, flex_s).items():
+                try:
+                    times[name] = bench(fn)
+                except Exception as e:  # one failing method should not hide the others
+                    print(f"  {name} failed at {s} p={p}: {type(e).__name__}: {e}")
+                    times[name] = float("nan")
+            t_dense = times["sdpa"] if t_dense is None else t_dense
+            ideal = p * t_dense
+            cells = " ".join(f"{times[n]:10.3f} {times[n] / ideal:8.2f}" for n in names)
+            print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
+            if args.block:
+                shared = keep[0]
+                for name, t in time_block(torch, F, s, shared, bench, dtype).items():
+                    print(f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Projections that skip pruned heads: only kept heads' rows (q/k/v) or columns (output) are multiplied.
+
+``dhp::head_linear_out``: a projection producing heads. Features of heads with
+``heads_keep[h] == False`` are not computed and come out as exact zeros, so the graph after it
+keeps its shapes; the gated attention op never reads them.
+
+``dhp::head_linear_in``: the output projection consuming heads. The input features of pruned
+heads hold zeros (the gated op wrote them), so leaving them out of the product is exact.
+
+Both take weights as stored by the model: "out_in" [out, in] (nn.Linear) or, with
+``weight_in_out``, [in, out] (HF Conv1D).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _feature_index(heads_keep: torch.Tensor, head_dim: int) -> torch.Tensor:
+    heads = heads_keep.nonzero().flatten()
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def _check(x, weight, heads_keep, head_dim, weight_in_out, features_dim: int, name: str) -> None:
+    if heads_keep.dtype != torch.bool or heads_keep.dim() != 1:
+        raise ValueError(f"{name}: heads_keep must be a 1-D bool tensor, got {heads_keep.dtype} {tuple(heads_keep.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D, got {tuple(weight.shape)}")
+    width = weight.shape[1 if weight_in_out else 0] if features_dim == 0 else weight.shape[0 if weight_in_out else 1]
+    if width != heads_keep.numel() * head_dim:
+        raise ValueError(
+            f"{name}: weight {tuple(weight.shape)} has {width} head features, expected "
+            f"{heads_keep.numel()} heads x head_dim {head_dim}"
+        )
+
+
+def head_linear_out_reference(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
+    w = weight.t() if weight_in_out else weight
+    y = F.linear(x, w, bias)
+    mask = heads_keep.repeat_interleave(head_dim)
+    return y * mask.to(y.dtype)
+
+
+def head_linear_in_reference(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
+    w = weight.t() if weight_in_out else weight
+    mask = heads_keep.repeat_interleave(head_dim)
+    return F.linear(x * mask.to(x.dtype), w, bias)
+
+
+def _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
+    w = weight.t() if weight_in_out else weight  # [out, in]
+    if bool(heads_keep.all()):
+        return F.linear(x, w, bias)
+    idx = _feature_index(heads_keep, head_dim)
+    y = x.new_zeros((*x.shape[:-1], w.shape[0]))
+    if idx.numel():
+        y_kept = F.linear(x, w.index_select(0, idx), None if bias is None else bias.index_select(0, idx))
+        y.index_copy_(-1, idx, y_kept)
+    return y
+
+
+def _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
+    w = weight.t() if weight_in_out else weight  # [out, in]
+    if bool(heads_keep.all()):
+        return F.linear(x, w, bias)
+    idx = _feature_index(heads_keep, head_dim)
+    if idx.numel() == 0:
+        y = x.new_zeros((*x.shape[:-1], w.shape[0]))
+        return y + bias if bias is not None else y
+    return F.linear(x.index_select(-1, idx), w.index_select(1, idx), bias)
+
+
+@torch.library.custom_op("dhp::head_linear_out", mutates_args=())
+def head_linear_out(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads_keep: torch.Tensor,
+    head_dim: int, weight_in_out: bool = False,
+) -> torch.Tensor:
+    _check(x, weight, heads_keep, head_dim, weight_in_out, 0, "head_linear_out")
+    return _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
+
+
+@head_linear_out.register_fake
+def _(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
+    return x.new_empty((*x.shape[:-1], weight.shape[1 if weight_in_out else 0]))
+
+
+@torch.library.custom_op("dhp::head_linear_in", mutates_args=())
+def head_linear_in(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads_keep: torch.Tensor,
+    head_dim: int, weight_in_out: bool = False,
+) -> torch.Tensor:
+    _check(x, weight, heads_keep, head_dim, weight_in_out, 1, "head_linear_in")
+    return _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
+
+
+@head_linear_in.register_fake
+def _(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
+    return x.new_empty((*x.shape[:-1], weight.shape[1 if weight_in_out else 0]))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    # Explicit formulas: custom-op bodies run below autograd, so no recompute-and-differentiate.
+    w = weight.t() if weight_in_out else weight  # [out, in]
+    idx = _feature_index(heads_keep, head_dim)
+    g_kept = grad.index_select(-1, idx)
+    gx = g_kept @ w.index_select(0, idx)
+    gw = torch.zeros_like(w)
+    gw.index_copy_(0, idx, _flat(g_kept).t() @ _flat(x))
+    gb = x.new_empty(0)
+    if bias is not None:
+        gb = torch.zeros_like(bias)
+        gb.index_copy_(0, idx, _flat(g_kept).sum(0))
+    return gx, gw.t().contiguous() if weight_in_out else gw, gb
+
+
+def _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    w = weight.t() if weight_in_out else weight  # [out, in]
+    idx = _feature_index(heads_keep, head_dim)
+    gx = torch.zeros_like(x)
+    gx.index_copy_(-1, idx, grad @ w.index_select(1, idx))
+    gw = torch.zeros_like(w)
+    gw.index_copy_(1, idx, _flat(grad).t() @ _flat(x.index_select(-1, idx)))
+    gb = _flat(grad).sum(0) if bias is not None else x.new_empty(0)
+    return gx, gw.t().contiguous() if weight_in_out else gw, gb
+
+
+@torch.library.custom_op("dhp::head_linear_out_backward", mutates_args=())
+def head_linear_out_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
+
+
+@torch.library.custom_op("dhp::head_linear_in_backward", mutates_args=())
+def head_linear_in_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
+
+
+def _backward_fake(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+
+
+head_linear_out_backward.register_fake(_backward_fake)
+head_linear_in_backward.register_fake(_backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, heads_keep, head_dim, weight_in_out = inputs
+    ctx.save_for_backward(x, weight, bias, heads_keep)
+    ctx.has_bias, ctx.head_dim, ctx.weight_in_out = bias is not None, head_dim, weight_in_out
+
+
+def _backward_via(backward_op):
+    def backward(ctx, grad):
+        x, weight, bias, heads_keep = ctx.saved_tensors
+        gx, gw, gb = backward_op(grad, x, weight, bias if ctx.has_bias else None, heads_keep, ctx.head_dim, ctx.weight_in_out)
+        return gx, gw, gb if ctx.has_bias else None, None, None, None
+
+    return backward
+
+
+head_linear_out.register_autograd(_backward_via(head_linear_out_backward), setup_context=_setup)
+head_linear_in.register_autograd(_backward_via(head_linear_in_backward), setup_context=_setup)
