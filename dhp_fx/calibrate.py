@@ -116,6 +116,8 @@ def calibrate(
 
     if not isinstance(model, DHPModel):
         raise TypeError(f"calibrate expects a model returned by dhp_fx.optimize, got {type(model).__name__}")
+    # Gates read their budget and recording flag at every call, in compiled graphs too
+    # (dhp::run_gate), so nothing here needs a recompile.
     iterator = iter(batches)
     try:
         first = next(iterator)
@@ -134,14 +136,12 @@ def calibrate(
                 if keep_ratio is not None:
                     g.set_keep_ratio(keep_ratio)
                 g.start_recording()
-            model._gates_changed()
             for batch in _chain(first, iterator):
                 _call(model, batch)
                 stats.batches += 1
         finally:
             for _, g in gates:
                 g.stop_recording()
-            model._gates_changed()
         for site, g in gates:
             rec = g.recorded()
             stats.sites[site.name] = SiteStats(
@@ -159,7 +159,6 @@ def calibrate(
         for _, g in gates:
             if keep_ratio is not None:
                 g.set_keep_ratio(saved[g.site_name])
-        model._gates_changed()
     model.calibration_stats = stats
     return stats
 

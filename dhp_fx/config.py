@@ -19,7 +19,7 @@ class DHPConfig:
     keep_ratio: fraction of each site's heads that run (1.0 = all gates open, exact).
     min_heads: never fewer heads than this per site.
     granularity: "sample" gates each batch row on its own; "batch" keeps the union that the
-        batch needs, so heads can be skipped in projections too (see README).
+        batch needs, so heads can be skipped in projections too (trade-off: dhp_fx.gates).
     compiler: what runs the rewritten graph: "eager" (no compilation, cheapest to start),
         "aot_eager", or "inductor" (what plain torch.compile uses).
     dynamic: passed to torch.compile; None lets Dynamo mark dims dynamic after the first change.

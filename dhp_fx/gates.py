@@ -18,11 +18,14 @@ skipped on large, diverse batches.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .config import DHPConfig
 from .passes import AttentionSite
@@ -152,6 +155,14 @@ class HeadGate(nn.Module):
         return keep.repeat_interleave(group, dim=-1) if group > 1 else keep
 
     def forward(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
+        if is_fake(q):
+            # A downstream compiler (aot_eager, inductor) is tracing the graph: hand it one opaque
+            # op, so the gate's Python logic (budgets, lagged state, recording) runs for real at
+            # every call and its buffers never meet fake tensors.
+            return torch.ops.dhp.run_gate(q, k, v, attn_mask, hidden, _register(self))
+        return self.decide_eager(q, k, v, attn_mask, hidden)
+
+    def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         batch = q.shape[0]
         if self.fixed_keep.numel():
             fixed = self.fixed_keep.to(q.device)
@@ -225,6 +236,37 @@ class HeadGate(nn.Module):
         if float(self.stat_entropy_n):
             out["entropy_mean"] = (self.stat_entropy_sum / self.stat_entropy_n).tolist()
         return out
+
+
+_GATES: "weakref.WeakValueDictionary[int, HeadGate]" = weakref.WeakValueDictionary()
+_GATE_IDS = itertools.count()
+
+
+def _register(gate: HeadGate) -> int:
+    gid = getattr(gate, "_gate_id", None)
+    if gid is None or _GATES.get(gid) is not gate:  # new, or a copy carrying its source's id
+        gid = next(_GATE_IDS)
+        gate._gate_id = gid
+        _GATES[gid] = gate
+    return gid
+
+
+@torch.library.custom_op("dhp::run_gate", mutates_args=())
+def run_gate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+             hidden: Optional[torch.Tensor], gate_id: int) -> torch.Tensor:
+    """Call gate ``gate_id``'s eager decision from compiled code: bool [B, H]."""
+    gate = _GATES.get(gate_id)
+    if gate is None:
+        raise RuntimeError(f"dhp::run_gate: gate {gate_id} no longer exists (its model was freed)")
+    with torch.no_grad():
+        return gate.decide_eager(q, k, v, attn_mask, hidden).clone()
+
+
+@run_gate.register_fake
+def _(q, k, v, attn_mask, hidden, gate_id):
+    gate = _GATES.get(gate_id)
+    heads = gate.num_heads if gate is not None else q.shape[1]
+    return q.new_empty((q.shape[0], heads), dtype=torch.bool)
 
 
 def build_gate(site: AttentionSite, config: DHPConfig, params: Optional[dict] = None) -> nn.Module:

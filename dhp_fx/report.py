@@ -136,6 +136,8 @@ def keep_frequency_table(stats) -> str:
 def _fmt_change(before, after) -> str:
     if before is None or after is None:
         return "not measured"
+    if not before:
+        return f"original not countable (fused kernels torch.utils.flop_counter cannot see) -> {after:,}"
     pct = 100.0 * (after - before) / before if before else 0.0
     return f"{before:,} -> {after:,} ({pct:+.1f}%)"
 

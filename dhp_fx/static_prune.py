@@ -189,8 +189,23 @@ def _fix_attention_module(module: nn.Module, site: AttentionSite, new_h: int, ne
     return changes
 
 
+def _check_no_other_head_params(model: nn.Module, site: AttentionSite) -> None:
+    """Refuse modules with per-head parameters beyond Q/K/V/O (T5's relative position bias is
+    [buckets, heads]): cutting only the projections would leave them the wrong size."""
+    refs = [getattr(site, f"{r}_proj") for r in ("q", "k", "v", "out")]
+    known = {n for r in refs if r is not None for n in (r.weight, r.bias) if n}
+    module = model.get_submodule(site.module_path)
+    prefix = f"{site.module_path}." if site.module_path else ""
+    for name, p in module.named_parameters():
+        if prefix + name not in known and p.dim() >= 2 and site.num_heads in p.shape:
+            raise ValueError(f"site {site.name!r}: parameter {prefix + name} {tuple(p.shape)} looks per-head; "
+                             "dhp_fx only cuts Q/K/V/O projections, so this model cannot be pruned statically")
+
+
 def apply_pruning(model: nn.Module, records: list) -> dict:
     """Cut the heads named in ``records`` out of ``model`` in place; returns {site: attr changes}."""
+    for rec in records:
+        _check_no_other_head_params(model, AttentionSite.from_dict(rec["site"]))
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, (axis, idx, bias) in _cuts(params, records).items():
         w = params[name]

@@ -61,7 +61,10 @@ class ScoringGate(HeadGate):
         B, _, Lq, _ = q.shape
         valid = None if self.site.cross_attention else query_padding(attn_mask, B, Lq, k.shape[2])
         rows = None if all_rows else probe_rows(Lq, self.probe_fraction, valid, q.device)
-        return attention_entropy(q, k, attn_mask, self.site.is_causal, self.site.scale, rows, valid)
+        # The site was described from its first graph; a decoding graph of the same site (one
+        # query, a longer KV cache) runs without is_causal, so causality only holds at Lq == Lk.
+        causal = self.site.is_causal and Lq == k.shape[2]
+        return attention_entropy(q, k, attn_mask, causal, self.site.scale, rows, valid)
 
     def probe_score(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
         w_hat = self._fresh_w_hat()

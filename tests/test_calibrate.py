@@ -241,3 +241,56 @@ def test_static_prune_refuses_partial_kv_groups(hand):
     model, opt, _ = hand
     with pytest.raises(ValueError, match="whole KV groups"):
         dhp_fx.static_prune(opt, plan={opt.sites[2].name: [0]})
+
+
+def test_static_prune_gpt2_from_discovered_sites(tmp_path):
+    """End to end on GPT-2: discovery's Conv1D / fused-QKV projection info drives the cut."""
+    from transformers import GPT2Config, GPT2Model
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)).eval()
+
+    gpt = build()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    opt = dhp_fx.optimize(gpt, example_inputs=(ids,))
+    plan = {opt.sites[0].name: [3], opt.sites[1].name: [1, 2]}
+    expected = _zeroed_reference(gpt, opt.sites, plan, {"input_ids": ids}).last_hidden_state
+    result = dhp_fx.static_prune(opt, plan=plan)
+    with torch.no_grad():
+        got = result.model(input_ids=ids).last_hidden_state
+    assert_outputs_close(got, expected)
+    dhp_fx.save_pruned(result, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(dhp_fx.load_pruned(str(tmp_path), build)(input_ids=ids).last_hidden_state, got)
+
+
+def test_static_prune_refuses_other_per_head_parameters():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    opt = dhp_fx.optimize(t5, example_inputs=(ids,))
+    with pytest.raises(ValueError, match="relative_attention_bias"):
+        dhp_fx.static_prune(opt, plan={opt.sites[0].name: [1]})
+
+
+def test_gates_run_under_compiled_downstreams():
+    """aot_eager / inductor trace the rewritten graph: gates become one opaque op that runs their
+    Python logic at every call, so budgets, recording and pins work without recompiling."""
+    torch.manual_seed(0)
+    model = HandModel().eval()
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, compiler="aot_eager"), example_inputs=hand_batch(0))
+    compiled = opt.graphs_compiled
+    stats = dhp_fx.calibrate(opt, [hand_batch(1), hand_batch(2)])
+    assert [sum(s.keep_freq) for s in stats.sites.values()] == pytest.approx([2, 3, 2])
+    assert stats.flops_before > stats.flops_after
+    assert opt.graphs_compiled == compiled
+    inputs = hand_batch(3)
+    plan = {s.name: [h for h in range(s.num_heads) if h % 2] for s in opt.sites}
+    opt.set_keep_mask({s.name: torch.tensor([h % 2 == 0 for h in range(s.num_heads)]) for s in opt.sites})
+    with torch.no_grad():
+        got = opt(**inputs)
+    opt.set_keep_mask(None)
+    assert_outputs_close(got, _zeroed_reference(model, opt.sites, plan, inputs))

@@ -250,12 +250,9 @@ def test_opcheck(case):
 def test_opcheck_backward_op():
     q, k, v, keep, m = (t.detach() if t is not None else t for t in small(mask="b11k"))
     g = torch.randn(2, 4, 5, 8, dtype=torch.float64)
-    # No test_schema: its SchemaCheckMode cannot look through the torch.func wrappers of the
-    # recompute. The forward op's opcheck above covers this op's schema use via aot dispatch.
-    torch.library.opcheck(
-        torch.ops.dhp.gated_attention_backward, (g, q, k, v, keep, m, 0.0, True, None, None, True),
-        test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
-    )
+    bwd = torch.ops.dhp.gated_attention_backward
+    torch.library.opcheck(bwd, (g, q, k, v, keep, m, 0.0, True, None, None, True))
+    torch.library.opcheck(bwd, (g, q, k, v, keep, m, 0.5, False, 0.3, torch.tensor(11), False))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
