@@ -18,3 +18,7 @@ register_flop_formulas()
 __all__ = ["optimize", "DHPConfig", "DHPModel", "DHPCompiler", "dhp_fx_backend", "AttentionSite", "SkippedSite",
            "calibrate", "CalibrationStats", "static_prune", "save_pruned", "load_pruned", "heatmap"]
 __version__ = "0.1.0"
+from .distill import DistillConfig, DistillResult, distill, evaluate as evaluate_distillation
+from .checkpoint import load, save
+
+__all__ += ["distill", "DistillConfig", "DistillResult", "evaluate_distillation", "save", "load"]

@@ -6,6 +6,7 @@ accept" and "where are the logits" live in one place and can be read on their ow
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,13 +48,26 @@ class BatchStream:
         self.data, self.batch_size, self.shuffle, self.seed, self.name = data, batch_size, shuffle, seed, name
         self.indexed = is_example_dataset(data)
         self.one_shot = not self.indexed and iter_is_self(data)
+        self._head: list = []  # a batch first() took from a one-shot iterator, to be served again
+
+    def first(self) -> Any:
+        """The first batch of epoch 0 (None if there is none), without losing it from a one-shot iterator."""
+        batch = next(self.epoch(0), _END)
+        if batch is _END:
+            return None
+        if self.one_shot:
+            self._head = [batch]
+        return batch
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
         if self.indexed:
             return self._indexed(epoch, skip)
         if self.one_shot and epoch > 0:
             return iter(())
-        it = iter(self.data)
+        if self.one_shot and self._head:
+            it, self._head = itertools.chain(self._head, self.data), []
+        else:
+            it = iter(self.data)
         for _ in range(skip):
             if next(it, _END) is _END:
                 break

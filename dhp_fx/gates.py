@@ -162,6 +162,7 @@ class HeadGate(nn.Module):
             return torch.ops.dhp.run_gate(q, k, v, attn_mask, hidden, _register(self))
         return self.decide_eager(q, k, v, attn_mask, hidden)
 
+    @torch.no_grad()  # keep is boolean: nothing differentiable leaves the gate
     def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         batch = q.shape[0]
         if self.fixed_keep.numel():
@@ -186,17 +187,20 @@ class HeadGate(nn.Module):
     # ------------------------------------------------------------------ calibration recording
     def _init_stats(self) -> None:
         H = self.num_heads
-        for name, init in (("samples", torch.zeros(())), ("keep", torch.zeros(H)), ("scored", torch.zeros(())),
-                           ("score_sum", torch.zeros(H)), ("score_sq", torch.zeros(H)),
+        # Counts are int64, which model.half() leaves alone; sums float64 for long calibrations.
+        # Not persistent: calibration results are saved apart (CalibrationStats).
+        for name in ("samples", "scored", "entropy_n"):
+            self.register_buffer(f"stat_{name}", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("stat_keep", torch.zeros(H, dtype=torch.long), persistent=False)
+        for name, init in (("score_sum", torch.zeros(H)), ("score_sq", torch.zeros(H)),
                            ("score_min", torch.full((H,), math.inf)), ("score_max", torch.full((H,), -math.inf)),
-                           ("entropy_sum", torch.zeros(H)), ("entropy_n", torch.zeros(()))):
-            # float64 sums: calibration may run many batches; not persistent: stats are saved apart
+                           ("entropy_sum", torch.zeros(H))):
             self.register_buffer(f"stat_{name}", init.double(), persistent=False)
 
     def reset_stats(self) -> None:
         for name, buf in self.named_buffers(recurse=False):
             if name.startswith("stat_"):
-                buf.fill_(math.inf if name == "stat_score_min" else -math.inf if name == "stat_score_max" else 0.0)
+                buf.fill_(math.inf if name == "stat_score_min" else -math.inf if name == "stat_score_max" else 0)
 
     def start_recording(self, reset: bool = True) -> None:
         if reset:
@@ -208,11 +212,11 @@ class HeadGate(nn.Module):
 
     @torch.no_grad()
     def _record(self, scores: Optional[torch.Tensor], keep: torch.Tensor) -> None:
-        # In-place tensor updates only, so a traced gate (aot_eager) records too.
+        # Accumulated on the gate's device: no host sync per call.
         self.stat_samples += keep.shape[0]
-        self.stat_keep += keep.sum(0, dtype=torch.float64).to(self.stat_keep.device)
+        self.stat_keep += keep.sum(0).to(self.stat_keep.device)
         if scores is not None:
-            s = scores.detach().double().to(self.stat_keep.device)
+            s = scores.detach().to(self.stat_score_sum.device, torch.float64)
             self.stat_scored += s.shape[0]
             self.stat_score_sum += s.sum(0)
             self.stat_score_sq += s.square().sum(0)
@@ -220,13 +224,13 @@ class HeadGate(nn.Module):
             torch.maximum(self.stat_score_max, s.max(0).values, out=self.stat_score_max)
         entropy = self._last_entropy
         if entropy is not None and scores is not None:
-            self.stat_entropy_sum += entropy.detach().double().sum(0).to(self.stat_keep.device)
+            self.stat_entropy_sum += entropy.detach().to(self.stat_entropy_sum.device, torch.float64).sum(0)
             self.stat_entropy_n += entropy.shape[0]
 
     def recorded(self) -> dict:
         """Plain-Python summary of what was recorded (lists per head; None where nothing was)."""
         n, m = float(self.stat_samples), float(self.stat_scored)
-        out = {"samples": int(n), "keep_freq": (self.stat_keep / n).tolist() if n else None,
+        out = {"samples": int(n), "keep_freq": (self.stat_keep.double() / n).tolist() if n else None,
                "score_mean": None, "score_std": None, "score_min": None, "score_max": None, "entropy_mean": None}
         if m:
             mean = self.stat_score_sum / m
@@ -234,7 +238,7 @@ class HeadGate(nn.Module):
                        score_std=(self.stat_score_sq / m - mean.square()).clamp_min(0).sqrt().tolist(),
                        score_min=self.stat_score_min.tolist(), score_max=self.stat_score_max.tolist())
         if float(self.stat_entropy_n):
-            out["entropy_mean"] = (self.stat_entropy_sum / self.stat_entropy_n).tolist()
+            out["entropy_mean"] = (self.stat_entropy_sum / float(self.stat_entropy_n)).tolist()
         return out
 
 
@@ -258,8 +262,7 @@ def run_gate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
     gate = _GATES.get(gate_id)
     if gate is None:
         raise RuntimeError(f"dhp::run_gate: gate {gate_id} no longer exists (its model was freed)")
-    with torch.no_grad():
-        return gate.decide_eager(q, k, v, attn_mask, hidden).clone()
+    return gate.decide_eager(q, k, v, attn_mask, hidden).clone()
 
 
 @run_gate.register_fake

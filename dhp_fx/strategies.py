@@ -199,9 +199,11 @@ class RouterGate(ScoringGate):
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         if self.router is None or hidden is None:
             return self.probe_score(q, k, attn_mask)
-        if self.capture_loss:
-            # the distillation loop sets capture_loss, runs the model, and sums last_router_loss
-            self.last_router_loss = self.router_loss(q, k, v, attn_mask, hidden)
+        if self.capture_loss and not torch.is_inference_mode_enabled():
+            # The distillation loop sets capture_loss, runs the model (compiler="eager": compiled
+            # graphs call gates without autograd) and sums last_router_loss.
+            with torch.enable_grad():
+                self.last_router_loss = self.router_loss(q, k, v, attn_mask, hidden)
         self._last_entropy = None
         return self.predict(hidden, attn_mask, q.shape[0]).detach()
 

@@ -131,7 +131,7 @@ def check_output(out, q, v, keep, ref, dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_forward_matches_reference(c):
     q, k, v, keep, mask = build(c)
@@ -140,7 +140,7 @@ def test_forward_matches_reference(c):
 
 
 @pytest.mark.parametrize("max_calls", [0, 1000])
-@settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(dtypes=(torch.float32,)))
 def test_each_strategy_matches_reference(max_calls, c):
     # 0 forces the gather strategy for every partial keep; 1000 forces per-run views.
@@ -154,24 +154,29 @@ def test_each_strategy_matches_reference(max_calls, c):
     check_output(out, q, v, keep, reference64(q, k, v, keep, mask, c["causal"], c["scale"]), c["dtype"])
 
 
-@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-@given(cases(dtypes=(torch.float64,)))
+GRAD_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(dtypes=(torch.float64, torch.float64, torch.float32, torch.float16, torch.bfloat16)))
 def test_grads_match_reference(c):
     q, k, v, keep, mask = build(c, requires_grad=True)
     w = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
     ins = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
-    got = torch.autograd.grad((op(q, k, v, keep, mask, 0.0, c["causal"], c["scale"]) * w).sum(), ins)
-    leaves = [t.detach().clone().requires_grad_() for t in ins]
+    out = op(q, k, v, keep, mask, 0.0, c["causal"], c["scale"])
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    leaves = [t.detach().double().requires_grad_() for t in ins]
     lm = leaves[3] if len(leaves) == 4 else mask
     ref_out = reference_folded(*leaves[:3], keep, lm, c["causal"], c["scale"])
     want = torch.autograd.grad((ref_out * w).sum(), leaves)
-    for g, r in zip(got, want):
-        assert not g.isnan().any()
-        torch.testing.assert_close(g, r, atol=1e-8, rtol=1e-6)
+    tol = GRAD_TOL[c["dtype"]]
+    for g, r, x in zip(got, want, ins):
+        assert g.dtype == x.dtype and g.shape == x.shape and not g.isnan().any()
+        torch.testing.assert_close(g.double(), r, atol=tol * (1 + r.abs().max().item()), rtol=tol)
     assert (got[0][~keep] == 0).all(), "pruned heads must get zero gradient"
 
 
-def small(B=2, Hq=4, Hkv=2, Lq=5, Lk=6, D=8, Dv=8, mask=None, grad_mask=True, seed=0):
+def small(B=2, Hq=4, Hkv=2, Lq=3, Lk=4, D=4, Dv=4, mask=None, grad_mask=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, dtype=torch.float64, generator=gen).requires_grad_()
     k = torch.randn(B, Hkv, Lk, D, dtype=torch.float64, generator=gen).requires_grad_()
@@ -197,7 +202,7 @@ def test_gradcheck(kw, causal):
     q, k, v, keep, m = small(**kw)
     ins = (q, k, v) + ((m,) if m is not None else ())
     fn = lambda q, k, v, *m: op(q, k, v, keep, m[0] if m else None, 0.0, causal, 0.4)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, ins)
+    assert torch.autograd.gradcheck(fn, ins, fast_mode=True)
 
 
 def test_gradcheck_dropout_replays_mask():
@@ -208,7 +213,7 @@ def test_gradcheck_dropout_replays_mask():
         torch.manual_seed(123)
         return op(q, k, v, keep, m, 0.3, False, None)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, m))
+    assert torch.autograd.gradcheck(fn, (q, k, v, m), fast_mode=True)
 
 
 def test_dropout_semantics():
@@ -249,7 +254,7 @@ def test_opcheck(case):
 
 def test_opcheck_backward_op():
     q, k, v, keep, m = (t.detach() if t is not None else t for t in small(mask="b11k"))
-    g = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    g = torch.randn(2, 4, 3, 4, dtype=torch.float64)
     bwd = torch.ops.dhp.gated_attention_backward
     torch.library.opcheck(bwd, (g, q, k, v, keep, m, 0.0, True, None, None, True))
     torch.library.opcheck(bwd, (g, q, k, v, keep, m, 0.5, False, 0.3, torch.tensor(11), False))
@@ -260,7 +265,7 @@ def test_opcheck_backward_op():
 def test_torch_compile(backend, dropout_p):
     torch._dynamo.reset()
     q, k, v, keep, m = small(mask="b1qk")
-    w = torch.arange(8, dtype=torch.float64)
+    w = torch.arange(4, dtype=torch.float64)
 
     def loss(q, k, v, m, keep):
         return (op(q, k, v, keep, m, dropout_p, False, None) * w).sum()

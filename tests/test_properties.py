@@ -27,7 +27,7 @@ def _capture(module, inputs) -> list[fx.GraphModule]:
 
 
 @PROPERTY_SETTINGS
-@given(attention_specs(styles=("sdpa","sdpa_gqa"), dtypes=(torch.float32, torch.float16)))
+@given(attention_specs(dtypes=(torch.float32, torch.float16)))
 def test_gates_open_equal_and_keep_mask_matches_reference(spec: AttentionSpec):
     module, inputs = build_attention(spec)
     optimized = check_gates_open(module, inputs, expect_sites=1)

@@ -358,3 +358,17 @@ def test_router_learns_towards_measured_scores():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in module.parameters())  # targets are detached
+
+
+def test_router_loss_captured_during_a_forward():
+    module, opt, inputs, gate = _gate_model("router")
+    gate.capture_loss = True
+    try:
+        opt(**inputs)
+    finally:
+        gate.capture_loss = False
+    loss = gate.last_router_loss
+    assert loss is not None and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in gate.router.parameters())
+    assert all(p.grad is None for p in module.parameters())
