@@ -81,10 +81,17 @@ class DHPModel(nn.Module):
             raise KeyError(f"no attention site named {name!r}; known sites: {[s.name for s in self.sites]}")
         return self.gates[key]
 
-    def report(self) -> str:
-        from .report import sites_table
+    def report(self, stats=None) -> str:
+        """Sites table, then keep frequencies, params and FLOPs when calibration stats exist."""
+        from .report import model_report
 
-        return sites_table(self.sites, self.skipped)
+        return model_report(self, stats)
+
+    def heatmap(self, path: str) -> str:
+        """PNG of keep frequency per layer x head (needs calibration stats)."""
+        from .report import heatmap
+
+        return heatmap(self, path)
 
     # ----------------------------------------------------------------- gate control
     def set_keep_ratio(self, keep_ratio: float, min_heads: Optional[int] = None) -> None:
@@ -92,7 +99,6 @@ class DHPModel(nn.Module):
         self._require_sites()
         for gate in self.gates.values():
             gate.set_keep_ratio(keep_ratio, min_heads)
-        self._gates_changed()
 
     def set_keep_mask(self, masks: Union[None, torch.Tensor, dict]) -> None:
         """Pin gates: one bool mask for every site, a {site name: mask} dict, or None to unpin all."""
@@ -103,17 +109,10 @@ class DHPModel(nn.Module):
         else:
             for gate in self.gates.values():
                 gate.set_keep_mask(masks)
-        self._gates_changed()
 
     def _require_sites(self) -> None:
         if not self._compiler.graphs_compiled:
             raise RuntimeError("no graph captured yet: call the model once (or pass example_inputs to optimize)")
-
-    def _gates_changed(self) -> None:
-        # Eager graphs call the gates afresh every time; compiled ones baked the gates' Python
-        # state in, so they must be traced again.
-        if self.dhp_config.compiler != "eager":
-            torch._dynamo.reset()
 
 
 _entry_ids = itertools.count()

@@ -7,7 +7,6 @@ static nothing.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 import torch

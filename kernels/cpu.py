@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -69,7 +70,21 @@ def _slice_mask(m4: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int):
     return m4
 
 
-def _gather(q, k, v, keep, m4):
+_local = threading.local()
+WORKSPACE_MAX_BYTES = 64 << 20
+
+
+def _workspace(numel: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    if like.device.type != "cpu" or numel * like.element_size() > WORKSPACE_MAX_BYTES:
+        return None
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(like.dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel]
+
+
+def _gather(q, k, v, keep, m4, use_workspace=False):
     """Kept (b, h) pairs as the batch dim of [N, 1, L, E] tensors, plus the index tensors."""
     Hq, Hkv = q.shape[1], k.shape[1]
     flat = keep.reshape(-1).nonzero().squeeze(1)
@@ -85,8 +100,18 @@ def _gather(q, k, v, keep, m4):
             ih = hi if m4.shape[1] > 1 else torch.zeros_like(hi)
             mg = m4[ib, ih].unsqueeze(1)  # copies only the kept heads' rows
             mask_rows = ib * m4.shape[1] + ih
-    g = lambda t, i: t[bi, i].unsqueeze(1)  # noqa: E731
-    return flat, bi * Hkv + kvi, g(q, hi), g(k, kvi), g(v, kvi), mg, mask_rows
+    N = flat.numel()
+    sizes = [N * t.shape[2] * t.shape[3] for t in (q, k, v)]
+    ws = _workspace(sum(sizes), q) if use_workspace else None
+    outs, off = [], 0
+    for t, i, n in zip((q, k, v), (hi, kvi, kvi), sizes):
+        if ws is None:
+            outs.append(t[bi, i].unsqueeze(1))
+        else:
+            buf = ws[off:off + n].view(N, t.shape[2], t.shape[3])
+            outs.append(torch.ops.aten.index.Tensor_out(t, [bi, i], out=buf).unsqueeze(1))
+        off += n
+    return (flat, bi * Hkv + kvi, *outs, mg, mask_rows)
 
 
 def _chunks(N: int, Lq: int, Lk: int):
@@ -213,7 +238,7 @@ def gated_attention_cpu(
             return out
         # [N, 1, L, E] rather than [1, N, L, E]: the flash kernel then returns a contiguous
         # result, so the scatter below reads it linearly.
-        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, keep, m4)
+        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, keep, m4, use_workspace=True)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, is_causal=is_causal, scale=scale)
     out = q.new_zeros(B * Hq, Lq, Dv)
     out.index_copy_(0, flat, og.squeeze(1).to(out.dtype))

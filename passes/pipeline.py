@@ -5,7 +5,9 @@ Order matters and is fixed:
      fast paths) into projections + SDPA, so their heads become visible;
   2. match SDPA calls, then eager matmul-softmax-matmul cores;
   3. for each match: undo repeat-KV expansion (GQA), locate projections, describe the site;
-  4. rewrite each match into gate + dhp::gated_attention, then lint and recompile.
+  4. rewrite each match into gate + dhp::gated_attention; with ``skip_projections``, also route the
+     site's projections through dhp::head_linear_out / head_linear_in where exact;
+  5. lint and recompile.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import torch.nn as nn
 
 from .graph_utils import example_value, module_path_of
 from .projections import find_projections
-from .rewrite import rewrite_match
+from .rewrite import gated_attention_op, rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
+from .skip_projections import skip_site_projections
 
 GateFactory = Callable[[AttentionSite], nn.Module]
 Matcher = Callable[[fx.GraphModule], list]
@@ -94,12 +97,15 @@ def rewrite_attention(
     gm: fx.GraphModule,
     make_gate: Optional[GateFactory] = None,
     taken_names: Optional[set[str]] = None,
+    skip_projections: bool = False,
 ) -> PassResult:
     """Rewrite every attention core of ``gm`` in place; returns the sites and what was skipped.
 
     ``make_gate(site)`` builds the module that decides, per call, which heads run
     (``gate(q, k, v, attn_mask, hidden=...) -> bool [B, H]``); without it every gate is open.
     ``taken_names`` lets several graphs of one model (graph breaks, recompiles) share a namespace.
+    ``skip_projections`` also routes each site's projections through the head-skipping ops where
+    that is provably exact (``skip_projections.py``); ``site.skipped_projections`` says where.
     """
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
@@ -133,7 +139,10 @@ def rewrite_attention(
             while hasattr(gm, gate_target):
                 gate_target += "_"
             gm.add_submodule(gate_target, make_gate(site))
-        rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
+        out = rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
+        if skip_projections:
+            gated = out if out.target is gated_attention_op() else out.args[0]
+            site.skipped_projections = skip_site_projections(gm, gated, site, provisional, gate_target, result)
         result.sites.append(site)
         result.bump(f"rewritten_{match.pattern}")
 

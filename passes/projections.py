@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -39,6 +39,11 @@ class Projections:
     out: Optional[ProjectionRef] = None
     hidden: Optional[fx.Node] = None  # the input of the q projection: what a router may look at
     cross_attention: bool = False
+    # The graph nodes behind the references (F.linear or addmm), for passes that replace them.
+    # ``features`` holds each role's range of its node's output features (q/k/v) relative to that
+    # node, which differs from ProjectionRef.features when the weight is a row slice.
+    nodes: dict[str, fx.Node] = field(default_factory=dict)
+    features: dict[str, Optional[tuple[int, int]]] = field(default_factory=dict)
 
 
 def _sizes(node: Any) -> Optional[list]:
@@ -80,6 +85,11 @@ class _Found:
 def _split_chunk(getitem: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     """(input, feature range) when getitem picks chunk i of a split/chunk along the last dim."""
     src, i = getitem.args
+    return split_chunk(src, i)
+
+
+def split_chunk(src: Any, i: Any) -> Optional[tuple[fx.Node, tuple[int, int]]]:
+    """(input, feature range) of chunk i of a split/chunk node along the last dim."""
     if not isinstance(src, fx.Node) or not isinstance(i, int):
         return None
     x = src.args[0] if src.args else None
@@ -290,7 +300,8 @@ def _role_width(match: AttentionMatch, role: str) -> Optional[int]:
     return None if heads is None or dim is None else heads * dim
 
 
-def _walk_forward(node: fx.Node, width: Optional[int], limit: int = 12) -> Optional[ProjectionRef]:
+def _walk_forward(node: fx.Node, width: Optional[int], limit: int = 12) -> Optional[_Found]:
+    """The linear/addmm that node reaches through a single-user chain of shape ops."""
     for _ in range(limit):
         if len(node.users) != 1:
             return None
@@ -307,7 +318,7 @@ def _walk_forward(node: fx.Node, width: Optional[int], limit: int = 12) -> Optio
         val = example_value(node)
         if width is not None and (val is None or static_int(val.shape[-1]) != width):
             return None  # the linear reads more (or less) than this site's heads
-        return _ref(found)
+        return found
     return None
 
 
@@ -319,12 +330,17 @@ def find_projections(match: AttentionMatch, out_node: fx.Node) -> Projections:
         if src is not None:
             sources[role] = src
             setattr(found, role, _ref(src))
+            if getattr(found, role) is not None:
+                found.nodes[role], found.features[role] = src.node, src.features
     out_val = example_value(out_node)
     out_width = None
     if out_val is not None:
         heads = match.heads_folded or (out_val.shape[1] if out_val.dim() == 4 else None)
         out_width = None if heads is None else static_int(heads * out_val.shape[-1])
-    found.out = _walk_forward(out_node, out_width)
+    out = _walk_forward(out_node, out_width)
+    found.out = None if out is None else _ref(out)
+    if found.out is not None:
+        found.nodes["out"] = out.node
     if "q" in sources:
         found.hidden = _activation_input(sources["q"].node)
         kv = sources.get("k") or sources.get("v")

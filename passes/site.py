@@ -47,6 +47,8 @@ class AttentionSite:
     k_proj: Optional[ProjectionRef] = None
     v_proj: Optional[ProjectionRef] = None
     out_proj: Optional[ProjectionRef] = None
+    # Projections routed through the head-skipping ops ("q", "k", "v", "out"); see skip_projections.
+    skipped_projections: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:
@@ -64,6 +66,8 @@ class AttentionSite:
                 if p.get("features") is not None:
                     p["features"] = tuple(p["features"])
                 d[key] = ProjectionRef(**p)
+        if "skipped_projections" in d:
+            d["skipped_projections"] = tuple(d["skipped_projections"])
         return cls(**d)
 
 

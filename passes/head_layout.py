@@ -1,0 +1,243 @@
+"""Where the head index lives in a tensor, followed through shape ops and head-local elementwise ops.
+
+Skipping a pruned head's rows of a projection is exact only if every element of the attention's
+head h depends on head h's block of features alone, and the output projection reads head h's
+output at features [h*Dv, (h+1)*Dv). Feature-width checks cannot tell ``view(B, L, H, D)`` from
+``view(B, L, D, H)``; this module can. Each dim of a tracked tensor is a list of atoms, outermost
+first; an atom is one mixed-radix digit of the index along that dim:
+
+- "raw": a digit of the projection's output feature index, worth ``stride`` per step;
+- "head": the head index (output side);
+- "within": a position inside one head (output side, or a slice/cat of within-head digits);
+- "other": batch, sequence and the like.
+
+A layout also carries ``offset``, the feature index of element 0 (split chunks, unbind).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .graph_utils import arg, example_value, is_call, is_method, static_int
+from .projections import split_chunk
+
+IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
+VIEW_METHODS = ("view", "reshape", "flatten", "unflatten")
+VIEW_FUNCS = (torch.reshape, torch.flatten, torch.unflatten)
+ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+               torch.add, torch.sub, torch.mul, torch.div, torch.neg)
+ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg")
+
+
+@dataclass
+class Atom:
+    kind: str  # "raw" | "head" | "within" | "other"
+    size: Any  # int, or SymInt for batch/sequence dims
+    stride: int = 0  # "raw" only
+
+    def same(self, other: "Atom") -> bool:
+        return self.kind == other.kind and self.stride == other.stride and known_eq(self.size, other.size)
+
+
+@dataclass
+class Layout:
+    dims: list[list[Atom]]
+    offset: int = 0
+
+    def same(self, other: "Layout") -> bool:
+        return self.offset == other.offset and len(self.dims) == len(other.dims) and all(
+            len(a) == len(b) and all(x.same(y) for x, y in zip(a, b)) for a, b in zip(self.dims, other.dims))
+
+
+def known_eq(a: Any, b: Any) -> bool:
+    """a == b provably, without adding a guard on symbolic sizes."""
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _shape(node: Any) -> Optional[tuple]:
+    val = example_value(node)
+    return None if val is None else tuple(val.shape)
+
+
+def initial(shape: tuple, last: list[Atom]) -> Layout:
+    """Every dim "other" except the last, described by ``last``."""
+    dims = [[Atom("other", s)] for s in shape[:-1]] + [last]
+    return Layout([[a for a in d if not known_eq(a.size, 1)] for d in dims])
+
+
+def _split(atom: Atom, outer: int) -> tuple[Atom, Atom]:
+    inner = static_int(atom.size) // outer
+    if atom.kind == "raw":
+        return Atom("raw", outer, atom.stride * inner), Atom("raw", inner, atom.stride)
+    return Atom(atom.kind, outer), Atom(atom.kind, inner)
+
+
+def regroup(layout: Layout, sizes: tuple) -> Optional[Layout]:
+    """The layout after a view/reshape to ``sizes``; None when a head digit would be cut."""
+    queue = [a for d in layout.dims for a in d if not known_eq(a.size, 1)]
+    dims: list[list[Atom]] = []
+    for s in sizes:
+        dim: list[Atom] = []
+        p: Any = 1
+        while not known_eq(p, s):
+            if not queue:
+                return None
+            a = queue.pop(0)
+            ps, ss, asz = static_int(p), static_int(s), static_int(a.size)
+            if None not in (ps, ss, asz):
+                if ss % ps:
+                    return None
+                need = ss // ps
+                if asz > need:
+                    if a.kind == "head" or asz % need:
+                        return None
+                    a, rest = _split(a, need)
+                    queue.insert(0, rest)
+                elif need % asz:
+                    return None
+            dim.append(a)
+            p = p * a.size
+        dims.append(dim)
+    if queue:
+        return None
+    return Layout(dims, layout.offset)
+
+
+def _within_only(dim: list[Atom], head_dim: int) -> bool:
+    """Digits that stay inside one head: slicing or concatenating them keeps heads apart."""
+    for a in dim:
+        if a.kind == "head":
+            return False
+        if a.kind == "raw" and (static_int(a.size) is None or a.stride * static_int(a.size) > head_dim):
+            return False
+    return True
+
+
+def _cut(dim: list[Atom], size: Any, head_dim: int) -> Optional[list[Atom]]:
+    """A dim after taking part of it (slice) or adding to it (cat)."""
+    if all(a.kind == "other" for a in dim):
+        return [] if known_eq(size, 1) else [Atom("other", size)]
+    if not _within_only(dim, head_dim):
+        return None
+    return [] if known_eq(size, 1) else [Atom("within", size)]
+
+
+def _select(layout: Layout, dim: int, index: int) -> Optional[Layout]:
+    atoms = layout.dims[dim]
+    offset = layout.offset
+    if len(atoms) == 1 and atoms[0].kind == "raw":
+        offset += index * atoms[0].stride
+    elif any(a.kind != "other" for a in atoms):
+        return None
+    return Layout(layout.dims[:dim] + layout.dims[dim + 1:], offset)
+
+
+def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optional[Layout]:
+    """Layout of ``node`` from the layouts of its tracked inputs; None when it mixes heads or is
+    not an op this module understands. Tuple-valued nodes (split, unbind) get their input's."""
+    shape = _shape(node)
+    src = node.args[0] if node.args else None
+    if is_method(node, *IDENTITY_METHODS):
+        return inputs.get(src)
+    if is_method(node, "transpose") or is_call(node, torch.transpose):
+        lay = inputs.get(src)
+        if lay is None:
+            return None
+        a, b = (d % len(lay.dims) for d in node.args[1:3])
+        dims = list(lay.dims)
+        dims[a], dims[b] = dims[b], dims[a]
+        return Layout(dims, lay.offset)
+    if is_method(node, "permute") or is_call(node, torch.permute):
+        lay = inputs.get(src)
+        dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        if lay is None or len(dims) != len(lay.dims):
+            return None
+        return Layout([lay.dims[d % len(lay.dims)] for d in dims], lay.offset)
+    if is_method(node, *VIEW_METHODS) or is_call(node, *VIEW_FUNCS):
+        lay = inputs.get(src)
+        return None if lay is None or shape is None else regroup(lay, shape)
+    if is_method(node, "split", "chunk", "unbind") or is_call(node, torch.split, torch.chunk, torch.unbind):
+        return inputs.get(src)
+    if is_call(node, operator.getitem):
+        return _getitem(node, inputs, shape, head_dim)
+    if is_call(node, torch.cat):
+        return _cat(node, inputs, shape, head_dim)
+    if is_call(node, *ELEMENTWISE) or is_method(node, *ELEMENTWISE_METHODS):
+        tracked = [n for n in node.all_input_nodes if n in inputs]
+        if not tracked or shape is None:
+            return None
+        for n in tracked:
+            s = _shape(n)
+            if s is None or len(s) != len(shape) or not all(known_eq(x, y) for x, y in zip(s, shape)):
+                return None  # a tracked operand broadcast along some dim
+            if not inputs[n].same(inputs[tracked[0]]):
+                return None
+        return inputs[tracked[0]]
+    return None
+
+
+def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
+    src, idx = node.args
+    lay = inputs.get(src)
+    if lay is None:
+        return None
+    if isinstance(idx, int):
+        if is_method(src, "split", "chunk") or is_call(src, torch.split, torch.chunk):
+            chunk = split_chunk(src, idx)
+            if chunk is None or shape is None:
+                return None
+            start, stop = chunk[1]
+            last = lay.dims[-1]
+            if len(last) == 1 and last[0].kind == "raw":
+                raw = last[0]
+                new = [] if stop - start == 1 else [Atom("raw", stop - start, raw.stride)]
+                return Layout(lay.dims[:-1] + [new], lay.offset + start * raw.stride)
+            cut = _cut(last, shape[-1], head_dim)
+            return None if cut is None else Layout(lay.dims[:-1] + [cut], lay.offset)
+        if is_method(src, "unbind") or is_call(src, torch.unbind):
+            dim = arg(src, 1, "dim", 0)
+            return _select(lay, dim % len(lay.dims), idx) if isinstance(dim, int) else None
+        if example_value(src) is not None:
+            return _select(lay, 0, idx)
+        return None
+    if isinstance(idx, tuple) and shape is not None and all(i is Ellipsis or isinstance(i, slice) for i in idx):
+        before = _shape(src)
+        if before is None or len(before) != len(shape):
+            return None
+        dims = list(lay.dims)
+        for d, (a, b) in enumerate(zip(before, shape)):
+            if not known_eq(a, b):
+                dims[d] = _cut(dims[d], b, head_dim)
+                if dims[d] is None:
+                    return None
+        return Layout(dims, lay.offset)
+    return None
+
+
+def _cat(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
+    parts = [p for p in node.args[0] if not (example_value(p) is not None and static_int(example_value(p).numel()) == 0)]
+    tracked = [p for p in parts if p in inputs]
+    if len(parts) == 1 and tracked:
+        return inputs[tracked[0]]  # a cache seeded with an empty tensor
+    dim = arg(node, 1, "dim", 0)
+    if not tracked or shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
+        return None
+    first = inputs[tracked[0]]
+    for p in tracked:
+        lay = inputs[p]
+        if lay.offset != first.offset or len(lay.dims) != len(first.dims) or not Layout(lay.dims[:-1]).same(Layout(first.dims[:-1])):
+            return None
+        if _cut(lay.dims[-1], shape[-1], head_dim) is None:
+            return None
+    cut = _cut(first.dims[-1], shape[-1], head_dim)
+    return Layout(first.dims[:-1] + [cut], first.offset)

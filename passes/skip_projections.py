@@ -1,0 +1,361 @@
+"""Skip pruned heads in the projections around a rewritten site, not only in the attention core.
+
+Run right after a site is rewritten into ``keep = gate(...)`` + ``dhp::gated_attention``:
+
+- output projection: ``linear(o, W, b)`` → ``dhp::head_linear_in(o, W, b, keep.any(0), Dv)``. Exact
+  because the gated op wrote zeros for every pruned (row, head), and a head left out of the
+  product is pruned in every row.
+- q/k/v projections: only when the gate decides from ``hidden`` alone (``gate.reads_qkv`` is
+  False): the gate moves in front of the projections as ``gate(None, None, None, mask,
+  hidden=x)`` and ``linear(x, Wq, bq)`` becomes ``dhp::head_linear_out(x, Wq, bq, keep.any(0), D)``;
+  k/v use the union over each KV group. Exact because the op never reads a head (or KV head)
+  that no row keeps, and each remaining head's values depend on its own rows of W only, which
+  ``head_layout`` proves for the ops between the projection and the op.
+
+Anything unproven leaves that projection as it was; why is counted in ``PassResult.counters``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from . import head_layout as hl
+from .graph_utils import _meta_value, arg, example_value, insert_node, is_call, static_int
+from .projections import _ADDMM, _LINEAR, Projections
+from .rewrite import _is_pure
+from .site import AttentionSite, PassResult
+
+ROLES = ("q", "k", "v")
+_META_METHODS = ("size", "dim", "numel", "stride", "get_device")
+_META_ATTRS = ("shape", "device", "dtype", "ndim", "is_cuda")
+_INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior)
+_MAX_HOIST = 64
+
+
+def _op(name: str):
+    return getattr(torch.ops.dhp, name).default
+
+
+def _is_meta_read(node: fx.Node) -> bool:
+    """Reads shape/dtype/device only: a zeroed head cannot change what it returns."""
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _META_ATTRS:
+            return True
+        if node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int):
+            return True
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _is_meta_read(node.args[0]):
+            return True
+    val = node.meta.get("example_value")
+    return isinstance(val, (int, torch.SymInt, torch.Size))
+
+
+def _index(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _path(linear: fx.Node, end: fx.Node, index: dict) -> Optional[list[fx.Node]]:
+    """Nodes on value paths from linear to end (both included), in graph order."""
+    lo, seen, stack = index[linear], set(), [end]
+    while stack:
+        n = stack.pop()
+        if n in seen or index.get(n, -1) < lo or _is_meta_read(n):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    reached = {linear}
+    for n in sorted(seen, key=index.__getitem__):
+        if n is not linear and any(i in reached for i in n.all_input_nodes):
+            reached.add(n)
+    if end not in reached:
+        return None
+    return sorted(reached, key=index.__getitem__)
+
+
+def _linear_parts(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node, Optional[fx.Node], bool]]:
+    """(x, weight, bias, weight_in_out) of an F.linear or a plain HF-Conv1D addmm."""
+    if is_call(node, *_LINEAR):
+        return node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), False
+    if is_call(node, *_ADDMM):
+        if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or set(node.kwargs) - {"beta", "alpha"}:
+            return None
+        bias, x, weight = node.args
+        bval = example_value(bias)
+        if bval is not None and bval.dim() != 1:
+            return None  # a broadcast bias the head op cannot take
+        return x, weight, bias, True
+    return None
+
+
+def _replace_linear(graph: fx.Graph, node: fx.Node, op_name: str, heads_keep: fx.Node, unit: int) -> None:
+    x, weight, bias, in_out = _linear_parts(node)
+    with graph.inserting_before(node):
+        new = insert_node(graph, "call_function", _op(op_name), (x, weight, bias, heads_keep, unit, in_out), meta_like=node)
+    if "example_value" in node.meta:
+        new.meta["example_value"] = node.meta["example_value"]  # same shape; keep has no fake value
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+class _Site:
+    """What one site's projection skipping needs to know about the rewritten graph."""
+
+    def __init__(self, gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, proj: Projections,
+                 gate_target: Optional[str], result: PassResult):
+        self.gm, self.graph, self.gated, self.site, self.proj = gm, gm.graph, gated, site, proj
+        self.gate_target, self.result = gate_target, result
+        self.keep: fx.Node = gated.args[3]
+        self.heads_any: Optional[fx.Node] = None
+        self.done: list[str] = []
+        for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
+            if isinstance(n, fx.Node) and example_value(n) is None:
+                val = _meta_value(n.op, n.target, n.args, n.kwargs)
+                if val is not None:
+                    n.meta["example_value"] = val
+
+    def decline(self, what: str, reason: str) -> None:
+        self.result.bump(f"no_skip_{what}_proj:{reason}")
+
+    def any_heads(self) -> fx.Node:
+        if self.heads_any is None:
+            with self.graph.inserting_after(self.keep):
+                self.heads_any = insert_node(self.graph, "call_method", "any", (self.keep, 0), meta_like=self.gated)
+        return self.heads_any
+
+    # ------------------------------------------------------------------ q / k / v
+    def role_geometry(self, role: str) -> tuple[int, int]:
+        s = self.site
+        heads = s.num_heads if role == "q" else s.num_kv_heads
+        return heads, s.value_head_dim if role == "v" else s.head_dim
+
+    def check_role(self, role: str, index: dict) -> tuple[Optional[list[fx.Node]], str]:
+        """(path from the projection to the op, "") when the role's rows can be skipped."""
+        linear = self.proj.nodes.get(role)
+        if linear is None or linear.graph is None:
+            return None, "not_found"
+        if _linear_parts(linear) is None:
+            return None, "projection_form"
+        end = self.gated.args[ROLES.index(role)]
+        path = _path(linear, end, index)
+        if path is None:
+            return None, "no_path"
+        heads, head_dim = self.role_geometry(role)
+        lay: dict[fx.Node, hl.Layout] = {}
+        shape = tuple(example_value(linear).shape) if example_value(linear) is not None else None
+        width = static_int(shape[-1]) if shape else None
+        if width is None:
+            return None, "shape"
+        lay[linear] = hl.initial(shape, [hl.Atom("raw", width, 1)])
+        for n in path[1:]:
+            out = hl.step(n, lay, head_dim)
+            if out is None:
+                return None, "mixes_heads"
+            lay[n] = out
+        start = (self.proj.features.get(role) or (0, width))[0]
+        final = lay[end]
+        want = [hl.Atom("raw", heads, head_dim)] if heads > 1 else []
+        ok_head = len(final.dims) == 4 and len(final.dims[1]) == len(want) and all(
+            a.same(b) for a, b in zip(final.dims[1], want))
+        others_within = all(hl._within_only(d, head_dim) for i, d in enumerate(final.dims) if i != 1)
+        if not (ok_head and others_within and final.offset == start):
+            return None, "layout"
+        return path, ""
+
+    def closed(self, paths: dict[str, list[fx.Node]], role: str, everything: set) -> bool:
+        """No value of role's path leaks outside the site (a cache, a returned q, another site)."""
+        gate = self.keep if self.keep.op == "call_module" else None
+        for n in paths[role]:
+            for u in n.users:
+                if u not in everything and u is not self.gated and u is not gate and not _is_meta_read(u):
+                    return False
+        return True
+
+    def skip_inputs(self) -> None:
+        if self.gate_target is None or self.keep.op != "call_module":
+            self.decline("qkv", "no_gate")
+            return
+        if getattr(self.gm.get_submodule(self.gate_target), "reads_qkv", True):
+            self.decline("qkv", "gate_reads_qkv")
+            return
+        hidden = self.keep.kwargs.get("hidden")
+        if hidden is None:
+            self.decline("qkv", "no_hidden")
+            return
+        index = _index(self.graph)
+        paths: dict[str, list[fx.Node]] = {}
+        for role in ROLES:
+            path, why = self.check_role(role, index)
+            if path is None:
+                self.decline(role, why)
+            else:
+                paths[role] = path
+        everything = {n for p in paths.values() for n in p}
+        candidates = [r for r in paths if self.closed(paths, r, everything)]
+        for role in set(paths) - set(candidates):
+            self.decline(role, "used_elsewhere")
+        candidates = self.place_gate(candidates, hidden, everything | {self.gated, self.keep})
+        if not candidates:
+            return
+        self.replace_inputs(candidates)
+
+    def place_gate(self, roles: list[str], hidden: fx.Node, forbidden: set) -> list[str]:
+        """Move the gate before the first projection it lets skip; drop roles it cannot precede."""
+        mask = self.keep.args[3] if len(self.keep.args) > 3 else None
+        while roles:
+            index = _index(self.graph)
+            first = min((self.proj.nodes[r] for r in roles), key=index.__getitem__)
+            late = None
+            if index[hidden] > index[first]:
+                late = hidden
+            elif isinstance(mask, fx.Node) and index[mask] > index[first] and not _hoist(mask, first, index, forbidden):
+                late = mask
+            if late is None:
+                self.keep.args = (None, None, None, mask)
+                first.prepend(self.keep)
+                return roles
+            for r in [r for r in roles if index[self.proj.nodes[r]] < index[late]]:
+                roles.remove(r)
+                self.decline(r, "mask_after_projection" if late is mask else "hidden_after_projection")
+        return roles
+
+    def replace_inputs(self, roles: list[str]) -> None:
+        s = self.site
+        heads_any = self.any_heads()
+        kv_any = heads_any
+        if any(r in roles for r in ("k", "v")) and s.num_kv_heads != s.num_heads:
+            with self.graph.inserting_after(heads_any):
+                grouped = insert_node(self.graph, "call_method", "view", (heads_any, s.num_kv_heads, -1), meta_like=self.gated)
+            with self.graph.inserting_after(grouped):
+                kv_any = insert_node(self.graph, "call_method", "any", (grouped, 1), meta_like=self.gated)
+        by_linear: dict[fx.Node, list[str]] = {}
+        for r in roles:
+            by_linear.setdefault(self.proj.nodes[r], []).append(r)
+        for linear, rs in by_linear.items():
+            segments = []
+            for r in rs:
+                heads, head_dim = self.role_geometry(r)
+                start = (self.proj.features.get(r) or (0,))[0]
+                segments.append((start, heads, head_dim, heads_any if r == "q" else kv_any, r))
+            keep_units, unit = self.feature_keep(linear, segments)
+            if keep_units is None:
+                for r in rs:
+                    self.decline(r, "fused_layout")
+                continue
+            _replace_linear(self.graph, linear, "head_linear_out", keep_units, unit)
+            self.done += rs
+        if "q" in self.done:
+            self.result.bump("skip_q_proj")
+        if "k" in self.done or "v" in self.done:
+            self.result.bump("skip_kv_proj")
+
+    def feature_keep(self, linear: fx.Node, segments: list) -> tuple[Optional[fx.Node], int]:
+        """bool [W / unit] over the linear's output features: each role's head flags, True elsewhere."""
+        width = static_int(example_value(linear).shape[-1])
+        unit = math.gcd(*[hd for _, _, hd, _, _ in segments])
+        segments = sorted(segments, key=lambda seg: seg[0])
+        pos = 0
+        for start, heads, head_dim, _, _ in segments:
+            if start < pos or start % unit:
+                return None, unit  # overlapping or unaligned roles
+            pos = start + heads * head_dim
+        if pos > width or width % unit:
+            return None, unit
+        if len(segments) == 1 and segments[0][0] == 0 and pos == width and segments[0][2] == unit:
+            return segments[0][3], unit
+        graph, pieces, pos = self.graph, [], 0
+        with graph.inserting_before(linear):
+            for start, heads, head_dim, flags, _ in segments + [(width, 0, unit, None, None)]:
+                if start > pos:
+                    pieces.append(graph.call_method("new_ones", (segments[0][3], ((start - pos) // unit,))))
+                if flags is not None:
+                    rep = head_dim // unit
+                    pieces.append(flags if rep == 1 else graph.call_method("repeat_interleave", (flags, rep)))
+                pos = start + heads * head_dim
+            cat = graph.call_function(torch.cat, (pieces,))
+        return cat, unit
+
+    # ------------------------------------------------------------------ output projection
+    def skip_output(self) -> None:
+        s, linear = self.site, self.proj.nodes.get("out")
+        if linear is None or linear.graph is None:
+            self.decline("out", "not_found")
+            return
+        q, v = (example_value(self.gated.args[i]) for i in (0, 2))
+        if q is None or v is None or q.dim() != 4:
+            self.decline("out", "shape")
+            return
+        heads, dv = s.num_heads, s.value_head_dim
+        lay = hl.initial((*q.shape[:3], dv), [hl.Atom("within", dv)])
+        lay.dims[1] = [] if heads == 1 else [hl.Atom("head", heads)]
+        node = self.gated
+        for _ in range(16):
+            if len(node.users) != 1:
+                break
+            (user,) = node.users
+            if user is linear:
+                parts = _linear_parts(linear)
+                if parts is None or parts[0] is not node:
+                    break
+                if not _head_major(lay, heads, dv):
+                    self.decline("out", "layout")
+                    return
+                _replace_linear(self.graph, linear, "head_linear_in", self.any_heads(), dv)
+                self.done.append("out")
+                self.result.bump("skip_out_proj")
+                return
+            lay = hl.step(user, {node: lay}, dv)
+            if lay is None:
+                break
+            node = user
+        self.decline("out", "not_reached")
+
+
+def _head_major(lay: hl.Layout, heads: int, dv: int) -> bool:
+    """The last dim is [head, within...] covering exactly the heads; no other dim holds either."""
+    *rest, last = lay.dims
+    if any(a.kind in ("head", "within") for d in rest for a in d):
+        return False
+    within = last[1:] if heads > 1 else last
+    if heads > 1 and (not last or last[0].kind != "head"):
+        return False
+    sizes = [static_int(a.size) for a in within]
+    return all(a.kind == "within" for a in within) and None not in sizes and math.prod(sizes) == dv
+
+
+def _hoist(target: fx.Node, before: fx.Node, index: dict, forbidden: set) -> bool:
+    """Move target, and whatever it needs that is computed after ``before``, in front of it.
+
+    Only pure nodes that depend on none of the site's projections move; a node written in place
+    moves only if every reader of it moves too, so nothing sees the write earlier.
+    """
+    need, stack = set(), [target]
+    while stack:
+        n = stack.pop()
+        if n in need or index[n] < index[before]:
+            continue
+        if n in forbidden or n is before or n.op not in ("call_function", "call_method", "get_attr") or not _is_pure(n):
+            return False
+        need.add(n)
+        if len(need) > _MAX_HOIST:
+            return False
+        stack.extend(n.all_input_nodes)
+    for n in need:
+        if n.target in _INPLACE and not set(n.args[0].users) <= need | {n}:
+            return False
+    for n in sorted(need, key=index.__getitem__):
+        before.prepend(n)
+    return True
+
+
+def skip_site_projections(gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, proj: Projections,
+                          gate_target: Optional[str], result: PassResult) -> tuple[str, ...]:
+    """Replace what can be proven exact around one rewritten site; returns the roles skipped."""
+    state = _Site(gm, gated, site, proj, gate_target, result)
+    state.skip_inputs()
+    state.skip_output()
+    return tuple(r for r in ("q", "k", "v", "out") if r in state.done)
