@@ -128,8 +128,10 @@ def save(model, directory: str, pruning: Any = None) -> str:
 
     ``pruning``: the ``PruneResult`` (or its ``records``) of ``dhp_fx.static_prune`` when the
     wrapped model had heads removed, so ``load`` can cut a freshly built base model the same way.
-    The directory is written next to its final place and swapped in, so a crash leaves either
-    the old save or the new one.
+    The directory is written next to its final place and renamed into it, so a crash never
+    leaves a half-written save under ``directory`` (an older save being replaced is moved aside
+    first and deleted after). Gates with per-call Python state (``lagged``) restart their
+    refresh cycle after loading.
     """
     from .optimize import DHPModel
 
@@ -339,3 +341,51 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
         state.setdefault(int(idx), {}).update(values)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_training_checkpoint(root: str, step: int, module: nn.Module, files: dict, state: dict, keep: int) -> str:
+    """root/step-NNNNNNNN/{model.safetensors, <files>, state.json}, then root/latest.json.
+
+    The step directory is assembled under a temporary name and renamed into place, and
+    latest.json is replaced atomically after it: a crash at any point leaves the previous
+    checkpoint complete and latest.json pointing at a complete one.
+    """
+    final = os.path.join(root, step_dir(step))
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    try:
+        save_module(module, os.path.join(tmp, MODEL_FILE))
+        for name, tensors in files.items():
+            save_tensors(tensors, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(os.path.join(root, "latest.json"), {"step": step, "dir": os.path.basename(final)})
+    kept = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
+    for old in kept[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def find_training_checkpoint(root: str, which: Union[bool, str] = True) -> Optional[str]:
+    """The checkpoint ``which`` names (a path), else the one latest.json names, else the newest complete one."""
+    if isinstance(which, str):
+        if not os.path.exists(os.path.join(which, "state.json")):
+            raise FileNotFoundError(f"{which} is not a distillation checkpoint (no state.json)")
+        return which
+    latest = os.path.join(root, "latest.json")
+    if os.path.exists(latest):
+        with open(latest) as f:
+            path = os.path.join(root, json.load(f)["dir"])
+        if os.path.exists(os.path.join(path, "state.json")):
+            return path
+    found = sorted(d for d in os.listdir(root) if d.startswith("step-")
+                   and os.path.exists(os.path.join(root, d, "state.json")))
+    return os.path.join(root, found[-1]) if found else None

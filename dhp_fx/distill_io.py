@@ -87,6 +87,9 @@ _END = object()
 
 
 def iter_is_self(data: Any) -> bool:
+    if isinstance(data, (Mapping, torch.Tensor)):
+        raise TypeError(f"data must be an iterable of batches or a dataset, got a {type(data).__name__} "
+                        "(wrap a single batch in a list)")
     try:
         return iter(data) is data
     except TypeError as e:
@@ -194,6 +197,13 @@ def run_model(model: nn.Module, call: Call, spec: CallSpec, device: torch.device
 def needs_labels_to_decode(spec: CallSpec, call: Call) -> bool:
     """Encoder-decoder models make their decoder inputs from labels when none are given."""
     return spec.encoder_decoder and "decoder_input_ids" not in call.kwargs and call.labels is not None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DHPModel (whose signature says what the model accepts)."""
+    from .optimize import DHPModel
+
+    return model.model if isinstance(model, DHPModel) else model
 
 
 def device_of(module: nn.Module) -> torch.device:

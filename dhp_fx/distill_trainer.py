@@ -14,9 +14,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Optional
@@ -27,7 +25,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .distill import DistillConfig, DistillResult, evaluate
 from .distill_io import (BatchStream, CallSpec, Taps, auto_align_modules, check_shapes, device_of, extract,
-                         needs_labels_to_decode, run_model, split_batch, to_device)
+                         needs_labels_to_decode, run_model, split_batch, to_device, unwrap)
 from .distill_loss import hidden_distance, kd_kl, position_mask, task_cross_entropy
 
 log = logging.getLogger("dhp_fx")
@@ -38,8 +36,9 @@ _END = object()
 class Trainer:
     def __init__(self, student: nn.Module, teacher: nn.Module, data: Any, config: DistillConfig, eval_data: Any):
         self.student, self.teacher, self.cfg, self.eval_data = student, teacher, config, eval_data
-        self.base = getattr(student, "model", student)
-        self.gates = getattr(student, "gates", None) or {}
+        self.base = unwrap(student)
+        # the live ModuleDict, not a copy: gates are created when Dynamo first captures a graph
+        self.gates = student.gates if self.base is not student else {}
         self.s_dev, self.t_dev = device_of(student), device_of(teacher)
         self.s_spec, self.t_spec = CallSpec.of(self.base), CallSpec.of(teacher)
         self.stream = BatchStream(data, config.batch_size, config.shuffle, config.seed or 0)
@@ -99,7 +98,7 @@ class Trainer:
         gate_ids = {id(p) for p in getattr(self.student, "gates", nn.ModuleDict()).parameters()}
         weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in gate_ids] \
             if cfg.train_weights else []
-        gate_params = [p for g in routers for p in g.parameters() if p.requires_grad] if cfg.train_gates else []
+        gate_params = [p for g in routers for p in g.parameters() if p.requires_grad] if self.train_routers else []
         groups = [g for g in ({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
                               {"params": gate_params, "lr": cfg.gate_lr, "weight_decay": 0.0}) if g["params"]]
         if not groups:
@@ -119,13 +118,15 @@ class Trainer:
             self._truncate_log()
 
     def _warm_up(self, batch: Any) -> None:
-        """One no-grad training-shaped call, so every graph and gate exists before the optimizer.
+        """One training-shaped call, so every graph and gate exists before the optimizer is built.
 
         A new code path (labels, hooks) can make Dynamo capture new graphs, and gates are built
         at capture; a gate created mid-run would miss the optimizer and the keep budget.
         """
         before = set(self.gates.keys()) if hasattr(self.gates, "keys") else set()
-        with torch.random.fork_rng(devices=[self.s_dev] if self.s_dev.type == "cuda" else []), torch.no_grad():
+        # with grad enabled like the steps to come: Dynamo guards on grad mode, a no-grad call
+        # would capture a graph that training never uses
+        with torch.random.fork_rng(devices=[self.s_dev] if self.s_dev.type == "cuda" else []):
             call = split_batch(batch, self.s_spec, self.cfg.tuple_labels, "the student")
             labels = (self._task_weight(call) > 0) or needs_labels_to_decode(self.s_spec, call)
             with self._autocast():
@@ -209,6 +210,8 @@ class Trainer:
             else:
                 parts["kd"] = hidden_distance(s.hidden, t.hidden, cfg.hidden_loss, mask)
             total = total + cfg.kd_weight * parts["kd"]
+        if task_w > 0 and self.cfg.task_weight is None and s.loss is None and s.logits is None:
+            task_w = 0.0  # labels came along, but this model has nothing to score them with
         if task_w > 0:
             if s.loss is not None and self.s_spec.takes_labels:
                 parts["task"] = s.loss.float()
@@ -348,7 +351,7 @@ class Trainer:
                     stop_reason = "early_stopping"
             finally:
                 bar.close()
-            if cfg.checkpoint_dir and (self.last_ckpt is None or not self.last_ckpt.endswith(_ckpt_name(self.step))):
+            if cfg.checkpoint_dir and (self.last_ckpt is None or not self.last_ckpt.endswith(ckpt.step_dir(self.step))):
                 self._save_checkpoint(self.boundary)
         except KeyboardInterrupt:
             if cfg.checkpoint_dir and hasattr(self, "boundary") and hasattr(self, "optimizer"):
@@ -400,56 +403,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, snap: dict) -> str:
-        root = self.cfg.checkpoint_dir
-        final = os.path.join(root, _ckpt_name(snap["step"]))
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-        try:
-            ckpt.save_module(self.student, os.path.join(tmp, "model.safetensors"))
-            opt_tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
-            ckpt.save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-            ckpt.save_tensors(snap["rng"], os.path.join(tmp, "rng.safetensors"))
-            if self.best_state is not None:
-                ckpt.save_tensors(self.best_state, os.path.join(tmp, "best.safetensors"))
-            gates = {k: ckpt.gate_runtime_state(g) for k, g in self.gates.items()}
-            masks = {k: g.fixed_keep for k, g in self.gates.items()
-                     if isinstance(getattr(g, "fixed_keep", None), torch.Tensor) and g.fixed_keep.numel()}
-            if masks:
-                ckpt.save_tensors(masks, os.path.join(tmp, "gate_masks.safetensors"))
-            state = {"format": CKPT_FORMAT, "step": snap["step"], "epoch": snap["epoch"],
-                     "batch_in_epoch": snap["batch_in_epoch"], "batches_seen": snap["batches_seen"],
-                     "rng_meta": snap["rng_meta"], "optimizer": opt_meta, "gates": gates,
-                     "evals": self.evals, "best": self.best, "best_step": self.best_step,
-                     "bad_evals": self.bad_evals, "skipped": self.skipped, "config": _jsonable(self.cfg.to_dict())}
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump(state, f, indent=1)
-            ckpt._swap_in(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        ckpt.write_json_atomic(os.path.join(root, "latest.json"), {"step": snap["step"], "dir": os.path.basename(final)})
+        opt_tensors, opt_meta = ckpt.optimizer_state(self.optimizer)
+        files = {"optimizer.safetensors": opt_tensors, "rng.safetensors": snap["rng"]}
+        if self.best_state is not None:
+            files["best.safetensors"] = self.best_state
+        masks = {k: g.fixed_keep for k, g in self.gates.items()
+                 if isinstance(getattr(g, "fixed_keep", None), torch.Tensor) and g.fixed_keep.numel()}
+        if masks:
+            files["gate_masks.safetensors"] = masks
+        state = {"format": CKPT_FORMAT, "step": snap["step"], "epoch": snap["epoch"],
+                 "batch_in_epoch": snap["batch_in_epoch"], "batches_seen": snap["batches_seen"],
+                 "rng_meta": snap["rng_meta"], "optimizer": opt_meta,
+                 "gates": {k: ckpt.gate_runtime_state(g) for k, g in self.gates.items()},
+                 "evals": self.evals, "best": self.best, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "skipped": self.skipped, "config": _jsonable(self.cfg.to_dict())}
+        final = ckpt.write_training_checkpoint(self.cfg.checkpoint_dir, snap["step"], self.student, files,
+                                               state, self.cfg.keep_checkpoints)
         self.last_ckpt = final
         self._log({"event": "checkpoint", "step": snap["step"], "path": final})
-        kept = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
-        for old in kept[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         return final
 
-    def _find_checkpoint(self) -> Optional[str]:
-        if isinstance(self.cfg.resume, str):
-            return self.cfg.resume
-        root = self.cfg.checkpoint_dir
-        latest = os.path.join(root, "latest.json")
-        if os.path.exists(latest):
-            with open(latest) as f:
-                path = os.path.join(root, json.load(f)["dir"])
-            if os.path.exists(os.path.join(path, "state.json")):
-                return path
-        found = sorted(d for d in os.listdir(root) if d.startswith("step-")
-                       and os.path.exists(os.path.join(root, d, "state.json")))
-        return os.path.join(root, found[-1]) if found else None
-
     def _resume(self) -> None:
-        path = self._find_checkpoint()
+        path = ckpt.find_training_checkpoint(self.cfg.checkpoint_dir, self.cfg.resume)
         if path is None:
             log.info("dhp_fx.distill: no checkpoint in %s; starting fresh", self.cfg.checkpoint_dir)
             return
@@ -498,10 +473,6 @@ class Trainer:
         with open(tmp, "w") as f:
             f.writelines(lines)
         os.replace(tmp, self.log_path)
-
-
-def _ckpt_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def _floats(parts: dict) -> dict:

@@ -17,18 +17,26 @@ where autograd is switched off, so the gradients are written out rather than rec
 """
 from __future__ import annotations
 
+import array
 import hashlib
-import math
 import threading
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# Above this many SDPA calls the gather strategy wins (2-core CPU; see
-# benchmarks/bench_cpu_attention.py): its copies are O(L*D) per head against O(L*L*D) of
-# attention work, while each extra call costs a parallel-region round trip.
-MAX_VIEW_CALLS = 4
+# Views vs gather, measured on a 2-core CPU (benchmarks/bench_cpu_attention.py): an extra
+# SDPA call costs about as much as gathering 1 MiB (a parallel-region round trip, far worse
+# when another process holds a core), so views win only while they need few calls for the
+# bytes a gather would move.
+VIEW_CALL_BYTES = 1 << 20
+MIN_VIEW_CALLS = 2
+
+
+def _max_view_calls(gather_bytes: int) -> int:
+    return max(MIN_VIEW_CALLS, gather_bytes // VIEW_CALL_BYTES)
+
+
 # Explicit-math paths materialise [heads, Lq, Lk] scores; chunk over heads to bound memory.
 CHUNK_ELEMS = 1 << 24
 
@@ -70,6 +78,9 @@ def _slice_mask(m4: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int):
     return m4
 
 
+# The gathered q/k/v of the forward live in a per-thread buffer reused across calls. Fresh
+# multi-MB temporaries each call make glibc hand pages back to the OS and fault them in again
+# (thousands of page faults per call, as costly as the attention itself at short sequences).
 _local = threading.local()
 WORKSPACE_MAX_BYTES = 64 << 20
 
@@ -80,38 +91,75 @@ def _workspace(numel: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     bufs = _local.__dict__.setdefault("bufs", {})
     buf = bufs.get(like.dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
+        # A buffer born under inference_mode could not be written outside it later.
+        with torch.inference_mode(False):
+            buf = bufs[like.dtype] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel]
 
 
-def _gather(q, k, v, keep, m4, use_workspace=False):
-    """Kept (b, h) pairs as the batch dim of [N, 1, L, E] tensors, plus the index tensors."""
+def _int_tensor(values: List[int], device: torch.device) -> torch.Tensor:
+    # 5x cheaper than torch.tensor(list), which parses the list element by element.
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64).to(device)
+
+
+def _select_heads(t: torch.Tensor, pair: torch.Tensor, buf: Optional[torch.Tensor]) -> torch.Tensor:
+    """Heads ``pair = b * H + h`` of t [B, H, L, E] as [N, L, E], written into ``buf`` if given.
+
+    index_select over rows is ~3x faster than advanced indexing on CPU, so the two layouts
+    models produce get a row view: [B*H, L, E] for [B, H, L, E] storage, and [B*L*H, E] rows
+    for the [B, L, H, E] storage of a transposed projection output.
+    """
+    B, H, L, E = t.shape
+    N = pair.numel()
+    if B == 1 or H == 1 or t.stride(0) == H * t.stride(1):
+        out = None if buf is None else buf.view(N, L, E)
+        return torch.index_select(t.flatten(0, 1), 0, pair, out=out)
+    if t.stride() == (L * H * E, E, H * E, 1):
+        # row of (b, l, h) is b*L*H + l*H + h = pair + b*H*(L-1) + l*H
+        start = pair + torch.div(pair, H, rounding_mode="floor") * (H * (L - 1))
+        rows = start[None, :] + torch.arange(0, L * H, H, device=t.device)[:, None]
+        out = None if buf is None else buf.view(L * N, E)
+        picked = torch.index_select(t.transpose(1, 2).reshape(B * L * H, E), 0, rows.reshape(-1), out=out)
+        return picked.view(L, N, E).transpose(0, 1)
+    bi, hi = torch.div(pair, H, rounding_mode="floor"), pair % H
+    if buf is None:
+        return t[bi, hi]
+    return torch.ops.aten.index.Tensor_out(t, [bi, hi], out=buf.view(N, L, E))
+
+
+def _gather(q, k, v, rows: List[List[bool]], m4, use_workspace=False):
+    """Kept (b, h) pairs as the batch dim of [N, 1, L, E] tensors.
+
+    Returns (q_pair, kv_pair, qg, kg, vg, mg, mask_row): pair indices b*H + h into q's and
+    k/v's heads, the gathered tensors, the mask for them (broadcast when shared by every head)
+    and, for a per-batch or per-head mask, the row of its flattened [B', H'] dims each uses.
+    Indices are built on the host from ``rows``: a handful of tiny tensor ops would cost more.
+    """
     Hq, Hkv = q.shape[1], k.shape[1]
-    flat = keep.reshape(-1).nonzero().squeeze(1)
-    bi = torch.div(flat, Hq, rounding_mode="floor")
-    hi = flat - bi * Hq
-    kvi = torch.div(hi, Hq // Hkv, rounding_mode="floor")
-    mg = mask_rows = None
+    group = Hq // Hkv
+    pairs = [(b, h) for b, row in enumerate(rows) for h, kept in enumerate(row) if kept]
+    index = [[b * Hq + h for b, h in pairs], [b * Hkv + h // group for b, h in pairs]]
+    mg = None
     if m4 is not None:
-        if m4.shape[0] == 1 and m4.shape[1] == 1:
+        mb, mh = m4.shape[:2]
+        if mb == 1 and mh == 1:
             mg = m4[0, 0]  # shared by every head: broadcast, never copied
         else:
-            ib = bi if m4.shape[0] > 1 else torch.zeros_like(bi)
-            ih = hi if m4.shape[1] > 1 else torch.zeros_like(hi)
-            mg = m4[ib, ih].unsqueeze(1)  # copies only the kept heads' rows
-            mask_rows = ib * m4.shape[1] + ih
-    N = flat.numel()
-    sizes = [N * t.shape[2] * t.shape[3] for t in (q, k, v)]
+            index.append([(b if mb > 1 else 0) * mh + (h if mh > 1 else 0) for b, h in pairs])
+    index_t = _int_tensor([i for part in index for i in part], q.device).view(len(index), len(pairs))
+    q_pair, kv_pair = index_t[0], index_t[1]
+    mask_row = index_t[2] if len(index) == 3 else None
+    if mask_row is not None:
+        mg = torch.index_select(m4.flatten(0, 1), 0, mask_row).unsqueeze(1)  # kept heads' rows only
+    sizes = [len(pairs) * t.shape[2] * t.shape[3] for t in (q, k, v)]
     ws = _workspace(sum(sizes), q) if use_workspace else None
     outs, off = [], 0
-    for t, i, n in zip((q, k, v), (hi, kvi, kvi), sizes):
-        if ws is None:
-            outs.append(t[bi, i].unsqueeze(1))
-        else:
-            buf = ws[off:off + n].view(N, t.shape[2], t.shape[3])
-            outs.append(torch.ops.aten.index.Tensor_out(t, [bi, i], out=buf).unsqueeze(1))
+    for t, pair, n in zip((q, k, v), (q_pair, kv_pair, kv_pair), sizes):
+        outs.append(_select_heads(t, pair, None if ws is None else ws[off:off + n]).unsqueeze(1))
         off += n
-    return (flat, bi * Hkv + kvi, *outs, mg, mask_rows)
+    return (q_pair, kv_pair, *outs, mg, mask_row)
 
 
 def _chunks(N: int, Lq: int, Lk: int):
@@ -199,7 +247,7 @@ def gated_attention_cpu(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("gated_attention_cpu: dropout_p > 0 needs a seed")
-        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, keep, m4)
+        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4)
         compute, sc = _compute_dtype(q), D ** -0.5 if scale is None else scale
         outs = []
         for i, (s, e) in enumerate(_chunks(len(flat), Lq, Lk)):
@@ -214,20 +262,19 @@ def gated_attention_cpu(
             m4 = m4 & ~above if m4.dtype == torch.bool else m4.masked_fill(above, float("-inf"))
             is_causal = False
         if n_kept == B * Hq:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=m4, is_causal=is_causal, scale=scale, enable_gqa=group > 1
-            )
-            return out.contiguous()
+            return _all_kept(q, k, v, m4, is_causal, scale)
         # Consecutive batch rows with the same pattern share one call per piece.
+        gather_bytes = n_kept * (Lq * D + Lk * (D + Dv) + 2 * Lq * Dv) * q.element_size()
+        max_calls = _max_view_calls(gather_bytes)
         calls: List[Tuple[int, int, Piece]] = []
         b = 0
-        while b < B and len(calls) <= MAX_VIEW_CALLS:
+        while b < B and len(calls) <= max_calls:
             b_end = b + 1
             while b_end < B and rows[b_end] == rows[b]:
                 b_end += 1
             calls.extend((b, b_end, p) for p in _pieces(rows[b], group))
             b = b_end
-        if len(calls) <= MAX_VIEW_CALLS:
+        if len(calls) <= max_calls:
             out = q.new_zeros(B, Hq, Lq, Dv)
             for b0, b1, (h0, h1, kv0, kv1) in calls:
                 out[b0:b1, h0:h1] = F.scaled_dot_product_attention(
@@ -238,11 +285,50 @@ def gated_attention_cpu(
             return out
         # [N, 1, L, E] rather than [1, N, L, E]: the flash kernel then returns a contiguous
         # result, so the scatter below reads it linearly.
-        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, keep, m4, use_workspace=True)
+        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4, use_workspace=True)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, is_causal=is_causal, scale=scale)
-    out = q.new_zeros(B * Hq, Lq, Dv)
-    out.index_copy_(0, flat, og.squeeze(1).to(out.dtype))
-    return out.view(B, Hq, Lq, Dv)
+    return _scatter(og.to(q.dtype), flat, B, Hq)
+
+
+def _heads_as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1):
+        return None if t is None else t.flatten(0, 1).unsqueeze(1)
+    return None
+
+
+def _all_kept(q, k, v, m4, is_causal, scale):
+    """One SDPA call. The flash kernel writes [B, L, H, E] memory; with the heads folded into
+    the batch dim ([B*H, 1, L, E]) that memory is already the contiguous [B, H, L, E] the op
+    returns, which saves copying the whole output when the inputs allow the fold."""
+    B, Hq, Lq, _ = q.shape
+    if k.shape[1] == Hq and (m4 is None or m4.shape[:2] == (1, 1) or m4.shape[:2] == (B, Hq)):
+        folded = [_heads_as_batch(t) for t in (q, k, v)]
+        mask = m4 if m4 is None or m4.shape[:2] == (1, 1) else _heads_as_batch(m4)
+        if all(t is not None for t in folded) and (mask is not None or m4 is None):
+            out = F.scaled_dot_product_attention(*folded, attn_mask=mask, is_causal=is_causal, scale=scale)
+            if out.is_contiguous():
+                return out.view(B, Hq, Lq, -1)
+            return out.contiguous().view(B, Hq, Lq, -1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=m4, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != Hq
+    )
+    return out.contiguous()
+
+
+def _scatter(og: torch.Tensor, flat: torch.Tensor, B: int, Hq: int) -> torch.Tensor:
+    """[B, Hq, Lq, Dv] with og's rows at ``flat`` and zeros elsewhere, written in one pass.
+
+    A gather from [og; 0] into a fresh tensor beats zero-filling and index_copy_-ing, which
+    writes the kept rows twice and is itself slower than index_select.
+    """
+    N, Lq, Dv = og.shape[0], og.shape[-2], og.shape[-1]
+    ws = _workspace((N + 1) * Lq * Dv, og)  # the gathered inputs are dead by now
+    rows = [og.reshape(N, Lq * Dv), og.new_zeros(1, Lq * Dv)]
+    src = torch.cat(rows) if ws is None else torch.cat(rows, out=ws.view(N + 1, Lq * Dv))
+    pos = [N] * (B * Hq)
+    for i, f in enumerate(flat.tolist()):
+        pos[f] = i
+    return torch.index_select(src, 0, _int_tensor(pos, og.device)).view(B, Hq, Lq, Dv)
 
 
 def gated_attention_backward_cpu(
@@ -264,7 +350,7 @@ def gated_attention_backward_cpu(
     compute = _compute_dtype(q)
     sc = D ** -0.5 if scale is None else scale
     q, k, v, m4 = _prepare(q, k, v, attn_mask)
-    flat, kv_flat, qg, kg, vg, mg, mask_rows = _gather(q, k, v, keep, m4)
+    flat, kv_flat, qg, kg, vg, mg, mask_rows = _gather(q, k, v, keep.tolist(), m4)
     go = grad_out.reshape(B * Hq, Lq, Dv)[flat].unsqueeze(1).to(compute)
     zeros = lambda *shape: torch.zeros(shape, dtype=compute, device=q.device)  # noqa: E731
     dq, dk, dv = zeros(B * Hq, Lq, D), zeros(B * Hkv, Lk, D), zeros(B * Hkv, Lk, Dv)

@@ -46,7 +46,9 @@ def check_gated_attention_args(q, k, v, keep, attn_mask, dropout_p: float = 0.0)
         if attn_mask.dim() > 4:
             raise ValueError(f"gated_attention: attn_mask must have at most 4 dims, got {attn_mask.dim()}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"gated_attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise ValueError(
+                f"gated_attention: attn_mask must be bool or floating point, got {attn_mask.dtype}"
+            )
         full = (B, Hq, Lq, k.shape[2])
         padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
         if any(m not in (1, f) for m, f in zip(padded, full)):

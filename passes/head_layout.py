@@ -39,9 +39,11 @@ class Atom:
     kind: str  # "raw" | "head" | "within" | "other"
     size: Any  # int, or SymInt for batch/sequence dims
     stride: int = 0  # "raw" only
+    source_dim: Optional[int] = None  # "other": the projection input's dim it still is, whole
 
     def same(self, other: "Atom") -> bool:
-        return self.kind == other.kind and self.stride == other.stride and known_eq(self.size, other.size)
+        return (self.kind == other.kind and self.stride == other.stride and self.source_dim == other.source_dim
+                and known_eq(self.size, other.size))
 
 
 @dataclass
@@ -67,10 +69,11 @@ def _shape(node: Any) -> Optional[tuple]:
     return None if val is None else tuple(val.shape)
 
 
-def initial(shape: tuple, last: list[Atom]) -> Layout:
-    """Every dim "other" except the last, described by ``last``."""
-    dims = [[Atom("other", s)] for s in shape[:-1]] + [last]
-    return Layout([[a for a in d if not known_eq(a.size, 1)] for d in dims])
+def initial(shape: tuple, last: list[Atom], leading: Optional[list[list[Atom]]] = None) -> Layout:
+    """Every dim "other" except the last, described by ``last``; ``leading`` overrides the others."""
+    if leading is None:
+        leading = [[Atom("other", s, source_dim=i)] for i, s in enumerate(shape[:-1])]
+    return Layout([[a for a in d if not known_eq(a.size, 1)] for d in leading + [last]])
 
 
 def _split(atom: Atom, outer: int) -> tuple[Atom, Atom]:
@@ -103,6 +106,14 @@ def regroup(layout: Layout, sizes: tuple) -> Optional[Layout]:
                     queue.insert(0, rest)
                 elif need % asz:
                     return None
+            elif a.kind == "other" and not known_eq(p * a.size, s):
+                # A symbolic batch*sequence dim unflattened again (HF Conv1D's addmm output):
+                # "other" digits carry no features, so any provably exact split is safe.
+                need = s if known_eq(p, 1) else s // p
+                rest = a.size // need
+                if not known_eq(rest, 1) and known_eq(rest * need, a.size):
+                    a = Atom("other", need)
+                    queue.insert(0, Atom("other", rest))
             dim.append(a)
             p = p * a.size
         dims.append(dim)
@@ -111,7 +122,7 @@ def regroup(layout: Layout, sizes: tuple) -> Optional[Layout]:
     return Layout(dims, layout.offset)
 
 
-def _within_only(dim: list[Atom], head_dim: int) -> bool:
+def within_only(dim: list[Atom], head_dim: int) -> bool:
     """Digits that stay inside one head: slicing or concatenating them keeps heads apart."""
     for a in dim:
         if a.kind == "head":
@@ -125,7 +136,7 @@ def _cut(dim: list[Atom], size: Any, head_dim: int) -> Optional[list[Atom]]:
     """A dim after taking part of it (slice) or adding to it (cat)."""
     if all(a.kind == "other" for a in dim):
         return [] if known_eq(size, 1) else [Atom("other", size)]
-    if not _within_only(dim, head_dim):
+    if not within_only(dim, head_dim):
         return None
     return [] if known_eq(size, 1) else [Atom("within", size)]
 
@@ -140,6 +151,12 @@ def _select(layout: Layout, dim: int, index: int) -> Optional[Layout]:
     return Layout(layout.dims[:dim] + layout.dims[dim + 1:], offset)
 
 
+def is_shape_op(node: fx.Node) -> bool:
+    """Moves or casts elements without computing new ones (zeros stay zeros)."""
+    return (is_method(node, *IDENTITY_METHODS, *VIEW_METHODS, "transpose", "permute")
+            or is_call(node, *VIEW_FUNCS, torch.transpose, torch.permute))
+
+
 def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optional[Layout]:
     """Layout of ``node`` from the layouts of its tracked inputs; None when it mixes heads or is
     not an op this module understands. Tuple-valued nodes (split, unbind) get their input's."""
@@ -149,7 +166,7 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         return inputs.get(src)
     if is_method(node, "transpose") or is_call(node, torch.transpose):
         lay = inputs.get(src)
-        if lay is None:
+        if lay is None or len(node.args) != 3 or not all(isinstance(d, int) for d in node.args[1:3]):
             return None
         a, b = (d % len(lay.dims) for d in node.args[1:3])
         dims = list(lay.dims)
@@ -157,10 +174,10 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         return Layout(dims, lay.offset)
     if is_method(node, "permute") or is_call(node, torch.permute):
         lay = inputs.get(src)
-        dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+        dims = node.args[1:] if is_method(node, "permute") else arg(node, 1, "dims", ())
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
-        if lay is None or len(dims) != len(lay.dims):
+        if lay is None or len(dims) != len(lay.dims) or not all(isinstance(d, int) for d in dims):
             return None
         return Layout([lay.dims[d % len(lay.dims)] for d in dims], lay.offset)
     if is_method(node, *VIEW_METHODS) or is_call(node, *VIEW_FUNCS):
@@ -176,14 +193,32 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         tracked = [n for n in node.all_input_nodes if n in inputs]
         if not tracked or shape is None:
             return None
+        merged = inputs[tracked[0]]
         for n in tracked:
             s = _shape(n)
             if s is None or len(s) != len(shape) or not all(known_eq(x, y) for x, y in zip(s, shape)):
                 return None  # a tracked operand broadcast along some dim
-            if not inputs[n].same(inputs[tracked[0]]):
+            merged = _merge(merged, inputs[n], shape, head_dim)
+            if merged is None:
                 return None
-        return inputs[tracked[0]]
+        return merged
     return None
+
+
+def _merge(a: Layout, b: Layout, shape: tuple, head_dim: int) -> Optional[Layout]:
+    """Two operands of one elementwise op: equal digits, or within-head digits on both sides
+    (RoPE adds q and its rotated copy, whose last dims were sliced and concatenated)."""
+    if a.offset != b.offset or len(a.dims) != len(b.dims):
+        return None
+    dims = []
+    for da, db, size in zip(a.dims, b.dims, shape):
+        if Layout([da]).same(Layout([db])):
+            dims.append(da)
+        elif within_only(da, head_dim) and within_only(db, head_dim):
+            dims.append(_cut(da, size, head_dim))
+        else:
+            return None
+    return Layout(dims, a.offset)
 
 
 def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .graph_utils import example_value, module_path_of
 from .projections import find_projections
-from .rewrite import gated_attention_op, rewrite_match
+from .rewrite import rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
 from .skip_projections import skip_site_projections
@@ -141,7 +141,7 @@ def rewrite_attention(
             gm.add_submodule(gate_target, make_gate(site))
         out = rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
         if skip_projections:
-            gated = out if out.target is gated_attention_op() else out.args[0]
+            gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
             site.skipped_projections = skip_site_projections(gm, gated, site, provisional, gate_target, result)
         result.sites.append(site)
         result.bump(f"rewritten_{match.pattern}")

@@ -100,6 +100,8 @@ def split_chunk(src: Any, i: Any) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     last = len(sizes) - 1
     if is_method(src, "split") or is_call(src, torch.split):
         size = arg(src, 1, "split_size", src.kwargs.get("split_size_or_sections"))
+        if isinstance(size, fx.Node):  # x.size(-1) under dynamic=True, specialized to an int
+            size = static_int(size.meta.get("example_value"))
         dim = arg(src, 2, "dim", 0)
         if not isinstance(dim, int) or dim % len(sizes) != last:
             return None

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from . import head_layout as hl
 from .graph_utils import _meta_value, arg, example_value, insert_node, is_call, static_int
-from .projections import _ADDMM, _LINEAR, Projections
+from .projections import _ADDMM, _LINEAR, Projections, _activation_input
 from .rewrite import _is_pure
 from .site import AttentionSite, PassResult
 
@@ -92,6 +92,18 @@ def _linear_parts(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node, Optional[fx
     return None
 
 
+def _leading_dims(linear: fx.Node) -> Optional[list[list["hl.Atom"]]]:
+    """The projection output's non-feature dims, named after its input's dims; an HF Conv1D
+    addmm reads x.view(-1, nx), so its dim 0 holds all of x's leading dims."""
+    x = linear.args[1] if is_call(linear, *_ADDMM) else linear.args[0]
+    src = x.args[0] if isinstance(x, fx.Node) and x.op == "call_method" and x.target in ("view", "reshape") else None
+    xv, sv = example_value(x), example_value(src)
+    if is_call(linear, *_ADDMM) and xv is not None and sv is not None and xv.dim() == 2 and sv.dim() >= 2 \
+            and hl.known_eq(sv.shape[-1], xv.shape[-1]):
+        return [[hl.Atom("other", s, source_dim=i) for i, s in enumerate(sv.shape[:-1])]]
+    return None
+
+
 def _replace_linear(graph: fx.Graph, node: fx.Node, op_name: str, heads_keep: fx.Node, unit: int) -> None:
     x, weight, bias, in_out = _linear_parts(node)
     with graph.inserting_before(node):
@@ -112,6 +124,7 @@ class _Site:
         self.keep: fx.Node = gated.args[3]
         self.heads_any: Optional[fx.Node] = None
         self.done: list[str] = []
+        self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
             if isinstance(n, fx.Node) and example_value(n) is None:
                 val = _meta_value(n.op, n.target, n.args, n.kwargs)
@@ -150,7 +163,7 @@ class _Site:
         width = static_int(shape[-1]) if shape else None
         if width is None:
             return None, "shape"
-        lay[linear] = hl.initial(shape, [hl.Atom("raw", width, 1)])
+        lay[linear] = hl.initial(shape, [hl.Atom("raw", width, 1)], _leading_dims(linear))
         for n in path[1:]:
             out = hl.step(n, lay, head_dim)
             if out is None:
@@ -161,10 +174,23 @@ class _Site:
         want = [hl.Atom("raw", heads, head_dim)] if heads > 1 else []
         ok_head = len(final.dims) == 4 and len(final.dims[1]) == len(want) and all(
             a.same(b) for a, b in zip(final.dims[1], want))
-        others_within = all(hl._within_only(d, head_dim) for i, d in enumerate(final.dims) if i != 1)
+        others_within = all(hl.within_only(d, head_dim) for i, d in enumerate(final.dims) if i != 1)
         if not (ok_head and others_within and final.offset == start):
             return None, "layout"
+        self.layouts[role] = final
         return path, ""
+
+    def batch_leads_hidden(self, hidden: fx.Node) -> bool:
+        """The moved gate reads the batch size off hidden's dim 0: it must be q's batch dim
+        (nn.MultiheadAttention without batch_first feeds [L, B, E])."""
+        q, h = example_value(self.gated.args[0]), example_value(hidden)
+        if q is None or h is None or not hl.known_eq(q.shape[0], h.shape[0]):
+            return False
+        for role, lay in self.layouts.items():
+            if _activation_input(self.proj.nodes[role]) is hidden:
+                batch = lay.dims[0]
+                return batch == [] or (len(batch) == 1 and batch[0].kind == "other" and batch[0].source_dim == 0)
+        return False
 
     def closed(self, paths: dict[str, list[fx.Node]], role: str, everything: set) -> bool:
         """No value of role's path leaks outside the site (a cache, a returned q, another site)."""
@@ -194,6 +220,9 @@ class _Site:
                 self.decline(role, why)
             else:
                 paths[role] = path
+        if paths and not self.batch_leads_hidden(hidden):
+            self.decline("qkv", "batch_not_leading")
+            return
         everything = {n for p in paths.values() for n in p}
         candidates = [r for r in paths if self.closed(paths, r, everything)]
         for role in set(paths) - set(candidates):
@@ -308,6 +337,8 @@ class _Site:
                 self.done.append("out")
                 self.result.bump("skip_out_proj")
                 return
+            if not hl.is_shape_op(user):
+                break  # an elementwise op could turn the zeros of pruned heads into values
             lay = hl.step(user, {node: lay}, dv)
             if lay is None:
                 break

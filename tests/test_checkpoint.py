@@ -17,6 +17,16 @@ from dhp_fx.distill import DistillConfig
 VOCAB = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: a second OpenMP thread buys nothing, and on a loaded 2-core machine
+    # its spin-waits make each step 10-20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gpt2(seed=0, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -171,7 +181,7 @@ class Interrupting:
 
 
 def _resume_config(tmp, **kw):
-    base = dict(steps=6, lr=3e-3, grad_accum=2, progress=False, seed=11, checkpoint_dir=str(tmp),
+    base = dict(steps=6, lr=3e-3, grad_accum=2, dropout=True, progress=False, seed=11, checkpoint_dir=str(tmp),
                 checkpoint_every=2, keep_checkpoints=2, eval_every=3)
     base.update(kw)
     return DistillConfig(**base)

@@ -16,6 +16,16 @@ from dhp_fx.testing import AttentionSpec, build_attention
 VOCAB = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: a second OpenMP thread buys nothing, and on a loaded 2-core machine
+    # its spin-waits make each step 10-20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gpt2(seed=0, vocab=VOCAB, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -114,8 +124,9 @@ def test_encoder_distils_on_hidden_states():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
+    # a wide init, so that attention (and pruning it) matters to the output
     teacher = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=32)).eval()
+                                   intermediate_size=64, max_position_embeddings=32, initializer_range=0.2)).eval()
     ids = torch.randint(2, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0
@@ -123,10 +134,10 @@ def test_encoder_distils_on_hidden_states():
     student = dhp_fx.optimize(copy.deepcopy(teacher), example_inputs={"input_ids": ids, "attention_mask": mask})
     student.set_keep_ratio(0.5)
     before = evaluate(student, teacher, data)
-    result = dhp_fx.distill(student, teacher, data, DistillConfig(steps=6, lr=3e-3, progress=False))
+    result = dhp_fx.distill(student, teacher, data, DistillConfig(steps=6, lr=1e-3, dropout=False, progress=False))
     after = evaluate(student, teacher, data)
     assert set(before) >= {"cosine", "mse", "objective"}
-    assert after["cosine"] > before["cosine"]
+    assert before["cosine"] < 0.9 and after["cosine"] > 0.95
     assert result.history[-1]["kd"] < result.history[0]["kd"]
 
 

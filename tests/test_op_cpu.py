@@ -139,25 +139,25 @@ def test_forward_matches_reference(c):
     check_output(out, q, v, keep, reference64(q, k, v, keep, mask, c["causal"], c["scale"]), c["dtype"])
 
 
-@pytest.mark.parametrize("max_calls", [0, 1000])
+@pytest.mark.parametrize("max_calls", [0, 10**9])
 @settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(dtypes=(torch.float32,)))
 def test_each_strategy_matches_reference(max_calls, c):
-    # 0 forces the gather strategy for every partial keep; 1000 forces per-run views.
-    old = cpu_impl.MAX_VIEW_CALLS
-    cpu_impl.MAX_VIEW_CALLS = max_calls
+    # 0 forces the gather strategy for every partial keep; 10**9 forces per-run views.
+    old = cpu_impl._max_view_calls
+    cpu_impl._max_view_calls = lambda gather_bytes: max_calls
     try:
         q, k, v, keep, mask = build(c)
         out = op(q, k, v, keep, mask, 0.0, c["causal"], c["scale"])
     finally:
-        cpu_impl.MAX_VIEW_CALLS = old
+        cpu_impl._max_view_calls = old
     check_output(out, q, v, keep, reference64(q, k, v, keep, mask, c["causal"], c["scale"]), c["dtype"])
 
 
-GRAD_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+GRAD_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(dtypes=(torch.float64, torch.float64, torch.float32, torch.float16, torch.bfloat16)))
 def test_grads_match_reference(c):
     q, k, v, keep, mask = build(c, requires_grad=True)
@@ -174,6 +174,50 @@ def test_grads_match_reference(c):
         assert g.dtype == x.dtype and g.shape == x.shape and not g.isnan().any()
         torch.testing.assert_close(g.double(), r, atol=tol * (1 + r.abs().max().item()), rtol=tol)
     assert (got[0][~keep] == 0).all(), "pruned heads must get zero gradient"
+    kv_used = keep.view(keep.shape[0], k.shape[1], -1).any(-1)
+    assert (got[1][~kv_used] == 0).all() and (got[2][~kv_used] == 0).all()
+
+
+def test_fully_masked_rows_match_sdpa():
+    """A kept head whose row sees no key gives what SDPA gives (zeros), and finite grads."""
+    q, k, v, keep, _ = small(Hkv=4)
+    mask = torch.ones(2, 4, 3, 4, dtype=torch.bool)
+    mask[:, :, 1] = False  # query 1 attends nothing, in every head
+    out = op(q, k, v, keep, mask, 0.0, False, None)
+    want = reference_folded(q.detach(), k.detach(), v.detach(), keep, mask, False, None)
+    torch.testing.assert_close(out, want)
+    assert (out[:, :, 1] == 0).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_output_does_not_alias_workspace():
+    """The gather strategy reuses a per-thread buffer; results must not live in it."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 6, 8, 8, generator=gen) for _ in range(3))
+    keep = torch.rand(4, 6, generator=gen) < 0.5
+    keep[:, 0], keep[:, 1] = True, False  # several runs per row, rows differ: gather
+    first = op(q, k, v, keep, None, 0.0, False, None)
+    saved = first.clone()
+    op(q * 2, k, v, keep, None, 0.0, False, None)
+    assert torch.equal(first, saved)
+
+
+def test_inference_mode_then_training():
+    """The reused buffer must stay writable whichever grad mode created it."""
+    cpu_impl._local.__dict__.pop("bufs", None)  # let inference mode create the buffer
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 6, 8, 16, generator=gen) for _ in range(3))
+    keep = torch.rand(4, 6, generator=gen) < 0.5
+    keep[:, 0], keep[:, 1] = True, False
+    with torch.inference_mode():
+        a = op(q, k, v, keep, None, 0.0, False, None)
+    q.requires_grad_()
+    b = op(q, k, v, keep, None, 0.0, False, None)
+    b.sum().backward()
+    with torch.inference_mode():
+        c = op(q, k, v, keep, None, 0.0, False, None)
+    assert torch.equal(a, b.detach()) and torch.equal(a, c)
 
 
 def small(B=2, Hq=4, Hkv=2, Lq=3, Lk=4, D=4, Dv=4, mask=None, grad_mask=True, seed=0):
@@ -245,8 +289,8 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case):
-    q, k, v, keep, m = (t.detach().float().requires_grad_(t.requires_grad) if t is not None and t.is_floating_point()
-                        else t for t in small(**case["kw"]))
+    as_f32 = lambda t: t.detach().float().requires_grad_(t.requires_grad)  # noqa: E731
+    q, k, v, keep, m = (as_f32(t) if t is not None and t.is_floating_point() else t for t in small(**case["kw"]))
     torch.library.opcheck(op, (q, k, v, keep, m, 0.0, case["causal"], None))
     all_kept = torch.ones_like(keep)
     torch.library.opcheck(op, (q, k, v, all_kept, m, 0.0, case["causal"], None))
