@@ -6,6 +6,7 @@ Registered under the entry point group ``torch_dynamo_backends`` as "dhp_fx", so
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Optional
 
@@ -57,7 +58,7 @@ class DHPCompiler:
         config: Optional[DHPConfig] = None,
         gates: Optional[nn.ModuleDict] = None,
         gate_builder: Optional[GateBuilder] = None,
-        param_names: Optional[dict[str, str]] = None,
+        root: Optional[nn.Module] = None,
     ):
         self.config = config or DHPConfig()
         self.gates = gates if gates is not None else nn.ModuleDict()
@@ -67,6 +68,13 @@ class DHPCompiler:
         self.graphs_compiled = 0
         self.counters: dict[str, int] = {}
         self._params: dict[str, torch.Tensor] = {}
+        # Pins set through DHPModel.set_keep_mask; gates created later (a new graph after a
+        # graph break or recompile) must obey them too. Key None = every site.
+        self.pinned_masks: dict[Optional[str], torch.Tensor] = {}
+        self._root_names: dict[int, str] = {}
+        if root is not None:
+            named = list(root.named_parameters(remove_duplicate=False)) + list(root.named_buffers(remove_duplicate=False))
+            self._root_names = {id(t): name for name, t in named}
 
     @staticmethod
     def gate_key(site_name: str) -> str:
@@ -83,13 +91,40 @@ class DHPCompiler:
                     f"{site.num_heads} now; the model changed under dhp_fx"
                 )
         else:
-            self.gates[key] = self.gate_builder(site, self.config, self._params)
+            gate = self.gate_builder(site, self.config, self._params)
+            pinned = self.pinned_masks.get(site.name, self.pinned_masks.get(None))
+            if pinned is not None:
+                gate.set_keep_mask(pinned)
+            self.gates[key] = gate
         self.sites[site.name] = site
         return self.gates[key]
 
+    def _frame_prefix(self, gm: fx.GraphModule, example_inputs) -> str:
+        """Where the captured frame's ``self`` sits in the root model ("" for the root itself).
+
+        After a graph break Dynamo captures inner frames (e.g. BertModel.forward inside
+        BertForMaskedLM) with names relative to that submodule; parameter identity tells where.
+        """
+        if not self._root_names:
+            return ""
+        from .passes.graph_utils import parameter_name
+
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, example_inputs):
+            relative = parameter_name(node)
+            root_name = self._root_names.get(id(value)) if relative else None
+            if root_name and root_name.endswith(relative):
+                return root_name[: len(root_name) - len(relative)]
+        return ""
+
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
-        self._params = graph_parameters(gm, example_inputs)
-        result = rewrite_attention(gm, self._make_gate, taken_names=set())
+        prefix = self._frame_prefix(gm, example_inputs)
+        self._params = {prefix + name: t for name, t in graph_parameters(gm, example_inputs).items()}
+        make_gate = (lambda site: self._make_gate(prefixed_site(site, prefix))) if prefix else self._make_gate
+        result = rewrite_attention(gm, make_gate, taken_names=set())
+        result.sites = [prefixed_site(site, prefix) for site in result.sites]
+        for skip in result.skipped:
+            skip.module_path = _join(prefix, skip.module_path)
         self.graphs_compiled += 1
         for key, value in result.counters.items():
             self.counters[key] = self.counters.get(key, 0) + value
@@ -123,6 +158,25 @@ def _freeze_gates(gm: fx.GraphModule) -> None:
             gate = gm.get_submodule(node.target)
             if not isinstance(gate, _FrozenGate):
                 setattr(gm, node.target, _FrozenGate(gate))
+
+
+def _join(prefix: str, path: str) -> str:
+    return (prefix + path) if path else prefix.rstrip(".")
+
+
+def prefixed_site(site: AttentionSite, prefix: str) -> AttentionSite:
+    """The site with its module path and parameter names made relative to the root model."""
+    if not prefix:
+        return site
+    path = _join(prefix, site.module_path)
+    suffix = site.name[site.name.index("#"):] if "#" in site.name else ""
+    projections = {
+        role: None if ref is None else dataclasses.replace(
+            ref, weight=prefix + ref.weight, bias=None if ref.bias is None else prefix + ref.bias
+        )
+        for role, ref in (("q_proj", site.q_proj), ("k_proj", site.k_proj), ("v_proj", site.v_proj), ("out_proj", site.out_proj))
+    }
+    return dataclasses.replace(site, name=(path or "<root>") + suffix, module_path=path, **projections)
 
 
 def downstream_compile(gm: fx.GraphModule, example_inputs, compiler: str) -> Callable:

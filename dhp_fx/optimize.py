@@ -31,7 +31,7 @@ class DHPModel(nn.Module):
         self.gates = nn.ModuleDict()
         # dhp_config, not config: HF code reads ``.config`` and must find the model's own.
         object.__setattr__(self, "dhp_config", config)
-        object.__setattr__(self, "_compiler", DHPCompiler(config, self.gates))
+        object.__setattr__(self, "_compiler", DHPCompiler(config, self.gates, root=model))
         # A shallow copy owns its call path: compiling it leaves the caller's model untouched,
         # while parameters and submodules stay shared.
         inner = copy.copy(model)
@@ -99,16 +99,26 @@ class DHPModel(nn.Module):
         self._require_sites()
         for gate in self.gates.values():
             gate.set_keep_ratio(keep_ratio, min_heads)
+        # Gates created later (new graphs after graph breaks or recompiles) start from the config.
+        changes = {"keep_ratio": keep_ratio} if min_heads is None else {"keep_ratio": keep_ratio, "min_heads": min_heads}
+        config = self.dhp_config.replace(**changes)
+        object.__setattr__(self, "dhp_config", config)
+        self._compiler.config = config
 
     def set_keep_mask(self, masks: Union[None, torch.Tensor, dict]) -> None:
         """Pin gates: one bool mask for every site, a {site name: mask} dict, or None to unpin all."""
         self._require_sites()
+        pinned = self._compiler.pinned_masks
         if isinstance(masks, dict):
             for name, mask in masks.items():
                 self.gate(name).set_keep_mask(mask)
+                pinned[name] = mask
         else:
             for gate in self.gates.values():
                 gate.set_keep_mask(masks)
+            pinned.clear()
+            if masks is not None:
+                pinned[None] = masks
 
     def _require_sites(self) -> None:
         if not self._compiler.graphs_compiled:

@@ -250,6 +250,8 @@ def static_prune(optimized, stats=None, max_keep_freq: float = 0.01, plan: Optio
     model = optimized.model if inplace else copy.deepcopy(optimized.model)
     before = parameter_count(model)
     apply_pruning(model, records)
+    # dhp_fx.save reads this to record the cuts; applied in order, repeated prunings replay exactly.
+    model.dhp_fx_pruning = list(getattr(model, "dhp_fx_pruning", []) or []) + records
     return PruneResult(model=model, records=records, params_before=before, params_after=parameter_count(model))
 
 

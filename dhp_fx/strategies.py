@@ -193,7 +193,7 @@ class RouterGate(ScoringGate):
         """MSE between predicted and measured S; gradients reach the router only."""
         if self.router is None or hidden is None:
             raise RuntimeError(f"site {self.site_name!r} has no router (input projection not found)")
-        return F.mse_loss(self.predict(hidden, attn_mask, q.shape[0]), self.target_scores(q, k, attn_mask))
+        return F.mse_loss(self.predict(hidden.detach(), attn_mask, q.shape[0]), self.target_scores(q, k, attn_mask))
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         if self.router is None or hidden is None:

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 # Views vs gather, measured on a 2-core CPU (benchmarks/bench_cpu_attention.py): an extra
 # SDPA call costs about as much as gathering 1 MiB (a parallel-region round trip, far worse
 # when another process holds a core), so views win only while they need few calls for the
-# bytes a gather would move.
+# bytes a gather would move. Each call must also hold enough (batch, head) pairs to keep every
+# thread busy: a call on one or two heads of a causal row leaves threads idle at the barrier.
 VIEW_CALL_BYTES = 1 << 20
 MIN_VIEW_CALLS = 2
+VIEW_PAIRS_PER_THREAD = 2
 
 
 def _max_view_calls(gather_bytes: int) -> int:
@@ -274,7 +276,8 @@ def gated_attention_cpu(
                 b_end += 1
             calls.extend((b, b_end, p) for p in _pieces(rows[b], group))
             b = b_end
-        if len(calls) <= max_calls:
+        min_pairs = VIEW_PAIRS_PER_THREAD * torch.get_num_threads()
+        if len(calls) <= max_calls and all((b1 - b0) * (p[1] - p[0]) >= min_pairs for b0, b1, p in calls):
             out = q.new_zeros(B, Hq, Lq, Dv)
             for b0, b1, (h0, h1, kv0, kv1) in calls:
                 out[b0:b1, h0:h1] = F.scaled_dot_product_attention(

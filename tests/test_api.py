@@ -170,3 +170,28 @@ def test_sites_serialise_to_json():
     optimized = dhp_fx.optimize(module, example_inputs=inputs)
     data = json.loads(json.dumps([s.to_dict() for s in optimized.sites]))
     assert dhp_fx.AttentionSite.from_dict(data[0]) == optimized.sites[0]
+
+
+def test_graph_break_inner_frames_share_root_names_and_settings():
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).eval()
+    ids = torch.randint(3, 64, (2, 7))
+    optimized = dhp_fx.optimize(model, example_inputs={"input_ids": ids})
+    names = {s.name for s in optimized.sites}
+    assert names == {"bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"}
+    keep = torch.tensor([True, False, False, True])
+    optimized.set_keep_mask(keep)
+    with torch.no_grad():
+        # output_hidden_states may capture other frames; they must reuse the same sites and pins.
+        out = optimized(input_ids=ids, output_hidden_states=True)
+    assert {s.name for s in optimized.sites} == names
+    assert len(optimized.gates) == 2
+    from dhp_fx.testing import heads_zeroed
+
+    with heads_zeroed(model, optimized.sites, {n: keep for n in names}), torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True)
+    assert_outputs_close(out.logits, expected.logits)

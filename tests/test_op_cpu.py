@@ -139,18 +139,19 @@ def test_forward_matches_reference(c):
     check_output(out, q, v, keep, reference64(q, k, v, keep, mask, c["causal"], c["scale"]), c["dtype"])
 
 
-@pytest.mark.parametrize("max_calls", [0, 10**9])
+@pytest.mark.parametrize("strategy", ["gather", "views"])
 @settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases(dtypes=(torch.float32,)))
-def test_each_strategy_matches_reference(max_calls, c):
-    # 0 forces the gather strategy for every partial keep; 10**9 forces per-run views.
-    old = cpu_impl._max_view_calls
-    cpu_impl._max_view_calls = lambda gather_bytes: max_calls
+def test_each_strategy_matches_reference(strategy, c):
+    """Force one strategy for every partial keep pattern (normally chosen by cost)."""
+    saved = cpu_impl._max_view_calls, cpu_impl.VIEW_PAIRS_PER_THREAD
+    cpu_impl._max_view_calls = lambda gather_bytes: 10**9 if strategy == "views" else 0
+    cpu_impl.VIEW_PAIRS_PER_THREAD = 0
     try:
         q, k, v, keep, mask = build(c)
         out = op(q, k, v, keep, mask, 0.0, c["causal"], c["scale"])
     finally:
-        cpu_impl._max_view_calls = old
+        cpu_impl._max_view_calls, cpu_impl.VIEW_PAIRS_PER_THREAD = saved
     check_output(out, q, v, keep, reference64(q, k, v, keep, mask, c["causal"], c["scale"]), c["dtype"])
 
 
