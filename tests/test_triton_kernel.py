@@ -358,3 +358,26 @@ def test_backward_recomputes_out_and_lse_when_not_given():
     for a, b, c in zip(with_lse[:3], without[:3], neither[:3]):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert with_lse[3] is None
+
+
+@interpreted
+def test_gated_op_dispatches_to_triton_forward_and_backward(monkeypatch):
+    """The wiring inside dhp::gated_attention: argument order of the Triton forward and backward."""
+    op_module = importlib.import_module("dhp_fx.kernels.gated_attention")
+
+    monkeypatch.setattr(op_module, "_triton_path", lambda q, dropout_p: _ta if dropout_p == 0.0 else None)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 7, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 7, 16, generator=g, requires_grad=True)
+    bias = torch.randn(1, 4, 5, 7, generator=g, requires_grad=True)
+    keep = torch.tensor([[True, False, True, True], [False, False, False, False]])
+    out = torch.ops.dhp.gated_attention(q, k, v, keep, bias, 0.0, False, 0.3)
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
+    ref = gated_attention_reference(*ref_in[:3], keep, ref_in[3], 0.0, False, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    ref.backward(grad.double())
+    for got, want in zip((q, k, v, bias), ref_in):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=2e-4, rtol=1e-3)
