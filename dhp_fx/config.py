@@ -39,6 +39,9 @@ class DHPConfig:
     prune_kv_groups: decide per KV group (group score = mean of its heads), so a pruned group's
         K/V projections can be skipped too.
     union_cap: with granularity "batch", at most this share of heads survives the union.
+    skip_projections: also skip pruned heads' work in the output projection (always exact: those
+        inputs are zeros) and, for gates deciding from the layer input alone (router, static), in
+        the Q/K/V projections. Off = only the attention core skips heads.
     """
 
     keep_ratio: float = 1.0
@@ -56,6 +59,7 @@ class DHPConfig:
     score_threshold: Optional[float] = None
     prune_kv_groups: bool = False
     union_cap: Optional[float] = None
+    skip_projections: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0,
@@ -63,6 +67,7 @@ class DHPConfig:
         _check(isinstance(self.min_heads, int) and not isinstance(self.min_heads, bool) and self.min_heads >= 1,
                "min_heads", self.min_heads, "an int >= 1")
         _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
+        _check(isinstance(self.skip_projections, bool), "skip_projections", self.skip_projections, "a bool")
         _check(self.compiler in COMPILERS, "compiler", self.compiler, f"one of {COMPILERS}")
         _check(self.dynamic in (None, True, False), "dynamic", self.dynamic, "None, True or False")
         _check(isinstance(self.fullgraph, bool), "fullgraph", self.fullgraph, "a bool")

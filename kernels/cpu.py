@@ -3,7 +3,7 @@
 Forward strategies, chosen per call from ``keep`` (reading it on the host is cheap on CPU):
 
 * every head kept: one SDPA call, GQA handled natively by ``enable_gqa``;
-* few contiguous runs of kept heads (typically one keep pattern shared by the whole batch):
+* few, wide runs of kept heads (typically one keep pattern shared by the whole batch):
   one SDPA call per run on strided *views* of q/k/v/mask, so nothing is copied in;
 * anything else: gather the kept (batch, head) pairs into one batch and make a single SDPA
   call. One large call beats many small ones: each call is an OpenMP parallel region, and on
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import threading
 from typing import List, Optional, Tuple
 
@@ -249,10 +250,10 @@ def gated_attention_cpu(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("gated_attention_cpu: dropout_p > 0 needs a seed")
-        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4)
+        _, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4)
         compute, sc = _compute_dtype(q), D ** -0.5 if scale is None else scale
         outs = []
-        for i, (s, e) in enumerate(_chunks(len(flat), Lq, Lk)):
+        for i, (s, e) in enumerate(_chunks(n_kept, Lq, Lk)):
             p = _probs(qg[s:e], kg[s:e], _sl(mg, s, e), is_causal, sc, compute)
             outs.append(torch.matmul(p * _dropout_mult(seed, i, p, dropout_p), vg[s:e].to(compute)))
         og = torch.cat(outs)
@@ -288,9 +289,9 @@ def gated_attention_cpu(
             return out
         # [N, 1, L, E] rather than [1, N, L, E]: the flash kernel then returns a contiguous
         # result, so the scatter below reads it linearly.
-        flat, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4, use_workspace=True)
+        _, _, qg, kg, vg, mg, _ = _gather(q, k, v, rows, m4, use_workspace=True)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, is_causal=is_causal, scale=scale)
-    return _scatter(og.to(q.dtype), flat, B, Hq)
+    return _scatter(og.to(q.dtype), rows)
 
 
 def _heads_as_batch(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -318,20 +319,19 @@ def _all_kept(q, k, v, m4, is_causal, scale):
     return out.contiguous()
 
 
-def _scatter(og: torch.Tensor, flat: torch.Tensor, B: int, Hq: int) -> torch.Tensor:
-    """[B, Hq, Lq, Dv] with og's rows at ``flat`` and zeros elsewhere, written in one pass.
+def _scatter(og: torch.Tensor, rows: List[List[bool]]) -> torch.Tensor:
+    """[B, Hq, Lq, Dv] with og's rows at the kept heads and zeros elsewhere, in one pass.
 
     A gather from [og; 0] into a fresh tensor beats zero-filling and index_copy_-ing, which
     writes the kept rows twice and is itself slower than index_select.
     """
     N, Lq, Dv = og.shape[0], og.shape[-2], og.shape[-1]
     ws = _workspace((N + 1) * Lq * Dv, og)  # the gathered inputs are dead by now
-    rows = [og.reshape(N, Lq * Dv), og.new_zeros(1, Lq * Dv)]
-    src = torch.cat(rows) if ws is None else torch.cat(rows, out=ws.view(N + 1, Lq * Dv))
-    pos = [N] * (B * Hq)
-    for i, f in enumerate(flat.tolist()):
-        pos[f] = i
-    return torch.index_select(src, 0, _int_tensor(pos, og.device)).view(B, Hq, Lq, Dv)
+    parts = [og.reshape(N, Lq * Dv), og.new_zeros(1, Lq * Dv)]
+    src = torch.cat(parts) if ws is None else torch.cat(parts, out=ws.view(N + 1, Lq * Dv))
+    slot = itertools.count()
+    pos = [next(slot) if kept else N for row in rows for kept in row]
+    return torch.index_select(src, 0, _int_tensor(pos, og.device)).view(len(rows), len(rows[0]), Lq, Dv)
 
 
 def gated_attention_backward_cpu(
