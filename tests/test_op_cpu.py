@@ -291,7 +291,9 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("case", OPCHECK_CASES)
 def test_opcheck(case):
     as_f32 = lambda t: t.detach().float().requires_grad_(t.requires_grad)  # noqa: E731
-    q, k, v, keep, m = (as_f32(t) if t is not None and t.is_floating_point() else t for t in small(**case["kw"]))
+    q, k, v, keep, m = (
+        as_f32(t) if t is not None and t.is_floating_point() else t for t in small(**case["kw"])
+    )
     torch.library.opcheck(op, (q, k, v, keep, m, 0.0, case["causal"], None))
     all_kept = torch.ones_like(keep)
     torch.library.opcheck(op, (q, k, v, all_kept, m, 0.0, case["causal"], None))
