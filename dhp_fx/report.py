@@ -57,11 +57,24 @@ def register_flop_formulas() -> None:
     from torch.utils import flop_counter as fc
 
     _register_if_absent(torch.ops.dhp.gated_attention, get_raw=True)(gated_attention_flop)
+    _register_if_absent(torch.ops.dhp.head_linear_out, get_raw=True)(head_linear_flop)
+    _register_if_absent(torch.ops.dhp.head_linear_in, get_raw=True)(head_linear_flop)
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         @_register_if_absent(cpu_sdpa)
         def cpu_sdpa_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def head_linear_flop(x, weight, bias, heads_keep, head_dim, weight_in_out=False, *args, out_val=None, **kwargs) -> int:
+    """2·rows·in·out of the kept heads' share of a dhp::head_linear_* projection."""
+    rows = x.numel() // x.shape[-1]
+    full = 2 * rows * weight.shape[0] * weight.shape[1]
+    try:
+        kept = int(heads_keep.sum())
+    except Exception:  # fake tensors carry no values: count every head
+        return full
+    return full * kept // max(1, heads_keep.numel())
 
 
 def _register_if_absent(target, get_raw=False):

@@ -119,7 +119,10 @@ def test_gated_flops_count_only_kept_heads(hand):
         opt.set_keep_ratio(0.5)
     B, L, hd = 3, 10, 6
     attention = sum(2 * L * L * 2 * hd * B * s.num_heads for s in opt.sites)
-    assert full - one_head == attention - sum(2 * L * L * 2 * hd * B for _ in opt.sites)
+    # Output projections skip pruned heads too (DHPConfig.skip_projections): hd input features each.
+    params = dict(model.named_parameters())
+    out_proj = sum(2 * B * L * params[s.out_proj.weight].shape[0] * hd * (s.num_heads - 1) for s in opt.sites)
+    assert full - one_head == attention - sum(2 * L * L * 2 * hd * B for _ in opt.sites) + out_proj
     assert count_flops(model, inputs) == full  # gates open: the original's cost (CPU SDPA counted too)
 
 
