@@ -16,16 +16,6 @@ from dhp_fx.testing import AttentionSpec, build_attention
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: a second OpenMP thread buys nothing, and on a loaded 2-core machine
-    # its spin-waits make each step 10-20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gpt2(seed=0, vocab=VOCAB, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
