@@ -86,9 +86,7 @@ def _slice_mask(m4: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int):
 # (thousands of page faults per call, as costly as the attention itself at short sequences).
 _local = threading.local()
 WORKSPACE_MAX_BYTES = 64 << 20
-# Off until a segfault seen in CI after a long test sequence is explained (suspected: a gathered
-# view outliving its reuse); the cost is the page-fault cliff described above.
-USE_WORKSPACE = False
+USE_WORKSPACE = True
 
 
 def _workspace(numel: int, like: torch.Tensor) -> Optional[torch.Tensor]:
