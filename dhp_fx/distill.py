@@ -9,11 +9,24 @@ Loss per batch (each term a mean over real, non-padding positions):
     λ_kd · hidden_loss(h_s, h_t)                            encoders (last_hidden_state) or bare tensors
   + λ_task · task loss                                     when batches carry "labels"
   + λ_align · mean over align_modules of align_loss(out_s, out_t)
+  + λ_attn · mean over attention_sites of KL(P_t ‖ P_s) per query row, kept heads only
   + λ_gate · the router gates' own loss                    DHPConfig(scoring="router")
+  + λ_budget · (soft keep fraction − keep budget)²         learned gates under gate_grad="ste"
 
-The gates decide with a hard top-k, so no gradient of the distillation loss flows through the
-keep decision; router gates learn to predict the head score S from their own loss (see
-``dhp_fx.strategies.RouterGate``), and the keep budget stays whatever the gates enforce.
+Gates decide with a hard top-k. ``gate_grad`` lets the distillation loss reach learned gates
+(routers) through that decision; while training, every head runs and the gate's tap weights
+head h by
+  "ste":     hard_h + s_h − detach(s_h)   (s = the router's soft score): forward values exactly
+             those of hard gating; backward, each score — pruned heads included — gets
+             ⟨∂L/∂out_h, out_h⟩, the first-order effect of switching the head on;
+  "relaxed": σ((s_h − boundary)/T), a soft top-k around the budget's boundary: exact gradients
+             of a forward that is not the hard one.
+Training thus costs dense attention; inference stays gated. The budget term keeps the soft
+scores centred on the keep fraction (and sets the count when gates use a score threshold).
+The default is "none": on our tests both estimators made the student worse than routers that
+only regress S (benchmarks/RESULTS.md, "Learning the keep decision") — switching a head on or
+off is far outside the range where the first-order signal holds, and a ranking that keeps
+changing leaves the weights no stable head set to adapt to.
 
 The loop itself (checkpoints, exact resume, Ctrl-C) is in ``dhp_fx.distill_trainer``.
 """
@@ -32,6 +45,7 @@ from .distill_loss import position_mask, token_cosine, token_kl
 
 TARGETS = ("auto", "logits", "hidden")
 HIDDEN_LOSSES = ("cosine", "mse", "cosine+mse")
+GATE_GRADS = ("none", "ste", "relaxed")
 
 
 @dataclass
@@ -50,7 +64,10 @@ class DistillConfig:
     batch has labels, else 0; a number > 0 makes labels mandatory), ``align_weight`` with
     ``align_modules`` (None, "auto" = the model's layer list, a list of module names, or a dict
     {student module: teacher module}, names relative to the unwrapped model) and ``align_loss``;
-    ``hidden_loss`` for models without logits; ``gate_weight`` for router gates.
+    ``hidden_loss`` for models without logits; ``gate_weight`` for router gates' regression
+    loss; ``gate_grad`` ("none", "ste" or "relaxed") and ``budget_weight`` for training
+    learned gates through the keep decision; ``attention_weight`` with ``attention_sites`` ("auto": every site
+    the student shares with the teacher, or a list of site names) for attention-map alignment.
     ``target``: "auto" distils on ``logits`` when the output has them, else on
     ``last_hidden_state``; a model returning a bare tensor is taken as hidden states unless
     target="logits".
@@ -92,6 +109,10 @@ class DistillConfig:
     align_loss: str = "mse"
     hidden_loss: str = "cosine+mse"
     gate_weight: float = 1.0
+    gate_grad: str = "none"
+    budget_weight: float = 1.0
+    attention_weight: float = 0.0
+    attention_sites: Union[str, list] = "auto"
     target: str = "auto"
     train_weights: bool = True
     train_gates: bool = True
@@ -124,7 +145,8 @@ class DistillConfig:
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
         for name in ("lr", "gate_lr", "temperature"):
             _check(_is_num(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
-        for name in ("weight_decay", "kd_weight", "align_weight", "gate_weight", "min_delta"):
+        for name in ("weight_decay", "kd_weight", "align_weight", "gate_weight", "min_delta", "budget_weight",
+                     "attention_weight"):
             _check(_is_num(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
         _check(self.task_weight is None or (_is_num(self.task_weight) and self.task_weight >= 0),
                "task_weight", "None or a number >= 0")
@@ -140,6 +162,10 @@ class DistillConfig:
                                                              for k, v in self.align_modules.items())),
                "align_modules", "None, 'auto', a list of module names or a {student: teacher} dict")
         _check(self.amp in ("auto", True, False), "amp", "'auto', True or False")
+        _check(self.gate_grad in GATE_GRADS, "gate_grad", f"one of {GATE_GRADS}")
+        _check(self.attention_sites == "auto" or (isinstance(self.attention_sites, (list, tuple)) and self.attention_sites
+                                                  and all(isinstance(n, str) for n in self.attention_sites)),
+               "attention_sites", "'auto' or a non-empty list of site names")
         _check(isinstance(self.resume, (bool, str)), "resume", "a bool or a checkpoint path")
         _check(self.seed is None or _is_int(self.seed), "seed", "None or an int")
         if self.align_weight > 0 and self.align_modules is None:

@@ -24,8 +24,10 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .distill import DistillConfig, DistillResult, evaluate
+from .gates import HeadGate
 from .distill_io import (BatchStream, CallSpec, Taps, auto_align_modules, check_shapes, device_of, extract,
                          needs_labels_to_decode, run_model, split_batch, to_device, unwrap)
+from .distill_attention import AttentionAlignment, attention_kl
 from .distill_loss import hidden_distance, kd_kl, position_mask, task_cross_entropy
 
 log = logging.getLogger("dhp_fx")
@@ -53,11 +55,19 @@ class Trainer:
         self.best, self.best_step, self.bad_evals, self.best_state = None, None, 0, None
         self.skipped, self.resumed_from, self.last_ckpt = 0, None, None
         self.taps = None
+        self.attention: Optional[AttentionAlignment] = None
+        self.ste_gates: list = []
         self._critical = self._pending_sigint = False
 
     # ------------------------------------------------------------------ set-up
     def _routers(self) -> list:
         return [g for g in self.gates.values() if getattr(g, "router", None) is not None and hasattr(g, "capture_loss")]
+
+    def _learned_gates(self) -> list:
+        """Gates with parameters and a differentiable score: what the straight-through estimator trains."""
+        return [g for g in self.gates.values()
+                if isinstance(g, HeadGate) and type(g).soft_scores is not HeadGate.soft_scores
+                and any(p.requires_grad for p in g.parameters())]
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -91,14 +101,19 @@ class Trainer:
         routers = self._routers()
         compiler = getattr(getattr(self.student, "dhp_config", None), "compiler", "eager")
         self.train_routers = bool(cfg.train_gates and cfg.gate_weight > 0 and routers)
-        if self.train_routers and compiler != "eager":
-            log.warning("dhp_fx.distill: router gates are only trained with DHPConfig(compiler='eager'); "
+        self.ste_gates = self._learned_gates() if cfg.train_gates and cfg.gate_grad != "none" else []
+        if (self.train_routers or self.ste_gates) and compiler != "eager":
+            log.warning("dhp_fx.distill: learned gates are only trained with DHPConfig(compiler='eager'); "
                         "with %r their state is traced as constants", compiler)
-            self.train_routers = False
+            self.train_routers, self.ste_gates = False, []
+        if cfg.attention_weight > 0:
+            self.attention = AttentionAlignment(self.student, self.teacher, cfg.attention_sites)
+            self._warm_up_teacher_view(first)
         gate_ids = {id(p) for p in getattr(self.student, "gates", nn.ModuleDict()).parameters()}
         weights = [p for p in self.student.parameters() if p.requires_grad and id(p) not in gate_ids] \
             if cfg.train_weights else []
-        gate_params = [p for g in routers for p in g.parameters() if p.requires_grad] if self.train_routers else []
+        trained = {id(g): g for g in (routers if self.train_routers else []) + self.ste_gates}
+        gate_params = [p for g in trained.values() for p in g.parameters() if p.requires_grad]
         groups = [g for g in ({"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
                               {"params": gate_params, "lr": cfg.gate_lr, "weight_decay": 0.0}) if g["params"]]
         if not groups:
@@ -136,6 +151,17 @@ class Trainer:
         new = [k for k in self.gates.keys() if k not in before] if before else []
         for key in new:
             _inherit_budget(self.gates, key, before)
+
+    def _warm_up_teacher_view(self, batch: Any) -> None:
+        """Capture the teacher's graph (its gates and sites) once, then pair the sites."""
+        with torch.random.fork_rng(devices=[self.t_dev] if self.t_dev.type == "cuda" else []), torch.no_grad():
+            call = split_batch(batch, self.t_spec, self.cfg.tuple_labels, "the teacher")
+            with self._autocast():
+                run_model(self.attention.teacher_view, call, self.t_spec, self.t_dev,
+                          needs_labels_to_decode(self.t_spec, call))
+        if self.taps:
+            self.taps[1].pop()
+        self.attention.bind()
 
     def _task_weight(self, call) -> float:
         w = self.cfg.task_weight
@@ -182,20 +208,39 @@ class Trainer:
         s_call = split_batch(batch, self.s_spec, cfg.tuple_labels, "the student")
         t_call = split_batch(batch, self.t_spec, cfg.tuple_labels, "the teacher")
         task_w = self._task_weight(s_call)
-        with torch.no_grad(), self._autocast():
-            t_raw = run_model(self.teacher, t_call, self.t_spec, self.t_dev, needs_labels_to_decode(self.t_spec, t_call))
+        attention = self.attention
+        teacher = attention.teacher_view if attention else self.teacher
+        try:
+            if attention:
+                attention.arm(teacher)
+            with torch.no_grad(), self._autocast():
+                t_raw = run_model(teacher, t_call, self.t_spec, self.t_dev, needs_labels_to_decode(self.t_spec, t_call))
+            t_maps = attention.collect(teacher, "teacher") if attention else {}
+        finally:
+            if attention:
+                attention.disarm()
         t_taps = self.taps[1].pop() if self.taps else {}
         routers = self._routers() if self.train_routers else []
         for g in routers:
             g.capture_loss, g.last_router_loss = True, None
+        for g in self.ste_gates:
+            g.ste, g.last_budget_loss = cfg.gate_grad, None
         try:
+            if attention:
+                attention.arm(self.student)
             with self._autocast():
                 s_raw = run_model(self.student, s_call, self.s_spec, self.s_dev,
                                   task_w > 0 or needs_labels_to_decode(self.s_spec, s_call))
             gate_losses = [g.last_router_loss for g in routers if g.last_router_loss is not None]
+            budget_losses = [g.last_budget_loss for g in self.ste_gates if g.last_budget_loss is not None]
+            s_maps = attention.collect(self.student, "student") if attention else {}
         finally:
             for g in routers:
                 g.capture_loss, g.last_router_loss = False, None
+            for g in self.ste_gates:
+                g.ste, g.last_budget_loss = False, None
+            if attention:
+                attention.disarm()
         s_taps = self.taps[0].pop() if self.taps else {}
         s, t = extract(s_raw, cfg.target, "student"), extract(t_raw, cfg.target, "teacher")
         t.logits, t.hidden = to_device(t.logits, self.s_dev), to_device(t.hidden, self.s_dev)
@@ -237,6 +282,14 @@ class Trainer:
         if gate_losses:
             parts["gate"] = torch.stack([g.float().to(self.s_dev) for g in gate_losses]).mean()
             total = total + cfg.gate_weight * parts["gate"]
+        if budget_losses and cfg.budget_weight > 0:
+            parts["budget"] = torch.stack([b.float().to(self.s_dev) for b in budget_losses]).mean()
+            total = total + cfg.budget_weight * parts["budget"]
+        if s_maps:
+            query_mask = s_call.kwargs.get("attention_mask")
+            query_mask = query_mask if isinstance(query_mask, torch.Tensor) and query_mask.dim() == 2 else None
+            parts["attention"] = torch.stack([attention_kl(s_maps[n], t_maps[n], query_mask, n) for n in s_maps]).mean()
+            total = total + cfg.attention_weight * parts["attention"]
         return total, parts
 
     def _lr_factor(self, step: int) -> float:
@@ -370,6 +423,10 @@ class Trainer:
                              skipped_steps=self.skipped, checkpoint=self.last_ckpt, resumed_from=self.resumed_from)
 
     def _teardown(self) -> None:
+        for g in self.ste_gates:
+            g.ste, g.last_budget_loss = False, None
+        if self.attention:
+            self.attention.disarm()
         if self.taps:
             for tap in self.taps:
                 tap.remove()

@@ -15,17 +15,24 @@ come mostly from the attention core. "batch" shares one mask (the union of what 
 at most ``union_cap`` of the heads): pruned heads can be sliced out of the Q/K/V/O weights once
 per call and every GEMM stays dense, but the union grows with the batch, so fewer heads are
 skipped on large, diverse batches.
+
+After the op, the rewrite calls the gate's ``GateTap`` with the op's output and q, k, v: it is
+the identity unless the gate asked for work that needs the heads' values — calibration scores
+of a gate that decided before q existed, the router's loss, attention maps for distillation,
+or the straight-through estimator that lets the distillation loss reach the keep decision.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
+
+from .kernels.entropy import attention_log_probs
 
 from .config import DHPConfig
 from .passes import AttentionSite
@@ -90,6 +97,19 @@ class HeadGate(nn.Module):
         self.union_cap = config.union_cap
         self.recording = False
         self._last_entropy: Optional[torch.Tensor] = None
+        # Only an eagerly run graph calls gates with live tensors in both places (before the
+        # projections and at the tap); a traced downstream bakes the tap in as the identity.
+        self._may_skip_qkv = config.compiler == "eager"
+        # Training switches, set by dhp_fx.distill (see GateTap): ``ste`` is False, "ste"
+        # (straight-through hard decision) or "relaxed" (soft top-k); attention-map capture.
+        # Plain attributes: they are run-time state, not model state.
+        self.ste = False
+        self.capture_attention = False
+        self.last_attention: Optional[AttentionCapture] = None
+        self.last_budget_loss: Optional[torch.Tensor] = None
+        self._tap_work: Optional[dict] = None
+        # unregistered: the tap holds the gate, and the gate's module tree stays what it was
+        object.__setattr__(self, "tap_module", GateTap(self))
         # Not persistent: an explicit mask is a run-time choice, not model state.
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
         self._init_stats()
@@ -154,19 +174,92 @@ class HeadGate(nn.Module):
         )
         return keep.repeat_interleave(group, dim=-1) if group > 1 else keep
 
+    def decides_from_hidden(self) -> bool:
+        """True when ``score`` needs only the layer input (``hidden``), never q, k or v."""
+        return False
+
+    @property
+    def reads_qkv(self) -> bool:
+        # Read by the projection-skipping pass at capture: False lets the gate run before the
+        # Q/K/V projections (called with q = k = v = None), so pruned heads are never projected.
+        return not (self._may_skip_qkv and self.decides_from_hidden())
+
+    def soft_scores(self, q, k, v, attn_mask, hidden) -> Optional[torch.Tensor]:
+        """Differentiable scores [B, H] in [0, 1] for the straight-through estimator, or None
+        when this gate has nothing to learn (the default)."""
+        return None
+
     def forward(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
-        if is_fake(q):
+        ref = q if q is not None else hidden
+        if is_fake(ref):
             # A downstream compiler (aot_eager, inductor) is tracing the graph: hand it one opaque
             # op, so the gate's Python logic (budgets, lagged state, recording) runs for real at
             # every call and its buffers never meet fake tensors.
             return torch.ops.dhp.run_gate(q, k, v, attn_mask, hidden, _register(self))
-        return self.decide_eager(q, k, v, attn_mask, hidden)
+        self._tap_work = None
+        if self.ste and torch.is_grad_enabled() and not self.fixed_keep.numel():
+            keep = self._straight_through(q, k, v, attn_mask, hidden)
+            if keep is not None:
+                return keep
+        keep = self.decide_eager(q, k, v, attn_mask, hidden)
+        if self.capture_attention:
+            self._want(keep=keep, attention=True)
+        return keep
+
+    def _want(self, **work) -> None:
+        if self._tap_work is None:
+            self._tap_work = {}
+        self._tap_work.update(work)
+
+    def _straight_through(self, q, k, v, attn_mask, hidden) -> Optional[torch.Tensor]:
+        """Run every head and let the tap weight them so that the loss reaches the soft scores.
+
+        "ste": weight hard + soft − soft.detach(): forward values are those of hard gating (pruned
+        heads contribute exactly zero), the gradient reaches each head's score — pruned heads
+        included, which is why every head must run while training. "relaxed": weight
+        σ((soft − boundary)/T), boundary halfway between the lowest kept and highest pruned score
+        (or the score threshold): a soft top-k, exact gradients of a forward that is not hard.
+        """
+        soft = self.soft_scores(q, k, v, attn_mask, hidden)
+        if soft is None:
+            return None
+        hard = self.decide(soft.detach())
+        self.last_budget_loss = self.budget_loss(soft)
+        self._want(keep=hard, ste=soft, attention=self.capture_attention)
+        ref = q if q is not None else hidden
+        return torch.ones(ref.shape[0], self.num_heads, dtype=torch.bool, device=ref.device)
+
+    relax_temperature = 0.05
+
+    def _boundary(self, soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """Per row, the score halfway between the lowest kept and the highest pruned head."""
+        if self.score_threshold is not None:
+            return soft.new_tensor(self.score_threshold)
+        low_kept = soft.masked_fill(~hard, float("inf")).amin(-1, keepdim=True)
+        high_pruned = soft.masked_fill(hard, float("-inf")).amax(-1, keepdim=True)
+        low_kept = torch.where(torch.isfinite(low_kept), low_kept, high_pruned)
+        high_pruned = torch.where(torch.isfinite(high_pruned), high_pruned, low_kept - 1.0)
+        return 0.5 * (low_kept + high_pruned)
+
+    def budget_loss(self, soft: torch.Tensor) -> torch.Tensor:
+        """Squared gap between the soft keep fraction and the keep budget, per sample.
+
+        Under a top-k budget it keeps the soft scores centred on the budget (so the straight-through
+        gradient does not saturate the sigmoid); under a score threshold the soft count
+        σ((S − t)/0.05) is what decides how many heads pass, so the penalty steers the budget.
+        """
+        p = soft.float()
+        if self.score_threshold is not None:
+            p = torch.sigmoid((p - self.score_threshold) / 0.05)
+        target = min(1.0, self.n_keep / self.num_heads)
+        return (p.mean(-1) - target).square().mean()
 
     @torch.no_grad()  # keep is boolean: nothing differentiable leaves the gate
     def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
-        batch = q.shape[0]
+        ref = q if q is not None else hidden
+        batch = ref.shape[0]
         if self.fixed_keep.numel():
-            fixed = self.fixed_keep.to(q.device)
+            fixed = self.fixed_keep.to(ref.device)
             if fixed.dim() == 2 and fixed.shape[0] != batch:
                 raise ValueError(
                     f"keep mask for site {self.site_name!r} has {fixed.shape[0]} rows but the batch has {batch}"
@@ -176,13 +269,42 @@ class HeadGate(nn.Module):
                 self._record(None, keep)
             return keep
         if self.recording:
+            if q is None:
+                # Decided before the projections: score after the op from the real q and k, with
+                # every head run so that the scores are those of the unpruned heads.
+                self._want(record=True, hidden=hidden)
+                return torch.ones(batch, self.num_heads, dtype=torch.bool, device=ref.device)
             scores = self.calibration_score(q, k, v, attn_mask, hidden)
             keep = self.decide(scores)
             self._record(scores, keep)
             return keep
         if self.score_threshold is None and self.n_keep >= self.num_heads:
-            return torch.ones(batch, self.num_heads, dtype=torch.bool, device=q.device)
+            return torch.ones(batch, self.num_heads, dtype=torch.bool, device=ref.device)
         return self.decide(self.score(q, k, v, attn_mask, hidden))
+
+    def after_attention(self, out: torch.Tensor, q, k, v, attn_mask, work: dict) -> torch.Tensor:
+        """The tap's work (see GateTap): runs once per call, after the op, with live q, k, v."""
+        if work.get("record"):
+            with torch.no_grad():
+                scores = self.calibration_score(q, k, v, attn_mask, work.get("hidden"))
+                self._record(scores, self.decide(scores))
+        if work.get("attention"):
+            self.last_attention = self.attention_map(q, k, attn_mask, work["keep"])
+        soft = work.get("ste")
+        if soft is not None:
+            hard = work["keep"]
+            if self.ste == "relaxed":
+                gate = torch.sigmoid((soft - self._boundary(soft.detach(), hard)) / self.relax_temperature)
+            else:
+                gate = hard.to(soft.dtype) + (soft - soft.detach())
+            out = out * gate.to(out.dtype)[:, :, None, None]
+        return out
+
+    def attention_map(self, q, k, attn_mask, keep) -> "AttentionCapture":
+        """Log attention probabilities of every head (differentiable in q and k)."""
+        causal = self.site.is_causal and q.shape[2] == k.shape[2]
+        logp, allowed, n_keys = attention_log_probs(q, k, attn_mask, causal, self.site.scale)
+        return AttentionCapture(logp, allowed, n_keys > 0, keep.detach())
 
     # ------------------------------------------------------------------ calibration recording
     def _init_stats(self) -> None:
@@ -242,6 +364,38 @@ class HeadGate(nn.Module):
         return out
 
 
+class AttentionCapture(NamedTuple):
+    """One site's attention maps from the last call: float32 log-probs [B, H, Lq, Lk], the keys
+    each row may attend to (None: all), rows with at least one such key [B, H, Lq] (or
+    broadcastable), and the keep mask [B, H] the call ran with."""
+
+    log_probs: torch.Tensor
+    allowed: Optional[torch.Tensor]
+    row_valid: torch.Tensor
+    keep: torch.Tensor
+
+
+class GateTap(nn.Module):
+    """Called by the rewritten graph right after the gated op: ``out = tap(out, q, k, v, mask)``.
+
+    The identity unless the gate's last decision left work that needs the heads' values; that
+    costs one Python call per site when idle. Holds its gate without registering it, so the
+    gate's parameters are not counted twice.
+    """
+
+    def __init__(self, gate: HeadGate):
+        super().__init__()
+        object.__setattr__(self, "gate", gate)
+
+    def forward(self, out, q, k, v, attn_mask=None):
+        gate = self.gate
+        work = gate._tap_work
+        if work is None or is_fake(out):
+            return out
+        gate._tap_work = None
+        return gate.after_attention(out, q, k, v, attn_mask, work)
+
+
 _GATES: "weakref.WeakValueDictionary[int, HeadGate]" = weakref.WeakValueDictionary()
 _GATE_IDS = itertools.count()
 
@@ -256,7 +410,7 @@ def _register(gate: HeadGate) -> int:
 
 
 @torch.library.custom_op("dhp::run_gate", mutates_args=())
-def run_gate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+def run_gate(q: Optional[torch.Tensor], k: Optional[torch.Tensor], v: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
              hidden: Optional[torch.Tensor], gate_id: int) -> torch.Tensor:
     """Call gate ``gate_id``'s eager decision from compiled code: bool [B, H]."""
     gate = _GATES.get(gate_id)
@@ -268,8 +422,9 @@ def run_gate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
 @run_gate.register_fake
 def _(q, k, v, attn_mask, hidden, gate_id):
     gate = _GATES.get(gate_id)
+    ref = q if q is not None else hidden
     heads = gate.num_heads if gate is not None else q.shape[1]
-    return q.new_empty((q.shape[0], heads), dtype=torch.bool)
+    return ref.new_empty((ref.shape[0], heads), dtype=torch.bool)
 
 
 def build_gate(site: AttentionSite, config: DHPConfig, params: Optional[dict] = None) -> nn.Module:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch._subclasses.fake_tensor import is_fake
+
 from .config import DHPConfig
 from .gates import HeadGate
 from .passes import AttentionSite
@@ -134,11 +136,15 @@ class StaticGate(ScoringGate):
     def calibration_score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         return self.probe_score(q, k, attn_mask)
 
+    def decides_from_hidden(self) -> bool:
+        return True
+
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         self._last_entropy = None
+        ref = q if q is not None else hidden
         # where(), not an if: traced gates must not branch on buffer values
         ranking = torch.where(self.calibrated, self.static_scores, self._fresh_w_hat())
-        return ranking[None].expand(q.shape[0], -1).to(q.device)
+        return ranking[None].expand(ref.shape[0], -1).to(ref.device)
 
 
 class RouterGate(ScoringGate):
@@ -195,16 +201,34 @@ class RouterGate(ScoringGate):
             raise RuntimeError(f"site {self.site_name!r} has no router (input projection not found)")
         return F.mse_loss(self.predict(hidden.detach(), attn_mask, q.shape[0]), self.target_scores(q, k, attn_mask))
 
+    def decides_from_hidden(self) -> bool:
+        return self.router is not None
+
+    def soft_scores(self, q, k, v, attn_mask, hidden) -> Optional[torch.Tensor]:
+        if self.router is None or hidden is None:
+            return None
+        return self.predict(hidden, attn_mask, None if q is None else q.shape[0])
+
+    def forward(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
+        keep = super().forward(q, k, v, attn_mask, hidden)
+        if self.capture_loss and self.router is not None and hidden is not None and not is_fake(keep):
+            # The distillation loop sets capture_loss, runs the model (compiler="eager": compiled
+            # graphs call gates without autograd) and sums last_router_loss. Computed at the tap,
+            # where q and k exist even when this gate ran before the projections.
+            self._want(router_loss=True, hidden=hidden)
+        return keep
+
+    def after_attention(self, out, q, k, v, attn_mask, work: dict) -> torch.Tensor:
+        if work.get("router_loss") and not torch.is_inference_mode_enabled():
+            with torch.enable_grad():
+                self.last_router_loss = self.router_loss(q, k, v, attn_mask, work["hidden"])
+        return super().after_attention(out, q, k, v, attn_mask, work)
+
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         if self.router is None or hidden is None:
             return self.probe_score(q, k, attn_mask)
-        if self.capture_loss and not torch.is_inference_mode_enabled():
-            # The distillation loop sets capture_loss, runs the model (compiler="eager": compiled
-            # graphs call gates without autograd) and sums last_router_loss.
-            with torch.enable_grad():
-                self.last_router_loss = self.router_loss(q, k, v, attn_mask, hidden)
         self._last_entropy = None
-        return self.predict(hidden, attn_mask, q.shape[0]).detach()
+        return self.predict(hidden, attn_mask, None if q is None else q.shape[0]).detach()
 
 
 STRATEGIES = {"probe": ProbeGate, "router": RouterGate, "lagged": LaggedGate, "static": StaticGate}

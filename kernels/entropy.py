@@ -57,24 +57,21 @@ def _take_rows(t: torch.Tensor, rows: Optional[torch.Tensor], batch: int) -> tor
     return t.gather(-2, index)
 
 
-def attention_entropy(
+def attention_log_probs(
     q: torch.Tensor,
     k: torch.Tensor,
     attn_mask: Optional[torch.Tensor] = None,
     is_causal: bool = False,
     scale: Optional[float] = None,
     rows: Optional[torch.Tensor] = None,
-    query_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Mean normalised entropy of each head's attention distribution: float32 [B, Hq] in [0, 1].
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """float32 log attention probabilities [B, Hq, R, Lk] of the chosen query rows.
 
-    q [B, Hq, Lq, D], k [B, Hkv, Lk, D] (query head h reads kv head h // (Hq // Hkv)).
-    attn_mask follows SDPA (bool True = attend, or additive), broadcastable to [B, Hq, Lq, Lk];
-    is_causal is SDPA's top-left causal mask. A row's entropy is divided by log(n), n = keys it
-    may attend to (masked and causal-future keys excluded; n = 1 gives 0). Rows are averaged,
-    leaving out rows with no key to attend to and rows with ``query_valid`` [B, Lq] False
-    (padding queries). A (batch, head) with no row left scores 0.
-    rows: query rows to score, [R] shared or [B, R] per sample (see ``probe_rows``); None = all.
+    Returns (log_probs, allowed, n_keys): ``allowed`` is the bool [B, Hq, R, Lk] mask of keys a
+    row may attend to (None: every key), ``n_keys`` how many per row. A row with no allowed key
+    gets a uniform distribution (no NaN); callers drop it by ``n_keys == 0``. Differentiable in
+    q and k (distillation aligns attention maps through it). Shapes and mask conventions as in
+    ``attention_entropy``.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -107,9 +104,35 @@ def attention_entropy(
     else:
         allowed = allowed.expand(B, Hq, R, Lk)
         n_keys = allowed.sum(-1, dtype=torch.float32)
-        # a row with nothing to attend to gets uniform scores (no NaN) and is dropped below
+        # a row with nothing to attend to gets uniform scores (no NaN) and is dropped by callers
         scores = scores.masked_fill(~allowed, float("-inf")).masked_fill((n_keys == 0)[..., None], 0.0)
-    logp = torch.log_softmax(scores, dim=-1)
+    return torch.log_softmax(scores, dim=-1), allowed, n_keys
+
+
+def attention_entropy(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    rows: Optional[torch.Tensor] = None,
+    query_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean normalised entropy of each head's attention distribution: float32 [B, Hq] in [0, 1].
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D] (query head h reads kv head h // (Hq // Hkv)).
+    attn_mask follows SDPA (bool True = attend, or additive), broadcastable to [B, Hq, Lq, Lk];
+    is_causal is SDPA's top-left causal mask. A row's entropy is divided by log(n), n = keys it
+    may attend to (masked and causal-future keys excluded; n = 1 gives 0). Rows are averaged,
+    leaving out rows with no key to attend to and rows with ``query_valid`` [B, Lq] False
+    (padding queries). A (batch, head) with no row left scores 0.
+    rows: query rows to score, [R] shared or [B, R] per sample (see ``probe_rows``); None = all.
+    """
+    B, Hq = q.shape[:2]
+    if rows is not None:
+        rows = rows.to(q.device)
+    logp, allowed, n_keys = attention_log_probs(q, k, attn_mask, is_causal, scale, rows)
+    R = logp.shape[-2]
     plogp = torch.special.xlogy(logp.exp(), logp.exp())
     if allowed is not None:
         plogp = plogp.masked_fill(~allowed, 0.0)

@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import (
-    arg, const_number, example_value, folded_heads, functionalize_writes, insert_node, is_call, is_method,
-    module_path_of,
+    arg, const_number, example_value, float_scalar_node, folded_heads, functionalize_writes, insert_node, is_call,
+    is_method, module_path_of, runtime_scalar_hint,
 )
 from .site import AttentionMatch, SkippedSite
 
@@ -193,6 +193,10 @@ class _Chain:
     inplace: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     heads: set[int] = field(default_factory=set)  # head counts read off [B, H, Lq, Lk] views
+    # Run-time factors (dynamic=True: HF's self.scaling is a graph input): (node, "mul" | "div").
+    # ``scale`` includes their values at capture; the op is handed a node computing the product.
+    dynamic: list[tuple[fx.Node, str]] = field(default_factory=list)
+    dynamic_hint: float = 1.0  # their product at capture (``scale`` holds the constant factors)
 
     def rescale(self, c: float, where: str) -> None:
         if not math.isfinite(c) or c <= 0:
@@ -200,6 +204,30 @@ class _Chain:
         self.scale *= c
         for t in self.terms:
             t.mult *= c
+
+    def rescale_dynamic(self, factor: fx.Node, kind: str, hint: float, where: str) -> None:
+        if not math.isfinite(hint) or hint <= 0:
+            raise _Skip(f"run-time scale {factor.name} at {where} is {hint} at capture, not positive and finite")
+        if self.terms:
+            # Mask terms would need the run-time factor folded in; not supported.
+            raise _Skip(f"scores are scaled by the run-time value {factor.name} at {where} after a mask was applied")
+        self.dynamic_hint *= hint if kind == "mul" else 1.0 / hint
+        self.dynamic.append((factor, kind))
+
+
+def _scale_node(graph: fx.Graph, factors: list[tuple[fx.Node, str]], const: float, like: fx.Node) -> fx.Node:
+    """A node computing const · Π factors (÷ for "div" factors) at run time, as a float."""
+    node: Any = None
+    for factor, kind in factors:
+        if node is None:
+            node = factor if kind == "mul" else insert_node(graph, "call_function", operator.truediv, (1.0, factor),
+                                                            meta_like=like)
+        else:
+            op = operator.mul if kind == "mul" else operator.truediv
+            node = insert_node(graph, "call_function", op, (node, factor), meta_like=like)
+    if const != 1.0:
+        node = insert_node(graph, "call_function", operator.mul, (node, const), meta_like=like)
+    return float_scalar_node(graph, node, meta_like=like)
 
 
 def _fill_value(value: Any, where: str, st: _Chain) -> float:
@@ -240,10 +268,19 @@ def _read_chain(mm1: fx.Node, chain: list[fx.Node]) -> _Chain:
         elif kind in ("mul", "div"):
             a, b = _binary(node)
             other = b if a is prev else a
-            c = const_number(other)
-            if c is None or (kind == "div" and other is a) or node.kwargs.get("rounding_mode") is not None:
+            if (kind == "div" and other is a) or node.kwargs.get("rounding_mode") is not None:
                 raise _Skip(f"scores are scaled by a non-constant at {node.name}")
-            st.rescale(c if kind == "mul" else 1.0 / c, node.name)
+            c = const_number(other)
+            if c is not None:
+                st.rescale(c if kind == "mul" else 1.0 / c, node.name)
+            else:
+                hint = runtime_scalar_hint(other)
+                if hint is None:
+                    raise _Skip(
+                        f"scores are scaled at {node.name} by something that is neither a Python number nor a "
+                        "run-time scalar of the graph inputs (a tensor, or a value computed from tensor data)"
+                    )
+                st.rescale_dynamic(other, kind, hint, node.name)
         elif kind in ("add", "sub"):
             a, b = _binary(node)
             if a is b:
@@ -493,6 +530,12 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
         if k is None:
             k = insert_node(graph, "call_method", "transpose", (kt, -2, -1), meta_like=mm1)
         mask = _build_mask(graph, st, example_value(chain[-1] if chain else mm1).dtype, qv.dtype, heads, mm1)
+        const_scale = st.scale * q_factor * kt_factor * k_factor
+        scale = const_scale * st.dynamic_hint
+        scale_node = _scale_node(graph, st.dynamic, const_scale, mm1) if st.dynamic else None
+    if scale_node is not None:
+        names = ", ".join(n.name for n, _ in st.dynamic)
+        st.notes.append(f"scale is a run-time value (from {names}); {scale:g} at capture")
     return AttentionMatch(
         pattern="eager_matmul" if nd == 4 else "eager_bmm",
         anchor=mm2,
@@ -501,11 +544,12 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
         v=v,
         attn_mask=mask,
         mask_kind="none" if mask is None else "additive",
-        scale=st.scale * q_factor * kt_factor * k_factor,
+        scale=scale,
         dropout_p=dropout_p,
         heads_folded=heads if nd == 3 else None,
         kv_heads_folded=heads if nd == 3 else None,
         notes=st.notes,
+        scale_node=scale_node,
     )
 
 

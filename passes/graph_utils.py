@@ -101,6 +101,50 @@ def const_number(x: Any) -> Optional[float]:
     return float(x)
 
 
+_SYM_NUMBERS = (torch.SymInt, torch.SymFloat)
+
+
+def scalar_value(node: Any) -> Any:
+    """The Python number or SymInt/SymFloat a node yields at capture (``.item()``, size reads,
+    sym arithmetic); None for tensors and for nodes without one."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(val, bool) or not isinstance(val, (int, float) + _SYM_NUMBERS):
+        return None
+    return val
+
+
+def runtime_scalar_hint(node: Any) -> Optional[float]:
+    """For a node that yields a Python number at run time (a value the graph computes, not a
+    literal argument), its value at capture; None for tensors, non-nodes, and numbers that depend
+    on tensor data.
+
+    Under ``dynamic=True`` Dynamo lifts float attributes (HF's ``self.scaling``) to 0-dim graph
+    inputs read back with ``.item()``: a *backed* SymFloat, i.e. a function of the graph's inputs
+    (scalars and sizes), with the captured value as its hint. ``.item()`` of a computed tensor
+    (q, k, v, ...) gives an *unbacked* symbol instead, which has no hint and is refused here.
+    """
+    val = scalar_value(node)
+    if val is None:
+        return None
+    if not isinstance(val, _SYM_NUMBERS):
+        return float(val)
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        if free_unbacked_symbols(val):
+            return None
+        sym = val.node
+        hint = sym.hint if sym.has_hint() else None
+        if hint is None:
+            constant = sym.maybe_as_float() if isinstance(val, torch.SymFloat) else sym.maybe_as_int()
+            hint = constant
+        return None if hint is None or isinstance(hint, bool) else float(hint)
+    except Exception:
+        return None
+
+
 def shape_of(node: Any) -> Optional[tuple]:
     val = example_value(node)
     return None if val is None else tuple(val.shape)
@@ -113,7 +157,7 @@ def _fake_mode_of(values) -> Any:
     return next(iter(modes.values())) if len(modes) == 1 else None
 
 
-def _meta_value(op: str, target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+def _meta_value(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     """Run a new node's target on its inputs' fake values, so later passes can read its shape."""
     missing = []
 
@@ -130,6 +174,13 @@ def _meta_value(op: str, target: Any, args: tuple, kwargs: dict) -> Optional[tor
     fx.node.map_aggregate((vargs, vkwargs), lambda v: flat.append(v) if isinstance(v, torch.Tensor) else None)
     mode = _fake_mode_of(flat)
     if mode is None:
+        if not flat and op == "call_function" and all(
+            isinstance(v, (int, float) + _SYM_NUMBERS) for v in (*vargs, *vkwargs.values())
+        ):
+            try:  # arithmetic on run-time scalars (SymFloat/SymInt): no tensors, no fake mode
+                return target(*vargs, **vkwargs)
+            except Exception:
+                return None
         return None
     try:
         with mode:
@@ -160,6 +211,14 @@ def insert_node(
             if key in meta_like.meta:
                 node.meta[key] = meta_like.meta[key]
     return node
+
+
+def float_scalar_node(graph: fx.Graph, node: fx.Node, meta_like: Optional[fx.Node] = None) -> fx.Node:
+    """``node`` if it yields a float at run time, else ``torch.sym_float(node)`` inserted at the
+    graph's current insertion point (ops declared ``float`` are handed a float, not an int)."""
+    if isinstance(scalar_value(node), (float, torch.SymFloat)):
+        return node
+    return insert_node(graph, "call_function", torch.sym_float, (node,), meta_like=meta_like)
 
 
 def functionalize_writes(x: fx.Node, pure_of: dict[str, str]) -> bool:

@@ -93,6 +93,28 @@ def describe(match: AttentionMatch, name: str, projections) -> AttentionSite:
     )
 
 
+def insert_tap(gm: fx.GraphModule, gated: fx.Node, gate_target: str) -> Optional[fx.Node]:
+    """``out = tap(out, q, k, v, mask)`` right after the op, when the gate offers a ``tap_module``.
+
+    Gates decide before the heads run; what needs the heads' values (scores of a gate that ran
+    before the projections, attention maps, training signals) happens in the tap. Placed after
+    the projection-skipping pass, so the op's q/k/v arguments are final.
+    """
+    tap = getattr(gm.get_submodule(gate_target), "tap_module", None)
+    if not isinstance(tap, nn.Module):
+        return None
+    target = gate_target.replace("dhp_gate_", "dhp_tap_", 1)
+    gm.add_submodule(target, tap)
+    q, k, v, _keep, mask = gated.args[:5]
+    with gm.graph.inserting_after(gated):
+        node = gm.graph.call_module(target, (gated, q, k, v, mask))
+    gated.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    for key in ("example_value", "nn_module_stack", "source_fn_stack", "stack_trace"):
+        if key in gated.meta:
+            node.meta[key] = gated.meta[key]
+    return node
+
+
 def rewrite_attention(
     gm: fx.GraphModule,
     make_gate: Optional[GateFactory] = None,
@@ -140,9 +162,11 @@ def rewrite_attention(
                 gate_target += "_"
             gm.add_submodule(gate_target, make_gate(site))
         out = rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
+        gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
         if skip_projections:
-            gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
             site.skipped_projections = skip_site_projections(gm, gated, site, provisional, gate_target, result)
+        if gate_target is not None:
+            insert_tap(gm, gated, gate_target)
         result.sites.append(site)
         result.bump(f"rewritten_{match.pattern}")
 

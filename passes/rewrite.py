@@ -66,8 +66,12 @@ def rewrite_match(
     gate_target: Optional[str],
     hidden: Optional[fx.Node] = None,
 ) -> fx.Node:
-    """Insert the gated op in place of ``match.anchor``; returns the new output node."""
+    """Insert the gated op in place of ``match.anchor``; returns the new output node.
+
+    ``scale`` is the site's scale as a number; a run-time scale (``match.scale_node``) is passed
+    to the op as that node instead, so the op scales by the value the original code would use."""
     graph = gm.graph
+    scale_arg = match.scale_node if match.scale_node is not None else scale
     anchor = match.anchor
     anchor_val = example_value(anchor)
     with graph.inserting_before(anchor):
@@ -88,7 +92,7 @@ def rewrite_match(
             keep = graph.call_module(gate_target, (q, k, v, match.attn_mask), {"hidden": hidden})
         out = graph.call_function(
             gated_attention_op(),
-            (q, k, v, keep, match.attn_mask, match.dropout_p, match.is_causal, scale),
+            (q, k, v, keep, match.attn_mask, match.dropout_p, match.is_causal, scale_arg),
         )
         if match.heads_folded:
             out = graph.call_method("flatten", (out, 0, 1))

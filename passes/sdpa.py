@@ -1,10 +1,12 @@
 """Matcher for scaled_dot_product_attention calls (torch-level in Dynamo graphs, aten-level in exports)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
-from .graph_utils import arg, example_value, module_path_of
+from .graph_utils import arg, const_number, example_value, float_scalar_node, module_path_of, runtime_scalar_hint
 from .site import AttentionMatch, SkippedSite
 
 SDPA_TARGETS = (
@@ -51,9 +53,24 @@ def match_sdpa(gm: fx.GraphModule) -> list[AttentionMatch | SkippedSite]:
         if not isinstance(is_causal, bool):
             skip("is_causal is computed at run time")
             continue
-        if scale is not None and not isinstance(scale, (int, float)):
-            skip("scale is computed at run time")
-            continue
+        scale_value, scale_node, notes = None, None, []
+        if scale is not None:
+            scale_value = const_number(scale)
+            if scale_value is None and isinstance(scale, fx.Node):
+                # dynamic=True: Dynamo lifts float attributes (HF's self.scaling) to graph inputs,
+                # so scale= is a run-time scalar. The op is handed the same node; the site
+                # describes it by its value at capture.
+                scale_value = runtime_scalar_hint(scale)
+                if scale_value is not None and not math.isfinite(scale_value):
+                    skip(f"run-time scale {scale.name} is {scale_value} at capture, not finite")
+                    continue
+                if scale_value is not None:
+                    scale_node = scale
+                    notes.append(f"scale is the run-time value {scale.name} ({scale_value:g} at capture)")
+            if scale_value is None:
+                skip("scale is neither a Python number nor a run-time scalar of the graph inputs "
+                     "(a tensor, or a value computed from tensor data)")
+                continue
         kind = _mask_kind(mask)
         if kind is None:
             skip("attn_mask carries no dtype information")
@@ -62,6 +79,9 @@ def match_sdpa(gm: fx.GraphModule) -> list[AttentionMatch | SkippedSite]:
         if hq != hkv and not enable_gqa:
             skip(f"query heads ({hq}) != kv heads ({hkv}) without enable_gqa")
             continue
+        if scale_node is not None:
+            with gm.graph.inserting_before(node):
+                scale_node = float_scalar_node(gm.graph, scale_node, meta_like=node)
         found.append(
             AttentionMatch(
                 pattern="sdpa",
@@ -71,9 +91,11 @@ def match_sdpa(gm: fx.GraphModule) -> list[AttentionMatch | SkippedSite]:
                 v=v,
                 attn_mask=mask,
                 mask_kind=kind,
-                scale=None if scale is None else float(scale),
+                scale=scale_value,
                 is_causal=is_causal,
                 dropout_p=float(dropout_p),
+                notes=notes,
+                scale_node=scale_node,
             )
         )
     return found

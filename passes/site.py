@@ -103,6 +103,9 @@ class AttentionMatch:
     heads_folded: Optional[int] = None
     kv_heads_folded: Optional[int] = None
     notes: list[str] = field(default_factory=list)
+    # A scale known only at run time (dynamic=True lifts HF's float ``self.scaling`` to a graph
+    # input): the node yielding it, passed to the op as is; ``scale`` then holds its value at capture.
+    scale_node: Optional[fx.Node] = None
 
 
 @dataclass
