@@ -73,6 +73,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dropout", action="store_true", help="run the student with dropout while distilling")
+    ap.add_argument("--attention-weight", type=float, default=0.0,
+                    help="λ of the attention-map alignment (KL per query row, kept heads)")
+    ap.add_argument("--align-weight", type=float, default=0.0, help="λ of hidden-state alignment of every layer")
+    ap.add_argument("--gate-grad", default="none", choices=["none", "ste", "relaxed"])
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -92,7 +96,8 @@ def main(argv=None) -> None:
     train_texts = [train_texts[i] for i in torch.randperm(len(train_texts), generator=g).tolist()]
     train = batches(tokenizer, train_texts[: args.steps * args.batch], args.batch, args.max_len)
     held = batches(tokenizer, held_texts[: args.eval_size], 32, args.max_len)
-    print(f"all-MiniLM-L6-v2, scoring={args.scoring}, dropout {'on' if args.dropout else 'off'}; train {len(train)} batches of {args.batch}, "
+    print(f"all-MiniLM-L6-v2, scoring={args.scoring}, dropout {'on' if args.dropout else 'off'}, "
+          f"attention λ {args.attention_weight}, align λ {args.align_weight}, gate_grad {args.gate_grad}; train {len(train)} batches of {args.batch}, "
           f"held-out {sum(len(b['input_ids']) for b in held)} ASDiv-A problems; {torch.get_num_threads()} threads")
 
     rows = []
@@ -103,7 +108,10 @@ def main(argv=None) -> None:
         before = pooled_cosine(student, teacher, held)
         start = time.perf_counter()
         cfg = dhp_fx.DistillConfig(steps=args.steps, lr=args.lr, seed=args.seed, progress=args.progress,
-                                   hidden_loss="cosine+mse", dropout=args.dropout)
+                                   hidden_loss="cosine+mse", dropout=args.dropout,
+                                   attention_weight=args.attention_weight, gate_grad=args.gate_grad,
+                                   align_weight=args.align_weight,
+                                   align_modules="auto" if args.align_weight > 0 else None)
         dhp_fx.distill(student, teacher, train, cfg)
         elapsed = time.perf_counter() - start
         after = pooled_cosine(student, teacher, held)

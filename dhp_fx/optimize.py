@@ -41,12 +41,14 @@ class DHPModel(nn.Module):
 
         def call_compiled(*args, **kwargs):
             # Past Dynamo's recompile limit the model would silently run ungated: fail instead.
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, **_recompile_limits()):
                 return compiled(*args, **kwargs)
 
         # What nn.Module.compile() sets; routes every call of inner (generate's too) through Dynamo.
         inner._compiled_call_impl = call_compiled
         object.__setattr__(self, "_inner", inner)
+        global _models_created
+        _models_created = next(_MODELS_CREATED)
 
     def forward(self, *args, **kwargs):
         return self._inner(*args, **kwargs)
@@ -126,6 +128,24 @@ class DHPModel(nn.Module):
 
 
 _entry_ids = itertools.count()
+_MODELS_CREATED = itertools.count(1)
+_models_created = 0
+_BASE_LIMITS = {"recompile_limit": torch._dynamo.config.recompile_limit,
+                "accumulated_recompile_limit": torch._dynamo.config.accumulated_recompile_limit}
+
+
+def _recompile_limits() -> dict:
+    """Dynamo's limits, scaled by the number of live optimized models.
+
+    Only the entry frame is private to a model. After a graph break (HF's logger.warning_once in
+    the loss, a .item(), ...) Dynamo compiles the frames that follow — Module._call_impl, the
+    model's forward, resume functions — whose code objects every instance shares, each instance
+    adding cache entries guarded on its own identity. With the stock limit of 8 the ninth
+    optimized model of a class would fail (or, without fail_on_recompile_limit_hit, silently run
+    those frames ungated). Counted over every model created, not the live ones: a freed model's
+    entries still count against the shared code objects' limits.
+    """
+    return {name: base * max(1, _models_created) for name, base in _BASE_LIMITS.items()}
 
 
 def _private_entry(dhp_fx_root: nn.Module):

@@ -1,4 +1,5 @@
 """Public API: optimize(), DHPConfig, the dhp_fx backend, generate(), state round-trips."""
+import copy
 import json
 import subprocess
 import sys
@@ -195,3 +196,25 @@ def test_graph_break_inner_frames_share_root_names_and_settings():
     with heads_zeroed(model, optimized.sites, {n: keep for n in names}), torch.no_grad():
         expected = model(input_ids=ids, output_hidden_states=True)
     assert_outputs_close(out.logits, expected.logits)
+
+
+def test_many_optimized_models_with_graph_breaks_stay_gated():
+    """Frames after a graph break (HF's logger.warning_once in the loss) have code objects shared
+    by every instance; the ninth optimized model must not hit Dynamo's per-code-object limit."""
+    from test_distill import _gpt2, copy_task
+
+    teacher = _gpt2()
+    batch = copy_task(1, 2, seed=1)[0]
+    ids = batch["input_ids"]
+    for _ in range(9):
+        student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=0.5))
+        loss = student(**batch).loss  # labels: the loss path graph-breaks
+        loss.backward()
+        assert student.graphs_compiled >= 2, "expected a graph break in the loss path"
+    # the last one is still gated: a pinned mask changes what it computes
+    keep = torch.tensor([True, False, False, False])
+    with torch.no_grad():
+        open_logits = student(input_ids=ids).logits
+        student.set_keep_mask(keep)
+        gated_logits = student(input_ids=ids).logits
+    assert not torch.allclose(open_logits, gated_logits)
