@@ -111,6 +111,12 @@ def _cuts(params: Mapping[str, torch.Tensor], records: list) -> dict:
                 if role == "out" or role == "q":
                     raise ValueError(f"site {site.name!r}: its {role} projection is unknown, heads cannot be cut")
                 continue
+            if site.head_major is not None and role not in site.head_major:
+                raise ValueError(
+                    f"site {site.name!r}: the graph does not prove that the {role} projection {ref.weight} "
+                    "stores heads head-major (head h = features [h*D, (h+1)*D)); cutting its features by head "
+                    "could remove the wrong ones, so static_prune refuses"
+                )
             weight = params[ref.weight]
             sl = head_slices(site, role, weight.shape[_feature_axis(role, ref.layout)])
             if sl is None:

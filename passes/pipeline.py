@@ -22,7 +22,7 @@ from .projections import find_projections
 from .rewrite import rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
-from .skip_projections import skip_site_projections
+from .skip_projections import prove_head_layouts, skip_site_projections
 
 GateFactory = Callable[[AttentionSite], nn.Module]
 Matcher = Callable[[fx.GraphModule], list]
@@ -163,6 +163,7 @@ def rewrite_attention(
             gm.add_submodule(gate_target, make_gate(site))
         out = rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
         gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
+        site.head_major = prove_head_layouts(gm, gated, site, provisional)
         if skip_projections:
             site.skipped_projections = skip_site_projections(gm, gated, site, provisional, gate_target, result)
         if gate_target is not None:

@@ -49,6 +49,10 @@ class AttentionSite:
     out_proj: Optional[ProjectionRef] = None
     # Projections routed through the head-skipping ops ("q", "k", "v", "out"); see skip_projections.
     skipped_projections: tuple[str, ...] = ()
+    # Roles ("q", "k", "v", "out") whose weight features the graph proves head-major: head h owns
+    # features [h*D, (h+1)*D) of the projection's range. None = not analysed (a site built by
+    # hand). Static pruning cuts only proven projections.
+    head_major: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:
@@ -68,6 +72,8 @@ class AttentionSite:
                 d[key] = ProjectionRef(**p)
         if "skipped_projections" in d:
             d["skipped_projections"] = tuple(d["skipped_projections"])
+        if d.get("head_major") is not None:
+            d["head_major"] = tuple(d["head_major"])
         return cls(**d)
 
 

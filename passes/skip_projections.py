@@ -309,15 +309,14 @@ class _Site:
         return cat, unit
 
     # ------------------------------------------------------------------ output projection
-    def skip_output(self) -> None:
+    def output_route(self) -> tuple[Optional[fx.Node], str]:
+        """(the op's value where it enters the output projection, "") when heads reach it head-major."""
         s, linear = self.site, self.proj.nodes.get("out")
         if linear is None or linear.graph is None:
-            self.decline("out", "not_found")
-            return
+            return None, "not_found"
         q, v = (example_value(self.gated.args[i]) for i in (0, 2))
         if q is None or v is None or q.dim() != 4:
-            self.decline("out", "shape")
-            return
+            return None, "shape"
         heads, dv = s.num_heads, s.value_head_dim
         lay = hl.initial((*q.shape[:3], dv), [hl.Atom("within", dv)])
         lay.dims[1] = [] if heads == 1 else [hl.Atom("head", heads)]
@@ -331,19 +330,24 @@ class _Site:
                 if parts is None or parts[0] is not node:
                     break
                 if not _head_major(lay, heads, dv):
-                    self.decline("out", "layout")
-                    return
-                _replace_linear(self.graph, linear, "head_linear_in", self.any_heads(), dv)
-                self.done.append("out")
-                self.result.bump("skip_out_proj")
-                return
+                    return None, "layout"
+                return node, ""
             if not hl.is_shape_op(user):
                 break  # an elementwise op could turn the zeros of pruned heads into values
             lay = hl.step(user, {node: lay}, dv)
             if lay is None:
                 break
             node = user
-        self.decline("out", "not_reached")
+        return None, "not_reached"
+
+    def skip_output(self) -> None:
+        node, why = self.output_route()
+        if node is None:
+            self.decline("out", why)
+            return
+        _replace_linear(self.graph, self.proj.nodes["out"], "head_linear_in", self.any_heads(), self.site.value_head_dim)
+        self.done.append("out")
+        self.result.bump("skip_out_proj")
 
 
 def _head_major(lay: hl.Layout, heads: int, dv: int) -> bool:
@@ -381,6 +385,20 @@ def _hoist(target: fx.Node, before: fx.Node, index: dict, forbidden: set) -> boo
     for n in sorted(need, key=index.__getitem__):
         before.prepend(n)
     return True
+
+
+def prove_head_layouts(gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, proj: Projections) -> tuple[str, ...]:
+    """Roles whose projection features the graph proves head-major; changes nothing.
+
+    What static pruning needs before it cuts weight rows or columns by head: a model that
+    views its projection as [..., D, H] instead of [..., H, D] looks the same by shapes alone.
+    """
+    state = _Site(gm, gated, site, proj, None, PassResult())
+    index = _index(gm.graph)
+    proven = [role for role in ROLES if state.check_role(role, index)[0] is not None]
+    if state.output_route()[0] is not None:
+        proven.append("out")
+    return tuple(proven)
 
 
 def skip_site_projections(gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, proj: Projections,

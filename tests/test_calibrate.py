@@ -297,3 +297,50 @@ def test_gates_run_under_compiled_downstreams():
         got = opt(**inputs)
     opt.set_keep_mask(None)
     assert_outputs_close(got, _zeroed_reference(model, opt.sites, plan, inputs))
+
+
+class HeadMinorAttention(nn.Module):
+    """Projections viewed as [..., D, H]: head h owns features h, h+H, h+2H, ... — not a slice."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.h, self.d = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+
+        def split(t):
+            return t.view(B, L, self.d, self.h).permute(0, 3, 1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def test_static_prune_refuses_projections_not_proven_head_major():
+    torch.manual_seed(0)
+    model = HeadMinorAttention().eval()
+    x = torch.randn(2, 5, 16)
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=1.0), example_inputs=(x,))
+    (site,) = opt.sites
+    assert site.head_major == ("out",)  # the output side is head-major again after the transpose
+    with pytest.raises(ValueError, match="does not prove that the q projection"):
+        dhp_fx.static_prune(opt, plan={site.name: [1]})
+    # gating itself stays exact: the op addresses heads, not features
+    keep = torch.tensor([True, False, True, True])
+    opt.set_keep_mask(keep)
+    with torch.no_grad():
+        got = opt(x)
+    opt.set_keep_mask(None)
+    with torch.no_grad(), heads_zeroed(model, opt.sites, {site.name: keep}):
+        expected = model(x)
+    assert_outputs_close(got, expected)
+
+
+def test_discovered_sites_prove_their_layouts():
+    model = _tiny_bert()
+    ids = torch.randint(0, 64, (2, 6))
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=1.0), example_inputs=(ids,))
+    assert all(s.head_major == ("q", "k", "v", "out") for s in opt.sites)
+    restored = type(opt.sites[0]).from_dict(opt.sites[0].to_dict())
+    assert restored.head_major == ("q", "k", "v", "out")
