@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--p", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--diverse-routers", action="store_true",
+                        help="random router weights, so every sample keeps its own heads; adds a row with "
+                             "the per-sample GEMM off (union of the rows' heads)")
     args = parser.parse_args()
 
     import dhp_fx
@@ -53,17 +56,28 @@ def main() -> None:
                                   example_inputs=inputs)
             if scoring == "static" and p < 1.0:
                 dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+            if scoring == "router" and args.diverse_routers:
+                with torch.no_grad():
+                    for gate in opt.gates.values():
+                        torch.nn.init.normal_(gate.router[-1].weight, std=1.0)
             variants[f"{scoring}/{granularity} p={p:g}"] = opt
-    times = {name: [] for name in variants}
+    from dhp_fx.kernels import head_linear
+
+    runs = [(name, m, True) for name, m in variants.items()]
+    if args.diverse_routers:
+        runs += [(name + " (union GEMM)", m, False) for name, m in variants.items() if name.startswith("router")]
+    times = {name: [] for name, _, _ in runs}
     with torch.no_grad():
         for _ in range(2):
-            for m in variants.values():
+            for _, m, _ in runs:
                 m(**inputs)
         for _ in range(args.reps):
-            for name, m in variants.items():
+            for name, m, per_sample in runs:
+                head_linear.PER_SAMPLE_GEMM = per_sample
                 start = time.perf_counter()
                 m(**inputs)
                 times[name].append(time.perf_counter() - start)
+        head_linear.PER_SAMPLE_GEMM = True
     dense = statistics.median(times["dense"])
     print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

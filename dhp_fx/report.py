@@ -67,10 +67,18 @@ def register_flop_formulas() -> None:
 
 
 def head_linear_flop(x, weight, bias, heads_keep, head_dim, weight_in_out=False, *args, out_val=None, **kwargs) -> int:
-    """2·rows·in·out of the kept heads' share of a dhp::head_linear_* projection."""
+    """2·rows·in·out of the kept heads' share of a dhp::head_linear_* projection.
+
+    Per-sample masks ([B, H]) count each sample's own heads when every row keeps as many (the op
+    then computes exactly those), else the union of the rows' heads (what the op computes)."""
     rows = x.numel() // x.shape[-1]
     full = 2 * rows * weight.shape[0] * weight.shape[1]
     try:
+        if heads_keep.dim() == 2:
+            counts = heads_keep.sum(-1)
+            equal = bool((counts == counts[0]).all())
+            kept = int(counts[0]) if equal else int(heads_keep.any(0).sum())
+            return full * kept // max(1, heads_keep.shape[-1])
         kept = int(heads_keep.sum())
     except Exception:  # fake tensors carry no values: count every head
         return full

@@ -9,6 +9,13 @@ heads hold zeros (the gated op wrote them), so leaving them out of the product i
 
 Both take weights as stored by the model: "out_in" [out, in] (nn.Linear) or, with
 ``weight_in_out``, [in, out] (HF Conv1D).
+
+``heads_keep`` is [H] (one head set for every row) or [B, H] with ``x.shape[0] == B`` (per-sample
+gates). Per sample, when every row keeps the same number of heads (top-k budgets), each sample's
+kept weight rows/columns are gathered into one batched GEMM, so a head is computed only for the
+samples that keep it; otherwise the union of the rows' heads is computed (and pruned features of
+head_linear_out are zeroed per row). The backward of the per-sample form uses masked dense
+products: training pays full projection cost.
 """
 from __future__ import annotations
 
@@ -24,33 +31,100 @@ def _feature_index(heads_keep: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def _check(x, weight, heads_keep, head_dim, weight_in_out, features_dim: int, name: str) -> None:
-    if heads_keep.dtype != torch.bool or heads_keep.dim() != 1:
-        raise ValueError(f"{name}: heads_keep must be a 1-D bool tensor, got {heads_keep.dtype} {tuple(heads_keep.shape)}")
+    if heads_keep.dtype != torch.bool or heads_keep.dim() not in (1, 2):
+        raise ValueError(f"{name}: heads_keep must be a bool tensor [H] or [B, H], got {heads_keep.dtype} "
+                         f"{tuple(heads_keep.shape)}")
+    if heads_keep.dim() == 2 and (x.dim() < 2 or x.shape[0] != heads_keep.shape[0]):
+        raise ValueError(f"{name}: per-sample heads_keep {tuple(heads_keep.shape)} needs x with the batch "
+                         f"({heads_keep.shape[0]}) as dim 0, got x {tuple(x.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"{name}: weight must be 2-D, got {tuple(weight.shape)}")
     width = weight.shape[1 if weight_in_out else 0] if features_dim == 0 else weight.shape[0 if weight_in_out else 1]
-    if width != heads_keep.numel() * head_dim:
+    if width != heads_keep.shape[-1] * head_dim:
         raise ValueError(
             f"{name}: weight {tuple(weight.shape)} has {width} head features, expected "
-            f"{heads_keep.numel()} heads x head_dim {head_dim}"
+            f"{heads_keep.shape[-1]} heads x head_dim {head_dim}"
         )
+
+
+# Per-sample masks with equal counts per row: one batched GEMM over each row's own heads (True),
+# or the union of the rows' heads (False; what benchmarks compare against).
+PER_SAMPLE_GEMM = True
+
+
+def _feature_mask(heads_keep: torch.Tensor, head_dim: int, x: torch.Tensor) -> torch.Tensor:
+    """float mask over features, broadcastable against [B, ..., H*D]."""
+    mask = heads_keep.repeat_interleave(head_dim, dim=-1).to(x.dtype)
+    if heads_keep.dim() == 2:
+        mask = mask.reshape(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[-1])
+    return mask
+
+
+def _per_sample_index(heads_keep: torch.Tensor, head_dim: int) -> Optional[torch.Tensor]:
+    """[B, n*D] feature indices of each row's kept heads, or None when rows keep different counts."""
+    if not PER_SAMPLE_GEMM:
+        return None
+    counts = heads_keep.sum(-1)
+    n = int(counts[0])
+    if not bool((counts == n).all()) or n == 0:
+        return None
+    heads = heads_keep.nonzero()[:, 1].view(heads_keep.shape[0], n)
+    return (heads[..., None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten(1)
+
+
+def _rows_agree(heads_keep: torch.Tensor) -> bool:
+    return bool((heads_keep == heads_keep[:1]).all())
 
 
 def head_linear_out_reference(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
     w = weight.t() if weight_in_out else weight
     y = F.linear(x, w, bias)
-    mask = heads_keep.repeat_interleave(head_dim)
-    return y * mask.to(y.dtype)
+    return y * _feature_mask(heads_keep, head_dim, y)
 
 
 def head_linear_in_reference(x, weight, bias, heads_keep, head_dim, weight_in_out=False):
     w = weight.t() if weight_in_out else weight
-    mask = heads_keep.repeat_interleave(head_dim)
-    return F.linear(x * mask.to(x.dtype), w, bias)
+    return F.linear(x * _feature_mask(heads_keep, head_dim, x), w, bias)
+
+
+def _out_per_sample(x, w, bias, heads_keep, head_dim):
+    if _rows_agree(heads_keep):
+        return _out_compute(x, w, bias, heads_keep[0], head_dim, False)
+    idx = _per_sample_index(heads_keep, head_dim)
+    if idx is None:  # rows keep different counts: the union, then zero each row's pruned features
+        y = _out_compute(x, w, bias, heads_keep.any(0), head_dim, False)
+        return y * _feature_mask(heads_keep, head_dim, y)
+    B = x.shape[0]
+    xs = x.reshape(B, -1, x.shape[-1])
+    w_rows = w[idx]  # [B, n*D, in]: each sample's kept rows
+    y_kept = torch.bmm(xs, w_rows.transpose(1, 2))
+    if bias is not None:
+        y_kept += bias[idx][:, None, :]
+    y = x.new_zeros((B, xs.shape[1], w.shape[0]))
+    y.scatter_(-1, idx[:, None, :].expand_as(y_kept), y_kept)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _in_per_sample(x, w, bias, heads_keep, head_dim):
+    if _rows_agree(heads_keep):
+        return _in_compute(x, w, bias, heads_keep[0], head_dim, False)
+    idx = _per_sample_index(heads_keep, head_dim)
+    if idx is None:  # pruned inputs are zeros: the union of the rows' heads is exact
+        return _in_compute(x, w, bias, heads_keep.any(0), head_dim, False)
+    B = x.shape[0]
+    xs = x.reshape(B, -1, x.shape[-1])
+    x_kept = xs.gather(-1, idx[:, None, :].expand(B, xs.shape[1], idx.shape[1]))
+    w_cols = w.t()[idx]  # [B, n*D, out]: each sample's kept columns
+    y = torch.bmm(x_kept, w_cols)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
     w = weight.t() if weight_in_out else weight  # [out, in]
+    if heads_keep.dim() == 2:
+        return _out_per_sample(x, w, bias, heads_keep, head_dim)
     if bool(heads_keep.all()):
         return F.linear(x, w, bias)
     idx = _feature_index(heads_keep, head_dim)
@@ -63,6 +137,8 @@ def _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
 
 def _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
     w = weight.t() if weight_in_out else weight  # [out, in]
+    if heads_keep.dim() == 2:
+        return _in_per_sample(x, w, bias, heads_keep, head_dim)
     if bool(heads_keep.all()):
         return F.linear(x, w, bias)
     idx = _feature_index(heads_keep, head_dim)
@@ -104,9 +180,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _masked_grads(grad, x, w, bias, mask_out, mask_in):
+    """Dense grads of y = (x·mask_in) @ wᵀ + b, then ·mask_out (masks broadcast like x / y)."""
+    g = grad * mask_out if mask_out is not None else grad
+    xm = x * mask_in if mask_in is not None else x
+    gx = g @ w
+    if mask_in is not None:
+        gx = gx * mask_in
+    gw = _flat(g).t() @ _flat(xm)
+    gb = _flat(g).sum(0) if bias is not None else x.new_empty(0)
+    return gx, gw, gb
+
+
 def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
     # Explicit formulas: custom-op bodies run below autograd, so no recompute-and-differentiate.
     w = weight.t() if weight_in_out else weight  # [out, in]
+    if heads_keep.dim() == 2:
+        gx, gw, gb = _masked_grads(grad, x, w, bias, _feature_mask(heads_keep, head_dim, grad), None)
+        return gx, gw.t().contiguous() if weight_in_out else gw, gb
     idx = _feature_index(heads_keep, head_dim)
     g_kept = grad.index_select(-1, idx)
     gx = g_kept @ w.index_select(0, idx)
@@ -121,6 +212,9 @@ def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
 
 def _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
     w = weight.t() if weight_in_out else weight  # [out, in]
+    if heads_keep.dim() == 2:
+        gx, gw, gb = _masked_grads(grad, x, w, bias, None, _feature_mask(heads_keep, head_dim, x))
+        return gx, gw.t().contiguous() if weight_in_out else gw, gb
     idx = _feature_index(heads_keep, head_dim)
     gx = torch.zeros_like(x)
     gx.index_copy_(-1, idx, grad @ w.index_select(1, idx))

@@ -230,7 +230,7 @@ class _Site:
         candidates = self.place_gate(candidates, hidden, everything | {self.gated, self.keep})
         if not candidates:
             return
-        self.replace_inputs(candidates)
+        self.replace_inputs(candidates, hidden)
 
     def place_gate(self, roles: list[str], hidden: fx.Node, forbidden: set) -> list[str]:
         """Move the gate before the first projection it lets skip; drop roles it cannot precede."""
@@ -252,7 +252,20 @@ class _Site:
                 self.decline(r, "mask_after_projection" if late is mask else "hidden_after_projection")
         return roles
 
-    def replace_inputs(self, roles: list[str]) -> None:
+    def sample_flags(self) -> tuple[fx.Node, fx.Node]:
+        """Per-sample head flags [B, H] and KV-head flags [B, Hkv] (a KV head runs for a row if
+        any of its query heads does)."""
+        s = self.site
+        if s.num_kv_heads == s.num_heads:
+            return self.keep, self.keep
+        with self.graph.inserting_after(self.keep):
+            grouped = insert_node(self.graph, "call_method", "view", (self.keep, -1, s.num_kv_heads, s.num_heads // s.num_kv_heads),
+                                  meta_like=self.gated)
+        with self.graph.inserting_after(grouped):
+            kv = insert_node(self.graph, "call_method", "any", (grouped, -1), meta_like=self.gated)
+        return self.keep, kv
+
+    def replace_inputs(self, roles: list[str], hidden: fx.Node) -> None:
         s = self.site
         heads_any = self.any_heads()
         kv_any = heads_any
@@ -264,13 +277,26 @@ class _Site:
         by_linear: dict[fx.Node, list[str]] = {}
         for r in roles:
             by_linear.setdefault(self.proj.nodes[r], []).append(r)
+        sample = None
         for linear, rs in by_linear.items():
-            segments = []
-            for r in rs:
-                heads, head_dim = self.role_geometry(r)
-                start = (self.proj.features.get(r) or (0,))[0]
-                segments.append((start, heads, head_dim, heads_any if r == "q" else kv_any, r))
-            keep_units, unit = self.feature_keep(linear, segments)
+            keep_units = None
+            if len(rs) == 1 and _linear_parts(linear)[0] is hidden:
+                # The projection reads the gate's input, whose dim 0 is the batch (checked by
+                # batch_leads_hidden): per-sample flags let each row skip its own heads.
+                sample = sample or self.sample_flags()
+                heads, head_dim = self.role_geometry(rs[0])
+                start = (self.proj.features.get(rs[0]) or (0,))[0]
+                flags = sample[0] if rs[0] == "q" else sample[1]
+                keep_units, unit = self.feature_keep(linear, [(start, heads, head_dim, flags, rs[0])], whole_only=True)
+                if keep_units is not None:
+                    self.result.bump("per_sample_proj")
+            if keep_units is None:
+                segments = []
+                for r in rs:
+                    heads, head_dim = self.role_geometry(r)
+                    start = (self.proj.features.get(r) or (0,))[0]
+                    segments.append((start, heads, head_dim, heads_any if r == "q" else kv_any, r))
+                keep_units, unit = self.feature_keep(linear, segments)
             if keep_units is None:
                 for r in rs:
                     self.decline(r, "fused_layout")
@@ -282,8 +308,11 @@ class _Site:
         if "k" in self.done or "v" in self.done:
             self.result.bump("skip_kv_proj")
 
-    def feature_keep(self, linear: fx.Node, segments: list) -> tuple[Optional[fx.Node], int]:
-        """bool [W / unit] over the linear's output features: each role's head flags, True elsewhere."""
+    def feature_keep(self, linear: fx.Node, segments: list, whole_only: bool = False) -> tuple[Optional[fx.Node], int]:
+        """bool [W / unit] over the linear's output features: each role's head flags, True elsewhere.
+
+        whole_only: only when one role covers every feature (the flags themselves, which may then
+        be per-sample [B, H]); None otherwise."""
         width = static_int(example_value(linear).shape[-1])
         unit = math.gcd(*[hd for _, _, hd, _, _ in segments])
         segments = sorted(segments, key=lambda seg: seg[0])
@@ -296,6 +325,8 @@ class _Site:
             return None, unit
         if len(segments) == 1 and segments[0][0] == 0 and pos == width and segments[0][2] == unit:
             return segments[0][3], unit
+        if whole_only:
+            return None, unit
         graph, pieces, pos = self.graph, [], 0
         with graph.inserting_before(linear):
             for start, heads, head_dim, flags, _ in segments + [(width, 0, unit, None, None)]:
@@ -310,7 +341,10 @@ class _Site:
 
     # ------------------------------------------------------------------ output projection
     def output_route(self) -> tuple[Optional[fx.Node], str]:
-        """(the op's value where it enters the output projection, "") when heads reach it head-major."""
+        """(the op's value where it enters the output projection, "") when heads reach it head-major.
+
+        Sets ``self.out_batch_leads``: that value's dim 0 is the op's batch dim."""
+        self.out_batch_leads = False
         s, linear = self.site, self.proj.nodes.get("out")
         if linear is None or linear.graph is None:
             return None, "not_found"
@@ -331,6 +365,8 @@ class _Site:
                     break
                 if not _head_major(lay, heads, dv):
                     return None, "layout"
+                lead = lay.dims[0] if lay.dims else []
+                self.out_batch_leads = len(lead) == 1 and lead[0].kind == "other" and lead[0].source_dim == 0
                 return node, ""
             if not hl.is_shape_op(user):
                 break  # an elementwise op could turn the zeros of pruned heads into values
@@ -345,7 +381,11 @@ class _Site:
         if node is None:
             self.decline("out", why)
             return
-        _replace_linear(self.graph, self.proj.nodes["out"], "head_linear_in", self.any_heads(), self.site.value_head_dim)
+        # rows reach the projection batch-first: each sample can skip its own heads' columns
+        flags = self.keep if self.out_batch_leads else self.any_heads()
+        if self.out_batch_leads:
+            self.result.bump("per_sample_proj")
+        _replace_linear(self.graph, self.proj.nodes["out"], "head_linear_in", flags, self.site.value_head_dim)
         self.done.append("out")
         self.result.bump("skip_out_proj")
 

@@ -66,3 +66,65 @@ def test_bad_arguments_are_named():
         head_linear_out(torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(2), 2)
     with pytest.raises(ValueError, match="head features"):
         head_linear_out(torch.randn(2, 3), torch.randn(5, 3), None, torch.ones(2, dtype=torch.bool), 2)
+
+
+@st.composite
+def per_sample_cases(draw):
+    batch, heads = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    equal = draw(st.booleans())  # equal counts take the batched-GEMM path, others the union
+    if equal:
+        n = draw(st.integers(0, heads))
+        rows = [sorted(draw(st.permutations(range(heads)))[:n]) for _ in range(batch)]
+        keep = torch.zeros(batch, heads, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            keep[b, r] = True
+    else:
+        keep = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=heads, max_size=heads),
+                                          min_size=batch, max_size=batch)))
+    return keep, draw(st.sampled_from([1, 3])), draw(st.integers(1, 6)), draw(st.integers(1, 3)), \
+        draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 999))
+
+
+@settings(max_examples=60, deadline=None)
+@given(per_sample_cases())
+def test_per_sample_masks_match_the_masked_reference_with_grads(case):
+    keep, hd, d_in, seq, in_out, with_bias, seed = case
+    batch, heads = keep.shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(heads * hd, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(heads * hd, generator=g, dtype=torch.float64) if with_bias else None
+    w_arg = w.t().contiguous() if in_out else w
+    for op, ref, inp, weight, bias in (
+        (head_linear_out, head_linear_out_reference, x, w_arg, b),
+        (head_linear_in, head_linear_in_reference,
+         torch.randn(batch, seq, heads * hd, generator=g, dtype=torch.float64) * keep.repeat_interleave(hd, -1)[:, None],
+         w.t().contiguous().t() if not in_out else w.contiguous(), None if b is None else b[:1].expand(1).clone()),
+    ):
+        if op is head_linear_in:
+            weight = torch.randn(1, heads * hd, generator=g, dtype=torch.float64)
+            weight = weight.t().contiguous() if in_out else weight
+        args = [t.clone().requires_grad_() if t is not None else None for t in (inp, weight, bias)]
+        refs = [t.clone().requires_grad_() if t is not None else None for t in (inp, weight, bias)]
+        got = op(args[0], args[1], args[2], keep, hd, in_out)
+        want = ref(refs[0], refs[1], refs[2], keep, hd, in_out)
+        torch.testing.assert_close(got, want)
+        if op is head_linear_out:
+            assert (got.detach()[~keep.repeat_interleave(hd, -1)[:, None].expand_as(got)] == 0).all()
+        cot = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        (got * cot).sum().backward()
+        (want * cot).sum().backward()
+        for a, r in zip(args, refs):
+            if a is not None:
+                torch.testing.assert_close(a.grad, r.grad)
+
+
+def test_per_sample_opcheck_and_bad_batch():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(head_linear_out, (x, w, None, keep, 2, False))
+    o = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(head_linear_in, (o, torch.randn(5, 6, dtype=torch.float64, requires_grad=True), None, keep, 2, False))
+    with pytest.raises(ValueError, match="batch"):
+        head_linear_out(torch.randn(3, 3, 5), torch.randn(6, 5), None, keep, 2)
