@@ -55,3 +55,16 @@ def test_demo_runs_on_the_real_and_tiny_models(capsys):
     assert "static: calibrated" in out and "Llama GQA" in out
     gates_open = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if "gates open" in line]
     assert len(gates_open) == 4 and max(gates_open) < 1e-4
+
+
+def test_gpu_check_script_runs_small_on_cpu(capsys):
+    """The prepared device script must not waste a GPU lease on a Python error: run it small here."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "ALL CHECKS PASSED" in out and "| llama-gqa | float32 | 2 |" in out

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The prepared device run for issue 3 (about 6 min on an H100/H200): run from the repository root
+# through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=540).
+# The device machine is offline and has torch/triton/transformers but not dhp_fx, and
+# `pip install -e .` needs a build backend from the network: the package-dir mapping
+# (dhp_fx.kernels = kernels/, dhp_fx.passes = passes/) is reproduced with symlinks in this copy
+# of the tree instead. Everything lands in $OUT; the tables print last.
+set -uo pipefail
+OUT=${OUT:-/tmp/dhp_fx_device_out}
+mkdir -p "$OUT"
+ln -sfn ../kernels dhp_fx/kernels
+ln -sfn ../passes dhp_fx/passes
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv
+  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+timeout 330 python benchmarks/bench_attention.py --check --block > "$OUT/bench_attention.txt" 2>&1
+echo "bench_attention rc=$?" >> "$OUT/bench_attention.txt"
+timeout 150 python benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.txt" 2>&1
+echo "gpu_check rc=$?" >> "$OUT/gpu_check.txt"
+tail -n 60 "$OUT/bench_attention.txt"
+tail -n 40 "$OUT/gpu_check.txt"

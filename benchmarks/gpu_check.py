@@ -1,0 +1,200 @@
+"""The integrated path on a GPU: optimize() -> dhp::gated_attention -> Triton, end to end.
+
+    python benchmarks/gpu_check.py [--device cuda] [--out DIR] [--quick]
+
+``benchmarks/bench_attention.py --check`` validates the kernel alone; this checks what users run:
+  1. tiny BERT / GPT-2 / Llama-GQA models (random weights) in fp32, fp16 and bf16: every gate open
+     equals the original model, and random per-sample keep masks equal the zeroed-head reference
+     (relative error ‖out − ref‖ / ‖ref‖ against the dtype's tolerance);
+  2. training through the op: two distillation steps (bf16 autocast on CUDA), finite loss, every
+     student weight that should learn gets a gradient;
+  3. a BERT encoder end to end (BERT-base shape, 12 x 768, random weights: timing does not depend
+     on them, and the device machine has no model hub), batch x seq tokens in the chosen dtype:
+     dense vs optimize() with static (batch-shared, calibrated) and router (per-sample) gates at
+     keep p = 1, .75, .5, .25 — median ms over CUDA-synchronised calls, and the ratio to dense.
+Prints one table per part; with --out, writes the same as JSON there. On a machine without CUDA,
+``--device cpu --quick`` runs the same code small (what the test suite does).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def tiny_models(dtype, device):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    models = {
+        "bert": BertModel(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                     intermediate_size=256, vocab_size=512)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=8, vocab_size=512, n_positions=256)),
+        "llama-gqa": LlamaForCausalLM(LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                                  num_key_value_heads=2, intermediate_size=256, vocab_size=512)),
+    }
+    return {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
+
+
+def _out(o):
+    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_exactness(device, dtypes, batch, seq) -> list[dict]:
+    import dhp_fx
+    from dhp_fx.testing import heads_zeroed
+
+    rows = []
+    for dtype in dtypes:
+        for name, model in tiny_models(dtype, device).items():
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(3, 512, (batch, seq), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            mask[-1, seq // 2:] = 0
+            inputs = {"input_ids": ids, "attention_mask": mask}
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=1.0), example_inputs=inputs)
+            with torch.no_grad():
+                ref = _out(model(**inputs))
+                open_err = rel_err(_out(opt(**inputs)), ref)
+                keep = {s.name: torch.rand(batch, s.num_heads, generator=g).to(device) < 0.5 for s in opt.sites}
+                for k in keep.values():
+                    k[:, 0] = True  # a row with no head left is legal, but its reference is all bias
+                opt.set_keep_mask(keep)
+                got = _out(opt(**inputs))
+                opt.set_keep_mask(None)
+                with heads_zeroed(model, opt.sites, keep):
+                    want = _out(model(**inputs))
+            mask_err = rel_err(got, want)
+            ok = open_err <= TOL[dtype] and mask_err <= TOL[dtype] and bool(torch.isfinite(got).all())
+            rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
+                         "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err, "ok": ok})
+    return rows
+
+
+def check_training(device) -> dict:
+    import dhp_fx
+    from dhp_fx.distill import DistillConfig
+
+    teacher = tiny_models(torch.float32, device)["gpt2"]
+    student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=0.5))
+    g = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(3, 512, (4, 32), generator=g).to(device)} for _ in range(2)]
+    grads = {}
+    hooks = [p.register_hook(lambda grad, n=n: grads.__setitem__(n, float(grad.abs().sum())))
+             for n, p in student.model.named_parameters() if "attn" in n]
+    result = dhp_fx.distill(student, teacher, data, DistillConfig(steps=2, progress=False))
+    for h in hooks:
+        h.remove()
+    losses = [r["loss"] for r in result.history]
+    return {"amp": device == "cuda", "losses": losses, "finite": all(map(lambda x: x == x and abs(x) < 1e30, losses)),
+            "attn_params_with_grad": sum(v > 0 for v in grads.values()), "attn_params": len(grads)}
+
+
+def _median_ms(fn, reps: int, device) -> float:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
+    import dhp_fx
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256) if small else \
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    model = BertModel(BertConfig(vocab_size=30522, attn_implementation="sdpa", **shape)).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g).to(device),
+              "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+    rows = []
+    with torch.no_grad():
+        dense = _median_ms(lambda: model(**inputs), reps, device)
+        rows.append({"variant": "dense", "p": 1.0, "ms": dense, "vs_dense": 1.0})
+        for p in (1.0, 0.75, 0.5, 0.25):
+            for scoring, granularity in (("static", "batch"), ("router", "sample")):
+                opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity),
+                                      example_inputs=inputs)
+                if scoring == "static" and p < 1.0:
+                    dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+                ms = _median_ms(lambda: opt(**inputs), reps, device)
+                rows.append({"variant": f"{scoring}/{granularity}", "p": p, "ms": ms, "vs_dense": ms / dense})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="directory for gpu_check.json")
+    ap.add_argument("--quick", action="store_true", help="small sizes, fp32 only (CPU smoke run)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --device cpu --quick for a smoke run)", file=sys.stderr)
+        return 2
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.float16, torch.bfloat16]
+    batch, seq = (2, 16) if args.quick else (4, 128)
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "torch": torch.__version__}
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    print(f"gpu_check on {report['device']}, torch {report['torch']}, triton {report['triton']}", flush=True)
+
+    report["exactness"] = check_exactness(args.device, dtypes, batch, seq)
+    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
+    for r in report["exactness"]:
+        print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
+              f"{r['keep_mask_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+
+    report["training"] = check_training(args.device)
+    t = report["training"]
+    print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
+          f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
+
+    m_dtype = torch.float32 if args.quick or args.device != "cuda" else torch.bfloat16
+    m_batch, m_seq, reps = (2, 32, 3) if args.quick else (32, 128, 20)
+    report["encoder"] = time_encoder(args.device, m_dtype, m_batch, m_seq, reps, small=args.quick)
+    print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, batch {m_batch} x {m_seq}"
+          "\n| variant | p | ms | vs dense |\n|---|---|---|---|")
+    for r in report["encoder"]:
+        print(f"| {r['variant']} | {r['p']:g} | {r['ms']:.2f} | {r['vs_dense']:.2f}x |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    ok = all(r["ok"] for r in report["exactness"]) and t["finite"] and t["attn_params_with_grad"] > 0
+    print("\nALL CHECKS PASSED" if ok else "\nSOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
