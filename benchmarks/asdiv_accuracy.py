@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--alpha", type=float, default=None, help="DHPConfig.alpha for the gated variants")
+    ap.add_argument("--sink-weight", type=float, default=None, help="DHPConfig.sink_weight for the gated variants")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dhp_fx_asdiv_teacher")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -189,6 +191,9 @@ def main(argv=None) -> None:
     base_params, base_flops = parameter_count(teacher), count_flops(teacher, inputs_of(held[0]))
     base_time = latency(teacher, held)
     keep = 1.0 - args.prune
+    scoring_fields = {k: v for k, v in (("alpha", args.alpha), ("sink_weight", args.sink_weight)) if v is not None}
+    if scoring_fields:
+        print(f"gate scoring: {scoring_fields}")
     distill_data = [inputs_of(b) | {"labels": b["labels"]} for epoch in train_epochs for b in epoch]
     cfg = dhp_fx.DistillConfig(steps=args.distill_steps, lr=5e-5, target="logits", temperature=2.0,
                                seed=args.seed, progress=False)
@@ -196,7 +201,7 @@ def main(argv=None) -> None:
 
     # dynamic: heads chosen per input, by the entropy probe or by a router on the layer input
     for scoring in ("probe", "router"):
-        student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, scoring=scoring),
+        student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, scoring=scoring, **scoring_fields),
                                   example_inputs=inputs_of(held[0]))
         before = accuracy(student, held)
         flops = count_flops(student, inputs_of(held[0]))
@@ -206,7 +211,7 @@ def main(argv=None) -> None:
         print(rows[-1], flush=True)
 
     # static: remove the heads calibration kept least often
-    gated = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, compiler="eager"),
+    gated = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, compiler="eager", **scoring_fields),
                             example_inputs=inputs_of(held[0]))
     stats = dhp_fx.calibrate(gated, [inputs_of(b) for b in train_epochs[0][:16]], measure_flops=False)
     pruned = dhp_fx.static_prune(gated, plan=prune_plan_by_share(stats, args.prune)).model.eval()

@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dropout", action="store_true", help="run the student with dropout while distilling")
     ap.add_argument("--alpha", type=float, default=None, help="DHPConfig.alpha (weight-norm share of S)")
     ap.add_argument("--probe-fraction", type=float, default=None, help="DHPConfig.probe_fraction")
+    ap.add_argument("--sink-weight", type=float, default=None, help="DHPConfig.sink_weight (attention-sink term)")
     ap.add_argument("--attention-weight", type=float, default=0.0,
                     help="λ of the attention-map alignment (KL per query row, kept heads)")
     ap.add_argument("--align-weight", type=float, default=0.0, help="λ of hidden-state alignment of every layer")
@@ -99,12 +100,13 @@ def main(argv=None) -> None:
     train = batches(tokenizer, train_texts[: args.steps * args.batch], args.batch, args.max_len)
     held = batches(tokenizer, held_texts[: args.eval_size], 32, args.max_len)
     print(f"all-MiniLM-L6-v2, scoring={args.scoring}, dropout {'on' if args.dropout else 'off'}, "
-          f"alpha {args.alpha}, probe_fraction {args.probe_fraction}, attention λ {args.attention_weight}, align λ {args.align_weight}, gate_grad {args.gate_grad}; train {len(train)} batches of {args.batch}, "
+          f"alpha {args.alpha}, probe_fraction {args.probe_fraction}, sink_weight {args.sink_weight}, attention λ {args.attention_weight}, align λ {args.align_weight}, gate_grad {args.gate_grad}; train {len(train)} batches of {args.batch}, "
           f"held-out {sum(len(b['input_ids']) for b in held)} ASDiv-A problems; {torch.get_num_threads()} threads")
 
     rows = []
     for keep in args.keep:
-        scoring = {k: v for k, v in (("alpha", args.alpha), ("probe_fraction", args.probe_fraction)) if v is not None}
+        scoring = {k: v for k, v in (("alpha", args.alpha), ("probe_fraction", args.probe_fraction),
+                                     ("sink_weight", args.sink_weight)) if v is not None}
         student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(scoring=args.scoring, **scoring),
                                   example_inputs=held[0])
         student.set_keep_ratio(keep)

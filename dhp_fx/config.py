@@ -31,6 +31,9 @@ class DHPConfig:
         every lag_refresh calls; for decoding), "static" (calibration ranking, no per-call cost).
     alpha: weight of the weight-norm term, in [0, 1] (1 = static norm ranking, 0 = entropy only).
     probe_fraction: share of query rows the probe scores, in (0, 1]; at least one row.
+    sink_weight: β in [0, 1]: the probe's Ĥ becomes (1 − β)·Ĥ + β·M, M = the attention mass a
+        head puts on the first key (an attention sink: low entropy, little contribution). 0 is the
+        paper's rule; on MiniLM / ASDiv β = 1 kept far more of the output (benchmarks/RESULTS.md).
     lag_refresh: "lagged" recomputes entropy every this many calls.
     router_hidden: width of the router MLP; 0 makes it linear.
     keep_ratios: {fnmatch pattern of site names: keep ratio} overriding keep_ratio per site, e.g.
@@ -53,6 +56,7 @@ class DHPConfig:
     scoring: str = "probe"
     alpha: float = 0.5
     probe_fraction: float = 1.0 / 16
+    sink_weight: float = 0.0
     lag_refresh: int = 8
     router_hidden: int = 32
     keep_ratios: dict = field(default_factory=dict)
@@ -73,6 +77,8 @@ class DHPConfig:
         _check(isinstance(self.fullgraph, bool), "fullgraph", self.fullgraph, "a bool")
         _check(self.scoring in SCORINGS, "scoring", self.scoring, f"one of {SCORINGS}")
         _check(_is_num(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
+        _check(_is_num(self.sink_weight) and 0.0 <= self.sink_weight <= 1.0, "sink_weight", self.sink_weight,
+               "a number in [0, 1]")
         _check(_is_num(self.probe_fraction) and 0.0 < self.probe_fraction <= 1.0,
                "probe_fraction", self.probe_fraction, "a number in (0, 1]")
         _check(_is_int(self.lag_refresh) and self.lag_refresh >= 1, "lag_refresh", self.lag_refresh, "an int >= 1")

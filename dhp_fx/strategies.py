@@ -28,6 +28,7 @@ class ScoringGate(HeadGate):
         super().__init__(site, config)
         self.alpha = float(config.alpha)
         self.probe_fraction = float(config.probe_fraction)
+        self.sink_weight = float(config.sink_weight)
         # Plain dict, not parameters: the weights belong to the model, the gate only reads them.
         self._weights = {name: params[name] for name in self._weight_names() if name in params}
         self._weights_version = None
@@ -58,14 +59,18 @@ class ScoringGate(HeadGate):
         return self.w_hat
 
     def entropy(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
-        """Ĥ [B, H] from the probe rows (or every row), padding queries left out."""
+        """Ĥ [B, H] from the probe rows (or every row), padding queries left out; with
+        ``sink_weight`` β, (1 − β)·Ĥ + β·(mass on the first key)."""
         B, _, Lq, _ = q.shape
         valid = None if self.site.cross_attention else query_padding(attn_mask, B, Lq, k.shape[2])
         rows = None if all_rows else probe_rows(Lq, self.probe_fraction, valid, q.device)
         # The site was described from its first graph; a decoding graph of the same site (one
         # query, a longer KV cache) runs without is_causal, so causality only holds at Lq == Lk.
         causal = self.site.is_causal and Lq == k.shape[2]
-        return attention_entropy(q, k, attn_mask, causal, self.site.scale, rows, valid)
+        if not self.sink_weight:
+            return attention_entropy(q, k, attn_mask, causal, self.site.scale, rows, valid)
+        entropy, sink = attention_entropy(q, k, attn_mask, causal, self.site.scale, rows, valid, return_first_mass=True)
+        return (1.0 - self.sink_weight) * entropy + self.sink_weight * sink
 
     def probe_score(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
         w_hat = self._fresh_w_hat()

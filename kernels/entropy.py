@@ -117,7 +117,8 @@ def attention_entropy(
     scale: Optional[float] = None,
     rows: Optional[torch.Tensor] = None,
     query_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_first_mass: bool = False,
+):
     """Mean normalised entropy of each head's attention distribution: float32 [B, Hq] in [0, 1].
 
     q [B, Hq, Lq, D], k [B, Hkv, Lk, D] (query head h reads kv head h // (Hq // Hkv)).
@@ -127,6 +128,10 @@ def attention_entropy(
     leaving out rows with no key to attend to and rows with ``query_valid`` [B, Lq] False
     (padding queries). A (batch, head) with no row left scores 0.
     rows: query rows to score, [R] shared or [B, R] per sample (see ``probe_rows``); None = all.
+    return_first_mass: also return, averaged over the same rows, the probability each row puts
+    on the first key it may attend to ([B, Hq] in [0, 1]): heads that park their attention on
+    the first token (BERT's [CLS], a decoder's BOS: "attention sinks") have low entropy yet
+    contribute little.
     """
     B, Hq = q.shape[:2]
     if rows is not None:
@@ -145,4 +150,12 @@ def attention_entropy(
         valid_rows = _take_rows(query_valid.to(q.device)[:, None, :, None], rows, B)[..., 0]  # [B, 1, R]
         weight = weight * valid_rows.float()
     total = weight.sum(-1)
-    return (row_h * weight).sum(-1) / total.clamp_min(1.0)
+    entropy = (row_h * weight).sum(-1) / total.clamp_min(1.0)
+    if not return_first_mass:
+        return entropy
+    if allowed is None:
+        first = logp[..., 0]
+    else:
+        first = logp.gather(-1, allowed.to(torch.uint8).argmax(-1, keepdim=True))[..., 0]  # first True
+    mass = torch.where(n_keys > 0, first.exp(), torch.zeros((), device=q.device))
+    return entropy, (mass * weight).sum(-1) / total.clamp_min(1.0)

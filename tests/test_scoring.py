@@ -373,3 +373,71 @@ def test_router_loss_captured_during_a_forward():
     loss.backward()
     assert all(p.grad is not None for p in gate.router.parameters())
     assert all(p.grad is None for p in module.parameters())
+
+
+# ------------------------------------------------------------------ attention sinks
+def _first_mass_reference(q, k, mask, causal, scale, valid):
+    """float64: per (b, h), mean over real query rows of p(first key the row may attend to)."""
+    B, H, Lq, _ = q.shape
+    s = (q.double() @ k.double().repeat_interleave(H // k.shape[1], 1).transpose(-1, -2)) * scale
+    allowed = torch.ones(B, H, Lq, k.shape[2], dtype=torch.bool)
+    if mask is not None:
+        allowed = allowed & mask.expand(B, H, Lq, k.shape[2])
+    if causal:
+        allowed = allowed & torch.ones(Lq, k.shape[2], dtype=torch.bool).tril()
+    out = torch.zeros(B, H, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            vals = []
+            for i in range(Lq):
+                keys = allowed[b, h, i].nonzero().flatten()
+                if len(keys) == 0 or (valid is not None and not valid[b, i]):
+                    continue
+                p = torch.softmax(s[b, h, i, keys], -1)
+                vals.append(float(p[0]))
+            out[b, h] = sum(vals) / len(vals) if vals else 0.0
+    return out
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.sampled_from([(2, 2), (4, 2)]), st.integers(1, 6), st.booleans(), st.booleans(),
+       st.integers(0, 999))
+def test_first_key_mass_matches_reference(batch, heads, length, causal, left_pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    q = torch.randn(batch, hq, length, 8, generator=g)
+    k = torch.randn(batch, hkv, length, 8, generator=g)
+    valid = None
+    mask = None
+    if left_pad and length > 1:  # decoder-style left padding: the first real key is not key 0
+        valid = torch.ones(batch, length, dtype=torch.bool)
+        valid[0, :1] = False
+        mask = valid[:, None, None, :]
+    ent, mass = attention_entropy(q, k, mask, causal, 0.4, None, valid, return_first_mass=True)
+    torch.testing.assert_close(ent, attention_entropy(q, k, mask, causal, 0.4, None, valid))
+    want = _first_mass_reference(q, k, mask, causal, 0.4, valid)
+    torch.testing.assert_close(mass.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_sink_weight_ranks_heads_parked_on_the_first_token_last():
+    """Head 0 puts (almost) all its attention on key 0 — low entropy, like a [CLS]/BOS sink; the
+    paper's entropy rule keeps it first, sink_weight = 1 drops it first."""
+    from dhp_fx.strategies import ProbeGate
+
+    L, D = 16, 8
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 4, L, D, generator=g)
+    q = torch.randn(1, 4, L, D, generator=g) * 0.3
+    q[:, 0] = k[:, 0, :1] * 20  # every query of head 0 matches key 0 alone
+    q[:, 1] = k[:, 1] * 20  # head 1: each query its own key — sharp but not a sink
+    site = AttentionSite(name="s", module_path="", module_type="", pattern="sdpa", num_heads=4, num_kv_heads=4,
+                         head_dim=D, value_head_dim=D, scale=1 / math.sqrt(D), is_causal=False, mask_kind="none",
+                         dropout_p=0.0, cross_attention=False)
+    paper = ProbeGate(site, dhp_fx.DHPConfig(alpha=0.0, probe_fraction=1.0), {})
+    sink = ProbeGate(site, dhp_fx.DHPConfig(alpha=0.0, probe_fraction=1.0, sink_weight=1.0), {})
+    s_paper = paper.probe_score(q, k, None)
+    s_sink = sink.probe_score(q, k, None)
+    assert s_paper[0].argmax() in (0, 1) and s_paper[0, 0] > s_paper[0, 2:].max()
+    assert s_sink[0].argmin() == 0 and s_sink[0, 0] < 0.05 and s_sink[0, 1] > 0.9
+    with pytest.raises(ValueError, match="sink_weight"):
+        dhp_fx.DHPConfig(sink_weight=1.5)
