@@ -36,3 +36,26 @@ def test_top_level_kernels_import_from_the_checkout_root_registers_nothing():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_device_run_layout_imports_without_installing(tmp_path):
+    """benchmarks/device_run.sh reproduces the package-dir mapping with symlinks on the offline
+    device machine: a copy of the tree laid out that way must import as the real package."""
+    import shutil
+
+    for name in ("dhp_fx", "kernels", "passes"):
+        shutil.copytree(os.path.join(ROOT, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    os.symlink("../kernels", tmp_path / "dhp_fx" / "kernels")
+    os.symlink("../passes", tmp_path / "dhp_fx" / "passes")
+    script = ("import dhp_fx, dhp_fx.kernels, dhp_fx.passes, torch; "
+              "print(dhp_fx.__file__); print(dhp_fx.kernels.__name__, dhp_fx.kernels.__all__[0]); "
+              "print(hasattr(torch.ops.dhp, 'head_linear_out'))")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[0].startswith(str(tmp_path)) and lines[1:] == ["dhp_fx.kernels", "gated_attention", "True"], lines
+    with open(os.path.join(ROOT, "benchmarks", "device_run.sh")) as f:
+        text = f.read()
+    assert "ln -sfn ../kernels dhp_fx/kernels" in text and "ln -sfn ../passes dhp_fx/passes" in text
