@@ -100,7 +100,9 @@ def _real_demo(args, model, tokenizer) -> None:
         t_dense = _time(lambda: model(**inputs))
         print(f"\nkeep {args.keep_ratio:.0%} of heads (no distillation); original forward {t_dense * 1e3:.1f} ms")
         print(f"{'scoring':<34} {'embedding cosine':>17} {'forward':>9} {'vs original':>12}")
+        # "entropy + sinks" is DHPConfig(alpha=0, sink_weight=0.5): see README, "Which heads run"
         variants = (("probe: entropy + norms, per input", dict(scoring="probe")),
+                    ("probe: entropy + sinks, per input", dict(scoring="probe", alpha=0.0, sink_weight=0.5)),
                     ("router: from the layer input", dict(scoring="router")),
                     ("static: calibrated, one set", dict(scoring="static", granularity="batch")))
         for label, fields in variants:
