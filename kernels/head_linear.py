@@ -10,6 +10,9 @@ heads hold zeros (the gated op wrote them), so leaving them out of the product i
 Both take weights as stored by the model: "out_in" [out, in] (nn.Linear) or, with
 ``weight_in_out``, [in, out] (HF Conv1D).
 
+CUDA tensors (fp16/bf16/fp32) run the Triton kernels of ``triton_head_linear.py``, which read the
+mask on the device; the rest of this module is the CPU (and fallback) path.
+
 ``heads_keep`` is [H] (one head set for every row) or [B, H] with ``x.shape[0] == B`` (per-sample
 gates). Per sample, when every row keeps the same number of heads (top-k budgets), each sample's
 kept weight rows/columns are gathered into one batched GEMM, so a head is computed only for the
@@ -148,12 +151,31 @@ def _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
     return F.linear(x.index_select(-1, idx), w.index_select(1, idx), bias)
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_module(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The Triton kernels for CUDA tensors they support (they read the mask on the device: no
+    host sync per projection), else None and the torch path below."""
+    if not x.is_cuda or x.dtype not in _TRITON_DTYPES or weight.dtype != x.dtype or (
+            bias is not None and bias.dtype != x.dtype):
+        return None
+    try:
+        from . import triton_head_linear
+    except ImportError:  # no triton
+        return None
+    return triton_head_linear
+
+
 @torch.library.custom_op("dhp::head_linear_out", mutates_args=())
 def head_linear_out(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], heads_keep: torch.Tensor,
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 0, "head_linear_out")
+    triton_impl = _triton_module(x, weight, bias)
+    if triton_impl is not None:
+        return triton_impl.head_linear_out_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
     return _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
 
 
@@ -168,6 +190,9 @@ def head_linear_in(
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 1, "head_linear_in")
+    triton_impl = _triton_module(x, weight, bias)
+    if triton_impl is not None:
+        return triton_impl.head_linear_in_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
     return _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
 
 

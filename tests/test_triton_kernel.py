@@ -67,7 +67,21 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from dhp_fx.kernels.reference import gated_attention_reference  # noqa: E402
 
+def _load_head_linear():
+    _set_interpret(True)
+    try:
+        name = "dhp_fx.kernels.triton_head_linear"
+        mod = importlib.import_module(name)
+        if not mod._INTERPRET:
+            sys.modules.pop(name, None)
+            mod = importlib.import_module(name)
+        return mod
+    finally:
+        _set_interpret(False)
+
+
 if IN_PROCESS:
+    _thl = _load_head_linear()
     triton_available = _ta.triton_available
     triton_gated_attention = _ta.triton_gated_attention
     triton_gated_attention_autograd = _ta.triton_gated_attention_autograd
@@ -381,3 +395,38 @@ def test_gated_op_dispatches_to_triton_forward_and_backward(monkeypatch):
     ref.backward(grad.double())
     for got, want in zip((q, k, v, bias), ref_in):
         torch.testing.assert_close(got.grad.double(), want.grad, atol=2e-4, rtol=1e-3)
+
+
+# ------------------------------------------------------------------ head-skipping projections
+@interpreted
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(1, 20), st.integers(1, 40), st.integers(1, 4), st.sampled_from([8, 24, 32]),
+       st.booleans(), st.booleans(), st.booleans(), st.sampled_from([torch.float32, torch.float16]), st.integers(0, 999))
+def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, with_bias, dtype, seed):
+    from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand((B, H) if per_sample else (H,), generator=g) < 0.6
+    x = torch.randn(B, L, K, generator=g).to(dtype)
+    w = torch.randn(H * D, K, generator=g).to(dtype)
+    b = torch.randn(H * D, generator=g).to(dtype) if with_bias else None
+    w_arg = w.t().contiguous() if in_out else w
+    # the kernels allocate with torch.empty: an element they skipped would hold stale memory and
+    # fail the element-wise comparison below
+    y = _thl.head_linear_out_triton(x, w_arg, b, keep, D, in_out)
+    want = head_linear_out_reference(x.double(), w_arg.double(), None if b is None else b.double(), keep, D, in_out)
+    tol = TOL[dtype] * 10
+    assert not torch.isnan(y).any()
+    torch.testing.assert_close(y.double(), want, atol=tol, rtol=tol)
+    flags = keep.repeat_interleave(D, -1)
+    flags = flags[:, None, :] if per_sample else flags
+    assert (y[~flags.expand_as(y)] == 0).all()
+
+    o = (torch.randn(B, L, H * D, generator=g) * flags).to(dtype)
+    w2 = torch.randn(K, H * D, generator=g).to(dtype)
+    b2 = torch.randn(K, generator=g).to(dtype) if with_bias else None
+    w2_arg = w2.t().contiguous() if in_out else w2
+    got = _thl.head_linear_in_triton(o, w2_arg, b2, keep, D, in_out)
+    want = head_linear_in_reference(o.double(), w2_arg.double(), None if b2 is None else b2.double(), keep, D, in_out)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
