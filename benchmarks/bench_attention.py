@@ -216,8 +216,28 @@ def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal)
         return o.transpose(1, 2).reshape(s.B, s.L, hk * s.D) @ w_o_kept.T
 
+    import dhp_fx.kernels  # noqa: F401  (registers the dhp ops)
+
+    wq_full, wk_full, wv_full = w_qkv.chunk(3)
+    proj = torch.ops.dhp.head_linear_out
+    keep_random = torch.zeros_like(keep_rows)
+    n_keep = int(keep_shared.sum())
+    for b in range(s.B):  # every row its own heads, as per-input gates give
+        keep_random[b, torch.randperm(s.H, device=DEVICE)[:n_keep]] = True
+
+    def gated_ops(keep):
+        def run():
+            # what optimize() runs with a gate that decides from the layer input: the library's
+            # head-skipping projections (Triton on CUDA, mask read on the device) around the op
+            q, k, v = (proj(x, w, None, keep, s.D).view(s.B, s.L, s.H, s.D).transpose(1, 2)
+                       for w in (wq_full, wk_full, wv_full))
+            o = triton_gated_attention(q, k, v, keep, is_causal=s.causal)
+            return torch.ops.dhp.head_linear_in(o.transpose(1, 2).reshape(s.B, s.L, d), w_o, None, keep, s.D)
+        return run
+
     return {name: bench(fn) for name, fn in
-            [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared)]}
+            [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared),
+             ("block ops/shared", gated_ops(keep_rows)), ("block ops/row", gated_ops(keep_random))]}
 
 
 def main(argv=None) -> int:
