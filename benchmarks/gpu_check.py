@@ -6,6 +6,9 @@
   1. tiny BERT / GPT-2 / Llama-GQA models (random weights) in fp32, fp16 and bf16: every gate open
      equals the original model, and random per-sample keep masks equal the zeroed-head reference
      (relative error ‖out − ref‖ / ‖ref‖ against the dtype's tolerance);
+  1b. host syncs: one forward of each gating mode under torch.cuda.set_sync_debug_mode("error")
+     (the gated op and the head-skipping projections read masks on the device; any sync left is
+     reported with the op that made it);
   2. training through the op: two distillation steps (bf16 autocast on CUDA), finite loss, every
      student weight that should learn gets a gradient;
   3. a BERT encoder end to end (BERT-base shape, 12 x 768, random weights: timing does not depend
@@ -82,6 +85,35 @@ def check_exactness(device, dtypes, batch, seq) -> list[dict]:
             ok = open_err <= TOL[dtype] and mask_err <= TOL[dtype] and bool(torch.isfinite(got).all())
             rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
                          "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err, "ok": ok})
+    return rows
+
+
+def check_syncs(device) -> list[dict]:
+    """Which gating modes run a forward without a device-to-host sync (CUDA only)."""
+    import dhp_fx
+
+    if device != "cuda":
+        return []
+    model = tiny_models(torch.float16, device)["bert"]
+    g = torch.Generator().manual_seed(4)
+    inputs = {"input_ids": torch.randint(3, 512, (4, 64), generator=g).to(device),
+              "attention_mask": torch.ones(4, 64, dtype=torch.long, device=device)}
+    rows = []
+    for scoring, granularity in (("probe", "sample"), ("static", "batch"), ("router", "sample")):
+        opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring=scoring, granularity=granularity),
+                              example_inputs=inputs)
+        with torch.no_grad():
+            opt(**inputs)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt(**inputs)
+                found = None
+            except RuntimeError as e:
+                found = str(e).splitlines()[0][:200]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        rows.append({"gating": f"{scoring}/{granularity}", "sync": found})
     return rows
 
 
@@ -174,6 +206,10 @@ def main(argv=None) -> int:
     for r in report["exactness"]:
         print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
               f"{r['keep_mask_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+
+    report["syncs"] = check_syncs(args.device)
+    for r in report["syncs"]:
+        print(f"host sync in a forward, {r['gating']}: {'none' if r['sync'] is None else r['sync']}", flush=True)
 
     report["training"] = check_training(args.device)
     t = report["training"]
