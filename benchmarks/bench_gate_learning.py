@@ -5,7 +5,8 @@ pruned per input by router gates, 40 distillation steps. Compares DistillConfig.
 "none" (routers only regress the head score S), "ste" and "relaxed", with the student's weights
 frozen (only the keep decision can move the KL) and trained. Prints held-out KL to the teacher
 at steps 0, 20 and 40. Then the same with each router's prior reversed (it starts by keeping
-the heads the weight-norm ranking would drop): can the loss alone find the right heads?
+the heads the weight-norm ranking would drop): can the loss alone find the right heads? Last, the
+held-out KL of every static choice of half the heads per layer, for scale.
 
     python benchmarks/bench_gate_learning.py [--steps 40] [--gate-lr 1e-2]
 """
@@ -55,6 +56,33 @@ def main() -> None:
             print(f"| {start_from} | {'trained' if train_weights else 'frozen'} | {grad} | {kls} | "
                   f"{time.perf_counter() - start:.0f} |",
                   flush=True)
+    exhaustive(teacher, held_out)
+
+
+def exhaustive(teacher, held_out) -> None:
+    """KL of every choice of half the heads per layer, pinned: where the prior's choice ranks."""
+    import itertools
+
+    import torch
+    from dhp_fx.distill import evaluate
+    from test_distill import pruned_student
+
+    student = pruned_student(teacher, keep=0.5, scoring="router")
+    prior = evaluate(student, teacher, held_out)["kl"]
+    names = [s.name for s in student.sites]
+    H = student.sites[0].num_heads
+    kls = []
+    for choice in itertools.product(itertools.combinations(range(H), H // 2), repeat=len(names)):
+        masks = {}
+        for name, heads in zip(names, choice):
+            masks[name] = torch.zeros(H, dtype=torch.bool)
+            masks[name][list(heads)] = True
+        student.set_keep_mask(masks)
+        kls.append(evaluate(student, teacher, held_out)["kl"])
+    kls.sort()
+    rank = sum(k < prior - 1e-9 for k in kls) + 1
+    print(f"\nstatic choices: {len(kls)}; best KL {kls[0]:.4f}, median {kls[len(kls) // 2]:.4f}, worst {kls[-1]:.4f}; "
+          f"the prior's choice {prior:.4f} ranks {rank}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -132,7 +133,7 @@ def check_training(device) -> dict:
     for h in hooks:
         h.remove()
     losses = [r["loss"] for r in result.history]
-    return {"amp": device == "cuda", "losses": losses, "finite": all(map(lambda x: x == x and abs(x) < 1e30, losses)),
+    return {"amp": device == "cuda", "losses": losses, "finite": all(math.isfinite(x) for x in losses),
             "attn_params_with_grad": sum(v > 0 for v in grads.values()), "attn_params": len(grads)}
 
 

@@ -48,7 +48,7 @@ class DHPModel(nn.Module):
         inner._compiled_call_impl = call_compiled
         object.__setattr__(self, "_inner", inner)
         global _models_created
-        _models_created = next(_MODELS_CREATED)
+        _models_created += 1
 
     def forward(self, *args, **kwargs):
         return self._inner(*args, **kwargs)
@@ -128,7 +128,6 @@ class DHPModel(nn.Module):
 
 
 _entry_ids = itertools.count()
-_MODELS_CREATED = itertools.count(1)
 _models_created = 0
 _BASE_LIMITS = {"recompile_limit": torch._dynamo.config.recompile_limit,
                 "accumulated_recompile_limit": torch._dynamo.config.accumulated_recompile_limit}

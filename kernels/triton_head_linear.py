@@ -38,6 +38,13 @@ def _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE: 
 
 
 @triton.jit
+def _mma(acc, x, w, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return acc + tl.dot(x.to(tl.float32), w.to(tl.float32))
+    return acc + tl.dot(x, w)
+
+
+@triton.jit
 def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -61,10 +68,7 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + n_idx[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(x, w)
+        acc = _mma(acc, x, w, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.where(row_keep[:, None], acc, 0.0)
@@ -96,10 +100,7 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(x, w)
+            acc = _mma(acc, x, w, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),

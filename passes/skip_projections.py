@@ -252,28 +252,21 @@ class _Site:
                 self.decline(r, "mask_after_projection" if late is mask else "hidden_after_projection")
         return roles
 
-    def sample_flags(self) -> tuple[fx.Node, fx.Node]:
-        """Per-sample head flags [B, H] and KV-head flags [B, Hkv] (a KV head runs for a row if
-        any of its query heads does)."""
+    def kv_flags(self, flags: fx.Node) -> fx.Node:
+        """KV-head flags from head flags ([H] or [B, H]): a KV head runs if any of its query heads does."""
         s = self.site
         if s.num_kv_heads == s.num_heads:
-            return self.keep, self.keep
-        with self.graph.inserting_after(self.keep):
-            grouped = insert_node(self.graph, "call_method", "view", (self.keep, -1, s.num_kv_heads, s.num_heads // s.num_kv_heads),
-                                  meta_like=self.gated)
+            return flags
+        with self.graph.inserting_after(flags):
+            grouped = insert_node(self.graph, "call_method", "unflatten",
+                                  (flags, -1, (s.num_kv_heads, s.num_heads // s.num_kv_heads)), meta_like=self.gated)
         with self.graph.inserting_after(grouped):
-            kv = insert_node(self.graph, "call_method", "any", (grouped, -1), meta_like=self.gated)
-        return self.keep, kv
+            return insert_node(self.graph, "call_method", "any", (grouped, -1), meta_like=self.gated)
 
     def replace_inputs(self, roles: list[str], hidden: fx.Node) -> None:
         s = self.site
         heads_any = self.any_heads()
-        kv_any = heads_any
-        if any(r in roles for r in ("k", "v")) and s.num_kv_heads != s.num_heads:
-            with self.graph.inserting_after(heads_any):
-                grouped = insert_node(self.graph, "call_method", "view", (heads_any, s.num_kv_heads, -1), meta_like=self.gated)
-            with self.graph.inserting_after(grouped):
-                kv_any = insert_node(self.graph, "call_method", "any", (grouped, 1), meta_like=self.gated)
+        kv_any = self.kv_flags(heads_any) if any(r in roles for r in ("k", "v")) else heads_any
         by_linear: dict[fx.Node, list[str]] = {}
         for r in roles:
             by_linear.setdefault(self.proj.nodes[r], []).append(r)
@@ -283,7 +276,7 @@ class _Site:
             if len(rs) == 1 and _linear_parts(linear)[0] is hidden:
                 # The projection reads the gate's input, whose dim 0 is the batch (checked by
                 # batch_leads_hidden): per-sample flags let each row skip its own heads.
-                sample = sample or self.sample_flags()
+                sample = sample or (self.keep, self.kv_flags(self.keep))
                 heads, head_dim = self.role_geometry(rs[0])
                 start = (self.proj.features.get(rs[0]) or (0,))[0]
                 flags = sample[0] if rs[0] == "q" else sample[1]
