@@ -10,15 +10,15 @@ heads hold zeros (the gated op wrote them), so leaving them out of the product i
 Both take weights as stored by the model: "out_in" [out, in] (nn.Linear) or, with
 ``weight_in_out``, [in, out] (HF Conv1D).
 
-CUDA tensors (fp16/bf16/fp32) run the Triton kernels of ``triton_head_linear.py``, which read the
-mask on the device; the rest of this module is the CPU (and fallback) path.
+CUDA tensors (fp16/bf16/fp32) run the Triton kernels of ``triton_head_linear.py``, forward and
+backward, which read the mask on the device; the rest of this module is the CPU (and fallback) path.
 
 ``heads_keep`` is [H] (one head set for every row) or [B, H] with ``x.shape[0] == B`` (per-sample
 gates). Per sample, when every row keeps the same number of heads (top-k budgets), each sample's
 kept weight rows/columns are gathered into one batched GEMM, so a head is computed only for the
 samples that keep it; otherwise the union of the rows' heads is computed (and pruned features of
-head_linear_out are zeroed per row). The backward of the per-sample form uses masked dense
-products: training pays full projection cost.
+head_linear_out are zeroed per row). On the torch path the backward of the per-sample form uses
+masked dense products: training pays full projection cost there.
 """
 from __future__ import annotations
 
@@ -217,7 +217,16 @@ def _masked_grads(grad, x, w, bias, mask_out, mask_in):
     return gx, gw, gb
 
 
+def _triton_backward_module(grad, x, weight, bias):
+    if grad.dtype != x.dtype or grad.device != x.device:
+        return None
+    return _triton_module(x, weight, bias)
+
+
 def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    triton_impl = _triton_backward_module(grad, x, weight, bias)
+    if triton_impl is not None:
+        return triton_impl.head_linear_out_backward_triton(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
     # Explicit formulas: custom-op bodies run below autograd, so no recompute-and-differentiate.
     w = weight.t() if weight_in_out else weight  # [out, in]
     if heads_keep.dim() == 2:
@@ -236,6 +245,9 @@ def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
 
 
 def _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    triton_impl = _triton_backward_module(grad, x, weight, bias)
+    if triton_impl is not None:
+        return triton_impl.head_linear_in_backward_triton(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
     w = weight.t() if weight_in_out else weight  # [out, in]
     if heads_keep.dim() == 2:
         gx, gw, gb = _masked_grads(grad, x, w, bias, None, _feature_mask(heads_keep, head_dim, x))

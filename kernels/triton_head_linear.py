@@ -7,7 +7,14 @@ launch queue. Here the mask is read inside the kernels:
 * ``head_linear_out``: grid (row blocks, heads). A program whose rows all prune head h runs its
   K loop zero times and stores zeros; otherwise it computes the head's D output features.
 * ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the heads and skips
-  the K range of every head that no row of the block keeps (pruned inputs are zeros anyway).
+  the K range of every head that no row of the block keeps; the rows of a block that prune a
+  head it walks read zeros there.
+
+The backward reuses them with the weight read transposed (strides only): dx of head_linear_out is
+the head_linear_in reduction over the kept heads' gradient features, dx of head_linear_in is the
+head_linear_out product per kept head. The weight gradient (and head_linear_out's bias gradient)
+is ``_head_weight_grad_kernel``, grid (column blocks, heads): per head, a reduction over the rows
+keeping it, none at all for a head no row keeps (its rows/columns are stored as zeros).
 
 Masks are [H] (every row) or [B, H] with rows grouped by sample (x viewed as [B * rows, K]).
 Accumulation is float32; under the interpreter dot operands go through float32 as well (its
@@ -23,9 +30,42 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK_M = 16 if _INTERPRET else 64
-BLOCK_K = 16 if _INTERPRET else 32
-BLOCK_N = 16 if _INTERPRET else 64
+# DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
+_AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _configs(shapes, names):
+    """Autotune list from tuples of block sizes + (warps, stages); the interpreter, which cannot
+    time, gets one small config. Every list was checked spill-free on sm_90 at head dims 64 and
+    128, [H] and [B, H] masks (benchmarks/kernel_resources.py)."""
+    if _INTERPRET:
+        return [triton.Config({n: 16 for n in names}, num_warps=4, num_stages=1)]
+    if not _AUTOTUNE:
+        shapes = shapes[:1]
+    return [triton.Config(dict(zip(names, sh[:-2])), num_warps=sh[-2], num_stages=sh[-1]) for sh in shapes]
+
+
+# (BLOCK_M, BLOCK_K, warps, stages): the N tile is one head.
+_OUT_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 4),
+                         (256, 64, 8, 3)], ("BLOCK_M", "BLOCK_K"))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+_IN_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4),
+                        (64, 128, 64, 4, 3), (128, 256, 64, 8, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+# (BLOCK_M, BLOCK_T, warps, stages): the feature tile is one head.
+_WGRAD_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                           (128, 128, 8, 3)], ("BLOCK_M", "BLOCK_T"))
+
+
+def _bucket(n: int) -> int:
+    # Tune per power-of-two row count, not per exact batch * sequence length.
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _k_fits_head(configs, named_args, **kwargs):
+    """A reduction step wider than a head reads padding; keep the steps that fit (or the narrowest)."""
+    head = max(16, triton.next_power_of_2(kwargs["HEAD_D"]))
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= head]
+    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
 @triton.jit
@@ -44,8 +84,9 @@ def _mma(acc, x, w, DOT_F32: tl.constexpr):
     return acc + tl.dot(x, w)
 
 
+@triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
 @triton.jit
-def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample,
+def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -76,8 +117,10 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample,
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"],
+                 prune_configs_by={"early_config_prune": _k_fits_head})
 @triton.jit
-def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample,
+def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample, M_KEY,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -96,8 +139,10 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample,
             offs_d = d0 + tl.arange(0, BLOCK_K)
             d_ok = offs_d < HEAD_D
             offs_k = h * HEAD_D + offs_d
+            # rows pruning h read zeros: the reduction is exact whatever the pruned inputs hold
+            # (the backward feeds it gradients, which are not zero there)
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=row_keep[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, x, w, DOT_F32)
@@ -107,10 +152,61 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample,
              mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["M_KEY", "T", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
+@triton.jit
+def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, rows_per_sample, n_samples, M_KEY,
+                             stride_am, stride_af, stride_bm, stride_bt, stride_dwf, stride_dwt, stride_kb,
+                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr):
+    """DW[h*D + d, t] = sum over rows m keeping h of A[m, h*D + d] * Bm[m, t] (DW addressed through
+    (feature, t) strides, so one kernel serves both weight layouts and both ops), and DBias[h*D + d]
+    = the same rows' sum of A. Grid (t blocks, heads)."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    f_idx = h * HEAD_D + offs_d
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # a head that no row keeps runs no M loop and stores zeros
+    if PER_SAMPLE:
+        offs_b = tl.arange(0, BLOCK_B)
+        kept = tl.load(Keep + offs_b * stride_kb + h, mask=offs_b < n_samples, other=0)
+        m_hi = M * tl.max((kept != 0).to(tl.int32), axis=0)
+    else:
+        m_hi = M * (tl.load(Keep + h) != 0).to(tl.int32)
+    for m0 in range(0, m_hi, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = offs_m < M
+        row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
+        # Rows pruning h load zeros (their gradients are not zero) and move no memory. No branch
+        # skips the dot of a row block that no row keeps (per-sample masks): a branch around
+        # the loads or the dot stops the loop's loads from being pipelined (checked on sm_90).
+        a = tl.load(A + offs_m[None, :] * stride_am + f_idx[:, None] * stride_af,
+                    mask=d_ok[:, None] & row_keep[None, :], other=0.0)
+        b = tl.load(Bm + offs_m[:, None] * stride_bm + offs_t[None, :] * stride_bt,
+                    mask=row_keep[:, None] & t_ok[None, :], other=0.0)
+        acc = _mma(acc, a, b, DOT_F32)
+        if HAS_BIAS:
+            acc_b += tl.sum(a.to(tl.float32), axis=1)
+    tl.store(DW + f_idx[:, None] * stride_dwf + offs_t[None, :] * stride_dwt, acc.to(DW.dtype.element_ty),
+             mask=d_ok[:, None] & t_ok[None, :])
+    if HAS_BIAS:
+        if pid_t == 0:
+            tl.store(DBias + f_idx, acc_b.to(DBias.dtype.element_ty), mask=d_ok)
+
+
+def _nk_strides(t: torch.Tensor, weight_in_out: bool):
+    """(n, k) element strides whatever the storage: out_in [N, K], in_out [K, N]."""
+    return (t.stride(1), t.stride(0)) if weight_in_out else (t.stride(0), t.stride(1))
+
+
 def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, weight_in_out: bool):
     x2 = x.reshape(-1, x.shape[-1])
-    # (n, k) element strides whatever the storage: out_in [N, K], in_out [K, N]
-    s_wn, s_wk = (weight.stride(1), weight.stride(0)) if weight_in_out else (weight.stride(0), weight.stride(1))
+    s_wn, s_wk = _nk_strides(weight, weight_in_out)
     keep = heads_keep.to(torch.uint8)
     per_sample = keep.dim() == 2
     rows = x2.shape[0] // keep.shape[0] if per_sample else 1
@@ -127,11 +223,11 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, BLOCK_M), H)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), H)  # noqa: E731
     _head_linear_out_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, y, M, K, rows,
+        x2, weight, bias if bias is not None else x2, keep, y, M, K, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x))
     return y.view(*x.shape[:-1], H * head_dim)
 
@@ -143,10 +239,60 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     H = heads_keep.shape[-1]
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _head_linear_in_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, y, M, N, H, rows,
+        x2, weight, bias if bias is not None else x2, keep, y, M, N, H, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-        HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HEAD_D=head_dim,
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x))
     return y.view(*x.shape[:-1], N)
+
+
+def _weight_grad(a2: torch.Tensor, b2: torch.Tensor, keep: torch.Tensor, per_sample: bool, rows: int, s_kb: int,
+                 head_dim: int, dw: torch.Tensor, s_dwf: int, s_dwt: int, dbias: Optional[torch.Tensor]) -> None:
+    M, T = b2.shape
+    H = keep.shape[-1]
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)  # noqa: E731
+    _head_weight_grad_kernel[grid](
+        a2, b2, keep, dw, dbias if dbias is not None else dw, M, T, rows, keep.shape[0], _bucket(M),
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), s_dwf, s_dwt, s_kb,
+        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_B=triton.next_power_of_2(keep.shape[0]) if per_sample else 1,
+        HAS_BIAS=dbias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(a2))
+
+
+def head_linear_out_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                    bias: Optional[torch.Tensor], heads_keep: torch.Tensor, head_dim: int,
+                                    weight_in_out: bool = False):
+    """(dx, dweight, dbias) of ``head_linear_out``; dbias is empty without a bias.
+
+    dx = the kept heads' gradient features times their weight rows: the head_linear_in reduction
+    on the gradient, with the weight read transposed (the flipped layout flag swaps its strides).
+    """
+    gx = head_linear_in_triton(grad, weight, None, heads_keep, head_dim, not weight_in_out)
+    g2, _, _, keep, per_sample, rows, s_kb = _prepare(grad, weight, heads_keep, weight_in_out)
+    x2 = x.reshape(-1, x.shape[-1])
+    gw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+    gb = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else x.new_empty(0)
+    s_n, s_k = _nk_strides(gw, weight_in_out)
+    _weight_grad(g2, x2, keep, per_sample, rows, s_kb, head_dim, gw, s_n, s_k, gb if bias is not None else None)
+    return gx, gw, gb
+
+
+def head_linear_in_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                   bias: Optional[torch.Tensor], heads_keep: torch.Tensor, head_dim: int,
+                                   weight_in_out: bool = False):
+    """(dx, dweight, dbias) of ``head_linear_in``; dbias is empty without a bias.
+
+    dx[:, head h] = the gradient times the weight's head-h columns, zero for rows pruning h: the
+    head_linear_out kernel on the gradient with the weight read transposed.
+    """
+    gx = head_linear_out_triton(grad, weight, None, heads_keep, head_dim, not weight_in_out)
+    x2, _, _, keep, per_sample, rows, s_kb = _prepare(x, weight, heads_keep, weight_in_out)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    gw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+    s_n, s_k = _nk_strides(gw, weight_in_out)
+    # the kernel's head features are the weight's input (k) side here, its t side the outputs
+    _weight_grad(x2, g2, keep, per_sample, rows, s_kb, head_dim, gw, s_k, s_n, None)
+    gb = g2.sum(0) if bias is not None else x.new_empty(0)
+    return gx, gw, gb
