@@ -59,13 +59,16 @@ def check_gated_attention_args(q, k, v, keep, attn_mask, dropout_p: float = 0.0)
         raise ValueError(f"gated_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _triton_path(q: torch.Tensor, dropout_p: float):
-    """The Triton module when it should serve this call, else None (CPU, dropout, no triton, < sm80)."""
+def _triton_path(q: torch.Tensor, v: torch.Tensor, dropout_p: float):
+    """The Triton module when it should serve this call, else None (CPU, dropout, no triton, < sm80,
+    head dims above the ones its configs were checked for)."""
     if not q.is_cuda or dropout_p != 0.0:
         return None
     try:
         from . import triton_attention  # triton is optional: imported only when a CUDA tensor arrives
     except ImportError:
+        return None
+    if max(q.shape[-1], v.shape[-1]) > triton_attention.MAX_HEAD_DIM:
         return None
     return triton_attention if triton_attention.triton_available(q.device) else None
 
@@ -83,7 +86,7 @@ def gated_attention(
 ) -> torch.Tensor:
     """Attention in which heads with ``keep[b, h] == False`` do no work and output exact zeros."""
     check_gated_attention_args(q, k, v, keep, attn_mask, dropout_p)
-    triton = _triton_path(q, dropout_p)
+    triton = _triton_path(q, v, dropout_p)
     if triton is not None:
         return triton.triton_gated_attention(q, k, v, keep.to(q.device), attn_mask, is_causal, scale)
     seed = new_dropout_seed() if dropout_p > 0.0 else None
@@ -122,7 +125,7 @@ def gated_attention_backward(
     mask_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is empty unless ``mask_grad``. Pruned heads get zero grads."""
-    triton = _triton_path(q, dropout_p)
+    triton = _triton_path(q, v, dropout_p)
     if triton is not None:
         dq, dk, dv, dmask = triton.triton_gated_attention_backward(
             grad_out, q, k, v, keep.to(q.device), None, None, attn_mask, is_causal, scale, mask_grad=mask_grad

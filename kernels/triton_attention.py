@@ -33,6 +33,10 @@ _MASK_FLOOR = tl.constexpr(-1.0e38)
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
+# The config lists are checked for register spills and shared memory up to this head dim; the
+# op sends larger ones (Gemma's 256) to the PyTorch path rather than risk an out-of-resources launch.
+MAX_HEAD_DIM = 128
+
 
 def _bucket(n: int) -> int:
     # Autotune keys on buckets, not exact lengths, so decode (Lk grows by one per step)
@@ -45,27 +49,51 @@ _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
 
 
 def make_configs(shapes, pruned_by_query_len=True):
-    """The autotune list; a single small fixed config under the interpreter, which cannot time.
+    """The autotune list from (BLOCK_M, BLOCK_N, warps, stages[, max BLOCK_D]) tuples; a single
+    small fixed config under the interpreter, which cannot time. The optional fifth entry is the
+    largest padded head dim the config serves without register spills on sm_90
+    (``benchmarks/kernel_resources.py`` measures it); :func:`prune_configs` drops it above that.
     Without autotuning, kernels pruned by query length keep a decode config too: the pruning
-    leaves exactly one of the two, so nothing is ever timed."""
+    leaves exactly one of the two, so nothing is ever timed. The first config must serve every
+    head dim: with a single config the autotuner never calls the pruning."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if not _AUTOTUNE:
         shapes = shapes[:1] + ([s for s in shapes if s[0] == 16][:1] if pruned_by_query_len else [])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    configs = []
+    for m, n, w, s, *cap in shapes:
+        c = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        c.max_block_d = cap[0] if cap else None
+        configs.append(c)
+    return configs
 
 
+# Each list was checked with benchmarks/kernel_resources.py (sm_90, bf16, causal, additive mask,
+# entropy on; triton 3.6 and 3.9): no config spills at the head dims it serves.
 def _fwd_configs():
     return make_configs([
-        (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
-        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+        (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4),
+        (64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (128, 32, 4, 4, 64),
         # decode / short query blocks
-        (16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3),
+        (16, 128, 8, 3), (16, 64, 4, 4), (32, 128, 8, 3),
     ])
 
 
-def prune_by_query_len(configs, named_args, **kwargs):
-    """Drop query blocks far larger than Lq (decode) and tiny ones for long queries."""
+def fits_head_dim(config, block_d: int) -> bool:
+    cap = getattr(config, "max_block_d", None)
+    return cap is None or block_d <= cap
+
+
+def prune_by_head_dim(configs, named_args, **kwargs):
+    """Drop configs that would spill at this head dim."""
+    block_d = max(kwargs.get("BLOCK_D", 0), kwargs.get("BLOCK_DV", 0))
+    return [c for c in configs if fits_head_dim(c, block_d)] or configs[:1]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """:func:`prune_by_head_dim`, then drop query blocks far larger than Lq (decode) and tiny
+    query blocks for long queries."""
+    configs = prune_by_head_dim(configs, named_args, **kwargs)
     lq = named_args["Lq"]
     cap = max(16, triton.next_power_of_2(lq))
     out = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (lq < 64 or c.kwargs["BLOCK_M"] >= 64)]
@@ -143,8 +171,10 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
             # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
             # Select before multiplying so 0 * -inf never forms a NaN at all.
             pd = p * tl.where(p > 0.0, t - m_use[:, None], 0.0)
-            shift = l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)
-            s_i = (s_i + shift) * alpha + tl.sum(pd, 1)
+            # After keys padded with finfo.min, m_i - m_use is ~ -1e38 and l_i * it overflows to
+            # -inf, and -inf * (alpha = 0) is NaN. Their weight alpha is exactly 0 then: select it.
+            carried = (s_i + l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)) * alpha
+            s_i = tl.where(alpha > 0.0, carried, 0.0) + tl.sum(pd, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_PV:
             v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -157,7 +187,7 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
 @triton.autotune(
     configs=_fwd_configs(),
     key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV"],
-    prune_configs_by={"early_config_prune": prune_by_query_len},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def _gated_attn_fwd(
@@ -288,7 +318,7 @@ def head_blocks(D: int, Dv: int):
 
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
                            return_entropy=False, *, return_lse=False, out=None, compute_out=True,
-                           pairs=None, entropy_rows=False):
+                           pairs=None, entropy_rows=False, num_splits=None):
     """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
     when ``return_entropy`` / ``return_lse`` ask for them.
 
@@ -299,7 +329,9 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     masked rows), as the backward wants it. ``out`` may be a preallocated [B, Hq, Lq, Dv] tensor
     of any strides; every element is written. ``compute_out=False`` skips P@V (lse/entropy
     only; the output slot is then None). ``pairs`` reuses a (pairs, n_kept) from
-    :func:`kept_pairs`. ``keep`` must be on q's device.
+    :func:`kept_pairs`. ``keep`` must be on q's device. Decode shapes (Lq <= 16) with too few
+    (batch, head) pairs to fill the GPU split the keys across programs (``triton_decode``);
+    ``num_splits`` forces that path with that many splits.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -319,7 +351,13 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
 
-    if B * Hq > 0 and Lq > 0:
+    from .triton_decode import decode_splits, gated_decode_forward  # lazy: it imports this module
+
+    splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits)
+    if splits is not None:
+        gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
+                             (pair_idx, n_kept), is_causal, scale, splits)
+    elif B * Hq > 0 and Lq > 0:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,

@@ -28,14 +28,21 @@ from .triton_attention import (
     kept_pairs,
     make_configs,
     mask_operand,
-    prune_by_query_len,
+    prune_by_head_dim,
+    prune_configs,
     triton_gated_attention,
 )
 
 
-_DKDV_CONFIGS = make_configs([(32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3)],
+# Spill-free at the head dims each serves (benchmarks/kernel_resources.py, sm_90 bf16, triton 3.6
+# and 3.9). dK/dV keep two
+# [BLOCK_N, D] fp32 accumulators live across the whole loop: at D = 128 only 8 warps or small
+# blocks fit them in registers.
+_DKDV_CONFIGS = make_configs([(32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3),
+                              (64, 64, 8, 2, 64), (16, 64, 4, 3, 64), (64, 128, 8, 2, 64), (32, 64, 4, 3, 64)],
                              pruned_by_query_len=False)
-_DQ_CONFIGS = make_configs([(128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (16, 64, 4, 3)])
+_DQ_CONFIGS = make_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+                            (128, 32, 4, 3, 64), (16, 64, 4, 3), (16, 128, 8, 3)])
 _KEY = ["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND"]
 
 
@@ -57,7 +64,7 @@ def _bwd_delta(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_od,
     tl.store(Delta + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_by_head_dim})
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV, Keep,
@@ -128,7 +135,7 @@ def _bwd_dkdv(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_by_query_len})
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta, DQ, DMask, Pairs, NKept,

@@ -296,6 +296,22 @@ def test_huge_negative_padding_mask_matches_sdpa_on_fully_masked_rows():
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@interpreted
+def test_entropy_after_keys_padded_with_finfo_min():
+    """HF left padding: a block of finfo.min keys, then visible ones. The running max jumps by
+    ~1e38, which must not turn the carried entropy sum into inf * 0 = NaN (clamped to 0)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(1, 2, 2, 3, 40, 16, 16, torch.float32, gen)
+    mask = torch.zeros(1, 1, 3, 40)
+    mask[..., :20] = torch.finfo(torch.float32).min
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    out, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True, entropy_rows=True)
+    ref_out, _, _, ref_rows = reference(q, k, v, keep, mask, False, None)
+    assert ref_rows.min() > 1.0  # 20 visible keys: far from the degenerate 0
+    torch.testing.assert_close(ent.double(), ref_rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
 BACKWARD_CASES = [
     dict(B=2, Hkv=2, group=2, Lq=19, Lk=27, D=24, dtype=torch.float32, mask_kind="additive", mask_shape="bias",
          is_causal=False, keep=[[1, 0, 1, 1], [0, 0, 1, 0]]),
@@ -379,7 +395,7 @@ def test_gated_op_dispatches_to_triton_forward_and_backward(monkeypatch):
     """The wiring inside dhp::gated_attention: argument order of the Triton forward and backward."""
     op_module = importlib.import_module("dhp_fx.kernels.gated_attention")
 
-    monkeypatch.setattr(op_module, "_triton_path", lambda q, dropout_p: _ta if dropout_p == 0.0 else None)
+    monkeypatch.setattr(op_module, "_triton_path", lambda q, v, dropout_p: _ta if dropout_p == 0.0 else None)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 16, generator=g, requires_grad=True)
     k = torch.randn(2, 2, 7, 16, generator=g, requires_grad=True)

@@ -1,0 +1,210 @@
+"""Registers, spills and shared memory of every dhp_fx Triton kernel config, without a GPU.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64 128] [--dtype bf16]
+
+Triton compiles for a target it is told about (``GPUTarget``) and ships ptxas and cuobjdump, so
+the machine code for an H100 (sm_90) or A100 (sm_80) can be built and inspected here. Spills
+show up as a non-zero STACK (local memory per thread): on a GPU they turn into slow local-memory
+traffic in the inner loop, and a config that spills rarely wins an autotune but still costs its
+tuning run. Shared memory above the card's per-block limit makes the launch fail outright.
+
+Prints one row per (kernel, head dim, config); exits 1 when a config spills or overflows shared
+memory, so it can gate a change to the config lists. Numbers come from the local triton; the
+device's (3.6) may allocate a few registers differently — rerun there to confirm.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+# Per-block shared memory opt-in limits (bytes).
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_TORCH_TO_TRITON = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass
+class Usage:
+    kernel: str
+    head_dim: int
+    config: str
+    registers: int
+    stack: int
+    shared: int
+    async_copies: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"triton ships no {name} at {path}: cannot inspect machine code")
+    return path
+
+
+def attention_unit_stride(name: str) -> bool:
+    # Innermost strides of contiguous [B, H, L, D] tensors and of a [.., Lq, Lk] mask.
+    return name.startswith("stride_") and (name.endswith("d") or name == "stride_mn")
+
+
+def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_unit_stride, aligned=()):
+    """Signature, constants and attributes as the launcher would specialise a contiguous call:
+    unit strides become constants and pointers / outer strides are 16-divisible, which changes
+    vectorisation and so register use."""
+    names = list(inspect.signature(jitfn.fn).parameters)
+    consts = dict(constexprs)
+    consts.update({n: 1 for n in names if unit_stride(n) and n not in consts})
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = "*" + pointers[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n.startswith("scale"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if n.startswith("stride_") or n in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, {(names.index(k),): v for k, v in consts.items()}, attrs
+
+
+def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
+                  num_stages: int = 3, unit_stride=attention_unit_stride, aligned=()):
+    """(registers, stack bytes, shared bytes, async copies in the PTX) of one specialisation
+    compiled for sm_<arch> (no async copies: the loads of the main loop are not pipelined);
+    ``unit_stride(name)`` says which stride arguments a contiguous launch passes as 1, ``aligned``
+    names the size arguments it passes as multiples of 16 (the launcher specialises on that, and
+    whether a masked load can be vectorised, hence pipelined, depends on it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs = _signature(jitfn, pointers, constexprs, unit_stride, aligned)
+    kernel = triton.compile(ASTSource(jitfn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        dump = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", dump)
+    if found is None:
+        raise RuntimeError(f"no resource line in cuobjdump output:\n{dump}")
+    copies = len(re.findall(r"\bcp\.async\.", kernel.asm["ptx"]))
+    return int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies
+
+
+def _configs(autotuned, block_d: int):
+    """The configs the autotuner would try at this head dim (the head-dim pruning applied)."""
+    from dhp_fx.kernels.triton_attention import fits_head_dim
+
+    return [(c.kwargs, c.num_warps, c.num_stages) for c in autotuned.configs if fits_head_dim(c, block_d)]
+
+
+def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True):
+    """(name, jitfn, pointers, constexprs, head_dim, kwargs, warps, stages) for the attention kernels."""
+    from dhp_fx.kernels import triton_attention as fwd
+    from dhp_fx.kernels import triton_attention_bwd as bwd
+
+    t = _TORCH_TO_TRITON[dtype]
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    kernels = [
+        ("fwd", fwd._gated_attn_fwd, dict(Q=t, K=t, V=t, Mask=t, Out=t, Ent="fp32", Lse="fp32",
+                                          Pairs="i64", NKept="i32"),
+         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True)),
+        ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
+                                     DMask="fp32", Pairs="i64", NKept="i32"), dict(STORE_DS=False)),
+        ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
+                                         Keep="u8"), {}),
+    ]
+    for name, autotuned, pointers, extra in kernels:
+        for d in head_dims:
+            block = max(16, 1 << (d - 1).bit_length())
+            for kwargs, warps, stages in _configs(autotuned, block):
+                consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
+                              MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision, **extra, **kwargs)
+                yield name, autotuned.fn, pointers, consts, d, kwargs, warps, stages
+
+
+def projection_unit_stride(name: str) -> bool:
+    # nn.Linear weights [out, in] and contiguous activations / gradients.
+    return name in ("stride_xk", "stride_wk", "stride_yn", "stride_af", "stride_bt", "stride_dwt")
+
+
+def projection_cases(dtype: str, head_dims):
+    """The head-skipping projection kernels with per-sample [B, H] masks (the heavier variant:
+    each row looks up its own sample's mask)."""
+    from dhp_fx.kernels import triton_head_linear as hl
+
+    t = _TORCH_TO_TRITON[dtype]
+    io = dict(X=t, W=t, Bias=t, Keep="u8", Y=t)
+    kernels = [
+        ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b)),
+        ("proj_in", hl._head_linear_in_kernel, io, lambda d, b: dict(HEAD_D=d)),
+        ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8)),
+    ]
+    for name, autotuned, pointers, head in kernels:
+        for d in head_dims:
+            block = max(16, 1 << (d - 1).bit_length())
+            for c in autotuned.configs:
+                consts = dict(HAS_BIAS=True, PER_SAMPLE=True, DOT_F32=False, **head(d, block), **c.kwargs)
+                yield name, autotuned.fn, pointers, consts, d, c.kwargs, c.num_warps, c.num_stages
+
+
+def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
+    rows = []
+    # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
+    cases = [(attention_cases(dtype, head_dims), attention_unit_stride, ()),
+             (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T"))]
+    for generated, unit_stride, aligned in cases:
+        for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
+            if only and name not in only:
+                continue
+            usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned)
+            cfg = " ".join(f"{k.split('_')[1]}{v}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
+            rows.append(Usage(name, d, cfg, *usage))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv proj_out proj_in proj_wgrad")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
+    rows = survey(args.arch, args.dtype, args.head_dims, args.only)
+    limit = SMEM_LIMIT.get(args.arch, 232448)
+    bad = 0
+    print(f"| kernel | D | config | registers | stack (spill) B | shared B | async copies | sm_{args.arch} {args.dtype} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        flag = "SPILLS" if r.spills else ""
+        if r.shared > limit:
+            flag += " SHARED>LIMIT"
+        bad += bool(flag)
+        print(f"| {r.kernel} | {r.head_dim} | {r.config} | {r.registers} | {r.stack} | {r.shared} | "
+              f"{r.async_copies} | {flag.strip()} |")
+    print(f"{bad} of {len(rows)} configs spill or overflow shared memory", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Split-KV (flash-decoding) forward of gated attention, for short queries against long keys.
+
+The regular forward runs one program per (query block, slot). At decode (Lq <= 16) that is one
+program per (batch, head): B=1, Hq=32 launches 32 programs on a GPU with 132 SMs, each walking
+every key alone. Here the key range is cut into ``num_splits`` contiguous pieces:
+
+* ``_decode_split``, grid (splits, B*Hq slots): one program per (piece, slot) runs the forward's
+  own inner loop (``_fwd_inner``) over its piece for all Lq rows at once (BLOCK_M = 16) and
+  stores the unnormalised partials (acc, running max m, sum l, entropy accumulator s, all in
+  the log2 domain) to fp32 scratch.
+* ``_decode_combine``, grid (B*Hq slots): merges the pieces per row and writes out, entropy and
+  lse exactly as the forward defines them.
+
+Slots follow the forward's kept-first pair list; pruned slots run zero key iterations in both
+kernels and the combine stores their exact zeros. A piece past the end of the keys (more
+splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0, so any
+split count is valid. Nothing reads device values on the host: no sync.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import _INTERPRET, _LN2, _fwd_inner, dot_flags, head_blocks
+
+# A split program holds all query rows in one 16-row block: longer queries take the regular grid.
+MAX_DECODE_LQ = 16
+_BLOCK_M = 16
+# Interpreter: small tiles keep test shapes multi-block and the runs short.
+_BLOCK_N = 16 if _INTERPRET else 64
+# Under the interpreter a pretend GPU of a few SMs lets small test shapes take the split path.
+_INTERPRET_SMS = 4
+# FA2 sizes splits against 2 resident programs per SM (small tiles, memory-bound loop).
+_PROGRAMS_PER_SM = 2
+_MAX_SPLITS = 128
+# Pieces shorter than this save less key streaming than the combine launch and the scratch round
+# trip cost (an estimate, not yet measured on a GPU).
+_MIN_BLOCKS_PER_SPLIT = 2
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, Mask, Acc, M, L, S, Pairs, NKept,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, GROUP, Lq, Lk, keys_per_split, scale_log2,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    slot = tl.program_id(1)
+    pair = tl.load(Pairs + slot).to(tl.int64)
+    kept = slot < tl.load(NKept)
+    b = pair // Hq
+    h = pair % Hq
+    hk = h // GROUP
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # A row-count limit rather than `& kept` (the interpreter rejects bool & scalar-bool masks).
+    rows = tl.where(kept, Lq, 0)
+    row_st = offs_m < rows
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_st[:, None] & (offs_d[None, :] < HEAD_D), other=0)
+
+    # Top-left causal: no row below Lq sees a key at or past Lq.
+    if IS_CAUSAL:
+        key_end = tl.minimum(Lk, Lq)
+        full_end = 0  # every block needs the causal test
+    else:
+        key_end = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
+    # keys_per_split is a multiple of BLOCK_N, so the unmasked/edge boundary is block aligned.
+    mid = tl.maximum(tl.minimum(full_end, hi), lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+
+    # Scratch is slot-major [slots, splits, Lq(, BLOCK_DV)] so the combine reads one slot's
+    # pieces contiguously. Pruned slots store nothing: the combine never reads them.
+    row = (slot.to(tl.int64) * tl.num_programs(0) + split) * Lq + offs_m
+    tl.store(M + row, m_i, mask=row_st)
+    tl.store(L + row, l_i, mask=row_st)
+    if ENTROPY:
+        tl.store(S + row, s_i, mask=row_st)
+    if COMPUTE_PV:
+        tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_st[:, None])
+
+
+@triton.jit
+def _shifted(x, l, m, m_use, w):
+    # w * (x + l * (m - m_use)): moves an entropy accumulator from max m to max m_use. Where the
+    # weight w underflowed to 0 the piece contributes nothing, and l * (m - m_use) may overflow
+    # (finfo.min masks give m ~ -1.4e38): select instead of forming 0 * inf.
+    return tl.where(w > 0.0, w * (x + l * tl.where(l > 0.0, m - m_use, 0.0)), 0.0)
+
+
+@triton.jit
+def _decode_combine(
+    Acc, M, L, S, Out, Ent, Lse, Pairs, NKept,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, Lq, num_splits,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
+    COMPUTE_PV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pair = tl.load(Pairs + slot).to(tl.int64)
+    kept = slot < tl.load(NKept)
+    b = pair // Hq
+    h = pair % Hq
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    base = slot.to(tl.int64) * num_splits * Lq
+    # Pruned slots merge nothing and fall through to storing zeros (their scratch is unwritten).
+    for split in range(0, tl.where(kept, num_splits, 0)):
+        row = base + split * Lq + offs_m
+        m_s = tl.load(M + row, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(L + row, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        # Rows with no visible key so far keep m = -inf; subtract 0 to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(m_s - m_use)
+        if ENTROPY:
+            s_s = tl.load(S + row, mask=row_ok, other=0.0)
+            s_i = _shifted(s_i, l_i, m_i, m_use, alpha) + _shifted(s_s, l_s, m_s, m_use, beta)
+        if COMPUTE_PV:
+            acc_s = tl.load(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+
+    # Same epilogue as the forward: fully masked rows give 0 / entropy 0 / lse +inf.
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    if COMPUTE_PV:
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    row_ptr = pair * Lq + offs_m
+    if ENTROPY:
+        ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
+        tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=row_ok)
+    if STORE_LSE:
+        tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if _INTERPRET or device.type != "cuda":
+        return _INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_blocks(Lq: int, Lk: int, is_causal: bool) -> int:
+    # Top-left causal rows below Lq never see keys at or past Lq.
+    return triton.cdiv(min(Lk, Lq) if is_causal else Lk, _BLOCK_N)
+
+
+def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
+    """Splits for ``programs`` (B*Hq) decode programs over ``n_blocks`` key blocks: FA2's rule.
+
+    A wave is ``n_sms * _PROGRAMS_PER_SM`` programs. Already most of a wave (>= 80%) -> 1.
+    Otherwise the smallest split count whose wave efficiency (waves over their ceiling) is within
+    85% of the best, among counts that each change the blocks per split (others only add empty
+    pieces), with every piece at least _MIN_BLOCKS_PER_SPLIT blocks long. ``programs`` counts
+    pruned pairs too: how many are kept is on the device, and reading it would sync.
+    """
+    slots = n_sms * _PROGRAMS_PER_SM
+    if programs <= 0 or programs >= 0.8 * slots:
+        return 1
+    top = min(_MAX_SPLITS, slots, n_blocks // _MIN_BLOCKS_PER_SPLIT)
+    if top <= 1:
+        return 1
+
+    def efficiency(s):  # busy fraction of the last wave's slots, averaged over all waves
+        waves = programs * s / slots
+        return waves / math.ceil(waves)
+
+    useful = [s for s in range(1, top + 1) if s == 1 or triton.cdiv(n_blocks, s) != triton.cdiv(n_blocks, s - 1)]
+    best = max(efficiency(s) for s in useful)
+    return next(s for s in useful if efficiency(s) >= 0.85 * best)
+
+
+def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, num_splits=None):
+    """Split count for the split-KV path, or None where the regular forward should run.
+
+    ``num_splits`` forces the split path with exactly that many pieces (tests; a count past the
+    key blocks only adds empty pieces). Otherwise the path is taken for Lq <= 16 when the
+    heuristic wants more than one split. Shapes only: no device values are read.
+    """
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+            raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+        if Lq > MAX_DECODE_LQ:
+            raise ValueError(f"num_splits: the split-KV path serves Lq <= {MAX_DECODE_LQ}, got Lq = {Lq}")
+        return num_splits
+    if Lq > MAX_DECODE_LQ:
+        return None
+    splits = split_heuristic(B * Hq, _key_blocks(Lq, Lk, is_causal), _sm_count(torch.device(device)))
+    return splits if splits > 1 else None
+
+
+def _launch_options(dtype: torch.dtype, block_d: int) -> dict:
+    # Checked for spills on sm_90 (benchmarks/kernel_resources.py's compile_usage), head dims
+    # 32-128, every mask/causal/entropy/lse-only variant: 16-bit tiles fit 4 warps with 3 stages
+    # of K/V prefetch (72 KiB shared at D = 128). Exact fp32 dots run on FMA units: with 4 warps,
+    # or with prefetch stages, some variants spill; 8 warps unpipelined do not.
+    if _INTERPRET:
+        return dict(num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(num_warps=8, num_stages=1)
+    return dict(num_warps=4, num_stages=3 if block_d <= 128 else 2)
+
+
+def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits):
+    """Split-KV forward into preallocated results, for :func:`triton_gated_attention`.
+
+    ``mask`` is :func:`mask_operand`'s (kind, tensor, strides); ``out`` (any strides), ``ent_rows``
+    [B, Hq, Lq] and ``lse`` [B, Hq, Lq] (fp32, contiguous) are written where not None;
+    ``pairs`` is :func:`kept_pairs`' (pairs, n_kept).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Lq > MAX_DECODE_LQ:
+        raise ValueError(f"split-KV decode serves Lq <= {MAX_DECODE_LQ}, got Lq = {Lq}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    slots = B * Hq
+    if slots == 0 or Lq == 0:
+        return
+    kind, mask_t, mstr = mask
+    pair_idx, n_kept = pairs
+    dot_f32, precision = dot_flags(q.dtype)
+    block_d, block_dv = head_blocks(D, Dv)
+    compute_pv, entropy = out is not None, ent_rows is not None
+    # Whole blocks per piece keep every piece's boundary block aligned for the unmasked loop.
+    keys_per_split = triton.cdiv(_key_blocks(Lq, Lk, is_causal), num_splits) * _BLOCK_N
+
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m_part = torch.empty((slots, num_splits, Lq), **f32)
+    l_part = torch.empty((slots, num_splits, Lq), **f32)
+    s_part = torch.empty((slots, num_splits, Lq), **f32) if entropy else m_part
+    acc_part = torch.empty((slots, num_splits, Lq, block_dv), **f32) if compute_pv else m_part
+    launch = _launch_options(q.dtype, block_d)
+    _decode_split[(num_splits, slots)](
+        q, k, v, mask_t, acc_part, m_part, l_part, s_part, pair_idx, n_kept,
+        *q.stride(), *k.stride(), *v.stride(), *mstr,
+        Hq, Hq // Hkv, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
+        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=entropy, COMPUTE_PV=compute_pv,
+        DOT_F32=dot_f32, DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, **launch,
+    )
+    _decode_combine[(slots,)](
+        acc_part, m_part, l_part, s_part, out if compute_pv else q,
+        ent_rows if entropy else q, lse if lse is not None else q, pair_idx, n_kept,
+        *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
+        HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
+        COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
+    )
+
+
+__all__ = ["decode_splits", "gated_decode_forward", "split_heuristic", "MAX_DECODE_LQ"]

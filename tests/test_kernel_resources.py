@@ -1,0 +1,75 @@
+"""The Triton config lists fit an H100 at D = 128: compiled for sm_90 here (no GPU needed), no config
+the autotuner would try (attention forward and backward, head-skipping projections and their
+weight gradient) spills registers or exceeds shared memory, and head-dim pruning keeps the
+configs that only fit smaller heads away from D = 128."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
+
+
+def _has_nvidia_tools() -> bool:
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(tools, "cuobjdump"))
+
+
+@pytest.mark.skipif(not _has_nvidia_tools(), reason="this triton ships no NVIDIA toolchain")
+def test_kernel_configs_do_not_spill_at_head_dim_128_on_sm90():
+    # A fresh process: this one may hold the interpreter's kernels, which have one config only.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DHP_FX_TRITON_AUTOTUNE"] = "1"
+    run = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--head-dims", "128"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    kernels = {line.split("|")[1].strip() for line in rows}
+    assert kernels == {"fwd", "bwd_dq", "bwd_dkdv", "proj_out", "proj_in", "proj_wgrad"}, run.stdout + run.stderr
+    assert run.returncode == 0, "configs that spill or overflow shared memory:\n" + "\n".join(
+        line for line in rows if "SPILLS" in line or "SHARED" in line) + run.stderr[-2000:]
+
+
+def test_head_dim_pruning_keeps_small_head_configs_off_large_heads():
+    from dhp_fx.kernels.triton_attention import fits_head_dim, prune_by_head_dim
+
+    class Cfg:
+        def __init__(self, cap):
+            self.max_block_d = cap
+            self.kwargs = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+    every, small = Cfg(None), Cfg(64)
+    assert fits_head_dim(every, 128) and fits_head_dim(small, 64) and not fits_head_dim(small, 128)
+    assert prune_by_head_dim([every, small], {}, BLOCK_D=128, BLOCK_DV=128) == [every]
+    assert prune_by_head_dim([every, small], {}, BLOCK_D=64, BLOCK_DV=128) == [every]
+    assert prune_by_head_dim([every, small], {}, BLOCK_D=32, BLOCK_DV=64) == [every, small]
+    # nothing fits: the first config runs rather than none (the autotuner refuses an empty list)
+    assert prune_by_head_dim([small], {}, BLOCK_D=128, BLOCK_DV=128) == [small]
+
+
+def test_head_dims_above_the_checked_configs_take_the_pytorch_path(monkeypatch):
+    import importlib
+
+    import torch
+
+    op_module = importlib.import_module("dhp_fx.kernels.gated_attention")  # the package re-exports the op
+    triton_attention = importlib.import_module("dhp_fx.kernels.triton_attention")
+
+    # Pretend to be a CUDA tensor on a capable card: only the head-dim rule is left to decide.
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(triton_attention, "triton_available", lambda device: True)
+    small = torch.zeros(1, 1, 1, triton_attention.MAX_HEAD_DIM)
+    large = torch.zeros(1, 1, 1, 2 * triton_attention.MAX_HEAD_DIM)
+    assert op_module._triton_path(small, small, 0.0) is triton_attention
+    assert op_module._triton_path(large, large, 0.0) is None
+    assert op_module._triton_path(small, large, 0.0) is None  # value head dim counts too
+    assert op_module._triton_path(small, small, 0.1) is None  # dropout stays on the PyTorch path

@@ -1,0 +1,247 @@
+"""The split-KV decode forward (kernels/triton_decode.py) under the Triton interpreter, against
+float64 and against the regular (unsplit) Triton forward.
+
+Interpreter mode is fixed when triton is imported, so this module reuses test_triton_kernel's
+loader and, where this process cannot interpret (it imported triton compiled, or has CUDA),
+runs itself in a child pytest process with TRITON_INTERPRET=1, like that module does.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+# Its import loads the interpreted forward (or skips this module too where triton is missing).
+import test_triton_kernel as tk
+from test_triton_kernel import TOL, make_keep, make_mask, qkv, reference
+from test_triton_kernel import _interpreter_on  # noqa: F401  (module-scoped autouse fixture)
+
+IN_PROCESS = tk.IN_PROCESS
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_decode_suite_in_interpreter_subprocess")
+
+
+def _load_decode():
+    """The interpreted decode module, bound to the interpreted forward test_triton_kernel loaded."""
+    tk._set_interpret(True)
+    try:
+        name = "dhp_fx.kernels.triton_decode"
+        mod = importlib.import_module(name)
+        if not mod._INTERPRET or mod._fwd_inner is not tk._ta._fwd_inner:
+            sys.modules.pop(name, None)
+            mod = importlib.import_module(name)
+        return mod
+    finally:
+        tk._set_interpret(False)
+
+
+if IN_PROCESS:
+    _td = _load_decode()
+    attention = tk._ta.triton_gated_attention
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
+def test_decode_suite_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", tk._CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, f"decode suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    # The only skip there is this test itself: the interpreted tests must all have run.
+    assert re.search(r"\d+ passed, 1 skipped in", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+
+
+def unsplit(*args, **kwargs):
+    """The regular forward, even where the heuristic would split (it does for small test shapes)."""
+    with mock.patch.object(_td, "decode_splits", lambda *a, **k: None):
+        return attention(*args, **kwargs)
+
+
+def mask_row_out(mask, B, Hq, Lq, Lk, row):
+    """A (B, Hq, Lq, Lk) copy of ``mask`` with query row ``row`` of batch 0 seeing no key."""
+    if mask is None:
+        return None
+    mask = mask.expand(B, Hq, Lq, Lk).clone()
+    mask[0, :, row] = False if mask.dtype == torch.bool else float("-inf")
+    return mask
+
+
+def check_decode(B=1, Hkv=2, group=2, Lq=1, Lk=100, D=32, Dv=None, dtype=torch.float32, mask_kind="none",
+                 mask_shape="full", dead_row=None, is_causal=False, keep="random", splits=2, scale=None,
+                 model_layout=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    Hq, Dv = Hkv * group, Dv or D
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
+    keep = make_keep(keep, B, Hq, gen)
+    mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
+    if dead_row is not None:
+        mask = mask_row_out(mask, B, Hq, Lq, Lk, dead_row)
+    # Poisoned, so every element must be written; in model layout the buffer is strided too.
+    out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
+    out = out.transpose(1, 2) if model_layout else out
+    got, ent, lse = attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, return_lse=True,
+                              out=out, entropy_rows=True, num_splits=splits)
+    assert got is out and not torch.isnan(got).any()
+    assert not torch.isnan(ent).any() and not torch.isnan(lse).any()
+
+    ref, _, row_ok, ref_rows = reference(q, k, v, keep, mask, is_causal, scale)
+    if dead_row is not None:
+        assert not row_ok[0, :, dead_row].any()
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
+    assert torch.equal(got[~row_ok], torch.zeros_like(got[~row_ok])), "fully masked rows must be zero"
+    sel = row_ok[..., None].expand_as(got)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double()[sel], ref[sel], atol=tol, rtol=tol)
+    torch.testing.assert_close(ent.double(), ref_rows, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+
+    # Same entropy and lse as the unsplit forward (+inf lse on fully masked rows and pruned heads).
+    want_out, want_ent, want_lse = unsplit(q, k, v, keep, mask, is_causal, scale, return_entropy=True,
+                                           return_lse=True, entropy_rows=True)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lse.isinf(), want_lse.isinf())
+    torch.testing.assert_close(got, want_out, atol=tol, rtol=tol)
+
+
+DECODE_CASES = {
+    # one split per key block, GQA 2:1
+    "lq1-gqa-7splits": dict(Lq=1, Lk=100, splits=7),
+    # a bool row with no visible key; splits == key blocks
+    "lq3-fp16-bool-deadrow": dict(Lq=3, Lk=37, dtype=torch.float16, mask_kind="bool", dead_row=1, splits=3),
+    # causal keeps Lq keys = one block, so six of seven splits are empty; additive mask, -inf row
+    "lq16-bf16-causal-add-deadrow": dict(Lq=16, Lk=37, dtype=torch.bfloat16, mask_kind="additive",
+                                         mask_shape="bias", dead_row=15, is_causal=True, splits=7),
+    # padded head blocks: 80 -> 128, 96 -> 128 with a different Dv
+    "d80-fp16-pad-all": dict(Lq=1, Lk=100, D=80, dtype=torch.float16, mask_kind="bool", mask_shape="pad",
+                             keep="all", splits=2),
+    "d96-dv64-bf16-1split": dict(B=2, Lq=3, Lk=100, D=96, Dv=64, dtype=torch.bfloat16, keep="row_none", splits=1),
+    # additive bias over all 16 rows, one head kept, strided output
+    "lq16-fp32-add-one": dict(Lq=16, Lk=100, mask_kind="additive", mask_shape="bias", keep="one", splits=3,
+                              model_layout=True),
+    # more splits than key blocks (3): bf16 D=128 in model layout
+    "d128-bf16-splits-gt-blocks": dict(Hkv=1, group=2, Lq=1, Lk=37, D=128, dtype=torch.bfloat16, keep="all",
+                                       splits=7, model_layout=True, scale=0.3),
+    # causal decode with 3 rows against a long KV, 2-D bool mask
+    "lq3-causal-2d-bool": dict(B=2, Hkv=1, Lq=3, Lk=100, mask_kind="bool", mask_shape="2d", is_causal=True,
+                               splits=2),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("case", list(DECODE_CASES.values()), ids=list(DECODE_CASES))
+def test_split_forward_matches_reference_and_unsplit_forward(case):
+    check_decode(**case)
+
+
+@interpreted
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    Lq=st.sampled_from([1, 3, 16]), Lk=st.integers(1, 70), group=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]), is_causal=st.booleans(),
+    keep=st.sampled_from(["random", "all", "row_none"]), splits=st.sampled_from([1, 2, 3, 7]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_forward_random_shapes(Lq, Lk, group, dtype, mask_kind, is_causal, keep, splits, seed):
+    check_decode(B=2, Hkv=1, group=group, Lq=Lq, Lk=Lk, D=16, dtype=dtype, mask_kind=mask_kind,
+                 mask_shape="full", is_causal=is_causal, keep=keep, splits=splits, seed=seed)
+
+
+@interpreted
+def test_nothing_kept_and_no_keys():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv(2, 2, 1, 3, 40, 16, 16, torch.float32, gen)
+    out = torch.full((2, 2, 3, 16), float("nan"))
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    got, ent, lse = attention(q, k, v, none, return_entropy=True, return_lse=True, out=out, num_splits=3)
+    assert torch.equal(got, torch.zeros_like(got)) and torch.equal(ent, torch.zeros_like(ent))
+    assert torch.isinf(lse).all() and (lse > 0).all()
+    # Lk = 0: every split is empty, every kept row fully masked.
+    k0, v0 = k[:, :, :0], v[:, :, :0]
+    got, lse = attention(q, k0, v0, ~none, return_lse=True, out=out, num_splits=2)
+    assert torch.equal(got, torch.zeros_like(got)) and torch.isinf(lse).all()
+
+
+@interpreted
+def test_lse_only_pass_and_backward_through_split_forward():
+    """compute_out=False (the backward's lse recompute) and autograd over the split forward."""
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, Lq, Lk, D = 1, 4, 2, 2, 70, 16
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, D, torch.float32, gen)
+    keep = torch.tensor([[True, False, True, True]])
+    mask = make_mask("additive", "bias", B, Hq, Lq, Lk, torch.float32, gen)
+    mask = mask.masked_fill(mask == float("-inf"), -5.0)  # finite, as the backward reference needs
+    none, lse = attention(q, k, v, keep, mask, return_lse=True, compute_out=False, num_splits=3)
+    _, want = unsplit(q, k, v, keep, mask, return_lse=True)
+    assert none is None
+    torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+
+    with mock.patch.object(_td, "gated_decode_forward", wraps=_td.gated_decode_forward) as spy:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = tk._ta.triton_gated_attention_autograd(*leaves, keep, mask)
+        assert spy.called, "the heuristic should split this shape under the interpreter"
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = tk.gated_attention_reference(*ref_leaves, keep, mask.double())
+    ref.backward(grad.double())
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=2e-5, rtol=2e-5)
+
+
+@interpreted
+def test_huge_negative_padding_row_matches_sdpa():
+    """finfo.min padding (HF) on every key of a row: uniform over the keys, as SDPA gives."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = qkv(1, 2, 2, 3, 40, 16, 16, torch.float32, gen)
+    mask = torch.zeros(1, 1, 3, 40)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    got = attention(q, k, v, keep, mask, num_splits=3)
+    want = tk.gated_attention_reference(q.double(), k.double(), v.double(), keep, mask.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_dispatch():
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    calls = []
+    real = _td.gated_decode_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    with mock.patch.object(_td, "gated_decode_forward", spy):
+        q, k, v = qkv(1, 2, 2, 1, 100, 16, 16, torch.float32, gen)
+        attention(q, k, v, keep, num_splits=5)  # forced
+        attention(q, k, v, keep)  # 2 programs on the interpreter's pretend 4 SMs: the heuristic splits
+        attention(q, k[:, :, :40], v[:, :, :40], keep)  # 3 key blocks: too short to split
+        attention(q, k, v, keep, is_causal=True)  # causal decode sees one key block
+        q17 = torch.randn(1, 2, 17, 16, generator=gen)
+        attention(q17, k, v, keep)  # too many query rows for the split path
+    assert calls == [5, _td.split_heuristic(2, 7, _td._INTERPRET_SMS)] and calls[1] > 1
+    with pytest.raises(ValueError, match="Lq <= 16"):
+        attention(q17, k, v, keep, num_splits=2)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_splits"):
+            attention(q, k, v, keep, num_splits=bad)
+
+
+@interpreted
+def test_split_heuristic():
+    h = _td.split_heuristic
+    assert h(32, 512, 132) > 1  # B=1, Hq=32 decode at 32k keys on an H100
+    assert h(256, 512, 132) == 1  # already most of a wave
+    assert h(32, 3, 132) == 1  # too few key blocks to share out
+    for programs in (1, 3, 8, 32, 100):
+        for n_blocks in (1, 2, 5, 64, 512, 4096):
+            s = h(programs, n_blocks, 132)
+            assert 1 <= s <= max(1, n_blocks // 2) and s <= 128
