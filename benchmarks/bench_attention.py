@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 
 DEFAULT_SHAPES = ["8,32,2048,128,causal", "8,32,2048,128", "32,12,512,64", "4,32,4096,128,causal"]
+# Decode: one query row against Lk cached keys, B,Hq,Hkv,Lk,D.
+DEFAULT_DECODE = ["1,32,32,32768,128", "1,32,8,8192,128", "8,32,32,4096,128", "4,32,8,16384,128"]
 DEFAULT_P = [1.0, 0.75, 0.5, 0.25]
 DEVICE = "cuda"
 
@@ -49,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--check", action="store_true", help="validate the kernel against SDPA before timing")
     ap.add_argument("--block", action="store_true",
                     help="also time the attention block (QKV proj + core + out proj), d_model = H*D")
+    ap.add_argument("--decode", nargs="*", default=None, metavar="B,HQ,HKV,LK,D",
+                    help="also time decode (one query row, long KV; GQA when HQ > HKV): SDPA, gather, the "
+                         f"Triton kernel with and without split-KV (no value: {' '.join(DEFAULT_DECODE)})")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (e.g. torch without it)")
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--rep", type=int, default=100)
@@ -58,7 +63,22 @@ def parse_args(argv=None):
     for p in args.p:
         if not 0.0 < p <= 1.0:
             ap.error(f"--p values must be in (0, 1], got {p}")
+    if args.decode is not None:
+        try:
+            args.decode = [parse_decode(t) for t in (args.decode or DEFAULT_DECODE)]
+        except ValueError as e:
+            ap.error(str(e))
     return args
+
+
+def parse_decode(text: str):
+    parts = text.split(",")
+    if len(parts) != 5 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise ValueError(f"decode shape {text!r}: want B,HQ,HKV,LK,D (positive integers)")
+    B, Hq, Hkv, Lk, D = map(int, parts)
+    if Hq % Hkv:
+        raise ValueError(f"decode shape {text!r}: HQ ({Hq}) not a multiple of HKV ({Hkv})")
+    return B, Hq, Hkv, Lk, D
 
 
 def n_kept(p: float, H: int) -> int:
@@ -171,6 +191,18 @@ def check(torch, F, args, dtype, gen) -> bool:
         report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}", got, ref(q, k, v, keep, mask),
                1e-4 if dt == torch.float32 else tol)
         report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
+    # Split-KV decode (forced splits) against the same reference, pruned heads exactly zero.
+    q = torch.randn(2, 8, 1, 128, device=dev, dtype=dtype)
+    k, v = (torch.randn(2, 2, 5000, 128, device=dev, dtype=dtype) for _ in range(2))
+    keep = torch.rand(2, 8, device=dev) > 0.5
+    mask = torch.ones(2, 1, 1, 5000, dtype=torch.bool, device=dev)
+    mask[1, ..., :1234] = False  # left padding
+    for splits in (1, 7, 64):
+        got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True, num_splits=splits)
+        report(f"decode GQA 8/2 Lk=5000 splits={splits}", got, ref(q, k, v, keep, mask), tol)
+        report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
+        report("  pruned heads zero", got[~keep].abs().amax() if (~keep).any() else got.new_zeros(()),
+               got.new_zeros(()), 0.0)
     # Backward vs autograd through SDPA.
     q, k, v = (torch.randn(2, 4, 200, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
     keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool, device=dev)
@@ -180,6 +212,50 @@ def check(torch, F, args, dtype, gen) -> bool:
     for name, g, w in zip("qkv", grads, want):
         report(f"backward d{name} causal", g, w, 5e-2 if dtype == torch.bfloat16 else 1e-2)
     return ok
+
+
+def time_decode(torch, F, args, dtype, gen, bench):
+    """Decode table: SDPA (dense, GQA by enable_gqa), gather -> SDPA -> scatter, the Triton kernel
+    with its split-KV heuristic and with one split, at each p; "x ideal" against p * SDPA."""
+    from dhp_fx.kernels.triton_attention import triton_gated_attention
+
+    names = ["sdpa", "gather", "triton", "triton 1 split"]
+    header = f"{'decode B,Hq,Hkv,Lk,D':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>16s} {'x ideal':>8s}" for n in names)
+    print("\n" + header)
+    print("-" * len(header))
+    for B, Hq, Hkv, Lk, D in args.decode:
+        q = torch.randn(B, Hq, 1, D, device=DEVICE, dtype=dtype)
+        k, v = (torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype) for _ in range(2))
+        g = Hq // Hkv
+        t_dense = None
+        for p in args.p:
+            keep, idx = random_keep(torch, B, Hq, n_kept(p, Hq), DEVICE, gen)
+            rows = torch.arange(B, device=DEVICE)[:, None]
+
+            def gathered():
+                o = F.scaled_dot_product_attention(q[rows, idx], k[rows, idx // g], v[rows, idx // g])
+                out = torch.zeros_like(q)
+                out[rows, idx] = o
+                return out
+
+            methods = {
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=g > 1),
+                "gather": gathered,
+                "triton": lambda: triton_gated_attention(q, k, v, keep),
+                "triton 1 split": lambda: triton_gated_attention(q, k, v, keep, num_splits=1),
+            }
+            times = {}
+            for name, fn in methods.items():
+                try:
+                    times[name] = bench(fn)
+                except Exception as e:  # e.g. a torch without enable_gqa
+                    print(f"  {name} failed at decode {B},{Hq},{Hkv},{Lk},{D} p={p}: {type(e).__name__}: {e}")
+                    times[name] = float("nan")
+            t_dense = times["sdpa"] if t_dense is None else t_dense
+            cells = " ".join(f"{times[n]:16.4f} {times[n] / (p * t_dense):8.2f}" for n in names)
+            print(f"{f'{B},{Hq},{Hkv},{Lk},{D}':28s} {p:5.2f} {cells}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
@@ -317,6 +393,8 @@ def main(argv=None) -> int:
                     print(f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms")
         del q, k, v
         torch.cuda.empty_cache()
+    if args.decode:
+        time_decode(torch, F, args, dtype, gen, bench)
     return 0
 
 
