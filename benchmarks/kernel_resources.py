@@ -1,6 +1,10 @@
 """Registers, spills and shared memory of every dhp_fx Triton kernel config, without a GPU.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64 128] [--dtype bf16]
+    python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64 128] [--dtype bf16] [--only fwd ...]
+
+Covers every config each autotuned kernel would try at each head dim (attention forward, dQ,
+dK/dV, head-skipping projections and their weight gradient) and the split-KV decode kernel at
+its fixed launch options, each specialised as a contiguous launch would be.
 
 Triton compiles for a target it is told about (``GPUTarget``) and ships ptxas and cuobjdump, so
 the machine code for an H100 (sm_90) or A100 (sm_80) can be built and inspected here. Spills
@@ -8,7 +12,8 @@ show up as a non-zero STACK (local memory per thread): on a GPU they turn into s
 traffic in the inner loop, and a config that spills rarely wins an autotune but still costs its
 tuning run. Shared memory above the card's per-block limit makes the launch fail outright.
 
-Prints one row per (kernel, head dim, config); exits 1 when a config spills or overflows shared
+Prints one row per (kernel, head dim, config), with the number of async copies in the PTX (0: the
+main loop's loads are not software-pipelined); exits 1 when a config spills or overflows shared
 memory, so it can gate a change to the config lists. Numbers come from the local triton; the
 device's (3.6) may allocate a few registers differently — rerun there to confirm.
 """
@@ -140,6 +145,25 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
                 yield name, autotuned.fn, pointers, consts, d, kwargs, warps, stages
 
 
+def decode_cases(dtype: str, head_dims):
+    """The split-KV decode kernel at the fixed launch options it uses (not autotuned)."""
+    import torch
+
+    from dhp_fx.kernels import triton_decode as dec
+
+    t = _TORCH_TO_TRITON[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    pointers = dict(Q=t, K=t, V=t, Mask=t, Acc="fp32", M="fp32", L="fp32", S="fp32", Pairs="i64", NKept="i32")
+    for d in head_dims:
+        block = max(16, 1 << (d - 1).bit_length())
+        launch = dec._launch_options(torch_dtype, block)
+        kwargs = dict(BLOCK_M=dec._BLOCK_M, BLOCK_N=dec._BLOCK_N)
+        consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=False, MASK_KIND=2,
+                      ENTROPY=True, COMPUTE_PV=True, DOT_F32=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
+        yield "decode_split", dec._decode_split, pointers, consts, d, kwargs, launch["num_warps"], launch["num_stages"]
+
+
 def projection_unit_stride(name: str) -> bool:
     # nn.Linear weights [out, in] and contiguous activations / gradients.
     return name in ("stride_xk", "stride_wk", "stride_yn", "stride_af", "stride_bt", "stride_dwt")
@@ -170,6 +194,7 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
     rows = []
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
     cases = [(attention_cases(dtype, head_dims), attention_unit_stride, ()),
+             (decode_cases(dtype, head_dims), attention_unit_stride, ()),
              (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T"))]
     for generated, unit_stride, aligned in cases:
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
@@ -186,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv proj_out proj_in proj_wgrad")
+    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv decode_split proj_out proj_in proj_wgrad")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)
