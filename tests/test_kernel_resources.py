@@ -1,7 +1,8 @@
-"""The Triton config lists fit an H100 at D = 128: compiled for sm_90 here (no GPU needed), no config
+"""The Triton config lists fit an H100 at D = 64 and 128: compiled for sm_90 here (no GPU needed), no config
 the autotuner would try (attention forward and backward, split-KV decode, head-skipping
 projections and their weight gradient) spills registers or exceeds shared memory, and head-dim pruning keeps the
-configs that only fit smaller heads away from D = 128."""
+configs that only fit smaller heads away from D = 128. (Register allocation is not monotonic in
+the head dim: one config once spilled at 64 and not at 128, so both are compiled.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -26,11 +27,11 @@ def _has_nvidia_tools() -> bool:
 
 
 @pytest.mark.skipif(not _has_nvidia_tools(), reason="this triton ships no NVIDIA toolchain")
-def test_kernel_configs_do_not_spill_at_head_dim_128_on_sm90():
+def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
     # A fresh process: this one may hold the interpreter's kernels, which have one config only.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DHP_FX_TRITON_AUTOTUNE"] = "1"
-    run = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--head-dims", "128"],
+    run = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--head-dims", "64", "128"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "|---" not in line][1:]
     kernels = {line.split("|")[1].strip() for line in rows}
