@@ -154,15 +154,18 @@ def _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_module(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def _triton_module(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], head_dim: int):
     """The Triton kernels for CUDA tensors they support (they read the mask on the device: no
-    host sync per projection), else None and the torch path below."""
+    host sync per projection), else None and the torch path below: other devices and dtypes,
+    cards below sm_80 (bf16 dots), and head dims above the ones the configs were checked for."""
     if not x.is_cuda or x.dtype not in _TRITON_DTYPES or weight.dtype != x.dtype or (
             bias is not None and bias.dtype != x.dtype):
         return None
     try:
-        from . import triton_head_linear
+        from . import triton_attention, triton_head_linear
     except ImportError:  # no triton
+        return None
+    if head_dim > triton_attention.MAX_HEAD_DIM or not triton_attention.triton_available(x.device):
         return None
     return triton_head_linear
 
@@ -173,7 +176,7 @@ def head_linear_out(
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 0, "head_linear_out")
-    triton_impl = _triton_module(x, weight, bias)
+    triton_impl = _triton_module(x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_out_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
     return _out_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
@@ -190,7 +193,7 @@ def head_linear_in(
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 1, "head_linear_in")
-    triton_impl = _triton_module(x, weight, bias)
+    triton_impl = _triton_module(x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_in_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
     return _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out)
@@ -217,14 +220,14 @@ def _masked_grads(grad, x, w, bias, mask_out, mask_in):
     return gx, gw, gb
 
 
-def _triton_backward_module(grad, x, weight, bias):
+def _triton_backward_module(grad, x, weight, bias, head_dim):
     if grad.dtype != x.dtype or grad.device != x.device:
         return None
-    return _triton_module(x, weight, bias)
+    return _triton_module(x, weight, bias, head_dim)
 
 
 def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
-    triton_impl = _triton_backward_module(grad, x, weight, bias)
+    triton_impl = _triton_backward_module(grad, x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_out_backward_triton(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
     # Explicit formulas: custom-op bodies run below autograd, so no recompute-and-differentiate.
@@ -245,7 +248,7 @@ def _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
 
 
 def _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
-    triton_impl = _triton_backward_module(grad, x, weight, bias)
+    triton_impl = _triton_backward_module(grad, x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_in_backward_triton(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
     w = weight.t() if weight_in_out else weight  # [out, in]

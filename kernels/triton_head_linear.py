@@ -207,7 +207,8 @@ def _nk_strides(t: torch.Tensor, weight_in_out: bool):
 def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, weight_in_out: bool):
     x2 = x.reshape(-1, x.shape[-1])
     s_wn, s_wk = _nk_strides(weight, weight_in_out)
-    keep = heads_keep.to(torch.uint8)
+    # The kernels dereference the mask on x's device: a host mask would be a wild pointer there.
+    keep = heads_keep.to(device=x.device, dtype=torch.uint8)
     per_sample = keep.dim() == 2
     rows = x2.shape[0] // keep.shape[0] if per_sample else 1
     return x2, s_wn, s_wk, keep, per_sample, rows, (keep.stride(0) if per_sample else 0)

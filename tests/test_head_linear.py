@@ -258,7 +258,7 @@ def test_interpreted_ops_dispatch_backward_to_triton(thl, monkeypatch):
         real = getattr(thl, name)
         return lambda *a: calls.append(name) or real(*a)
 
-    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias: thl)
+    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: thl)
     for name in ("head_linear_out_backward_triton", "head_linear_in_backward_triton"):
         monkeypatch.setattr(thl, name, spy(name))
     keep = torch.tensor([[True, False, True], [False, False, False]])

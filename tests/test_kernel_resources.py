@@ -74,3 +74,24 @@ def test_head_dims_above_the_checked_configs_take_the_pytorch_path(monkeypatch):
     assert op_module._triton_path(large, large, 0.0) is None
     assert op_module._triton_path(small, large, 0.0) is None  # value head dim counts too
     assert op_module._triton_path(small, small, 0.1) is None  # dropout stays on the PyTorch path
+
+
+def test_projection_kernels_take_only_checked_head_dims_on_capable_cards(monkeypatch):
+    import importlib
+
+    import torch
+
+    hl = importlib.import_module("dhp_fx.kernels.head_linear")
+    triton_attention = importlib.import_module("dhp_fx.kernels.triton_attention")
+    triton_head_linear = importlib.import_module("dhp_fx.kernels.triton_head_linear")
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    capable = {"ok": True}
+    monkeypatch.setattr(triton_attention, "triton_available", lambda device: capable["ok"])
+    x, w = torch.zeros(2, 8), torch.zeros(8, 8)
+    limit = triton_attention.MAX_HEAD_DIM
+    assert hl._triton_module(x, w, None, limit) is triton_head_linear
+    assert hl._triton_module(x, w, None, limit + 1) is None
+    assert hl._triton_module(x, w.double(), None, 64) is None  # mixed dtypes stay on the torch path
+    capable["ok"] = False  # e.g. a V100: no bf16 dots
+    assert hl._triton_module(x, w, None, 64) is None
