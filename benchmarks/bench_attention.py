@@ -54,6 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode", nargs="*", default=None, metavar="B,HQ,HKV,LK,D",
                     help="also time decode (one query row, long KV; GQA when HQ > HKV): SDPA, gather, the "
                          f"Triton kernel with and without split-KV (no value: {' '.join(DEFAULT_DECODE)})")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the --shapes table (e.g. decode only)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (e.g. torch without it)")
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--rep", type=int, default=100)
@@ -319,8 +320,10 @@ def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
-        for s, p, k in plan(args):
+        for s, p, k in [] if args.no_prefill else plan(args):
             print(f"{str(s):28s} p={p:.2f} kept heads per row={k}")
+        for B, Hq, Hkv, Lk, D in args.decode or []:
+            print(f"decode {B},{Hq},{Hkv},{Lk},{D}: p in {args.p}")
         return 0
     try:
         import torch
@@ -367,7 +370,7 @@ def main(argv=None) -> int:
     header = f"{'shape':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>10s} {'x ideal':>8s}" for n in names)
     print(header)
     print("-" * len(header))
-    for s in args.shapes:
+    for s in [] if args.no_prefill else args.shapes:
         q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=DEVICE, dtype=dtype) for _ in range(3))
         t_dense = None
         flex_s = None
