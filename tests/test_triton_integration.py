@@ -1,0 +1,130 @@
+"""The integrated GPU path without a GPU: optimize() -> dhp:: ops -> Triton kernels, run by the Triton
+interpreter on CPU tensors.
+
+On CUDA the ops send work to the Triton kernels (attention, head-skipping projections); on CPU they
+take the PyTorch path, so the CPU suite never runs the wiring between the two: argument order, the
+layouts the model hands the kernels (projection outputs viewed head-major, masks broadcast from
+[B, 1, 1, L]), per-sample keep masks. Here both dispatchers are forced to the interpreted kernels
+and ``benchmarks/gpu_check.py``'s own exactness check runs on BERT, GPT-2 and Llama-GQA: gates
+open equal the original model, random per-sample keep masks equal the zeroed-head reference.
+The interpreter is fixed when triton is imported, so this runs in a child process.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD = "_DHP_FX_TRITON_INTEGRATION_CHILD"
+IN_CHILD = os.environ.get(_CHILD) == "1"
+
+
+@pytest.mark.skipif(IN_CHILD, reason="this is the child")
+def test_integrated_triton_path_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert "3 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+def test_models_through_interpreted_triton_kernels_match_references(monkeypatch):
+    ta = importlib.import_module("dhp_fx.kernels.triton_attention")
+    thl = importlib.import_module("dhp_fx.kernels.triton_head_linear")
+    assert ta._INTERPRET and thl._INTERPRET, "kernels were imported compiled"
+    op = importlib.import_module("dhp_fx.kernels.gated_attention")
+    hl = importlib.import_module("dhp_fx.kernels.head_linear")
+
+    calls = {"attention": 0, "projection": 0}
+
+    def counted(fn, key):
+        def run(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(ta, "triton_gated_attention", counted(ta.triton_gated_attention, "attention"))
+    for name in ("head_linear_out_triton", "head_linear_in_triton"):
+        monkeypatch.setattr(thl, name, counted(getattr(thl, name), "projection"))
+    monkeypatch.setattr(op, "_triton_path", lambda q, v, dropout_p: ta if dropout_p == 0.0 else None)
+    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: thl)
+
+    gpu_check = _gpu_check()
+    rows = gpu_check.check_exactness("cpu", [torch.float32], batch=2, seq=12)
+    assert [r["model"] for r in rows] == ["bert", "gpt2", "llama-gqa"]
+    for r in rows:
+        assert r["ok"], r
+    # every site's attention and its head-skipping projections ran on the kernels
+    assert calls["attention"] >= 3 * 2 * 2 and calls["projection"] >= 3 * 2, calls
+
+
+def _torch_path(monkeypatch):
+    op = importlib.import_module("dhp_fx.kernels.gated_attention")
+    hl = importlib.import_module("dhp_fx.kernels.head_linear")
+    monkeypatch.setattr(op, "_triton_path", lambda q, v, dropout_p: None)
+    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: None)
+
+
+def _triton_path(monkeypatch):
+    ta = importlib.import_module("dhp_fx.kernels.triton_attention")
+    thl = importlib.import_module("dhp_fx.kernels.triton_head_linear")
+    op = importlib.import_module("dhp_fx.kernels.gated_attention")
+    hl = importlib.import_module("dhp_fx.kernels.head_linear")
+    monkeypatch.setattr(op, "_triton_path", lambda q, v, dropout_p: ta if dropout_p == 0.0 else None)
+    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: thl)
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+@pytest.mark.parametrize("scoring,granularity", [("router", "sample"), ("static", "batch")])
+def test_gates_deciding_before_the_projections_match_the_torch_path_forward_and_backward(
+        monkeypatch, scoring, granularity):
+    """Router (per-sample [B, H] masks) and static ([H]) gates skip the Q/K/V rows of pruned heads:
+    the projections' Triton forward and backward against the PyTorch path, same model, same masks."""
+    import dhp_fx
+
+    model = _gpu_check().tiny_models(torch.float32, "cpu")["bert"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 512, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, 7:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring=scoring, granularity=granularity),
+                          example_inputs=inputs)
+    if scoring == "static":
+        dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        out = opt(**inputs).last_hidden_state
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in opt.named_parameters()
+                 if p.grad is not None and ("attention" in n)}
+        return out.detach(), grads
+
+    _torch_path(monkeypatch)
+    want, want_grads = run()
+    _triton_path(monkeypatch)
+    got, got_grads = run()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert want_grads and got_grads.keys() == want_grads.keys()
+    for name, w in want_grads.items():
+        torch.testing.assert_close(got_grads[name], w, atol=1e-4, rtol=1e-3, msg=name)
