@@ -217,10 +217,23 @@ def check(torch, F, args, dtype, gen) -> bool:
 
 def time_decode(torch, F, args, dtype, gen, bench):
     """Decode table: SDPA (dense, GQA by enable_gqa), gather -> SDPA -> scatter, the Triton kernel
-    with its split-KV heuristic and with one split, at each p; "x ideal" against p * SDPA."""
+    with its split-KV heuristic, with one split, and with GQA packing off (per-head programs), at
+    each p; "x ideal" against p * SDPA."""
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
-    names = ["sdpa", "gather", "triton", "triton 1 split"]
+    from dhp_fx.kernels import triton_decode
+
+    def per_head(fn):
+        # GQA without packing: each query head streams its group's K/V (what packing saves)
+        def run():
+            triton_decode.PACK_GQA = False
+            try:
+                return fn()
+            finally:
+                triton_decode.PACK_GQA = None
+        return run
+
+    names = ["sdpa", "gather", "triton", "triton 1 split", "triton per-head"]
     header = f"{'decode B,Hq,Hkv,Lk,D':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>16s} {'x ideal':>8s}" for n in names)
     print("\n" + header)
     print("-" * len(header))
@@ -244,6 +257,7 @@ def time_decode(torch, F, args, dtype, gen, bench):
                 "gather": gathered,
                 "triton": lambda: triton_gated_attention(q, k, v, keep),
                 "triton 1 split": lambda: triton_gated_attention(q, k, v, keep, num_splits=1),
+                "triton per-head": per_head(lambda: triton_gated_attention(q, k, v, keep)),
             }
             times = {}
             for name, fn in methods.items():

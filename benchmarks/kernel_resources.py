@@ -4,7 +4,7 @@
 
 Covers every config each autotuned kernel would try at each head dim (attention forward, dQ,
 dK/dV, head-skipping projections and their weight gradient) and the split-KV decode kernel at
-its fixed launch options, each specialised as a contiguous launch would be.
+its fixed launch options (per head and GQA-packed), each specialised as a contiguous launch would be.
 
 Triton compiles for a target it is told about (``GPUTarget``) and ships ptxas and cuobjdump, so
 the machine code for an H100 (sm_90) or A100 (sm_80) can be built and inspected here. Spills
@@ -146,7 +146,9 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
 
 
 def decode_cases(dtype: str, head_dims):
-    """The split-KV decode kernel at the fixed launch options it uses (not autotuned)."""
+    """The split-KV decode kernels at the fixed launch options they use (not autotuned): per head,
+    and GQA-packed at 8 and 64 rows (GROUP * Lq; 16- and 64-row tiles), storing partials for the
+    combine (SPLIT0) or the results themselves (SPLIT1, one split)."""
     import torch
 
     from dhp_fx.kernels import triton_decode as dec
@@ -162,6 +164,20 @@ def decode_cases(dtype: str, head_dims):
                       ENTROPY=True, COMPUTE_PV=True, DOT_F32=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
         yield "decode_split", dec._decode_split, pointers, consts, d, kwargs, launch["num_warps"], launch["num_stages"]
+    packed = dict(pointers, Out=t, Ent="fp32", Lse="fp32", KeepFlags="u8", Groups="i64")
+    del packed["Pairs"]
+    for d in head_dims:
+        block = max(16, 1 << (d - 1).bit_length())
+        for rows in (8, 64):
+            block_m = max(16, 1 << (rows - 1).bit_length())
+            launch = dict(dec._packed_launch_options(torch_dtype, block, block_m))
+            warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
+            for one in (0, 1):
+                kwargs = dict(BLOCK_M=block_m, BLOCK_N=launch["BLOCK_N"], ONE_SPLIT=one)
+                consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=False, MASK_KIND=2,
+                              ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, DOT_F32=False,
+                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
+                yield "decode_packed", dec._decode_split_packed, packed, consts, d, kwargs, warps, stages
 
 
 def projection_unit_stride(name: str) -> bool:
@@ -211,7 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv decode_split proj_out proj_in proj_wgrad")
+    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv decode_split decode_packed "
+                                              "proj_out proj_in proj_wgrad")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

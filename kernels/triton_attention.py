@@ -353,7 +353,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
 
     from .triton_decode import decode_splits, gated_decode_forward  # lazy: it imports this module
 
-    splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits)
+    splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits, Hkv=Hkv)
     if splits is not None:
         gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
                              (pair_idx, n_kept), is_causal, scale, splits)

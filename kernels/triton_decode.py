@@ -7,14 +7,32 @@ every key alone. Here the key range is cut into ``num_splits`` contiguous pieces
 * ``_decode_split``, grid (splits, B*Hq slots): one program per (piece, slot) runs the forward's
   own inner loop (``_fwd_inner``) over its piece for all Lq rows at once (BLOCK_M = 16) and
   stores the unnormalised partials (acc, running max m, sum l, entropy accumulator s, all in
-  the log2 domain) to fp32 scratch.
+  the log2 domain) to fp32 scratch, pair-major [B*Hq, splits, Lq].
 * ``_decode_combine``, grid (B*Hq slots): merges the pieces per row and writes out, entropy and
   lse exactly as the forward defines them.
 
 Slots follow the forward's kept-first pair list; pruned slots run zero key iterations in both
 kernels and the combine stores their exact zeros. A piece past the end of the keys (more
 splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0, so any
-split count is valid. Nothing reads device values on the host: no sync.
+split count is valid.
+
+GQA (Hq = GROUP * Hkv): decode is bound by streaming K/V, and one program per query head reads
+its KV head's K/V GROUP times. ``_decode_split_packed``, grid (splits, B*Hkv slots), instead gives
+one program all GROUP heads of a KV group as rows r = g * Lq + i of one tile (padded to a power of
+two >= 16, GROUP * Lq <= MAX_PACKED_ROWS), so each K/V block is read once per group. It reuses
+``_fwd_inner`` unchanged: query indices i go in as the row indices (padded rows get Lq, which the
+row test rejects), so causal stays top-left on i, and the mask base is a per-row pointer column
+(head h = hk * GROUP + g), so per-head masks work. Its slots follow a kept-first list of (batch,
+KV head) groups, built on the device from the pair list; a group is kept when any of its heads is,
+and fully pruned groups run no keys. Pruned heads of a kept group are computed with the rest and
+dropped: with several splits their partials land in the same pair-major scratch, which the
+per-pair combine (over the kept-first pair list, as above) never reads for pruned pairs; with one
+split the packed program stores the results itself (no scratch, no combine), zeros / entropy 0 /
+lse +inf for pruned heads from per-pair keep flags. GQA decode takes the packed kernel even where
+one split suffices; the split heuristic then counts B*Hkv programs. ``PACK_GQA`` forces either
+kernel (tests).
+
+Nothing reads device values on the host: no sync.
 """
 from __future__ import annotations
 
@@ -25,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LN2, _fwd_inner, dot_flags, head_blocks
+from .triton_attention import _INTERPRET, _LN2, _fwd_inner, dot_flags, head_blocks, kept_pairs
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -40,6 +58,15 @@ _MAX_SPLITS = 128
 # Pieces shorter than this save less key streaming than the combine launch and the scratch round
 # trip cost (an estimate, not yet measured on a GPU).
 _MIN_BLOCKS_PER_SPLIT = 2
+# GQA packing: GROUP * Lq rows in one program (padded to a power of two >= 16). The cap is the
+# register budget: 64 rows already need 8 warps and 32-key tiles at D = 128 (16-key tiles for
+# exact fp32) to stay spill-free on sm_90, and a 128-row tile would hold twice the accumulator
+# with less left to shrink. 64 covers the decode shapes that matter (groups of 2-8 at Lq <= 8,
+# 4 at Lq = 16); the rest (e.g. group 8 at Lq 9-16, which would pad 72 rows to 128) keep the
+# per-head kernels, correct but reading K/V once per head.
+MAX_PACKED_ROWS = 64
+# Tests force the packed (True) or per-head (False) decode kernel; None chooses by shape.
+PACK_GQA = None
 
 
 @triton.jit
@@ -101,15 +128,114 @@ def _decode_split(
         BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
-    # Scratch is slot-major [slots, splits, Lq(, BLOCK_DV)] so the combine reads one slot's
-    # pieces contiguously. Pruned slots store nothing: the combine never reads them.
-    row = (slot.to(tl.int64) * tl.num_programs(0) + split) * Lq + offs_m
+    # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
+    # contiguously and the packed kernel, which knows pairs rather than pair slots, shares it.
+    # Pruned slots store nothing: the combine never reads them.
+    row = (pair * tl.num_programs(0) + split) * Lq + offs_m
     tl.store(M + row, m_i, mask=row_st)
     tl.store(L + row, l_i, mask=row_st)
     if ENTROPY:
         tl.store(S + row, s_i, mask=row_st)
     if COMPUTE_PV:
         tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_st[:, None])
+
+
+@triton.jit
+def _decode_split_packed(
+    Q, K, V, Mask, Acc, M, L, S, Out, Ent, Lse, KeepFlags, Groups, NKept,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, Hkv, GROUP, Lq, Lk, keys_per_split, scale_log2,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
+    COMPUTE_PV: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    slot = tl.program_id(1)
+    # int32 division (a 64-bit one is a subroutine call whose spills showed up at some head
+    # dims); int64 from there on for the base offsets.
+    grp = tl.load(Groups + slot).to(tl.int32)
+    kept = slot < tl.load(NKept)
+    b = (grp // Hkv).to(tl.int64)
+    hk = (grp % Hkv).to(tl.int64)
+
+    # Row r holds query i of head hk * GROUP + g, r = g * Lq + i. Padded rows get query index Lq,
+    # which _fwd_inner's row test rejects, so their mask loads stay in bounds.
+    r = tl.arange(0, BLOCK_M)
+    valid = r < GROUP * Lq
+    g = tl.where(valid, r // Lq, 0)
+    qi = tl.where(valid, r - g * Lq, Lq)
+    h = hk * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # A row-count limit rather than `& kept` (the interpreter rejects bool & scalar-bool masks).
+    row_st = r < tl.where(kept, GROUP * Lq, 0)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_st[:, None] & (offs_d[None, :] < HEAD_D), other=0)
+
+    # Top-left causal on the query index: no row sees a key at or past Lq.
+    if IS_CAUSAL:
+        key_end = tl.minimum(Lk, Lq)
+        full_end = 0
+    else:
+        key_end = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
+    mid = tl.maximum(tl.minimum(full_end, hi), lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    # Per-row pointers [BLOCK_M, 1]: _apply_mask adds qi * stride_mm + key * stride_mn to them.
+    mask_base = Mask + b * stride_mb + h[:, None] * stride_mh
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, qi, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, qi, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+
+    pair = b * Hq + h
+    if ONE_SPLIT:
+        # The program owns its rows' results: no scratch, no combine. Every valid row is stored,
+        # kept group or not, so pruned heads get their exact zeros here too (l = 0 for pruned
+        # groups, which ran no keys; pruned heads of kept groups are computed, then dropped).
+        row_keep = tl.load(KeepFlags + pair, mask=row_st, other=0) != 0
+        l_ok = (l_i > 0.0) & row_keep
+        l_safe = tl.where(l_ok, l_i, 1.0)
+        if COMPUTE_PV:
+            o = tl.where(l_ok[:, None], acc / l_safe[:, None], 0.0)
+            o_ptrs = (Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
+                      + offs_dv[None, :] * stride_od)
+            tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < HEAD_DV))
+        row_ptr = pair * Lq + qi
+        if ENTROPY:
+            ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
+            tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=valid)
+        if STORE_LSE:
+            tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=valid)
+    else:
+        # Partials per (b, h) pair, in the unpacked kernel's layout, for the per-pair combine (which
+        # never reads pruned pairs, so pruned heads' rows of kept groups may land here unused).
+        row = (pair * tl.num_programs(0) + split) * Lq + qi
+        tl.store(M + row, m_i, mask=row_st)
+        tl.store(L + row, l_i, mask=row_st)
+        if ENTROPY:
+            tl.store(S + row, s_i, mask=row_st)
+        if COMPUTE_PV:
+            tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_st[:, None])
 
 
 @triton.jit
@@ -141,7 +267,7 @@ def _decode_combine(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    base = slot.to(tl.int64) * num_splits * Lq
+    base = pair * num_splits * Lq
     # Pruned slots merge nothing and fall through to storing zeros (their scratch is unwritten).
     for split in range(0, tl.where(kept, num_splits, 0)):
         row = base + split * Lq + offs_m
@@ -187,9 +313,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _key_blocks(Lq: int, Lk: int, is_causal: bool) -> int:
+def _key_blocks(Lq: int, Lk: int, is_causal: bool, block_n: int = _BLOCK_N) -> int:
     # Top-left causal rows below Lq never see keys at or past Lq.
-    return triton.cdiv(min(Lk, Lq) if is_causal else Lk, _BLOCK_N)
+    return triton.cdiv(min(Lk, Lq) if is_causal else Lk, block_n)
 
 
 def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
@@ -217,12 +343,27 @@ def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
     return next(s for s in useful if efficiency(s) >= 0.85 * best)
 
 
-def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, num_splits=None):
+def packs_gqa(Hq: int, Hkv: int, Lq: int) -> bool:
+    """Whether decode runs one program per (batch, KV head) over all its query heads' rows:
+    for GQA (group > 1) with group * Lq <= MAX_PACKED_ROWS, unless ``PACK_GQA`` forces a kernel."""
+    group = Hq // Hkv if Hkv else 1
+    fits = Lq <= MAX_DECODE_LQ and group * Lq <= MAX_PACKED_ROWS
+    if PACK_GQA is None:
+        return group > 1 and fits
+    if PACK_GQA and not fits:
+        raise ValueError(f"PACK_GQA: {group} heads x Lq = {Lq} rows exceed the packed cap of {MAX_PACKED_ROWS}")
+    return bool(PACK_GQA)
+
+
+def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, num_splits=None, Hkv=None):
     """Split count for the split-KV path, or None where the regular forward should run.
 
     ``num_splits`` forces the split path with exactly that many pieces (tests; a count past the
     key blocks only adds empty pieces). Otherwise the path is taken for Lq <= 16 when the
-    heuristic wants more than one split. Shapes only: no device values are read.
+    heuristic wants more than one split, or always when the query heads of a KV group pack into
+    one program (:func:`packs_gqa`; ``Hkv`` None means no GQA): one packed split still reads K/V
+    once per group where the regular forward reads them once per head. Packed, the heuristic
+    counts B*Hkv programs. Shapes only: no device values are read.
     """
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -232,8 +373,10 @@ def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, nu
         return num_splits
     if Lq > MAX_DECODE_LQ:
         return None
-    splits = split_heuristic(B * Hq, _key_blocks(Lq, Lk, is_causal), _sm_count(torch.device(device)))
-    return splits if splits > 1 else None
+    packed = packs_gqa(Hq, Hkv or Hq, Lq)
+    programs = B * (Hkv if packed else Hq)
+    splits = split_heuristic(programs, _key_blocks(Lq, Lk, is_causal), _sm_count(torch.device(device)))
+    return splits if splits > 1 or packed else None
 
 
 def _launch_options(dtype: torch.dtype, block_d: int) -> dict:
@@ -246,6 +389,76 @@ def _launch_options(dtype: torch.dtype, block_d: int) -> dict:
     if dtype == torch.float32:
         return dict(num_warps=8, num_stages=1)
     return dict(num_warps=4, num_stages=3 if block_d <= 128 else 2)
+
+
+def _packed_launch_options(dtype: torch.dtype, block_d: int, block_m: int) -> dict:
+    """num_warps, num_stages and BLOCK_N of the packed kernel for a BLOCK_M-row tile."""
+    # Checked for spills on sm_90 (benchmarks/kernel_resources.py), head dims 64 and 128, 16 to 64
+    # rows, every mask kind, causal or not, one split or several. The per-row mask pointers cost
+    # registers the unpacked kernel does not spend: with its 64-key tiles and 4 warps, 32+ rows
+    # spill at D = 128 (16 rows sit at 255 registers; 4 warps at 32-key tiles still spill causal),
+    # so wide heads stream 32-key tiles with 8 warps, as do 32+ rows; D <= 32 spilled a few bytes
+    # at 64-key tiles (and is spill-free with far fewer registers at 32). Exact fp32 dots (FMA units)
+    # spill at 64-key tiles from 16 rows at D = 128 and 32 rows at D = 64; 64 rows need 16-key
+    # tiles at D = 128 (and 16), while at D = 32 and 64 it is 16-key tiles that spill. Register
+    # allocation is not monotonic here: rerun the survey after any change.
+    if _INTERPRET:
+        return dict(num_warps=4, num_stages=1, BLOCK_N=_BLOCK_N)
+    if dtype == torch.float32:
+        return dict(num_warps=8, num_stages=1, BLOCK_N=16 if block_m >= 64 and block_d in (16, 128) else 32)
+    return dict(num_warps=4 if block_m <= 16 and block_d <= 64 else 8, num_stages=3 if block_d <= 128 else 2,
+                BLOCK_N=64 if block_d == 64 else 32)
+
+
+def _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    kind, mask_t, mstr = mask
+    pair_idx, n_kept = pairs
+    dot_f32, precision = dot_flags(q.dtype)
+    block_d, block_dv = head_blocks(D, Dv)
+    block_m = max(16, triton.next_power_of_2(group * Lq))
+    launch = _packed_launch_options(q.dtype, max(block_d, block_dv), block_m)
+    block_n = launch["BLOCK_N"]
+    compute_pv, entropy = out is not None, ent_rows is not None
+    keys_per_split = triton.cdiv(_key_blocks(Lq, Lk, is_causal, block_n), num_splits) * block_n
+
+    # Per-pair keep flags and the kept-first (batch, KV head) list, rebuilt on the device from the
+    # pair list: a group is kept when any of its heads is. pair_idx is a permutation, so the
+    # scatter writes every flag.
+    n = B * Hq
+    kept_flag = (torch.arange(n, device=q.device) < n_kept).to(torch.uint8)
+    keep_flags = torch.empty(n, device=q.device, dtype=torch.uint8).scatter_(0, pair_idx, kept_flag)
+    groups, n_groups = kept_pairs(keep_flags.view(B * Hkv, group).any(1))
+
+    one = num_splits == 1
+    f32 = dict(device=q.device, dtype=torch.float32)
+    if one:
+        m_part = l_part = s_part = acc_part = q  # unused: the kernel writes the results itself
+    else:
+        m_part = torch.empty((n, num_splits, Lq), **f32)
+        l_part = torch.empty((n, num_splits, Lq), **f32)
+        s_part = torch.empty((n, num_splits, Lq), **f32) if entropy else m_part
+        acc_part = torch.empty((n, num_splits, Lq, block_dv), **f32) if compute_pv else m_part
+    _decode_split_packed[(num_splits, B * Hkv)](
+        q, k, v, mask_t, acc_part, m_part, l_part, s_part, out if compute_pv else q,
+        ent_rows if entropy else q, lse if lse is not None else q, keep_flags, groups, n_groups,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *(out.stride() if compute_pv else (0, 0, 0, 0)),
+        Hq, Hkv, group, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
+        HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=entropy, STORE_LSE=lse is not None,
+        COMPUTE_PV=compute_pv, ONE_SPLIT=one, DOT_F32=dot_f32, DOT_PRECISION=precision,
+        BLOCK_M=block_m, **launch,
+    )
+    if not one:
+        _decode_combine[(n,)](
+            acc_part, m_part, l_part, s_part, out if compute_pv else q,
+            ent_rows if entropy else q, lse if lse is not None else q, pair_idx, n_kept,
+            *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
+            HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
+            COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
+        )
 
 
 def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits):
@@ -263,6 +476,9 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, sc
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     slots = B * Hq
     if slots == 0 or Lq == 0:
+        return
+    if packs_gqa(Hq, Hkv, Lq):
+        _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits)
         return
     kind, mask_t, mstr = mask
     pair_idx, n_kept = pairs
@@ -295,4 +511,5 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, sc
     )
 
 
-__all__ = ["decode_splits", "gated_decode_forward", "split_heuristic", "MAX_DECODE_LQ"]
+__all__ = ["decode_splits", "gated_decode_forward", "packs_gqa", "split_heuristic", "MAX_DECODE_LQ",
+           "MAX_PACKED_ROWS"]

@@ -72,21 +72,48 @@ def mask_row_out(mask, B, Hq, Lq, Lk, row):
     return mask
 
 
+def group_keep(pattern, B, Hkv, group):
+    """keep [B, Hkv * group] by KV group: "mixed" = batch 0's first group all kept and its others
+    partly kept, later batches nothing; "group_pruned" = batch 0's first group fully pruned and its
+    others all kept, batch 1's first group partly kept and its others fully pruned."""
+    keep = torch.zeros(B, Hkv, group, dtype=torch.bool)
+    if pattern == "mixed":
+        keep[0, 0] = True
+        keep[0, 1:, ::2] = True
+    elif pattern == "group_pruned":
+        keep[0, 1:] = True
+        if B > 1:
+            keep[1, 0, 1:] = True
+    else:
+        raise ValueError(pattern)
+    return keep.reshape(B, Hkv * group)
+
+
 def check_decode(B=1, Hkv=2, group=2, Lq=1, Lk=100, D=32, Dv=None, dtype=torch.float32, mask_kind="none",
                  mask_shape="full", dead_row=None, is_causal=False, keep="random", splits=2, scale=None,
-                 model_layout=False, seed=0):
+                 model_layout=False, seed=0, packed=None):
+    """``packed`` forces the GQA-packed (True) or per-head (False) kernel and, forced either way,
+    also compares against the other one."""
     gen = torch.Generator().manual_seed(seed)
     Hq, Dv = Hkv * group, Dv or D
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
-    keep = make_keep(keep, B, Hq, gen)
+    keep = group_keep(keep, B, Hkv, group) if keep in ("mixed", "group_pruned") else make_keep(keep, B, Hq, gen)
     mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
-    if dead_row is not None:
+    if dead_row is not None and mask_shape == "pad":
+        # [B, 1, 1, Lk] kept as it is: batch 0 sees no key at all, so every one of its rows is dead.
+        mask = mask.clone()
+        mask[0] = False if mask.dtype == torch.bool else float("-inf")
+    elif dead_row is not None:
         mask = mask_row_out(mask, B, Hq, Lq, Lk, dead_row)
     # Poisoned, so every element must be written; in model layout the buffer is strided too.
     out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
     out = out.transpose(1, 2) if model_layout else out
-    got, ent, lse = attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, return_lse=True,
-                              out=out, entropy_rows=True, num_splits=splits)
+    with mock.patch.object(_td, "PACK_GQA", packed), \
+            mock.patch.object(_td, "_packed_forward", wraps=_td._packed_forward) as spy:
+        got, ent, lse = attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, return_lse=True,
+                                  out=out, entropy_rows=True, num_splits=splits)
+    if packed is not None:
+        assert spy.called == packed
     assert got is out and not torch.isnan(got).any()
     assert not torch.isnan(ent).any() and not torch.isnan(lse).any()
 
@@ -107,6 +134,14 @@ def check_decode(B=1, Hkv=2, group=2, Lq=1, Lk=100, D=32, Dv=None, dtype=torch.f
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     assert torch.equal(lse.isinf(), want_lse.isinf())
     torch.testing.assert_close(got, want_out, atol=tol, rtol=tol)
+
+    if packed is not None:  # the other decode kernel, same splits: the same rows, tile by tile
+        with mock.patch.object(_td, "PACK_GQA", not packed):
+            other = attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, return_lse=True,
+                              entropy_rows=True, num_splits=splits)
+        for a, b in zip((got, ent, lse), other):
+            torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else tol, rtol=1e-5)
+        assert torch.equal(lse.isinf(), other[2].isinf())
 
 
 DECODE_CASES = {
@@ -151,6 +186,93 @@ def test_split_forward_matches_reference_and_unsplit_forward(case):
 def test_split_forward_random_shapes(Lq, Lk, group, dtype, mask_kind, is_causal, keep, splits, seed):
     check_decode(B=2, Hkv=1, group=group, Lq=Lq, Lk=Lk, D=16, dtype=dtype, mask_kind=mask_kind,
                  mask_shape="full", is_causal=is_causal, keep=keep, splits=splits, seed=seed)
+
+
+# GQA-packed decode: one program per (batch, KV head) over GROUP * Lq rows (16 to 64 padded).
+PACKED_CASES = {
+    "g2-lq1-1split-mixed": dict(B=2, Hkv=2, group=2, Lq=1, Lk=100, D=16, keep="mixed", splits=1),
+    "g2-lq5-fp16-headbool-deadrow-3splits": dict(B=2, Hkv=2, group=2, Lq=5, Lk=37, D=16, dtype=torch.float16,
+                                                 mask_kind="bool", mask_shape="full", dead_row=2,
+                                                 keep="group_pruned", splits=3),
+    "g4-lq2-bf16-causal-headadd-deadrow": dict(B=2, Hkv=1, group=4, Lq=2, Lk=70, D=16, dtype=torch.bfloat16,
+                                               mask_kind="additive", mask_shape="full", dead_row=1,
+                                               is_causal=True, keep="mixed", splits=3),
+    "g4-lq5-biasadd-1split-group-pruned": dict(B=2, Hkv=2, group=4, Lq=5, Lk=53, D=16, mask_kind="additive",
+                                               mask_shape="bias", keep="group_pruned", splits=1),
+    "g8-lq1-pad-deadbatch-3splits": dict(B=2, Hkv=1, group=8, Lq=1, Lk=100, D=16, mask_kind="bool",
+                                         mask_shape="pad", dead_row=0, keep="mixed", splits=3),
+    "g8-lq5-64rows-fp16-causal-padadd-deadbatch": dict(B=2, Hkv=2, group=8, Lq=5, Lk=37, D=16,
+                                                       dtype=torch.float16, mask_kind="additive",
+                                                       mask_shape="pad", dead_row=0, is_causal=True,
+                                                       keep="group_pruned", splits=1),
+    "g2-lq2-bf16-d32-model-layout-all": dict(B=1, Hkv=2, group=2, Lq=2, Lk=100, D=32, dtype=torch.bfloat16,
+                                             keep="all", splits=3, model_layout=True, scale=0.3),
+    "g4-lq16-64rows-headbool-all": dict(B=1, Hkv=1, group=4, Lq=16, Lk=45, D=16, mask_kind="bool",
+                                        mask_shape="full", keep="all", splits=3),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("case", list(PACKED_CASES.values()), ids=list(PACKED_CASES))
+def test_packed_gqa_matches_reference_unsplit_and_unpacked(case):
+    check_decode(**case, packed=True)
+
+
+@interpreted
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    group=st.sampled_from([2, 4, 8]), Hkv=st.sampled_from([1, 2]), Lq=st.sampled_from([1, 2, 5]),
+    Lk=st.integers(1, 90), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]), mask_shape=st.sampled_from(["full", "bias", "pad"]),
+    is_causal=st.booleans(), keep=st.sampled_from(["mixed", "group_pruned", "all", "random"]),
+    splits=st.sampled_from([1, 3]), seed=st.integers(0, 2**16),
+)
+def test_packed_gqa_random_shapes(group, Hkv, Lq, Lk, dtype, mask_kind, mask_shape, is_causal, keep, splits, seed):
+    check_decode(B=2, Hkv=Hkv, group=group, Lq=Lq, Lk=Lk, D=16, dtype=dtype, mask_kind=mask_kind,
+                 mask_shape=mask_shape, is_causal=is_causal, keep=keep, splits=splits, seed=seed, packed=True)
+
+
+@interpreted
+def test_packed_dispatch():
+    gen = torch.Generator().manual_seed(3)
+    calls = []
+    real = _td._packed_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    k = torch.randn(1, 2, 100, 16, generator=gen)
+    with mock.patch.object(_td, "_packed_forward", spy):
+        for Hq, Hkv, Lq, Lk in [(8, 2, 1, 100), (8, 2, 1, 40), (8, 2, 16, 100), (8, 1, 9, 100), (2, 2, 1, 100)]:
+            q = torch.randn(1, Hq, Lq, 16, generator=gen)
+            kv = k[:, :Hkv, :Lk]
+            attention(q, kv, kv, torch.ones(1, Hq, dtype=torch.bool))
+    # 4 heads x 1 and x 16 rows pack, and the heuristic counts B*Hkv = 2 programs, not 8; too few
+    # key blocks to split (Lk = 40) still packs, at one split. 8 heads x 9 rows are over the cap; no
+    # GQA at Hq = Hkv. (No causal here: top-left causal decode sees one key block.)
+    blocks = _td._key_blocks(1, 100, False)
+    sms = _td._INTERPRET_SMS
+    assert calls == [_td.split_heuristic(2, blocks, sms), 1, _td.split_heuristic(2, blocks, sms)]
+    assert calls[0] > 1 and _td.split_heuristic(8, blocks, sms) != calls[0]
+    with mock.patch.object(_td, "PACK_GQA", True), pytest.raises(ValueError, match="packed cap"):
+        attention(torch.randn(1, 8, 9, 16), k[:, :1], k[:, :1], torch.ones(1, 8, dtype=torch.bool), num_splits=2)
+
+
+@interpreted
+def test_packed_lse_only_pass():
+    """compute_out=False (the backward's lse recompute) on the packed kernel, one split and three."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(2, 8, 2, 2, 75, 16, 16, torch.float32, gen)
+    keep = group_keep("mixed", 2, 2, 4)
+    mask = make_mask("additive", "full", 2, 8, 2, 75, torch.float32, gen)
+    _, want = unsplit(q, k, v, keep, mask, return_lse=True)
+    for splits in (1, 3):
+        with mock.patch.object(_td, "_packed_forward", wraps=_td._packed_forward) as spy:
+            none, lse = attention(q, k, v, keep, mask, return_lse=True, compute_out=False, num_splits=splits)
+        assert spy.called and none is None
+        torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(lse.isinf(), want.isinf())
 
 
 @interpreted
