@@ -187,23 +187,27 @@ def projection_unit_stride(name: str) -> bool:
 
 def projection_cases(dtype: str, head_dims):
     """The head-skipping projection kernels with per-sample [B, H] masks (the heavier variant:
-    each row looks up its own sample's mask)."""
+    each row looks up its own sample's mask), and proj_in with [H] masks too."""
     from dhp_fx.kernels import triton_head_linear as hl
 
     t = _TORCH_TO_TRITON[dtype]
     io = dict(X=t, W=t, Bias=t, Keep="u8", Y=t)
+    # proj_in walks a kept-head list for [H] masks and a per-head nest for [B, H]: both compiled.
     kernels = [
-        ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b)),
-        ("proj_in", hl._head_linear_in_kernel, io, lambda d, b: dict(HEAD_D=d)),
+        ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True,)),
+        ("proj_in", hl._head_linear_in_kernel, dict(io, Heads="i32", NHeads="i32"), lambda d, b: dict(HEAD_D=d),
+         (True, False)),
         ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
-         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8)),
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8), (True,)),
     ]
-    for name, autotuned, pointers, head in kernels:
+    for name, autotuned, pointers, head, per_sample in kernels:
         for d in head_dims:
             block = max(16, 1 << (d - 1).bit_length())
             for c in autotuned.configs:
-                consts = dict(HAS_BIAS=True, PER_SAMPLE=True, DOT_F32=False, **head(d, block), **c.kwargs)
-                yield name, autotuned.fn, pointers, consts, d, c.kwargs, c.num_warps, c.num_stages
+                for ps in per_sample:
+                    consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, **head(d, block), **c.kwargs)
+                    shown = dict(c.kwargs, **({} if len(per_sample) == 1 else {"_sample": int(ps)}))
+                    yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
 
 
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):

@@ -117,10 +117,24 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk, stride_wn, stride_wk,
+             HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc += x[rows, k0 + d0 : +BLOCK_K] @ w[k0 + d0 : +BLOCK_K, offs_n] within one head."""
+    offs_d = d0 + tl.arange(0, BLOCK_K)
+    d_ok = offs_d < HEAD_D
+    offs_k = k0 + offs_d
+    x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=rows[:, None] & d_ok[None, :], other=0.0)
+    w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    return _mma(acc, x, w, DOT_F32)
+
+
 @triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"],
                  prune_configs_by={"early_config_prune": _k_fits_head})
 @triton.jit
-def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample, M_KEY,
+def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per_sample, M_KEY,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -132,20 +146,25 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, M, N, H, rows_per_sample, M_KEY,
     row_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(H):
-        row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
-        d_hi = HEAD_D * tl.max(row_keep.to(tl.int32), axis=0)
-        for d0 in range(0, d_hi, BLOCK_K):
-            offs_d = d0 + tl.arange(0, BLOCK_K)
-            d_ok = offs_d < HEAD_D
-            offs_k = h * HEAD_D + offs_d
-            # rows pruning h read zeros: the reduction is exact whatever the pruned inputs hold
-            # (the backward feeds it gradients, which are not zero there)
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=row_keep[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(acc, x, w, DOT_F32)
+    if PER_SAMPLE:
+        for h in range(H):
+            row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
+            d_hi = HEAD_D * tl.max(row_keep.to(tl.int32), axis=0)
+            for d0 in range(0, d_hi, BLOCK_K):
+                # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
+                # hold (the backward feeds it gradients, which are not zero there)
+                acc = _in_step(acc, X, W, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
+    else:
+        # One head set for every row: walk the kept heads' list. The inner trip count is then a
+        # constant, so the nest flattens into one software-pipelined loop; the per-head nest
+        # above pipelines only inside a head (one or two steps at D = 64-128), stalling on
+        # every head's first loads.
+        for i in tl.range(0, tl.load(NHeads), flatten=True):
+            k0 = tl.load(Heads + i) * HEAD_D
+            for d0 in range(0, HEAD_D, BLOCK_K):
+                acc = _in_step(acc, X, W, offs_m, offs_n, row_ok, n_ok, k0, d0,
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -214,6 +233,11 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
     return x2, s_wn, s_wk, keep, per_sample, rows, (keep.stride(0) if per_sample else 0)
 
 
+def _kept_heads(keep: torch.Tensor):
+    """(kept head indices first, as int32 [H]; their count, int32 0-d), by device ops: no sync."""
+    return torch.argsort((keep == 0).to(torch.int8), stable=True).to(torch.int32), (keep != 0).sum(dtype=torch.int32)
+
+
 def _dot_f32(x: torch.Tensor) -> bool:
     return _INTERPRET or x.dtype == torch.float32
 
@@ -241,8 +265,9 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    heads, n_heads = _kept_heads(keep) if not per_sample else (keep, keep)
     _head_linear_in_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, y, M, N, H, rows, _bucket(M),
+        x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim,
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x))
