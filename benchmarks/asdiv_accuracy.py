@@ -110,10 +110,17 @@ def latency(model, data, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def fine_tune(model: Classifier, train, epochs: int, seed: int) -> None:
+def fine_tune(model: Classifier, train, epochs: int, seed: int, lr: float = 5e-5, embedding_lr: float | None = None) -> None:
+    """AdamW, encoder at ``lr``, head at 1e-3; ``embedding_lr`` gives the embedding table its own
+    rate (math23k_accuracy.py: its Chinese characters sit in embedding rows pretraining never used)."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": 5e-5},
-                             {"params": model.head.parameters(), "lr": 1e-3}])
+    encoder = [{"params": model.encoder.parameters(), "lr": lr}]
+    if embedding_lr is not None:
+        embeddings = list(model.encoder.embeddings.parameters())
+        taken = {id(p) for p in embeddings}
+        encoder = [{"params": embeddings, "lr": embedding_lr},
+                   {"params": [p for p in model.encoder.parameters() if id(p) not in taken], "lr": lr}]
+    opt = torch.optim.AdamW(encoder + [{"params": model.head.parameters(), "lr": 1e-3}])
     model.train()
     for epoch in range(epochs):
         for b in train[epoch]:

@@ -124,3 +124,10 @@ def test_model_text_slots():
     p = m.Problem("0", "买了3本书，每本12.5元，打了80%的折扣", ["3", "12.5", "80%"], None, None)
     assert m.model_text(p, slots=False) == p.text
     assert m.model_text(p, slots=True) == "买了 n0 本书，每本 n1 元，打了 n2 % 的折扣"
+
+
+def test_answer_table_scores_templates_by_answer():
+    """A template counts as right when it gives the answer with the problem's numbers, whatever
+    the gold template; a template needing more numbers than the problem has is simply wrong."""
+    p = m.Problem("0", "有3箱，每箱4个", ["3", "4"], "N0 * N1", 12.0)
+    assert m.answer_table([p], ["N0 * N1", "N0 + N1", "N1 * 3", "N0 * N1 * N2"]) == [[True, False, True, False]]
