@@ -90,8 +90,34 @@ def plan(args) -> list[tuple[Shape, float, int]]:
     return [(s, p, n_kept(p, s.H)) for s in args.shapes for p in args.p]
 
 
+def attention_floor_ms(B, Hq, Hkv, Lq, Lk, D, kept_q, kept_kv, causal, elem_bytes, flops_per_s, bytes_per_s):
+    """(arithmetic floor, memory floor) in ms for gated attention with ``kept_q`` of the B*Hq
+    (batch, head) pairs and ``kept_kv`` of the B*Hkv KV pairs still needed.
+
+    Arithmetic: QK^T and PV, 2 flops per multiply-add, over the kept pairs; causal with Lq == Lk
+    halves it. Memory: each needed input read once (q of kept heads, k and v of needed KV heads)
+    and the whole output written once (pruned heads' zeros too).
+    """
+    work = 4.0 * kept_q * Lq * Lk * D * (0.5 if causal and Lq == Lk else 1.0)
+    moved = elem_bytes * (kept_q * Lq * D + 2 * kept_kv * Lk * D + B * Hq * Lq * D)
+    return 1e3 * work / flops_per_s, 1e3 * moved / bytes_per_s
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU part: everything below imports torch/triton lazily so --dry-run needs neither CUDA nor triton.
+
+
+def measure_ceilings(torch, bench, dtype):
+    """(flop/s of a large matmul in ``dtype``, bytes/s of a large device-to-device copy, counting
+    bytes read plus bytes written): the two rates the floors are taken against, measured here."""
+    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=dtype) for _ in range(2))
+    flops = 2.0 * 8192 ** 3 / (bench(lambda: a @ b) * 1e-3)
+    src = torch.randn(1 << 28, device=DEVICE, dtype=torch.float32)  # 1 GiB: far past L2
+    dst = torch.empty_like(src)
+    bw = 2.0 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return flops, bw
 
 
 def random_keep(torch, B, H, k, device, gen):
@@ -215,7 +241,7 @@ def check(torch, F, args, dtype, gen) -> bool:
     return ok
 
 
-def time_decode(torch, F, args, dtype, gen, bench):
+def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
     """Decode table: SDPA (dense, GQA by enable_gqa), gather -> SDPA -> scatter, the Triton kernel
     with its split-KV heuristic, with one split, and with GQA packing off (per-head programs), at
     each p; "x ideal" against p * SDPA."""
@@ -234,7 +260,11 @@ def time_decode(torch, F, args, dtype, gen, bench):
         return run
 
     names = ["sdpa", "gather", "triton", "triton 1 split", "triton per-head"]
-    header = f"{'decode B,Hq,Hkv,Lk,D':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>16s} {'x ideal':>8s}" for n in names)
+    if ceilings is None:
+        ceilings = measure_ceilings(torch, bench, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    header = (f"{'decode B,Hq,Hkv,Lk,D':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>16s} {'x ideal':>8s}" for n in names)
+              + f" {'floor ms':>9s} {'triton x floor':>15s}")
     print("\n" + header)
     print("-" * len(header))
     for B, Hq, Hkv, Lk, D in args.decode:
@@ -268,6 +298,10 @@ def time_decode(torch, F, args, dtype, gen, bench):
                     times[name] = float("nan")
             t_dense = times["sdpa"] if t_dense is None else t_dense
             cells = " ".join(f"{times[n]:16.4f} {times[n] / (p * t_dense):8.2f}" for n in names)
+            # K/V of a group are needed while any of its heads is kept (random keeps: count them)
+            kept_kv = int(keep.view(B, Hkv, g).any(-1).sum())
+            floor = max(attention_floor_ms(B, Hq, Hkv, 1, Lk, D, int(keep.sum()), kept_kv, False, elem, *ceilings))
+            cells += f" {floor:9.4f} {times['triton'] / floor:15.2f}"
             print(f"{f'{B},{Hq},{Hkv},{Lk},{D}':28s} {p:5.2f} {cells}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
@@ -380,8 +414,14 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
+    ceilings = measure_ceilings(torch, bench, dtype)
+    print(f"ceilings: {ceilings[0] / 1e12:.0f} TFLOP/s ({args.dtype} 8192^3 matmul), "
+          f"{ceilings[1] / 1e9:.0f} GB/s (1 GiB copy, read + write); 'floor' = max(arithmetic, memory) "
+          f"time at those rates, 'triton x floor' = how far the kernel is from it")
+    elem = torch.empty((), dtype=dtype).element_size()
     names = ["sdpa", "flex", "gather", "triton"] if flex is not None else ["sdpa", "gather", "triton"]
-    header = f"{'shape':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>10s} {'x ideal':>8s}" for n in names)
+    header = (f"{'shape':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>10s} {'x ideal':>8s}" for n in names)
+              + f" {'floor ms':>9s} {'bound':>6s} {'triton x floor':>15s}")
     print(header)
     print("-" * len(header))
     for s in [] if args.no_prefill else args.shapes:
@@ -403,6 +443,10 @@ def main(argv=None) -> int:
             t_dense = times["sdpa"] if t_dense is None else t_dense
             ideal = p * t_dense
             cells = " ".join(f"{times[n]:10.3f} {times[n] / ideal:8.2f}" for n in names)
+            kq = s.B * n_kept(p, s.H)
+            arith, mem = attention_floor_ms(s.B, s.H, s.H, s.L, s.L, s.D, kq, kq, s.causal, elem, *ceilings)
+            floor = max(arith, mem)
+            cells += f" {floor:9.3f} {'math' if arith >= mem else 'memory':>6s} {times['triton'] / floor:15.2f}"
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
             if args.block:
                 shared = keep[0]
@@ -411,7 +455,7 @@ def main(argv=None) -> int:
         del q, k, v
         torch.cuda.empty_cache()
     if args.decode:
-        time_decode(torch, F, args, dtype, gen, bench)
+        time_decode(torch, F, args, dtype, gen, bench, ceilings)
     return 0
 
 
