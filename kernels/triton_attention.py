@@ -184,6 +184,30 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
     return acc, l_i, m_i, s_i
 
 
+@triton.jit
+def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
+            Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+            ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc, l, m, s) of the online softmax over keys [lo, hi) from a fresh state: [lo, mid) are
+    full blocks that need no edge or causal test, [mid, hi) the blocks that do."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i, s_i = _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+    return _fwd_inner(
+        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
+        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+
+
 @triton.autotune(
     configs=_fwd_configs(),
     key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV"],
@@ -242,19 +266,10 @@ def _gated_attn_fwd(
     hi = tl.where(kept, hi, 0)
     full_hi = tl.where(kept, full_hi, 0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, 0, full_hi, offs_m, offs_d, offs_dv,
+    acc, l_i, m_i, s_i = _attend(
+        q, k_base, v_base, mask_base, 0, full_hi, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, full_hi, hi, offs_m, offs_d, offs_dv,
-        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
     l_ok = l_i > 0.0

@@ -5,7 +5,7 @@ program per (batch, head): B=1, Hq=32 launches 32 programs on a GPU with 132 SMs
 every key alone. Here the key range is cut into ``num_splits`` contiguous pieces:
 
 * ``_decode_split``, grid (splits, B*Hq slots): one program per (piece, slot) runs the forward's
-  own inner loop (``_fwd_inner``) over its piece for all Lq rows at once (BLOCK_M = 16) and
+  own key loop (``_attend``) over its piece for all Lq rows at once (BLOCK_M = 16) and
   stores the unnormalised partials (acc, running max m, sum l, entropy accumulator s, all in
   the log2 domain) to fp32 scratch, pair-major [B*Hq, splits, Lq].
 * ``_decode_combine``, grid (B*Hq slots): merges the pieces per row and writes out, entropy and
@@ -20,7 +20,7 @@ GQA (Hq = GROUP * Hkv): decode is bound by streaming K/V, and one program per qu
 its KV head's K/V GROUP times. ``_decode_split_packed``, grid (splits, B*Hkv slots), instead gives
 one program all GROUP heads of a KV group as rows r = g * Lq + i of one tile (padded to a power of
 two >= 16, GROUP * Lq <= MAX_PACKED_ROWS), so each K/V block is read once per group. It reuses
-``_fwd_inner`` unchanged: query indices i go in as the row indices (padded rows get Lq, which the
+``_attend`` unchanged: query indices i go in as the row indices (padded rows get Lq, which the
 row test rejects), so causal stays top-left on i, and the mask base is a per-row pointer column
 (head h = hk * GROUP + g), so per-head masks work. Its slots follow a kept-first list of (batch,
 KV head) groups, built on the device from the pair list; a group is kept when any of its heads is,
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LN2, _fwd_inner, dot_flags, head_blocks, kept_pairs
+from .triton_attention import _INTERPRET, _LN2, _attend, dot_flags, head_blocks, kept_pairs
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -110,22 +110,13 @@ def _decode_split(
     # keys_per_split is a multiple of BLOCK_N, so the unmasked/edge boundary is block aligned.
     mid = tl.maximum(tl.minimum(full_end, hi), lo)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
+    acc, l_i, m_i, s_i = _attend(
+        q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
-        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
     # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
@@ -164,7 +155,7 @@ def _decode_split_packed(
     hk = (grp % Hkv).to(tl.int64)
 
     # Row r holds query i of head hk * GROUP + g, r = g * Lq + i. Padded rows get query index Lq,
-    # which _fwd_inner's row test rejects, so their mask loads stay in bounds.
+    # which the forward loop's row test rejects, so their mask loads stay in bounds.
     r = tl.arange(0, BLOCK_M)
     valid = r < GROUP * Lq
     g = tl.where(valid, r // Lq, 0)
@@ -188,23 +179,14 @@ def _decode_split_packed(
     hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
     mid = tl.maximum(tl.minimum(full_end, hi), lo)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     # Per-row pointers [BLOCK_M, 1]: _apply_mask adds qi * stride_mm + key * stride_mn to them.
     mask_base = Mask + b * stride_mb + h[:, None] * stride_mh
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, qi, offs_d, offs_dv,
+    acc, l_i, m_i, s_i = _attend(
+        q, k_base, v_base, mask_base, lo, mid, hi, qi, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, qi, offs_d, offs_dv,
-        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
+        BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
     pair = b * Hq + h

@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Tune per power-of-two row count, as the attention kernels do per length.
+from .triton_attention import _bucket
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
 _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
@@ -54,11 +57,6 @@ _IN_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 64, 
 # (BLOCK_M, BLOCK_T, warps, stages): the feature tile is one head.
 _WGRAD_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                            (128, 128, 8, 3)], ("BLOCK_M", "BLOCK_T"))
-
-
-def _bucket(n: int) -> int:
-    # Tune per power-of-two row count, not per exact batch * sequence length.
-    return triton.next_power_of_2(max(int(n), 1))
 
 
 def _k_fits_head(configs, named_args, **kwargs):

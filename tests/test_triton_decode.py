@@ -33,7 +33,7 @@ def _load_decode():
     try:
         name = "dhp_fx.kernels.triton_decode"
         mod = importlib.import_module(name)
-        if not mod._INTERPRET or mod._fwd_inner is not tk._ta._fwd_inner:
+        if not mod._INTERPRET or mod._attend is not tk._ta._attend:
             sys.modules.pop(name, None)
             mod = importlib.import_module(name)
         return mod
