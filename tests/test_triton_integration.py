@@ -50,9 +50,6 @@ def test_models_through_interpreted_triton_kernels_match_references(monkeypatch)
     ta = importlib.import_module("dhp_fx.kernels.triton_attention")
     thl = importlib.import_module("dhp_fx.kernels.triton_head_linear")
     assert ta._INTERPRET and thl._INTERPRET, "kernels were imported compiled"
-    op = importlib.import_module("dhp_fx.kernels.gated_attention")
-    hl = importlib.import_module("dhp_fx.kernels.head_linear")
-
     calls = {"attention": 0, "projection": 0}
 
     def counted(fn, key):
@@ -64,8 +61,7 @@ def test_models_through_interpreted_triton_kernels_match_references(monkeypatch)
     monkeypatch.setattr(ta, "triton_gated_attention", counted(ta.triton_gated_attention, "attention"))
     for name in ("head_linear_out_triton", "head_linear_in_triton"):
         monkeypatch.setattr(thl, name, counted(getattr(thl, name), "projection"))
-    monkeypatch.setattr(op, "_triton_path", lambda q, v, dropout_p: ta if dropout_p == 0.0 else None)
-    monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: thl)
+    _triton_path(monkeypatch)
 
     gpu_check = _gpu_check()
     rows = gpu_check.check_exactness("cpu", [torch.float32], batch=2, seq=12)
