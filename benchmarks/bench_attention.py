@@ -1,11 +1,14 @@
 """Time gated attention on a GPU: dense SDPA, FlexAttention with a head BlockMask,
 gather -> SDPA -> scatter, and the dhp_fx Triton kernel, at several kept-head fractions p.
 
-    python benchmarks/bench_attention.py [--check] [--block] [--shapes 8,32,2048,128,causal ...]
+    python benchmarks/bench_attention.py [--check | --check-only] [--block] [--tma auto|on|off]
+                                         [--shapes 8,32,2048,128,causal ...]
 
 Each p keeps round(p * H) random heads per batch row. Times are medians of
 triton.testing.do_bench in ms; "x ideal" is time / (p * T_dense_SDPA). The Triton column calls
-dhp_fx.kernels.triton_attention.triton_gated_attention, the function the tests exercise.
+dhp_fx.kernels.triton_attention.triton_gated_attention, the function the tests exercise; after
+each shape the config its autotuner chose is printed (USE_TMA: whether the Hopper descriptor
+variant won). The check runs both loading variants where the card has TMA (sm_90+).
 ``--dry-run`` prints the plan and exits, and is the only mode that works without CUDA.
 """
 from __future__ import annotations
@@ -49,6 +52,10 @@ def parse_args(argv=None):
     ap.add_argument("--p", nargs="+", type=float, default=DEFAULT_P, help="kept-head fractions")
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--check", action="store_true", help="validate the kernel against SDPA before timing")
+    ap.add_argument("--check-only", action="store_true", help="validate, then exit without timing")
+    ap.add_argument("--tma", choices=["auto", "on", "off"], default="auto",
+                    help="how the timed prefill kernel loads tiles: autotuner's choice, TMA descriptors only, "
+                         "pointers only")
     ap.add_argument("--block", action="store_true",
                     help="also time the attention block (QKV proj + core + out proj), d_model = H*D")
     ap.add_argument("--decode", nargs="*", default=None, metavar="B,HQ,HKV,LK,D",
@@ -127,7 +134,10 @@ def random_keep(torch, B, H, k, device, gen):
     return keep, idx.sort(1).values
 
 
-def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex):
+TMA_ARG = {"auto": None, "on": True, "off": False}
+
+
+def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None):
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
     B = s.B
@@ -143,7 +153,7 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex):
         return out
 
     def ours():
-        return triton_gated_attention(q, k, v, keep, is_causal=s.causal)
+        return triton_gated_attention(q, k, v, keep, is_causal=s.causal, tma=tma)
 
     methods = {"sdpa": dense, "gather": gathered, "triton": ours}
     if flex is not None:
@@ -152,6 +162,23 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex):
         block_mask = create_block_mask(mask_mod, B, s.H, s.L, s.L, device=q.device)
         methods["flex"] = lambda: flex_fn(q, k, v, block_mask=block_mask)
     return methods
+
+
+def chosen_config() -> str:
+    """The forward config the autotuner picked for the last launch and, from its last tuning run,
+    the fastest pointer and fastest TMA config (ms), so one run says whether descriptors pay."""
+    from dhp_fx.kernels.triton_attention import _gated_attn_fwd
+
+    c = getattr(_gated_attn_fwd, "best_config", None)
+    if c is None:
+        return "none (not launched)"
+    text = " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" warps={c.num_warps} stages={c.num_stages}"
+    best = {}
+    for cfg, t in (getattr(_gated_attn_fwd, "configs_timings", None) or {}).items():
+        t = t[0] if isinstance(t, (list, tuple)) else t
+        kind = "tma" if cfg.kwargs.get("USE_TMA") else "pointer"
+        best[kind] = min(best.get(kind, float("inf")), t)
+    return text + "".join(f"; fastest {kind} {t:.3f} ms" for kind, t in sorted(best.items()))
 
 
 def head_mask_mod(keep_buf, causal):
@@ -194,13 +221,17 @@ def check(torch, F, args, dtype, gen) -> bool:
 
     print("check: Triton kernel vs SDPA")
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    # Pointer loads everywhere; the TMA descriptor variant too where the card has a copy engine.
+    variants = (False, True) if torch.cuda.get_device_capability() >= (9, 0) else (False,)
     for s in args.shapes:
         q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=dev, dtype=dtype) for _ in range(3))
         keep, _ = random_keep(torch, s.B, s.H, n_kept(0.5, s.H), dev, gen)
-        out = torch.full_like(q, float("nan"))
-        triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out)
-        report(f"{s} p=0.5", out, ref(q, k, v, keep, causal=s.causal), tol)
-        del q, k, v, out
+        want = ref(q, k, v, keep, causal=s.causal)
+        for tma in variants:
+            out = torch.full_like(q, float("nan"))
+            triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out, tma=tma)
+            report(f"{s} p=0.5{' tma' if tma else ''}", out, want, tol)
+        del q, k, v, out, want
     # GQA + model layout + padding mask + head dim 80, decode, additive bias, fp32.
     B, Hq, Hkv, L = 2, 8, 2, 300
     for D, Lq, mask_kind, dt in [(80, 300, "pad", dtype), (128, 1, "pad", dtype), (64, 257, "bias", dtype),
@@ -214,10 +245,11 @@ def check(torch, F, args, dtype, gen) -> bool:
             mask[0, ..., L - 37:] = False
         else:
             mask = torch.randn(1, Hq, Lq, L, device=dev, dtype=dt)
-        got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True)
-        report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}", got, ref(q, k, v, keep, mask),
-               1e-4 if dt == torch.float32 else tol)
-        report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
+        for tma in variants if Lq > 16 else (None,):  # Lq <= 16 is the decode kernel: no TMA variant
+            got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True, tma=tma)
+            report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}{' tma' if tma else ''}", got,
+                   ref(q, k, v, keep, mask), 1e-4 if dt == torch.float32 else tol)
+            report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
     # Split-KV decode (forced splits) against the same reference, pruned heads exactly zero.
     q = torch.randn(2, 8, 1, 128, device=dev, dtype=dtype)
     k, v = (torch.randn(2, 2, 5000, 128, device=dev, dtype=dtype) for _ in range(2))
@@ -394,9 +426,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"dtype {args.dtype}")
-    if args.check and not check(torch, F, args, dtype, gen):
+    if (args.check or args.check_only) and not check(torch, F, args, dtype, gen):
         print("check FAILED; not timing")
         return 1
+    if args.check_only:
+        return 0
 
     flex = None
     if not args.no_flex:
@@ -434,7 +468,7 @@ def main(argv=None) -> int:
         for p in args.p:
             keep, idx = random_keep(torch, s.B, s.H, n_kept(p, s.H), DEVICE, gen)
             times = {}
-            for name, fn in make_methods(torch, F, s, q, k, v, keep, idx, flex_s).items():
+            for name, fn in make_methods(torch, F, s, q, k, v, keep, idx, flex_s, TMA_ARG[args.tma]).items():
                 try:
                     times[name] = bench(fn)
                 except Exception as e:  # one failing method should not hide the others
@@ -448,6 +482,8 @@ def main(argv=None) -> int:
             floor = max(arith, mem)
             cells += f" {floor:9.3f} {'math' if arith >= mem else 'memory':>6s} {times['triton'] / floor:15.2f}"
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
+            if p == args.p[0]:  # before --block's own launches replace the tuning record
+                print(f"  triton config: {chosen_config()}")
             if args.block:
                 shared = keep[0]
                 for name, t in time_block(torch, F, s, shared, bench, dtype).items():

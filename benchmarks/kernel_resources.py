@@ -42,6 +42,8 @@ class Usage:
     stack: int
     shared: int
     async_copies: int
+    tma_copies: int
+    wgmma: int
 
     @property
     def spills(self) -> bool:
@@ -73,6 +75,8 @@ def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_un
     for i, n in enumerate(names):
         if n in consts:
             sig[n] = "constexpr"
+        elif n in pointers and pointers[n].startswith("tensordesc"):
+            sig[n] = pointers[n]
         elif n in pointers:
             sig[n] = "*" + pointers[n]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -87,8 +91,9 @@ def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_un
 
 def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
                   num_stages: int = 3, unit_stride=attention_unit_stride, aligned=()):
-    """(registers, stack bytes, shared bytes, async copies in the PTX) of one specialisation
-    compiled for sm_<arch> (no async copies: the loads of the main loop are not pipelined);
+    """(registers, stack bytes, shared bytes, async copies, TMA copies, wgmma instructions in the PTX)
+    of one specialisation compiled for sm_<arch> (no async copies: the loads of the main loop are
+    not pipelined; no wgmma on sm_90: the dots run on the older, synchronous mma.sync path);
     ``unit_stride(name)`` says which stride arguments a contiguous launch passes as 1, ``aligned``
     names the size arguments it passes as multiples of 16 (the launcher specialises on that, and
     whether a masked load can be vectorised, hence pipelined, depends on it)."""
@@ -109,8 +114,11 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     found = re.search(r"REG:(\d+) STACK:(\d+)", dump)
     if found is None:
         raise RuntimeError(f"no resource line in cuobjdump output:\n{dump}")
-    copies = len(re.findall(r"\bcp\.async\.", kernel.asm["ptx"]))
-    return int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies
+    ptx = kernel.asm["ptx"]
+    copies = len(re.findall(r"\bcp\.async\.", ptx))
+    tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
+    wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    return int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies, tma, wgmma
 
 
 def _configs(autotuned, block_d: int):
@@ -127,10 +135,17 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
 
     t = _TORCH_TO_TRITON[dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
+    def fwd_pointers(kwargs, block):
+        io = dict(Q=t, K=t, V=t, Mask=t, Out=t, Ent="fp32", Lse="fp32", Pairs="i64", NKept="i32")
+        if not kwargs["USE_TMA"]:  # the descriptor slots then carry the plain tensors, unused
+            return dict(io, DescQ=t, DescK=t, DescV=t, DescO=t)
+        m, n = kwargs["BLOCK_M"], kwargs["BLOCK_N"]
+        desc = {name: f"tensordesc<{t}[1, 1, {rows}, {block}]>"
+                for name, rows in (("DescQ", m), ("DescK", n), ("DescV", n), ("DescO", m))}
+        return dict(io, **desc)
+
     kernels = [
-        ("fwd", fwd._gated_attn_fwd, dict(Q=t, K=t, V=t, Mask=t, Out=t, Ent="fp32", Lse="fp32",
-                                          Pairs="i64", NKept="i32"),
-         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True)),
+        ("fwd", fwd._gated_attn_fwd, fwd_pointers, dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i64", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
@@ -142,7 +157,8 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
             for kwargs, warps, stages in _configs(autotuned, block):
                 consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
                               MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision, **extra, **kwargs)
-                yield name, autotuned.fn, pointers, consts, d, kwargs, warps, stages
+                ptrs = pointers(kwargs, block) if callable(pointers) else pointers
+                yield name, autotuned.fn, ptrs, consts, d, kwargs, warps, stages
 
 
 def decode_cases(dtype: str, head_dims):
@@ -221,7 +237,7 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
             if only and name not in only:
                 continue
             usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned)
-            cfg = " ".join(f"{k.split('_')[1]}{v}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
+            cfg = " ".join(f"{k.split('_')[1]}{int(v)}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
             rows.append(Usage(name, d, cfg, *usage))
     return rows
 
@@ -238,15 +254,16 @@ def main(argv=None) -> int:
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)
     limit = SMEM_LIMIT.get(args.arch, 232448)
     bad = 0
-    print(f"| kernel | D | config | registers | stack (spill) B | shared B | async copies | sm_{args.arch} {args.dtype} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| kernel | D | config | registers | stack (spill) B | shared B | async copies | TMA | wgmma "
+          f"| sm_{args.arch} {args.dtype} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         flag = "SPILLS" if r.spills else ""
         if r.shared > limit:
             flag += " SHARED>LIMIT"
         bad += bool(flag)
         print(f"| {r.kernel} | {r.head_dim} | {r.config} | {r.registers} | {r.stack} | {r.shared} | "
-              f"{r.async_copies} | {flag.strip()} |")
+              f"{r.async_copies} | {r.tma_copies} | {r.wgmma} | {flag.strip()} |")
     print(f"{bad} of {len(rows)} configs spill or overflow shared memory", file=sys.stderr)
     return 1 if bad else 0
 

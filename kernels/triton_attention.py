@@ -22,6 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
 # Read once at import: the interpreter cannot benchmark, and its bf16 tl.dot is wrong.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -48,21 +53,24 @@ def _bucket(n: int) -> int:
 _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
 
 
-def make_configs(shapes, pruned_by_query_len=True):
+def make_configs(shapes, pruned_by_query_len=True, extra=None, pre_hook=None):
     """The autotune list from (BLOCK_M, BLOCK_N, warps, stages[, max BLOCK_D]) tuples; a single
     small fixed config under the interpreter, which cannot time. The optional fifth entry is the
     largest padded head dim the config serves without register spills on sm_90
     (``benchmarks/kernel_resources.py`` measures it); :func:`prune_configs` drops it above that.
     Without autotuning, kernels pruned by query length keep a decode config too: the pruning
     leaves exactly one of the two, so nothing is ever timed. The first config must serve every
-    head dim: with a single config the autotuner never calls the pruning."""
+    head dim: with a single config the autotuner never calls the pruning. ``extra`` adds fixed
+    meta-parameters to every config, ``pre_hook`` runs before each launch with one of them."""
+    extra = dict(extra or {})
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **extra}, num_warps=4, num_stages=1,
+                              pre_hook=pre_hook)]
     if not _AUTOTUNE:
         shapes = shapes[:1] + ([s for s in shapes if s[0] == 16][:1] if pruned_by_query_len else [])
     configs = []
     for m, n, w, s, *cap in shapes:
-        c = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        c = triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s, pre_hook=pre_hook)
         c.max_block_d = cap[0] if cap else None
         configs.append(c)
     return configs
@@ -71,12 +79,24 @@ def make_configs(shapes, pruned_by_query_len=True):
 # Each list was checked with benchmarks/kernel_resources.py (sm_90, bf16, causal, additive mask,
 # entropy on; triton 3.6 and 3.9): no config spills at the head dims it serves.
 def _fwd_configs():
-    return make_configs([
+    pointer_shapes = [
         (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4),
         (64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (128, 32, 4, 4, 64),
         # decode / short query blocks
         (16, 128, 8, 3), (16, 64, 4, 4),
-    ])
+    ]
+    if _INTERPRET:
+        # One config, the loading kind passed by the caller: triton 3.6's autotuner times any
+        # list longer than one, even once pruned to one, and the interpreter cannot time.
+        return make_configs(pointer_shapes, pre_hook=_tma_block_shapes)
+    pointer = make_configs(pointer_shapes, extra={"USE_TMA": False})
+    # Hopper's copy engine (TMA) moves whole tiles without per-thread address math or predicates,
+    # which frees the registers that let larger key tiles run. Query blocks of 64+ only: decode
+    # shapes have their own kernel and too little work to repay the descriptor setup.
+    tma = make_configs([
+        (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3, 64),
+    ], pruned_by_query_len=False, extra={"USE_TMA": True}, pre_hook=_tma_block_shapes)
+    return pointer + tma
 
 
 def fits_head_dim(config, block_d: int) -> bool:
@@ -98,6 +118,29 @@ def prune_configs(configs, named_args, **kwargs):
     cap = max(16, triton.next_power_of_2(lq))
     out = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (lq < 64 or c.kwargs["BLOCK_M"] >= 64)]
     return out or configs[:1]
+
+
+# How the forward may load Q/K/V/O: pointers only, either (the autotuner picks), TMA only.
+TMA_OFF, TMA_AUTO, TMA_ONLY = 0, 1, 2
+
+
+def prune_fwd_configs(configs, named_args, **kwargs):
+    """:func:`prune_configs` over the loading kind the launch's ``TMA_MODE`` allows. Without
+    timing (interpreter, no autotune) TMA_AUTO means pointers, so exactly one config remains."""
+    mode = named_args["TMA_MODE"]
+    timing = _AUTOTUNE and not _INTERPRET
+    allowed = {TMA_OFF: (False,), TMA_AUTO: (False, True) if timing else (False,), TMA_ONLY: (True,)}[mode]
+    pool = [c for c in configs if c.kwargs["USE_TMA"] in allowed]
+    return prune_configs(pool or configs[:1], named_args, **kwargs)
+
+
+def _tma_block_shapes(nargs):
+    # Descriptors are built before the config is known; the tile they copy is the config's.
+    if not nargs["USE_TMA"]:
+        return
+    m, n, d, dv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
+    for name, rows, cols in (("DescQ", m, d), ("DescK", n, d), ("DescV", n, dv), ("DescO", m, dv)):
+        nargs[name].block_shape = [1, 1, rows, cols]
 
 
 @triton.jit
@@ -149,16 +192,22 @@ def _apply_mask(t, mask_base, mi, nj, mi_ok, nj_ok, Lk, stride_mm, stride_mn,
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_d, offs_dv,
                Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+               desc_k, desc_v, kv_b, kv_h,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr,
                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr,
-               COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               USE_TMA: tl.constexpr):
     row_ok = offs_m < Lq
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                     offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
+        if USE_TMA:
+            # The copy engine zero-fills keys past Lk and head-dim padding: no predicates.
+            kt = tl.trans(desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        else:
+            kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                         offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
         t = _dot(q, kt, DOT_F32, DOT_PRECISION) * scale_log2
         t = _apply_mask(t, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
                         Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
@@ -177,8 +226,11 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
             s_i = tl.where(alpha > 0.0, carried, 0.0) + tl.sum(pd, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_PV:
-            v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        col_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
+            if USE_TMA:
+                v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+            else:
+                v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            col_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i, s_i
@@ -187,11 +239,13 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
 @triton.jit
 def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
             Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+            desc_k, desc_v, kv_b, kv_h, USE_TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
             ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(acc, l, m, s) of the online softmax over keys [lo, hi) from a fresh state: [lo, mid) are
-    full blocks that need no edge or causal test, [mid, hi) the blocks that do."""
+    full blocks that need no edge or causal test, [mid, hi) the blocks that do. With USE_TMA,
+    K/V tiles come through the [B, Hkv, Lk, D] descriptors at (kv_b, kv_h) instead of the bases."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,33 +253,33 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
     acc, l_i, m_i, s_i = _fwd_inner(
         acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+        desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND,
+        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA)
     return _fwd_inner(
         acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+        desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND,
+        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA)
 
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE"],
+    prune_configs_by={"early_config_prune": prune_fwd_configs},
 )
 @triton.jit
 def _gated_attn_fwd(
-    Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept,
+    Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY,
+    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY, TMA_MODE,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -247,9 +301,22 @@ def _gated_attn_fwd(
 
     # Pruned slots read no Q. (A comparison against a masked length rather than `& kept`: the
     # interpreter turns bool & scalar-bool into int32, which tl.load rejects as a mask.)
-    q_rows = tl.where(kept, Lq, 0)
-    q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                offs_m[:, None] < q_rows, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
+    if USE_TMA:
+        # Descriptor coordinates are int32; (b, h, hk) < 2**31 always.
+        b32 = b.to(tl.int32)
+        h32 = h.to(tl.int32)
+        hk32 = hk.to(tl.int32)
+        if kept:
+            q = DescQ.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = tl.zeros([BLOCK_M, BLOCK_D], dtype=DescQ.dtype)
+    else:
+        b32 = b
+        h32 = h
+        hk32 = hk
+        q_rows = tl.where(kept, Lq, 0)
+        q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    offs_m[:, None] < q_rows, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
@@ -269,6 +336,7 @@ def _gated_attn_fwd(
     acc, l_i, m_i, s_i = _attend(
         q, k_base, v_base, mask_base, 0, full_hi, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+        DescK, DescV, b32, hk32, USE_TMA,
         BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
@@ -276,11 +344,15 @@ def _gated_attn_fwd(
     l_safe = tl.where(l_ok, l_i, 1.0)
     if COMPUTE_PV:
         out = acc / l_safe[:, None]
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-        if BLOCK_DV == HEAD_DV:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if USE_TMA:
+            # The copy engine clips rows past Lq and head-dim padding on the way out.
+            DescO.store([b32, h32, start_m, 0], out.to(DescO.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
         else:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+            o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+            if BLOCK_DV == HEAD_DV:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+            else:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     row_ptr = pair * Lq + offs_m
     if ENTROPY:
         ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
@@ -326,6 +398,49 @@ def dot_flags(dtype: torch.dtype):
     return _INTERPRET and dtype == torch.bfloat16, "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _descriptor_strides(t: torch.Tensor, ordered: bool = False):
+    """t's strides as a TMA descriptor accepts them, or None: unit innermost stride, 16-byte
+    aligned base and outer strides (``ordered``: also non-increasing inwards, i.e. [B, H, L, D]
+    storage). A size-1 dim is only ever read at index 0, so its stride is free: it gets the span
+    of the dims inside it, rounded up to 16 bytes."""
+    size = t.element_size()
+    if t.dim() != 4 or t.data_ptr() % 16 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        return None
+    strides = [1] * 4
+    for i in (2, 1, 0):
+        if t.shape[i] == 1:
+            span = max((n - 1) * st for n, st in zip(t.shape[i + 1:], strides[i + 1:])) + 1
+            strides[i] = -(-span * size // 16) * 16 // size
+        elif (t.stride(i) * size) % 16:
+            return None
+        else:
+            strides[i] = t.stride(i)
+    if ordered and any(a < b for a, b in zip(strides, strides[1:])):
+        return None
+    return strides
+
+
+def tma_descriptors(*tensors, ordered: bool = False):
+    """One [B, H, L, D] TMA descriptor per tensor (block shapes set per config at launch), or None
+    when triton has no descriptors or a tensor's layout or dtype does not suit the copy engine."""
+    if TensorDescriptor is None:
+        return None
+    descs = []
+    for t in tensors:
+        ok = t.dtype in (torch.float16, torch.bfloat16, torch.float32) and min(t.shape) > 0
+        strides = _descriptor_strides(t, ordered) if ok else None
+        if strides is None:
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), strides, [1, 1, 16, 16]))
+    return descs
+
+
+def _uses_tma_by_default(device, Lq: int) -> bool:
+    # Hopper and later have the copy engine; decode-length queries repay no descriptor setup.
+    return (Lq >= 64 and torch.device(device).type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def head_blocks(D: int, Dv: int):
     # tl.arange needs powers of two and tl.dot needs >= 16: head dims 80/96 pad to 128 with masks.
     return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
@@ -333,7 +448,7 @@ def head_blocks(D: int, Dv: int):
 
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
                            return_entropy=False, *, return_lse=False, out=None, compute_out=True,
-                           pairs=None, entropy_rows=False, num_splits=None):
+                           pairs=None, entropy_rows=False, num_splits=None, tma=None):
     """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
     when ``return_entropy`` / ``return_lse`` ask for them.
 
@@ -346,7 +461,10 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     only; the output slot is then None). ``pairs`` reuses a (pairs, n_kept) from
     :func:`kept_pairs`. ``keep`` must be on q's device. Decode shapes (Lq <= 16) with too few
     (batch, head) pairs to fill the GPU split the keys across programs (``triton_decode``);
-    ``num_splits`` forces that path with that many splits.
+    ``num_splits`` forces that path with that many splits. ``tma`` picks how the prefill kernel
+    loads Q/K/V and stores O: None lets the autotuner also try TMA descriptor configs on Hopper
+    (sm_90+) for query lengths of 64+ when q, k, v and out have [B, H, L, D] storage, True requires
+    them for any layout with 16-byte aligned strides (ValueError otherwise), False keeps pointer loads.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -373,16 +491,27 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
         gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
                              (pair_idx, n_kept), is_causal, scale, splits)
     elif B * Hq > 0 and Lq > 0:
+        descs, tma_mode = None, TMA_OFF
+        if tma or (tma is None and _uses_tma_by_default(q.device, Lq)):
+            # Without an output the O descriptor is never stored through: any tensor serves.
+            # By default only [B, H, L, D] storage: a descriptor over HF's [B, L, H, D] views
+            # (strides not ordered) is exercised by tma=True until measured on a card.
+            descs = tma_descriptors(q, k, v, out if compute_out else q, ordered=not tma)
+            if descs is None and tma and min(k.shape[2], v.shape[2]) > 0:
+                raise ValueError("tma=True: q, k, v and out need a unit innermost stride, 16-byte aligned base "
+                                 "and outer strides, and a float16/bfloat16/float32 dtype")
+            tma_mode = TMA_OFF if descs is None else TMA_ONLY if tma else TMA_AUTO
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
-            pair_idx, n_kept,
+            pair_idx, n_kept, *(descs or (q, k, v, o_arg)),
             *q.stride(), *k.stride(), *v.stride(), *mstr, *o_strides,
-            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk),
+            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk), tma_mode,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
             DOT_F32=dot_f32, DOT_PRECISION=precision,
+            **({"USE_TMA": tma_mode == TMA_ONLY} if _INTERPRET else {}),
         )
     extras = []
     if return_entropy:

@@ -39,6 +39,16 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
                        "proj_wgrad"}, run.stdout + run.stderr
     assert run.returncode == 0, "configs that spill or overflow shared memory:\n" + "\n".join(
         line for line in rows if "SPILLS" in line or "SHARED" in line) + run.stderr[-2000:]
+    # Columns: kernel, D, config, registers, stack, shared, async copies, TMA copies, wgmma.
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in rows]
+    fwd = [c for c in cells if c[0] == "fwd"]
+    tma = [c for c in fwd if "TMA1" in c[2]]
+    assert tma and len(tma) < len(fwd), "the forward must offer both pointer and TMA descriptor configs"
+    # The descriptor variant must really compile to bulk tensor copies, and every 64+-row tile
+    # must reach Hopper's asynchronous warpgroup MMA rather than the older mma.sync.
+    assert all(int(c[7]) > 0 for c in tma), tma
+    assert all(int(c[7]) == 0 for c in fwd if "TMA0" in c[2])
+    assert all(int(c[8]) > 0 for c in fwd if int(c[2].split()[0][1:]) >= 64), fwd
 
 
 def test_head_dim_pruning_keeps_small_head_configs_off_large_heads():

@@ -1,0 +1,192 @@
+"""The forward's TMA variant (Q/K/V tiles and the output through Hopper tensor descriptors) under
+the Triton interpreter, against float64 and against the pointer variant; and the rules that
+decide when it may run (layouts a descriptor accepts, which configs the autotuner may try).
+
+Interpreter mode is fixed when triton is imported, so like test_triton_decode this module reuses
+test_triton_kernel's loader and runs itself in a child pytest process where this one cannot
+interpret.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import test_triton_kernel as tk
+from test_triton_kernel import TOL, make_keep, make_mask, qkv, reference
+from test_triton_kernel import _interpreter_on  # noqa: F401  (module-scoped autouse fixture)
+
+IN_PROCESS = tk.IN_PROCESS
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_tma_suite_in_interpreter_subprocess")
+
+from dhp_fx.kernels import triton_attention as ta_rules  # noqa: E402  (host-side rules only)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
+def test_tma_suite_in_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", tk._CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, f"TMA suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"\d+ passed, 1 skipped in", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+
+
+@contextlib.contextmanager
+def launches():
+    """Records (TMA_MODE, USE_TMA) of each forward launch. Under the interpreter the caller passes
+    USE_TMA (one config: see _fwd_configs)."""
+    fwd = tk._ta._gated_attn_fwd
+    seen, original = [], fwd.run
+
+    def spy(*args, **kwargs):
+        seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA")))
+        return original(*args, **kwargs)
+
+    fwd.run = spy
+    try:
+        yield seen
+    finally:
+        fwd.run = original
+
+
+def check_tma_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
+                      model_layout, seed, with_lse=False):
+    attention = tk._ta.triton_gated_attention
+    gen = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
+    keep = make_keep(keep_pattern, B, Hq, gen)
+    mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
+    # Poisoned: the descriptor store must write every element, pruned heads included.
+    out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
+    out = out.transpose(1, 2) if model_layout else out
+    with launches() as seen:
+        got, ent, lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True, return_lse=True,
+                                  out=out, tma=True)
+    assert seen == [(tk._ta.TMA_ONLY, True)], "tma=True must run the descriptor variant"
+    assert got is out and not torch.isnan(got).any() and not torch.isnan(ent).any()
+    ref, ref_ent, row_ok, _ = reference(q, k, v, keep, mask, is_causal, None)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
+    assert torch.equal(got[~row_ok], torch.zeros_like(got[~row_ok]))
+    sel = row_ok[..., None].expand_as(got)
+    torch.testing.assert_close(got.double()[sel], ref[sel], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+    # Same numbers as the pointer loads: only the copy mechanism differs.
+    with launches() as seen:
+        p_out, p_ent, p_lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
+                                        return_lse=True, tma=False)
+    assert seen == [(tk._ta.TMA_OFF, False)]
+    torch.testing.assert_close(got, p_out, atol=0, rtol=0)
+    torch.testing.assert_close(ent, p_ent, atol=0, rtol=0)
+    torch.testing.assert_close(lse, p_lse, atol=0, rtol=0)
+
+
+# Query lengths above MAX_DECODE_LQ: shorter ones take the split-KV decode kernel, which has no TMA variant.
+CASES = [
+    # (B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, causal, keep, model_layout)
+    (2, 2, 2, 40, 50, 24, 24, torch.float32, "none", "pad", True, "random", False),  # ragged, GQA
+    (2, 2, 1, 33, 33, 32, 32, torch.float16, "additive", "bias", False, "row_none", True),  # HF layout
+    (1, 1, 2, 24, 70, 80, 80, torch.bfloat16, "bool", "full", False, "one", True),  # head dim 80 pads to 128
+    (2, 1, 2, 48, 48, 16, 32, torch.float32, "none", "pad", True, "all", False),  # Dv != D, full blocks
+    (1, 2, 1, 20, 37, 40, 40, torch.float16, "bool", "pad", True, "random", False),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_tma_forward_matches_reference_and_pointer_loads(case):
+    check_tma_forward(*case, seed=0)
+
+
+@interpreted
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
+       Lq=st.sampled_from([17, 23, 40]), Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40, 64]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       mask_kind=st.sampled_from(["none", "bool", "additive"]), mask_shape=st.sampled_from(["pad", "bias", "2d"]),
+       is_causal=st.booleans(), keep_pattern=st.sampled_from(["random", "all", "one", "row_none"]),
+       model_layout=st.booleans(), seed=st.integers(0, 2**16))
+def test_tma_forward_random_shapes(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, mask_shape, is_causal,
+                                   keep_pattern, model_layout, seed):
+    check_tma_forward(B, Hkv, group, Lq, Lk, D, D, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
+                      model_layout, seed)
+
+
+@interpreted
+def test_tma_true_refuses_layouts_a_descriptor_cannot_describe():
+    attention = tk._ta.triton_gated_attention
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    q = torch.randn(1, 2, 16, 20, dtype=torch.float16)  # rows of 40 bytes: not 16-byte aligned
+    with pytest.raises(ValueError, match="tma=True"):
+        attention(q, q, q, keep, tma=True)
+    # tma=None on CPU tensors is the pointer path, whatever the layout.
+    torch.testing.assert_close(attention(q, q, q, keep), attention(q, q, q, keep, tma=False), atol=0, rtol=0)
+
+
+def test_descriptor_strides_follow_the_copy_engine_rules():
+    strides = ta_rules._descriptor_strides
+    assert strides(torch.empty(2, 3, 5, 8, dtype=torch.float16)) == [120, 40, 8, 1]
+    hf = torch.empty(2, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2)  # [B, L, H, D] storage
+    assert strides(hf) == [120, 8, 24, 1]
+    assert strides(hf, ordered=True) is None  # the default (tma=None) leaves this layout to pointers
+    assert strides(torch.empty(2, 3, 5, 8, dtype=torch.float16), ordered=True) == [120, 40, 8, 1]
+    assert strides(torch.empty(2, 3, 5, 12, dtype=torch.float16)) is None  # 24-byte rows
+    assert strides(torch.empty(2, 3, 5, 16, dtype=torch.float16)[..., :8]) == [240, 80, 16, 1]
+    assert strides(torch.empty(2, 3, 5, 17, dtype=torch.float32)[..., 1:]) is None  # base off by 4 bytes
+    assert strides(torch.empty(2, 3, 8, 5, dtype=torch.float32).transpose(2, 3)) is None  # D not innermost
+    # A size-1 dim is only read at index 0: any 16-byte multiple serves, even where torch says 1.
+    one = torch.empty(2, 1, 5, 8, dtype=torch.float16)[:, :, :, :]
+    s = strides(one.as_strided(one.shape, (40, 1, 8, 1)))
+    assert s is not None and s[1] * 2 % 16 == 0 and s[1] >= 40
+
+
+class _Cfg:
+    def __init__(self, tma, m=64):
+        self.kwargs = {"BLOCK_M": m, "BLOCK_N": 64, "USE_TMA": tma}
+        self.max_block_d = None
+
+
+def test_tma_mode_decides_which_configs_the_autotuner_may_try(monkeypatch):
+    ptr, tma = _Cfg(False), _Cfg(True)
+    args = lambda mode: {"TMA_MODE": mode, "Lq": 512}  # noqa: E731
+    prune = ta_rules.prune_fwd_configs
+    monkeypatch.setattr(ta_rules, "_INTERPRET", False)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
+    assert prune([ptr, tma], args(ta_rules.TMA_OFF), BLOCK_D=64) == [ptr]
+    assert prune([ptr, tma], args(ta_rules.TMA_ONLY), BLOCK_D=64) == [tma]
+    assert prune([ptr, tma], args(ta_rules.TMA_AUTO), BLOCK_D=64) == [ptr, tma]
+    # Nothing to time with: exactly one config must remain, the pointer one.
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", False)
+    assert prune([ptr, tma], args(ta_rules.TMA_AUTO), BLOCK_D=64) == [ptr]
+    assert prune([ptr, tma], args(ta_rules.TMA_ONLY), BLOCK_D=64) == [tma]
+
+
+def test_tma_is_the_default_only_for_hopper_prefill(monkeypatch):
+    assert not ta_rules._uses_tma_by_default("cpu", 4096)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ta_rules._uses_tma_by_default("cuda", 64) and not ta_rules._uses_tma_by_default("cuda", 63)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not ta_rules._uses_tma_by_default("cuda", 4096)
+
+
+@interpreted
+def test_default_on_hopper_offers_tma_only_for_bhld_storage(monkeypatch):
+    """tma=None on a (pretended) sm_90 card: the autotuner may pick descriptors for [B, H, L, D]
+    storage; HF's [B, L, H, D] views stay on pointers until measured on a card. (The interpreter
+    cannot time, so it runs the pointer variant for TMA_AUTO, as untuned compiled runs do.)"""
+    ta = tk._ta
+    monkeypatch.setattr(ta, "_uses_tma_by_default", lambda device, Lq: True)
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    with launches() as seen:
+        for model_layout in (False, True):
+            q, k, v = qkv(1, 2, 2, 24, 24, 16, 16, torch.float32, gen, model_layout)
+            ta.triton_gated_attention(q, k, v, keep)
+    assert seen == [(ta.TMA_AUTO, False), (ta.TMA_OFF, False)]
