@@ -6,9 +6,10 @@ launch queue. Here the mask is read inside the kernels:
 
 * ``head_linear_out``: grid (row blocks, heads). A program whose rows all prune head h runs its
   K loop zero times and stores zeros; otherwise it computes the head's D output features.
-* ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the heads and skips
-  the K range of every head that no row of the block keeps; the rows of a block that prune a
-  head it walks read zeros there.
+* ``head_linear_in``: grid (row blocks, output blocks). The reduction walks a kept-head list
+  built on the device (the mask's, or with [B, H] masks the sample's when the block's rows lie
+  in one sample); a block straddling samples walks every head, skipping the K range of a head
+  that none of its rows keeps, and its rows that prune a head it walks read zeros there.
 
 The backward reuses them with the weight read transposed (strides only): dx of head_linear_out is
 the head_linear_in reduction over the kept heads' gradient features, dx of head_linear_in is the
@@ -144,7 +145,24 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
     row_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Walk a kept-head list (Heads row b, NHeads[b] entries): the inner trip count is then a
+    # constant, so the nest flattens into one software-pipelined loop, where a per-head nest
+    # pipelines only inside a head (one or two steps at D = 64-128) and stalls on every head's
+    # first loads. [H] masks have one list; [B, H] masks one per sample, usable when the block's
+    # rows all belong to one sample (then they all keep the listed heads and no other).
+    b = 0
+    one_sample = True
     if PER_SAMPLE:
+        b = pid_m * BLOCK_M // rows_per_sample
+        one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
+    if one_sample:
+        for i in tl.range(0, tl.load(NHeads + b), flatten=True):
+            k0 = tl.load(Heads + b * H + i) * HEAD_D
+            for d0 in range(0, HEAD_D, BLOCK_K):
+                acc = _in_step(acc, X, W, offs_m, offs_n, row_ok, n_ok, k0, d0,
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
+    else:
+        # a block straddling samples: per head, the K range of heads some row keeps
         for h in range(H):
             row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
             d_hi = HEAD_D * tl.max(row_keep.to(tl.int32), axis=0)
@@ -152,16 +170,6 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
                 # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
                 # hold (the backward feeds it gradients, which are not zero there)
                 acc = _in_step(acc, X, W, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
-    else:
-        # One head set for every row: walk the kept heads' list. The inner trip count is then a
-        # constant, so the nest flattens into one software-pipelined loop; the per-head nest
-        # above pipelines only inside a head (one or two steps at D = 64-128), stalling on
-        # every head's first loads.
-        for i in tl.range(0, tl.load(NHeads), flatten=True):
-            k0 = tl.load(Heads + i) * HEAD_D
-            for d0 in range(0, HEAD_D, BLOCK_K):
-                acc = _in_step(acc, X, W, offs_m, offs_n, row_ok, n_ok, k0, d0,
                                stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -232,8 +240,10 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
 
 
 def _kept_heads(keep: torch.Tensor):
-    """(kept head indices first, as int32 [H]; their count, int32 0-d), by device ops: no sync."""
-    return torch.argsort((keep == 0).to(torch.int8), stable=True).to(torch.int32), (keep != 0).sum(dtype=torch.int32)
+    """Per mask row, its kept head indices first (int32 [H] or [B, H], rows H apart: the kernel's
+    stride) and their count (int32 0-d or [B]), by device ops: no sync."""
+    order = torch.argsort((keep == 0).to(torch.int8), dim=-1, stable=True)
+    return order.to(torch.int32, memory_format=torch.contiguous_format), (keep != 0).sum(-1, dtype=torch.int32)
 
 
 def _dot_f32(x: torch.Tensor) -> bool:
@@ -263,7 +273,7 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    heads, n_heads = _kept_heads(keep) if not per_sample else (keep, keep)
+    heads, n_heads = _kept_heads(keep)
     _head_linear_in_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,

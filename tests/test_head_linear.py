@@ -228,6 +228,37 @@ def test_interpreted_triton_backward_matches_float64_autograd(thl, mask, dtype, 
 
 
 @interpreted
+@pytest.mark.parametrize("L", [16, 32, 10, 24])
+@pytest.mark.parametrize("in_out", [False, True])
+def test_interpreted_per_sample_kept_head_lists_and_straddling_blocks(thl, L, in_out):
+    # With 16-row blocks, 16 and 32 rows per sample put every block inside one sample, so
+    # head_linear_in walks the sample's kept-head list; 10 and 24 also make blocks straddle
+    # samples (the per-head walk), and leave a last block partly past the rows. Heads are kept
+    # out of order; one sample keeps none, one all.
+    keep = torch.tensor([[_F, _T, _F, _T], [_F, _F, _F, _F], [_T, _T, _T, _T], [_T, _F, _F, _T], [_F, _F, _T, _F]])
+    (B, H), K, D = keep.shape, 20, 24
+    g = torch.Generator().manual_seed(L + in_out)
+    o = torch.randn(B, L, H * D, generator=g)  # nonzero on pruned features: they must be ignored
+    w = torch.randn(K, H * D, generator=g)
+    w_arg = w.t().contiguous() if in_out else w
+    b = torch.randn(K, generator=g)
+    want = head_linear_in_reference(o.double(), w_arg.double(), b.double(), keep, D, in_out)
+    torch.testing.assert_close(thl.head_linear_in_triton(o, w_arg, b, keep, D, in_out).double(), want,
+                               **GRAD_TOL[torch.float32])
+    cot = torch.randn(B, L, K, generator=g)
+    _check_grads(thl.head_linear_in_backward_triton(cot, o, w_arg, b, keep, D, in_out),
+                 _reference_grads(head_linear_in_reference, cot, (o, w_arg, b), keep, D, in_out), torch.float32)
+    # head_linear_out's dx is the head_linear_in reduction, on gradients nonzero at pruned heads
+    x = torch.randn(B, L, K, generator=g)
+    w2 = torch.randn(H * D, K, generator=g)
+    w2_arg = w2.t().contiguous() if in_out else w2
+    b2 = torch.randn(H * D, generator=g)
+    cot2 = torch.randn(B, L, H * D, generator=g)
+    _check_grads(thl.head_linear_out_backward_triton(cot2, x, w2_arg, b2, keep, D, in_out),
+                 _reference_grads(head_linear_out_reference, cot2, (x, w2_arg, b2), keep, D, in_out), torch.float32)
+
+
+@interpreted
 @pytest.mark.parametrize("D", [8, 16])
 def test_interpreted_triton_backward_small_head_dims(thl, D):
     # head_dim below the 16-wide dot tile, and one that fills it; a single row block
