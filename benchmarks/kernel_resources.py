@@ -145,7 +145,7 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
         return dict(io, **desc)
 
     kernels = [
-        ("fwd", fwd._gated_attn_fwd, fwd_pointers, dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True)),
+        ("fwd", fwd._gated_attn_fwd, fwd_pointers, dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i64", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,

@@ -1,8 +1,14 @@
 """Triton forward of gated attention: FA2-style online softmax that launches no work for pruned heads.
 
-Grid: (query blocks, B*Hq slots). Slot s reads pair ``pairs[s]`` of a device-side list of
-(batch, head) pairs sorted kept-first; slots at or past ``n_kept`` belong to pruned pairs and only
-store zeros. The list and count come from torch ops, so the launch never syncs with the host.
+Grid: (query blocks, B*Hq slots). Two ways to map slots to (batch, head) pairs, neither syncing
+with the host:
+* compacted: slot s reads pair ``pairs[s]`` of a device-side list sorted kept-first; slots at or
+  past ``n_kept`` belong to pruned pairs and only store zeros. Kept work fills the first waves,
+  pruned zero-writers the last, which pays at long sequences; building the list (argsort, sum)
+  costs a handful of small launches, which does not.
+* early exit: slot s is pair s, and a pruned pair's programs store zeros and return. No
+  preparation at all, so it serves pairs of fewer than ``COMPACT_MIN_WORK`` query-key products
+  unless the caller passes a list (the backward passes the forward's).
 Pruned programs store their zeros themselves rather than a memset over the whole output first:
 a memset writes every element, then kept programs write theirs again, i.e. up to twice the
 output traffic, while this way every element is written exactly once.
@@ -278,7 +284,7 @@ def _gated_attn_fwd(
     Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY, TMA_MODE,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
-    COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -286,8 +292,12 @@ def _gated_attn_fwd(
         # Last query blocks see the most keys: schedule them first so the tail wave is short.
         pid_m = tl.num_programs(0) - 1 - pid_m
     slot = tl.program_id(1)
-    pair = tl.load(Pairs + slot).to(tl.int64)
-    kept = slot < tl.load(NKept)
+    if COMPACT:
+        pair = tl.load(Pairs + slot).to(tl.int64)
+        kept = slot < tl.load(NKept)
+    else:  # Pairs is the flat keep mask itself
+        pair = slot.to(tl.int64)
+        kept = tl.load(Pairs + slot) != 0
     # int64 base offsets: b * stride_b overflows int32 for large batches / full masks.
     b = pair // Hq
     h = pair % Hq
@@ -375,6 +385,11 @@ def triton_available(device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# Per (batch, head) pair: below this many query-key products the compacted grid's list costs more
+# than it saves (H200 anchors: early exit ahead at 512 x 512, compaction at 2048 x 2048).
+COMPACT_MIN_WORK = 1 << 20
+
+
 def kept_pairs(keep: torch.Tensor):
     """(pairs sorted kept-first as int64 [B*Hq], n_kept as int32 0-d), both on keep's device."""
     flat = keep.reshape(-1)
@@ -459,8 +474,10 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     masked rows), as the backward wants it. ``out`` may be a preallocated [B, Hq, Lq, Dv] tensor
     of any strides; every element is written. ``compute_out=False`` skips P@V (lse/entropy
     only; the output slot is then None). ``pairs`` reuses a (pairs, n_kept) from
-    :func:`kept_pairs`. ``keep`` must be on q's device. Decode shapes (Lq <= 16) with too few
-    (batch, head) pairs to fill the GPU split the keys across programs (``triton_decode``);
+    :func:`kept_pairs` and selects the compacted grid; without it, shapes under
+    ``COMPACT_MIN_WORK`` use the early-exit grid. ``keep`` must be on q's device. Decode shapes
+    (Lq <= 16) with too few (batch, head) pairs to fill the GPU split the keys across programs
+    (``triton_decode``);
     ``num_splits`` forces that path with that many splits. ``tma`` picks how the prefill kernel
     loads Q/K/V and stores O: None lets the autotuner also try TMA descriptor configs on Hopper
     (sm_90+) for query lengths of 64+ when q, k, v and out have [B, H, L, D] storage, True requires
@@ -479,7 +496,6 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     o_strides = out.stride() if compute_out else (0, 0, 0, 0)
     ent_rows = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32) if return_entropy else None
     lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32) if return_lse else None
-    pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
     kind, mask_t, mstr = mask_operand(attn_mask, B, Hq, Lq, Lk, q)
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
@@ -489,7 +505,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits, Hkv=Hkv)
     if splits is not None:
         gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
-                             (pair_idx, n_kept), is_causal, scale, splits)
+                             kept_pairs(keep) if pairs is None else pairs, is_causal, scale, splits)
     elif B * Hq > 0 and Lq > 0:
         descs, tma_mode = None, TMA_OFF
         if tma or (tma is None and _uses_tma_by_default(q.device, Lq)):
@@ -501,6 +517,11 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
                 raise ValueError("tma=True: q, k, v and out need a unit innermost stride, 16-byte aligned base "
                                  "and outer strides, and a float16/bfloat16/float32 dtype")
             tma_mode = TMA_OFF if descs is None else TMA_ONLY if tma else TMA_AUTO
+        compact = pairs is not None or Lq * Lk >= COMPACT_MIN_WORK
+        if compact:
+            pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
+        else:
+            pair_idx = n_kept = keep.reshape(-1).view(torch.uint8)
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
@@ -510,7 +531,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
-            DOT_F32=dot_f32, DOT_PRECISION=precision,
+            DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact,
             **({"USE_TMA": tma_mode == TMA_ONLY} if _INTERPRET else {}),
         )
     extras = []

@@ -1,6 +1,7 @@
-"""The forward's TMA variant (Q/K/V tiles and the output through Hopper tensor descriptors) under
-the Triton interpreter, against float64 and against the pointer variant; and the rules that
-decide when it may run (layouts a descriptor accepts, which configs the autotuner may try).
+"""Variants of the Triton forward under the interpreter: the TMA variant (Q/K/V tiles and the
+output through Hopper tensor descriptors) against float64 and against pointer loads, with the
+rules that decide when it may run (layouts a descriptor accepts, which configs the autotuner may
+try); and the two grids (compacted kept-first pair list, early exit), which must agree exactly.
 
 Interpreter mode is fixed when triton is imported, so like test_triton_decode this module reuses
 test_triton_kernel's loader and runs itself in a child pytest process where this one cannot
@@ -23,13 +24,13 @@ from test_triton_kernel import TOL, make_keep, make_mask, qkv, reference
 from test_triton_kernel import _interpreter_on  # noqa: F401  (module-scoped autouse fixture)
 
 IN_PROCESS = tk.IN_PROCESS
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_tma_suite_in_interpreter_subprocess")
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_forward_variants_suite_in_interpreter_subprocess")
 
 from dhp_fx.kernels import triton_attention as ta_rules  # noqa: E402  (host-side rules only)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
-def test_tma_suite_in_interpreter_subprocess():
+def test_forward_variants_suite_in_interpreter_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1", tk._CHILD: "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=600,
@@ -40,13 +41,13 @@ def test_tma_suite_in_interpreter_subprocess():
 
 @contextlib.contextmanager
 def launches():
-    """Records (TMA_MODE, USE_TMA) of each forward launch. Under the interpreter the caller passes
-    USE_TMA (one config: see _fwd_configs)."""
+    """Records (TMA_MODE, USE_TMA, COMPACT) of each forward launch. Under the interpreter the
+    caller passes USE_TMA (one config: see _fwd_configs)."""
     fwd = tk._ta._gated_attn_fwd
     seen, original = [], fwd.run
 
     def spy(*args, **kwargs):
-        seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA")))
+        seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA"), kwargs["COMPACT"]))
         return original(*args, **kwargs)
 
     fwd.run = spy
@@ -70,7 +71,7 @@ def check_tma_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape
     with launches() as seen:
         got, ent, lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True, return_lse=True,
                                   out=out, tma=True)
-    assert seen == [(tk._ta.TMA_ONLY, True)], "tma=True must run the descriptor variant"
+    assert [x[:2] for x in seen] == [(tk._ta.TMA_ONLY, True)], "tma=True must run the descriptor variant"
     assert got is out and not torch.isnan(got).any() and not torch.isnan(ent).any()
     ref, ref_ent, row_ok, _ = reference(q, k, v, keep, mask, is_causal, None)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
@@ -82,7 +83,7 @@ def check_tma_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape
     with launches() as seen:
         p_out, p_ent, p_lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
                                         return_lse=True, tma=False)
-    assert seen == [(tk._ta.TMA_OFF, False)]
+    assert [x[:2] for x in seen] == [(tk._ta.TMA_OFF, False)]
     torch.testing.assert_close(got, p_out, atol=0, rtol=0)
     torch.testing.assert_close(ent, p_ent, atol=0, rtol=0)
     torch.testing.assert_close(lse, p_lse, atol=0, rtol=0)
@@ -189,4 +190,45 @@ def test_default_on_hopper_offers_tma_only_for_bhld_storage(monkeypatch):
         for model_layout in (False, True):
             q, k, v = qkv(1, 2, 2, 24, 24, 16, 16, torch.float32, gen, model_layout)
             ta.triton_gated_attention(q, k, v, keep)
-    assert seen == [(ta.TMA_AUTO, False), (ta.TMA_OFF, False)]
+    assert [x[:2] for x in seen] == [(ta.TMA_AUTO, False), (ta.TMA_OFF, False)]
+
+
+@interpreted
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
+       Lq=st.sampled_from([17, 23, 40]), Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), mask_kind=st.sampled_from(["none", "bool", "additive"]),
+       is_causal=st.booleans(), keep_pattern=st.sampled_from(["random", "all", "one", "row_none"]),
+       tma=st.booleans(), seed=st.integers(0, 2**16))
+def test_compacted_and_early_exit_grids_agree_exactly(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, is_causal,
+                                                      keep_pattern, tma, seed):
+    ta = tk._ta
+    gen = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype, gen)
+    keep = make_keep(keep_pattern, B, Hq, gen)
+    mask = make_mask(mask_kind, "pad", B, Hq, Lq, Lk, dtype, gen)
+    results = []
+    with launches() as seen:
+        for pairs in (None, ta.kept_pairs(keep)):
+            out = torch.full((B, Hq, Lq, D), float("nan"), dtype=dtype)  # every element must be written
+            results.append(ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
+                                                     return_lse=True, out=out, pairs=pairs, tma=tma))
+    assert [x[2] for x in seen] == [False, True], "small shapes exit early unless a pair list is passed"
+    for early, compacted in zip(*results):
+        assert not torch.isnan(early).any()
+        torch.testing.assert_close(early, compacted, atol=0, rtol=0)
+    assert torch.equal(results[0][0][~keep], torch.zeros_like(results[0][0][~keep]))
+
+
+@interpreted
+def test_long_pairs_take_the_compacted_grid(monkeypatch):
+    ta = tk._ta
+    monkeypatch.setattr(ta, "COMPACT_MIN_WORK", 24 * 24)
+    gen = torch.Generator().manual_seed(1)
+    keep = make_keep("random", 2, 2, gen)
+    with launches() as seen:
+        for L in (23, 24):
+            q, k, v = qkv(2, 2, 2, L, L, 16, 16, torch.float32, gen)
+            ta.triton_gated_attention(q, k, v, keep)
+    assert [x[2] for x in seen] == [False, True]
