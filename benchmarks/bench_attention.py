@@ -164,6 +164,20 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None):
     return methods
 
 
+def core_target_ms(p: float, t_sdpa: float) -> float:
+    """Issue 3's bound on the gated core: T(1) <= 1.15 T_SDPA, T(p) <= 1.1 p T_SDPA + 0.01 ms."""
+    return 1.15 * t_sdpa if p >= 1.0 else 1.1 * p * t_sdpa + 0.01
+
+
+def block_target_ms(p: float, t_dense_block: float) -> float:
+    """Issue 3's bound on the whole attention block (projections + core): (p + 0.1) x dense."""
+    return min(p + 0.1, 1.0) * t_dense_block if p < 1.0 else 1.15 * t_dense_block
+
+
+def verdict(t: float, target: float) -> str:
+    return "met" if t <= target else f"MISS +{100 * (t / target - 1):.0f}%"
+
+
 def chosen_config() -> str:
     """The forward config the autotuner picked for the last launch and, from its last tuning run,
     the fastest pointer and fastest TMA config (ms), so one run says whether descriptors pay."""
@@ -455,7 +469,7 @@ def main(argv=None) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     names = ["sdpa", "flex", "gather", "triton"] if flex is not None else ["sdpa", "gather", "triton"]
     header = (f"{'shape':28s} {'p':>5s} " + " ".join(f"{n + ' ms':>10s} {'x ideal':>8s}" for n in names)
-              + f" {'floor ms':>9s} {'bound':>6s} {'triton x floor':>15s}")
+              + f" {'floor ms':>9s} {'bound':>6s} {'triton x floor':>15s} {'target ms':>10s} {'triton':>11s}")
     print(header)
     print("-" * len(header))
     for s in [] if args.no_prefill else args.shapes:
@@ -481,13 +495,20 @@ def main(argv=None) -> int:
             arith, mem = attention_floor_ms(s.B, s.H, s.H, s.L, s.L, s.D, kq, kq, s.causal, elem, *ceilings)
             floor = max(arith, mem)
             cells += f" {floor:9.3f} {'math' if arith >= mem else 'memory':>6s} {times['triton'] / floor:15.2f}"
+            target = core_target_ms(p, t_dense)
+            cells += f" {target:10.3f} {verdict(times['triton'], target):>11s}"
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
             if p == args.p[0]:  # before --block's own launches replace the tuning record
                 print(f"  triton config: {chosen_config()}")
             if args.block:
                 shared = keep[0]
-                for name, t in time_block(torch, F, s, shared, bench, dtype).items():
-                    print(f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms")
+                blocks = time_block(torch, F, s, shared, bench, dtype)
+                for name, t in blocks.items():
+                    line = f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms"
+                    if name.startswith("block ops"):  # the library's path: the one the target is for
+                        target = block_target_ms(p, blocks["block dense"])
+                        line += f"  target {target:.3f} ms: {verdict(t, target)}"
+                    print(line)
         del q, k, v
         torch.cuda.empty_cache()
     if args.decode:

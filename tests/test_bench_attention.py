@@ -39,3 +39,13 @@ def test_dry_run_plans_prefill_and_decode(capsys):
     assert "decode 1,32,8,8192,128" in out
     with pytest.raises(SystemExit):
         ba.parse_args(["--decode", "1,3,2,5,6"])  # 3 query heads on 2 KV heads
+
+
+def test_targets_and_verdicts_follow_the_issue():
+    ba = _bench()
+    assert ba.core_target_ms(1.0, 0.5) == pytest.approx(0.575)           # T(1) <= 1.15 T_SDPA
+    assert ba.core_target_ms(0.5, 0.5) == pytest.approx(0.285)           # 1.1 p T + 0.01 ms
+    assert ba.block_target_ms(0.5, 2.0) == pytest.approx(1.2)            # (p + 0.1) x dense block
+    assert ba.block_target_ms(0.95, 2.0) == pytest.approx(2.0)           # never above dense itself
+    assert ba.verdict(0.28, 0.285) == "met"
+    assert ba.verdict(0.342, 0.285) == "MISS +20%"
