@@ -6,8 +6,14 @@ list as the forward; the dK/dV program of a kv head loops over the query heads o
 skipping pruned ones, so group gradients are summed in registers without atomics (which also
 keeps autotuning, that reruns kernels, safe).
 
-The backward masks every tile (no unmasked interior fast path as in the forward): simpler, at
-some cost in speed.
+As in the forward, only tiles that need an edge test pay for masks: each loop is split into
+edge blocks (masked) and full interior blocks (EDGE=False: unpredicated loads, no Lq/Lk edge or
+causal test; attention masks still apply). Causal is top-left aligned (row i sees keys j <= i).
+dQ: key blocks [full_hi, hi) (the diagonal and the ragged Lk block) masked, then [0, full_hi)
+unmasked. dK/dV, per kept head: the diagonal query blocks [lo, mid) and the ragged tail past
+Lq's last full block masked (one loop that jumps the interior), then the interior [mid,
+interior_hi): full query blocks whose every row is at/after the key block's last key, and only
+when the key block itself is full. Edge loops run first: fewer registers on sm_90.
 """
 from __future__ import annotations
 
@@ -35,11 +41,13 @@ from .triton_attention import (
 
 
 # Spill-free at the head dims each serves (benchmarks/kernel_resources.py, sm_90 bf16, triton 3.6
-# and 3.9). dK/dV keep two
-# [BLOCK_N, D] fp32 accumulators live across the whole loop: at D = 128 only 8 warps or small
-# blocks fit them in registers.
-_DKDV_CONFIGS = make_configs([(32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3),
-                              (64, 64, 8, 2, 64), (16, 64, 4, 3, 64), (64, 128, 8, 2, 64), (32, 64, 4, 3, 64)],
+# and 3.9, causal or not, every mask kind). dK/dV keep two [BLOCK_N, D] fp32 accumulators live
+# across the whole loop, and the edge/interior split costs another 15-40 registers: at D = 128
+# only 2-stage or 16-row configs stay under 255 (32x64 at 3 stages and 32x128 spill there, 64x128
+# at D = 64 too).
+_DKDV_CONFIGS = make_configs([(32, 64, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2),
+                              (32, 64, 8, 3, 64), (32, 128, 8, 2, 64), (64, 64, 8, 2, 64), (16, 64, 4, 3, 64),
+                              (32, 64, 4, 3, 64)],
                              pruned_by_query_len=False)
 _DQ_CONFIGS = make_configs([(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                             (128, 32, 4, 3, 64), (16, 64, 4, 3), (16, 128, 8, 3)])
@@ -62,6 +70,92 @@ def _bwd_delta(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_od,
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                  mask=ok, other=0).to(tl.float32)
     tl.store(Delta + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_head(dk, dv, k, v, Q, DO, Mask, Lse, Delta, Keep, b, h, Hq, lo, mid, q_full, offs_n, offs_d, offs_dv,
+               Lq, Lk, stride_qb, stride_qh, stride_qm, stride_qd, stride_db, stride_dh, stride_dm, stride_dd,
+               stride_mb, stride_mh, stride_mm, stride_mn, scale_log2,
+               BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK/dV contributions of query head h (none when pruned): EDGE, its query blocks [lo, Lq) but
+    the interior; else the interior [mid, interior_hi), full blocks at or past the key block's
+    last key (q_full is 0 when the key block is ragged)."""
+    kept = tl.load(Keep + b * Hq + h) != 0
+    hi = tl.where(kept, Lq, 0)
+    interior_hi = tl.maximum(mid, tl.where(kept, q_full, 0))
+    if EDGE:
+        # One loop that jumps the interior rather than a loop per side: each extra loop body cost
+        # dK/dV 15-40 registers on sm_90, close to the 255 limit already.
+        gap_lo = tl.minimum(mid, hi)
+        gap = tl.minimum(interior_hi, hi) - gap_lo
+        first = lo
+        last = hi - gap
+    else:
+        first = mid
+        last = interior_hi
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    row_base = (b * Hq + h) * Lq
+    col_ok = offs_n < Lk
+    for s in range(first, last, BLOCK_M):
+        if EDGE:
+            start_m = tl.where(s < gap_lo, s, s + gap)
+        else:
+            start_m = s
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        q = _load2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    row_ok[:, None], offs_d[None, :] < HEAD_D, EDGE, BLOCK_D != HEAD_D)
+        do = _load2d(do_base + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                     row_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
+        if EDGE:
+            # +inf lse on padding rows makes their P exactly 0.
+            lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(Lse + row_base + offs_m)
+            delta = tl.load(Delta + row_base + offs_m)
+        # Transposed tiles [BLOCK_N, BLOCK_M]: dK/dV accumulate along the key axis.
+        tT = _dot(k, tl.trans(q), DOT_F32, DOT_PRECISION) * scale_log2
+        tT = _apply_mask(tT, mask_base, offs_m[None, :], offs_n[:, None], row_ok[None, :], col_ok[:, None],
+                         Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
+        pT = tl.exp2(tT - lse[None, :])
+        dv += _dot(pT.to(do.dtype), do, DOT_F32, DOT_PRECISION)
+        dpT = _dot(v, tl.trans(do), DOT_F32, DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, DOT_F32, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, lo, hi, offs_m, offs_d, offs_dv,
+              Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              STORE_DS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ contributions of key blocks [lo, hi); EDGE=False blocks are full and before the diagonal."""
+    row_ok = offs_m < Lq
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
+        vt = _load2d(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                     offs_dv[:, None] < HEAD_DV, col_ok[None, :], BLOCK_DV != HEAD_DV, EDGE)
+        t = _dot(q, kt, DOT_F32, DOT_PRECISION) * scale_log2
+        t = _apply_mask(t, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
+                        Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
+        p = tl.exp2(t - lse[:, None])
+        dp = _dot(do, vt, DOT_F32, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(q.dtype), tl.trans(kt), DOT_F32, DOT_PRECISION)
+        if STORE_DS:
+            # dS in natural units is exactly d(loss)/d(additive mask).
+            tl.store(ds_base + offs_m[:, None] * Lk + offs_n[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
+    return dq
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_by_head_dim})
@@ -91,44 +185,31 @@ def _bwd_dkdv(
     col_ok = offs_n < Lk
     d_ok = offs_d < HEAD_D
     dv_ok = offs_dv < HEAD_DV
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & dv_ok[None, :], other=0)
+    k = _load2d(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                col_ok[:, None], d_ok[None, :], True, BLOCK_D != HEAD_D)
+    v = _load2d(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                col_ok[:, None], dv_ok[None, :], True, BLOCK_DV != HEAD_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    # Causal: only rows i >= start_n see this key block.
     if IS_CAUSAL:
+        # Only rows i >= start_n see this key block; from the first query block starting at or
+        # after its last key on, every row sees every key: no causal test.
         lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
     else:
         lo = 0
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        kept = tl.load(Keep + b * Hq + h) != 0
-        hi = tl.where(kept, Lq, 0)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_db + h * stride_dh
-        mask_base = Mask + b * stride_mb + h * stride_mh
-        row_base = (b * Hq + h) * Lq
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Lq
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0)
-            # +inf lse on padding rows makes their P exactly 0.
-            lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-            # Transposed tiles [BLOCK_N, BLOCK_M]: dK/dV accumulate along the key axis.
-            tT = _dot(k, tl.trans(q), DOT_F32, DOT_PRECISION) * scale_log2
-            tT = _apply_mask(tT, mask_base, offs_m[None, :], offs_n[:, None], row_ok[None, :], col_ok[:, None],
-                             Lk, stride_mm, stride_mn, True, IS_CAUSAL, MASK_KIND)
-            pT = tl.exp2(tT - lse[None, :])
-            dv += _dot(pT.to(do.dtype), do, DOT_F32, DOT_PRECISION)
-            dpT = _dot(v, tl.trans(do), DOT_F32, DOT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += _dot(dsT.to(q.dtype), q, DOT_F32, DOT_PRECISION)
+        mid = 0
+    # End of the full query blocks; none are unmasked when this key block is ragged.
+    q_full = tl.where(start_n + BLOCK_N <= Lk, (Lq // BLOCK_M) * BLOCK_M, 0)
+    # Edge blocks of every kept head, then their interiors: two head loops each holding one inner
+    # loop took fewer registers on sm_90 than one head loop holding both (spills at D = 128).
+    for part in tl.static_range(2):
+        for g in range(GROUP):
+            dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, Mask, Lse, Delta, Keep, b, hk * GROUP + g, Hq, lo, mid, q_full,
+                                offs_n, offs_d, offs_dv, Lq, Lk, stride_qb, stride_qh, stride_qm, stride_qd,
+                                stride_db, stride_dh, stride_dm, stride_dd, stride_mb, stride_mh, stride_mm, stride_mn,
+                                scale_log2, BLOCK_M, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, part == 0, IS_CAUSAL,
+                                MASK_KIND, DOT_F32, DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
@@ -168,38 +249,37 @@ def _bwd_dq(
     d_ok = offs_d < HEAD_D
     dv_ok = offs_dv < HEAD_DV
     ld_ok = offs_m < tl.where(kept, Lq, 0)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=ld_ok[:, None] & d_ok[None, :], other=0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                 mask=ld_ok[:, None] & dv_ok[None, :], other=0)
+    q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                ld_ok[:, None], d_ok[None, :], True, BLOCK_D != HEAD_D)
+    do = _load2d(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                 ld_ok[:, None], dv_ok[None, :], True, BLOCK_DV != HEAD_DV)
     lse = tl.load(Lse + pair * Lq + offs_m, mask=ld_ok, other=float("inf"))
     delta = tl.load(Delta + pair * Lq + offs_m, mask=ld_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
+    ds_base = DMask + pair * Lq * Lk
+    # Key blocks [0, full_hi) need no Lk edge or causal test (the forward's split).
     if IS_CAUSAL:
-        hi = tl.where(kept, tl.minimum(Lk, start_m + BLOCK_M), 0)
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        full_hi = tl.minimum(((start_m + 1) // BLOCK_N) * BLOCK_N, (Lk // BLOCK_N) * BLOCK_N)
     else:
-        hi = tl.where(kept, Lk, 0)
+        hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    hi = tl.where(kept, hi, 0)
+    full_hi = tl.where(kept, full_hi, 0)
+    if STORE_DS:
+        # The dS store already holds this kernel at 255 registers: a second loop body spills.
+        full_hi = 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Lk
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                     mask=d_ok[:, None] & col_ok[None, :], other=0)
-        vt = tl.load(v_base + offs_dv[:, None] * stride_vd + offs_n[None, :] * stride_vn,
-                     mask=dv_ok[:, None] & col_ok[None, :], other=0)
-        t = _dot(q, kt, DOT_F32, DOT_PRECISION) * scale_log2
-        t = _apply_mask(t, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
-                        Lk, stride_mm, stride_mn, True, IS_CAUSAL, MASK_KIND)
-        p = tl.exp2(t - lse[:, None])
-        dp = _dot(do, vt, DOT_F32, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(q.dtype), tl.trans(kt), DOT_F32, DOT_PRECISION)
-        if STORE_DS:
-            # dS in natural units is exactly d(loss)/d(additive mask).
-            tl.store(DMask + pair * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
-                     mask=row_ok[:, None] & col_ok[None, :])
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, full_hi, hi, offs_m, offs_d, offs_dv,
+                   Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+                   BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND, STORE_DS,
+                   DOT_F32, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, 0, full_hi, offs_m, offs_d, offs_dv,
+                   Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+                   BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND, STORE_DS,
+                   DOT_F32, DOT_PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 

@@ -319,11 +319,22 @@ BACKWARD_CASES = [
          is_causal=True, keep=[[0, 1]]),
     dict(B=2, Hkv=2, group=1, Lq=17, Lk=30, D=16, dtype=torch.float16, mask_kind="none", mask_shape="pad",
          is_causal=True, keep=[[1, 1], [1, 0]]),
+    # Multiples of the interpreter's 16-row blocks, so the unmasked interior paths run: below /
+    # at / past the diagonal, Lq != Lk both ways, padded head dim (40 -> 64), GQA with a pruned head.
+    dict(B=1, Hkv=1, group=2, Lq=48, Lk=48, D=32, dtype=torch.float32, mask_kind="none", mask_shape="pad",
+         is_causal=True, keep=[[1, 1]]),
+    dict(B=1, Hkv=2, group=1, Lq=32, Lk=64, D=16, dtype=torch.float32, mask_kind="bool", mask_shape="2d",
+         is_causal=False, keep=[[1, 1]]),
+    dict(B=1, Hkv=2, group=2, Lq=64, Lk=32, D=40, dtype=torch.float32, mask_kind="additive", mask_shape="full",
+         is_causal=True, keep=[[1, 0, 1, 1]]),
+    dict(B=2, Hkv=1, group=2, Lq=48, Lk=40, D=24, dtype=torch.float16, mask_kind="bool", mask_shape="pad",
+         is_causal=True, keep=[[1, 1], [0, 1]]),
 ]
 
 
 @interpreted
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=["gqa-bias-grad", "causal-bool", "fp16-causal"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=["gqa-bias-grad", "causal-bool", "fp16-causal", "causal-48",
+                                                      "bool-32x64", "causal-64x32-pad-d", "fp16-causal-48x40"])
 def test_backward_matches_reference(case):
     check_backward(case)
 
@@ -331,8 +342,8 @@ def test_backward_matches_reference(case):
 @interpreted
 @settings(SLOW, max_examples=20)
 @given(
-    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), Lq=st.sampled_from([1, 9, 24]),
-    Lk=st.integers(1, 33), D=st.sampled_from([16, 40]), dtype=st.sampled_from([torch.float32, torch.float16]),
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), Lq=st.sampled_from([1, 9, 24, 32]),
+    Lk=st.integers(1, 48), D=st.sampled_from([16, 40]), dtype=st.sampled_from([torch.float32, torch.float16]),
     mask_kind=st.sampled_from(["none", "bool", "additive"]), mask_shape=st.sampled_from(["pad", "bias", "2d"]),
     is_causal=st.booleans(), data=st.data(),
 )
