@@ -8,9 +8,6 @@ runs itself in a child pytest process with TRITON_INTERPRET=1, like that module 
 from __future__ import annotations
 
 import importlib
-import os
-import re
-import subprocess
 import sys
 from unittest import mock
 
@@ -48,13 +45,7 @@ if IN_PROCESS:
 
 @pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
 def test_decode_suite_in_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1", tk._CHILD: "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, f"decode suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    # The only skip there is this test itself: the interpreted tests must all have run.
-    assert re.search(r"\d+ passed, 1 skipped in", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+    tk.run_interpreted_child(__file__, timeout=600)
 
 
 def unsplit(*args, **kwargs):

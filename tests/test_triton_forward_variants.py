@@ -10,17 +10,13 @@ interpret.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import test_triton_kernel as tk
-from test_triton_kernel import TOL, make_keep, make_mask, qkv, reference
+from test_triton_kernel import make_keep, make_mask, qkv
 from test_triton_kernel import _interpreter_on  # noqa: F401  (module-scoped autouse fixture)
 
 IN_PROCESS = tk.IN_PROCESS
@@ -31,12 +27,7 @@ from dhp_fx.kernels import triton_attention as ta_rules  # noqa: E402  (host-sid
 
 @pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
 def test_forward_variants_suite_in_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1", tk._CHILD: "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, f"TMA suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert re.search(r"\d+ passed, 1 skipped in", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+    tk.run_interpreted_child(__file__, timeout=600)
 
 
 @contextlib.contextmanager
@@ -58,35 +49,19 @@ def launches():
 
 
 def check_tma_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
-                      model_layout, seed, with_lse=False):
-    attention = tk._ta.triton_gated_attention
-    gen = torch.Generator().manual_seed(seed)
-    Hq = Hkv * group
-    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
-    keep = make_keep(keep_pattern, B, Hq, gen)
-    mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
-    # Poisoned: the descriptor store must write every element, pruned heads included.
-    out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
-    out = out.transpose(1, 2) if model_layout else out
+                      model_layout, seed):
     with launches() as seen:
-        got, ent, lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True, return_lse=True,
-                                  out=out, tma=True)
+        (q, k, v, keep, mask), (got, ent) = tk.check_forward(
+            B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is_causal, keep_pattern, None,
+            model_layout, seed, tma=True)
     assert [x[:2] for x in seen] == [(tk._ta.TMA_ONLY, True)], "tma=True must run the descriptor variant"
-    assert got is out and not torch.isnan(got).any() and not torch.isnan(ent).any()
-    ref, ref_ent, row_ok, _ = reference(q, k, v, keep, mask, is_causal, None)
-    assert torch.equal(got[~keep], torch.zeros_like(got[~keep])), "pruned heads must be exactly zero"
-    assert torch.equal(got[~row_ok], torch.zeros_like(got[~row_ok]))
-    sel = row_ok[..., None].expand_as(got)
-    torch.testing.assert_close(got.double()[sel], ref[sel], atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
     # Same numbers as the pointer loads: only the copy mechanism differs.
     with launches() as seen:
-        p_out, p_ent, p_lse = attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
-                                        return_lse=True, tma=False)
+        p_out, p_ent = tk._ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
+                                                     tma=False)
     assert [x[:2] for x in seen] == [(tk._ta.TMA_OFF, False)]
     torch.testing.assert_close(got, p_out, atol=0, rtol=0)
     torch.testing.assert_close(ent, p_ent, atol=0, rtol=0)
-    torch.testing.assert_close(lse, p_lse, atol=0, rtol=0)
 
 
 # Query lengths above MAX_DECODE_LQ: shorter ones take the split-KV decode kernel, which has no TMA variant.

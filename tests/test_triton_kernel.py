@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -97,13 +98,21 @@ def _interpreter_on():
     _set_interpret(False)
 
 
+def run_interpreted_child(test_file: str, timeout: int = 900):
+    """Runs ``test_file`` in a child pytest with TRITON_INTERPRET=1 and requires every test there
+    to pass; the only skip allowed is the calling wrapper test itself."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                          env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    name = os.path.basename(test_file)
+    assert proc.returncode == 0, f"{name} failed in the interpreter child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"\d+ passed, 1 skipped in", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
+
+
 @pytest.mark.skipif(IN_PROCESS, reason="the suite runs in this process")
 def test_interpreter_suite_in_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, f"interpreter suite failed in the child:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    run_interpreted_child(__file__)
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -188,7 +197,9 @@ def qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout=False):
 
 
 def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
-                  scale, model_layout, seed):
+                  scale, model_layout, seed, **options):
+    """Forward vs float64 on poisoned output; ``options`` go to the kernel call. Returns the
+    inputs (q, k, v, keep, mask) and outputs (out, entropy) for further comparisons."""
     gen = torch.Generator().manual_seed(seed)
     Hq = Hkv * group
     q, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, gen, model_layout)
@@ -197,7 +208,8 @@ def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is
     # Poisoned, so every element must be written; in model layout the buffer is strided too.
     out = torch.full((B, Lq, Hq, Dv) if model_layout else (B, Hq, Lq, Dv), float("nan"), dtype=dtype)
     out = out.transpose(1, 2) if model_layout else out
-    got, ent = triton_gated_attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, out=out)
+    got, ent = triton_gated_attention(q, k, v, keep, mask, is_causal, scale, return_entropy=True, out=out,
+                                      **options)
     assert got is out and got.dtype == dtype and ent.dtype == torch.float32 and ent.shape == (B, Hq)
     assert not torch.isnan(got).any() and not torch.isnan(ent).any()
 
@@ -210,6 +222,7 @@ def check_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape, is
     tol = TOL[dtype]
     torch.testing.assert_close(got.double()[sel], ref[sel], atol=tol, rtol=tol)
     torch.testing.assert_close(ent.double(), ref_ent, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+    return (q, k, v, keep, mask), (got, ent)
 
 
 @interpreted
