@@ -171,7 +171,7 @@ def decode_cases(dtype: str, head_dims):
 
     t = _TORCH_TO_TRITON[dtype]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    pointers = dict(Q=t, K=t, V=t, Mask=t, Acc="fp32", M="fp32", L="fp32", S="fp32", Pairs="i64", NKept="i32")
+    pointers = dict(Q=t, K=t, V=t, Mask=t, Acc="fp32", M="fp32", L="fp32", S="fp32", KeepFlags="u8")
     for d in head_dims:
         block = max(16, 1 << (d - 1).bit_length())
         launch = dec._launch_options(torch_dtype, block)
@@ -180,8 +180,7 @@ def decode_cases(dtype: str, head_dims):
                       ENTROPY=True, COMPUTE_PV=True, DOT_F32=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
         yield "decode_split", dec._decode_split, pointers, consts, d, kwargs, launch["num_warps"], launch["num_stages"]
-    packed = dict(pointers, Out=t, Ent="fp32", Lse="fp32", KeepFlags="u8", Groups="i64")
-    del packed["Pairs"]
+    packed = dict(pointers, Out=t, Ent="fp32", Lse="fp32")
     for d in head_dims:
         block = max(16, 1 << (d - 1).bit_length())
         for rows in (8, 64):

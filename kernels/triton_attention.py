@@ -505,7 +505,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits, Hkv=Hkv)
     if splits is not None:
         gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
-                             kept_pairs(keep) if pairs is None else pairs, is_causal, scale, splits)
+                             keep, is_causal, scale, splits)
     elif B * Hq > 0 and Lq > 0:
         descs, tma_mode = None, TMA_OFF
         if tma or (tma is None and _uses_tma_by_default(q.device, Lq)):

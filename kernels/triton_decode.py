@@ -11,8 +11,10 @@ every key alone. Here the key range is cut into ``num_splits`` contiguous pieces
 * ``_decode_combine``, grid (B*Hq slots): merges the pieces per row and writes out, entropy and
   lse exactly as the forward defines them.
 
-Slots follow the forward's kept-first pair list; pruned slots run zero key iterations in both
-kernels and the combine stores their exact zeros. A piece past the end of the keys (more
+Slot s is (batch, head) pair s and reads its keep flag (the forward's early-exit grid): a
+decode step is short, and building a kept-first list took several small launches per step
+(argsort, sum, and for GQA a scatter and a second list). Pruned slots run zero key iterations
+in both kernels and the combine stores their exact zeros. A piece past the end of the keys (more
 splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0, so any
 split count is valid.
 
@@ -22,13 +24,12 @@ one program all GROUP heads of a KV group as rows r = g * Lq + i of one tile (pa
 two >= 16, GROUP * Lq <= MAX_PACKED_ROWS), so each K/V block is read once per group. It reuses
 ``_attend`` unchanged: query indices i go in as the row indices (padded rows get Lq, which the
 row test rejects), so causal stays top-left on i, and the mask base is a per-row pointer column
-(head h = hk * GROUP + g), so per-head masks work. Its slots follow a kept-first list of (batch,
-KV head) groups, built on the device from the pair list; a group is kept when any of its heads is,
-and fully pruned groups run no keys. Pruned heads of a kept group are computed with the rest and
-dropped: with several splits their partials land in the same pair-major scratch, which the
-per-pair combine (over the kept-first pair list, as above) never reads for pruned pairs; with one
+(head h = hk * GROUP + g), so per-head masks work. Slot s is (batch, KV head) group s; a group is
+kept when any of its heads' flags is set, and fully pruned groups run no keys. Pruned heads of a
+kept group are computed with the rest and dropped: with several splits their partials land in
+the same pair-major scratch, which the per-pair combine never reads for pruned pairs; with one
 split the packed program stores the results itself (no scratch, no combine), zeros / entropy 0 /
-lse +inf for pruned heads from per-pair keep flags. GQA decode takes the packed kernel even where
+lse +inf for pruned heads from the per-pair keep flags. GQA decode takes the packed kernel even where
 one split suffices; the split heuristic then counts B*Hkv programs. ``PACK_GQA`` forces either
 kernel (tests).
 
@@ -43,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LN2, _attend, dot_flags, head_blocks, kept_pairs
+from .triton_attention import _INTERPRET, _LN2, _attend, dot_flags, head_blocks
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -71,7 +72,7 @@ PACK_GQA = None
 
 @triton.jit
 def _decode_split(
-    Q, K, V, Mask, Acc, M, L, S, Pairs, NKept,
+    Q, K, V, Mask, Acc, M, L, S, KeepFlags,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -82,9 +83,8 @@ def _decode_split(
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
-    slot = tl.program_id(1)
-    pair = tl.load(Pairs + slot).to(tl.int64)
-    kept = slot < tl.load(NKept)
+    pair = tl.program_id(1).to(tl.int64)
+    kept = tl.load(KeepFlags + pair) != 0
     b = pair // Hq
     h = pair % Hq
     hk = h // GROUP
@@ -120,7 +120,7 @@ def _decode_split(
         COMPUTE_PV, DOT_F32, DOT_PRECISION)
 
     # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
-    # contiguously and the packed kernel, which knows pairs rather than pair slots, shares it.
+    # contiguously and the packed kernel, one program per KV group, shares it.
     # Pruned slots store nothing: the combine never reads them.
     row = (pair * tl.num_programs(0) + split) * Lq + offs_m
     tl.store(M + row, m_i, mask=row_st)
@@ -133,7 +133,7 @@ def _decode_split(
 
 @triton.jit
 def _decode_split_packed(
-    Q, K, V, Mask, Acc, M, L, S, Out, Ent, Lse, KeepFlags, Groups, NKept,
+    Q, K, V, Mask, Acc, M, L, S, Out, Ent, Lse, KeepFlags,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -146,11 +146,9 @@ def _decode_split_packed(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
-    slot = tl.program_id(1)
     # int32 division (a 64-bit one is a subroutine call whose spills showed up at some head
     # dims); int64 from there on for the base offsets.
-    grp = tl.load(Groups + slot).to(tl.int32)
-    kept = slot < tl.load(NKept)
+    grp = tl.program_id(1)
     b = (grp // Hkv).to(tl.int64)
     hk = (grp % Hkv).to(tl.int64)
 
@@ -161,6 +159,12 @@ def _decode_split_packed(
     g = tl.where(valid, r // Lq, 0)
     qi = tl.where(valid, r - g * Lq, Lq)
     h = hk * GROUP + g
+    # Kept when any head of the group is: a scalar loop (a vector load and reduction here, live
+    # across the key loop, cost spills at D = 128).
+    n_heads = 0
+    for g0 in range(GROUP):
+        n_heads += (tl.load(KeepFlags + (b * Hq + hk * GROUP + g0)) != 0).to(tl.int32)
+    kept = n_heads > 0
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # A row-count limit rather than `& kept` (the interpreter rejects bool & scalar-bool masks).
@@ -194,6 +198,7 @@ def _decode_split_packed(
         # The program owns its rows' results: no scratch, no combine. Every valid row is stored,
         # kept group or not, so pruned heads get their exact zeros here too (l = 0 for pruned
         # groups, which ran no keys; pruned heads of kept groups are computed, then dropped).
+        # Reloaded rather than kept live across the key loop: at D = 128 that cost a spill.
         row_keep = tl.load(KeepFlags + pair, mask=row_st, other=0) != 0
         l_ok = (l_i > 0.0) & row_keep
         l_safe = tl.where(l_ok, l_i, 1.0)
@@ -230,15 +235,14 @@ def _shifted(x, l, m, m_use, w):
 
 @triton.jit
 def _decode_combine(
-    Acc, M, L, S, Out, Ent, Lse, Pairs, NKept,
+    Acc, M, L, S, Out, Ent, Lse, KeepFlags,
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, Lq, num_splits,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    pair = tl.load(Pairs + slot).to(tl.int64)
-    kept = slot < tl.load(NKept)
+    pair = tl.program_id(0).to(tl.int64)
+    kept = tl.load(KeepFlags + pair) != 0
     b = pair // Hq
     h = pair % Hq
     offs_m = tl.arange(0, BLOCK_M)
@@ -381,13 +385,14 @@ def _packed_launch_options(dtype: torch.dtype, block_d: int, block_m: int) -> di
     # spill at D = 128 (16 rows sit at 255 registers; 4 warps at 32-key tiles still spill causal),
     # so wide heads stream 32-key tiles with 8 warps, as do 32+ rows; D <= 32 spilled a few bytes
     # at 64-key tiles (and is spill-free with far fewer registers at 32). Exact fp32 dots (FMA units)
-    # spill at 64-key tiles from 16 rows at D = 128 and 32 rows at D = 64; 64 rows need 16-key
-    # tiles at D = 128 (and 16), while at D = 32 and 64 it is 16-key tiles that spill. Register
+    # spill at 64-key tiles from 16 rows at D = 128 and 32 rows at D = 64; D = 128 (and 16) needs
+    # 16-key tiles (32-key ones spilled 16 B at 16 rows under triton 3.6 once the group's keep
+    # test moved into the kernel), while at D = 32 and 64 it is 16-key tiles that spill. Register
     # allocation is not monotonic here: rerun the survey after any change.
     if _INTERPRET:
         return dict(num_warps=4, num_stages=1, BLOCK_N=_BLOCK_N)
     if dtype == torch.float32:
-        return dict(num_warps=8, num_stages=1, BLOCK_N=16 if block_m >= 64 and block_d in (16, 128) else 32)
+        return dict(num_warps=8, num_stages=1, BLOCK_N=16 if block_d in (16, 128) else 32)
     # 16 rows at D = 128: 64-key tiles with 8 warps; 32-key tiles left an 8-byte stack frame under
     # triton 3.6 (the device's version) though not under 3.9.
     wide_keys = block_d == 64 or (block_d == 128 and block_m <= 16)
@@ -395,12 +400,11 @@ def _packed_launch_options(dtype: torch.dtype, block_d: int, block_m: int) -> di
                 BLOCK_N=64 if wide_keys else 32)
 
 
-def _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits):
+def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hkv
     kind, mask_t, mstr = mask
-    pair_idx, n_kept = pairs
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
     block_m = max(16, triton.next_power_of_2(group * Lq))
@@ -409,14 +413,7 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, 
     compute_pv, entropy = out is not None, ent_rows is not None
     keys_per_split = triton.cdiv(_key_blocks(Lq, Lk, is_causal, block_n), num_splits) * block_n
 
-    # Per-pair keep flags and the kept-first (batch, KV head) list, rebuilt on the device from the
-    # pair list: a group is kept when any of its heads is. pair_idx is a permutation, so the
-    # scatter writes every flag.
     n = B * Hq
-    kept_flag = (torch.arange(n, device=q.device) < n_kept).to(torch.uint8)
-    keep_flags = torch.empty(n, device=q.device, dtype=torch.uint8).scatter_(0, pair_idx, kept_flag)
-    groups, n_groups = kept_pairs(keep_flags.view(B * Hkv, group).any(1))
-
     one = num_splits == 1
     f32 = dict(device=q.device, dtype=torch.float32)
     if one:
@@ -428,7 +425,7 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, 
         acc_part = torch.empty((n, num_splits, Lq, block_dv), **f32) if compute_pv else m_part
     _decode_split_packed[(num_splits, B * Hkv)](
         q, k, v, mask_t, acc_part, m_part, l_part, s_part, out if compute_pv else q,
-        ent_rows if entropy else q, lse if lse is not None else q, keep_flags, groups, n_groups,
+        ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *(out.stride() if compute_pv else (0, 0, 0, 0)),
         Hq, Hkv, group, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -439,19 +436,19 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, 
     if not one:
         _decode_combine[(n,)](
             acc_part, m_part, l_part, s_part, out if compute_pv else q,
-            ent_rows if entropy else q, lse if lse is not None else q, pair_idx, n_kept,
+            ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
             *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
             HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
             COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
         )
 
 
-def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits):
+def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, scale, num_splits):
     """Split-KV forward into preallocated results, for :func:`triton_gated_attention`.
 
     ``mask`` is :func:`mask_operand`'s (kind, tensor, strides); ``out`` (any strides), ``ent_rows``
     [B, Hq, Lq] and ``lse`` [B, Hq, Lq] (fp32, contiguous) are written where not None;
-    ``pairs`` is :func:`kept_pairs`' (pairs, n_kept).
+    ``keep`` is the bool [B, Hq] keep mask, on q's device.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -462,11 +459,11 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, sc
     slots = B * Hq
     if slots == 0 or Lq == 0:
         return
+    keep_flags = keep.reshape(-1).view(torch.uint8)
     if packs_gqa(Hq, Hkv, Lq):
-        _packed_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, scale, num_splits)
+        _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits)
         return
     kind, mask_t, mstr = mask
-    pair_idx, n_kept = pairs
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
     compute_pv, entropy = out is not None, ent_rows is not None
@@ -480,7 +477,7 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, sc
     acc_part = torch.empty((slots, num_splits, Lq, block_dv), **f32) if compute_pv else m_part
     launch = _launch_options(q.dtype, block_d)
     _decode_split[(num_splits, slots)](
-        q, k, v, mask_t, acc_part, m_part, l_part, s_part, pair_idx, n_kept,
+        q, k, v, mask_t, acc_part, m_part, l_part, s_part, keep_flags,
         *q.stride(), *k.stride(), *v.stride(), *mstr,
         Hq, Hq // Hkv, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -489,7 +486,7 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, pairs, is_causal, sc
     )
     _decode_combine[(slots,)](
         acc_part, m_part, l_part, s_part, out if compute_pv else q,
-        ent_rows if entropy else q, lse if lse is not None else q, pair_idx, n_kept,
+        ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
         *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
         HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
         COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
