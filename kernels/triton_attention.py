@@ -273,7 +273,8 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
     key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE"],
     prune_configs_by={"early_config_prune": prune_fwd_configs},
 )
-@triton.jit
+# Autotune keys only: specialising them (== 1, % 16) would compile extra copies of the kernel.
+@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY", "TMA_MODE"])
 def _gated_attn_fwd(
     Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
     stride_qb, stride_qh, stride_qm, stride_qd,

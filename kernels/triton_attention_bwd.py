@@ -159,7 +159,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, lo, hi,
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_by_head_dim})
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY"])  # autotune keys only
 def _bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV, Keep,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -217,7 +217,7 @@ def _bwd_dkdv(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY"])
 def _bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta, DQ, DMask, Pairs, NKept,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -84,7 +84,7 @@ def _mma(acc, x, w, DOT_F32: tl.constexpr):
 
 
 @triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
 def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -132,7 +132,7 @@ def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk
 
 @triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"],
                  prune_configs_by={"early_config_prune": _k_fits_head})
-@triton.jit
+@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
 def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per_sample, M_KEY,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,7 +178,7 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
 
 
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["M_KEY", "T", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
 def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, rows_per_sample, n_samples, M_KEY,
                              stride_am, stride_af, stride_bm, stride_bt, stride_dwf, stride_dwt, stride_kb,
                              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
