@@ -136,7 +136,7 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
     t = _TORCH_TO_TRITON[dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
     def fwd_pointers(kwargs, block):
-        io = dict(Q=t, K=t, V=t, Mask=t, Out=t, Ent="fp32", Lse="fp32", Pairs="i64", NKept="i32")
+        io = dict(Q=t, K=t, V=t, Mask=t, Out=t, Ent="fp32", Lse="fp32", Pairs="i32", NKept="i32")
         if not kwargs["USE_TMA"]:  # the descriptor slots then carry the plain tensors, unused
             return dict(io, DescQ=t, DescK=t, DescV=t, DescO=t)
         m, n = kwargs["BLOCK_M"], kwargs["BLOCK_N"]
@@ -147,7 +147,7 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
     kernels = [
         ("fwd", fwd._gated_attn_fwd, fwd_pointers, dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
-                                     DMask="fp32", Pairs="i64", NKept="i32"), dict(STORE_DS=False)),
+                                     DMask="fp32", Pairs="i32", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
                                          Keep="u8"), {}),
     ]
@@ -225,12 +225,22 @@ def projection_cases(dtype: str, head_dims):
                     yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
 
 
+def partition_cases(dtype: str, head_dims):
+    """The kept-first list builder at its smallest and largest chunk (not per head dim or dtype)."""
+    from dhp_fx.kernels import triton_attention as ta
+
+    for block in (16, ta._PARTITION_MAX_BLOCK):
+        yield ("partition", ta._stable_partition_kernel, dict(Flags="u8", Order="i32", Count="i32"),
+               dict(BLOCK=block), 0, dict(BLOCK_N=block), 4 if block <= 256 else 8, 1)
+
+
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
     rows = []
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
     cases = [(attention_cases(dtype, head_dims), attention_unit_stride, ()),
              (decode_cases(dtype, head_dims), attention_unit_stride, ()),
-             (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T"))]
+             (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T")),
+             (partition_cases(dtype, head_dims), lambda name: False, ())]
     for generated, unit_stride, aligned in cases:
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
             if only and name not in only:
@@ -247,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv decode_split decode_packed "
-                                              "proj_out proj_in proj_wgrad")
+                                              "proj_out proj_in proj_wgrad partition")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

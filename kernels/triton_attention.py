@@ -391,11 +391,67 @@ def triton_available(device) -> bool:
 COMPACT_MIN_WORK = 1 << 20
 
 
+# Kept-first index lists in one launch. The compacted grid and the head-skipping output
+# projection walk lists of kept (batch, head) pairs or heads, kept ones first, built on the device
+# so nothing syncs with the host. With torch ops that is a stable argsort of the negated flags
+# plus a sum and dtype conversions: four to six small launches (radix-sort passes included) per
+# call, which at short sequences or a decode step rival the kernel they feed. One program per row
+# computes the same partition from a running prefix sum instead.
+# Elements per chunk: one chunk covers a row of heads or the pairs of a modest batch.
+_PARTITION_MAX_BLOCK = 1024
+
+
+@triton.jit
+def _stable_partition_kernel(Flags, Order, Count, N, stride_row, BLOCK: tl.constexpr):
+    """Order[row] = indices i of Flags[row, :N] with flag != 0 in order, then those with 0 in
+    order; Count[row] = how many are kept. Two passes over the row: the total decides where the
+    pruned run starts."""
+    row = tl.program_id(0).to(tl.int64)
+    flags = Flags + row * stride_row
+    total = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        total += tl.sum((tl.load(flags + offs, mask=offs < N, other=0) != 0).to(tl.int32), 0)
+    kept_before = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < N
+        f = (tl.load(flags + offs, mask=ok, other=0) != 0).to(tl.int32)
+        kept_upto = kept_before + tl.cumsum(f, 0)  # kept flags at or before each index
+        pos = tl.where(f != 0, kept_upto - 1, total + offs - kept_upto)
+        tl.store(Order + row * N + pos, offs.to(tl.int32), mask=ok)
+        kept_before += tl.sum(f, 0)
+    tl.store(Count + row, total)
+
+
+def stable_partition(flags: torch.Tensor):
+    """(order, count) for a bool or integer [..., N] tensor on a CUDA device (or on the CPU under
+    the Triton interpreter): per row, int32 indices of the nonzero entries first and the zero ones
+    after, both in index order, and the int32 number of nonzero entries (shape ``flags.shape[:-1]``).
+    Equal to ``argsort(flags == 0, stable=True)`` and ``(flags != 0).sum(-1)`` in one launch."""
+    if flags.dim() == 0:
+        raise ValueError("stable_partition: flags must have at least one dimension")
+    lead, n = flags.shape[:-1], flags.shape[-1]
+    rows = flags.reshape(math.prod(lead), n)
+    if rows.dtype == torch.bool:
+        rows = rows.view(torch.uint8)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    order = torch.empty(rows.shape, device=flags.device, dtype=torch.int32)
+    count = torch.empty(rows.shape[0], device=flags.device, dtype=torch.int32)
+    if rows.shape[0] and n:
+        block = 16 if _INTERPRET else min(_PARTITION_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
+        _stable_partition_kernel[(rows.shape[0],)](rows, order, count, n, rows.stride(0), BLOCK=block,
+                                                   num_warps=4 if block <= 256 else 8)
+    elif rows.shape[0]:
+        count.zero_()
+    return order.view(*lead, n), count.view(lead)
+
+
 def kept_pairs(keep: torch.Tensor):
-    """(pairs sorted kept-first as int64 [B*Hq], n_kept as int32 0-d), both on keep's device."""
-    flat = keep.reshape(-1)
-    pairs = torch.argsort((~flat).to(torch.int8), stable=True)
-    return pairs, flat.sum(dtype=torch.int32)
+    """(pairs sorted kept-first as int32 [B*Hq], n_kept as int32 0-d), both on keep's device, in
+    one launch (:func:`stable_partition`)."""
+    return stable_partition(keep.reshape(-1))
 
 
 def mask_operand(attn_mask, B, Hq, Lq, Lk, like: torch.Tensor):
@@ -557,4 +613,5 @@ __all__ = [
     "triton_gated_attention_autograd",
     "TritonGatedAttention",
     "kept_pairs",
+    "stable_partition",
 ]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 # Tune per power-of-two row count, as the attention kernels do per length.
-from .triton_attention import _bucket
+from .triton_attention import _bucket, stable_partition
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
@@ -241,9 +241,8 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
 
 def _kept_heads(keep: torch.Tensor):
     """Per mask row, its kept head indices first (int32 [H] or [B, H], rows H apart: the kernel's
-    stride) and their count (int32 0-d or [B]), by device ops: no sync."""
-    order = torch.argsort((keep == 0).to(torch.int8), dim=-1, stable=True)
-    return order.to(torch.int32, memory_format=torch.contiguous_format), (keep != 0).sum(-1, dtype=torch.int32)
+    stride) and their count (int32 0-d or [B]), in one launch on the device: no sync."""
+    return stable_partition(keep)
 
 
 def _dot_f32(x: torch.Tensor) -> bool:

@@ -207,3 +207,27 @@ def test_long_pairs_take_the_compacted_grid(monkeypatch):
             q, k, v = qkv(2, 2, 2, L, L, 16, 16, torch.float32, gen)
             ta.triton_gated_attention(q, k, v, keep)
     assert [x[2] for x in seen] == [False, True]
+
+
+@interpreted
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(lead=st.sampled_from([(), (1,), (3,), (2, 2)]), n=st.integers(0, 70), p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+       dtype=st.sampled_from([torch.bool, torch.uint8, torch.int32]), sliced=st.booleans(), seed=st.integers(0, 2**16))
+def test_stable_partition_equals_a_stable_argsort(lead, n, p, dtype, sliced, seed):
+    """One launch, several 16-wide chunks under the interpreter: kept indices first in order, then
+    the pruned ones in order, and the kept count, as torch's stable argsort and sum give them."""
+    gen = torch.Generator().manual_seed(seed)
+    flags = (torch.rand(*lead, n + 3 * sliced, generator=gen) < p).to(dtype)
+    if sliced:  # a row stride that is not the row length
+        flags = flags[..., 3:]
+    order, count = tk._ta.stable_partition(flags)
+    assert order.dtype == count.dtype == torch.int32
+    assert order.shape == flags.shape and count.shape == flags.shape[:-1]
+    assert torch.equal(order.long(), torch.argsort((flags == 0).to(torch.int8), dim=-1, stable=True))
+    assert torch.equal(count.long(), (flags != 0).sum(-1))
+
+
+@interpreted
+def test_stable_partition_refuses_a_scalar():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        tk._ta.stable_partition(torch.tensor(True))
