@@ -310,8 +310,7 @@ def _gated_attn_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
 
-    # Pruned slots read no Q. (A comparison against a masked length rather than `& kept`: the
-    # interpreter turns bool & scalar-bool into int32, which tl.load rejects as a mask.)
+    # Pruned slots read no Q.
     if USE_TMA:
         # Descriptor coordinates are int32; (b, h, hk) < 2**31 always.
         b32 = b.to(tl.int32)
@@ -325,6 +324,8 @@ def _gated_attn_fwd(
         b32 = b
         h32 = h
         hk32 = hk
+        # A comparison against a masked length rather than `& kept`: the interpreter turns
+        # bool & scalar-bool into int32, which tl.load rejects as a mask.
         q_rows = tl.where(kept, Lq, 0)
         q = _load2d(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     offs_m[:, None] < q_rows, offs_d[None, :] < HEAD_D, True, BLOCK_D != HEAD_D)
