@@ -510,6 +510,10 @@ def tma_descriptors(*tensors, ordered: bool = False):
 
 def _uses_tma_by_default(device, Lq: int) -> bool:
     # Hopper and later have the copy engine; decode-length queries repay no descriptor setup.
+    # DHP_FX_TRITON_TMA=0 keeps tma=None calls on pointer loads (read per call: a switch for a
+    # card or driver where the descriptor path misbehaves, without touching code).
+    if os.environ.get("DHP_FX_TRITON_TMA", "1") == "0":
+        return False
     return (Lq >= 64 and torch.device(device).type == "cuda"
             and torch.cuda.get_device_capability(device) >= (9, 0))
 

@@ -150,6 +150,9 @@ def test_tma_is_the_default_only_for_hopper_prefill(monkeypatch):
     assert ta_rules._uses_tma_by_default("cuda", 64) and not ta_rules._uses_tma_by_default("cuda", 63)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not ta_rules._uses_tma_by_default("cuda", 4096)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("DHP_FX_TRITON_TMA", "0")
+    assert not ta_rules._uses_tma_by_default("cuda", 4096)
 
 
 @interpreted
