@@ -53,6 +53,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--check", action="store_true", help="validate the kernel against SDPA before timing")
     ap.add_argument("--check-only", action="store_true", help="validate, then exit without timing")
+    ap.add_argument("--layout", choices=["bhld", "model"], default="bhld",
+                    help="q/k/v storage of the timed table: contiguous [B, H, L, D], or HF's [B, L, H, D] "
+                         "viewed as [B, H, L, D] (the layout dhp_fx meets inside models)")
     ap.add_argument("--tma", choices=["auto", "on", "off"], default="auto",
                     help="how the timed prefill kernel loads tiles: autotuner's choice, TMA descriptors only, "
                          "pointers only")
@@ -439,7 +442,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"dtype {args.dtype}")
+          f"dtype {args.dtype}  layout {args.layout}  tma {args.tma}")
     if (args.check or args.check_only) and not check(torch, F, args, dtype, gen):
         print("check FAILED; not timing")
         return 1
@@ -473,7 +476,10 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for s in [] if args.no_prefill else args.shapes:
-        q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=DEVICE, dtype=dtype) for _ in range(3))
+        if args.layout == "model":
+            q, k, v = (torch.randn(s.B, s.L, s.H, s.D, device=DEVICE, dtype=dtype).transpose(1, 2) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=DEVICE, dtype=dtype) for _ in range(3))
         t_dense = None
         flex_s = None
         if flex is not None:

@@ -92,3 +92,10 @@ def test_main_tables_run_on_cpu_under_the_interpreter(tmp_path):
     assert out.count("triton config: BLOCK_M=") == 2, out
     assert out.count("block ops/") == 8 and "target" in out, out
     assert "decode B,Hq,Hkv,Lk,D" in out and "1,4,2,40,16" in out, out
+
+    # HF's [B, L, H, D] views with the descriptor variant forced: the path a later run flips on.
+    run = subprocess.run([sys.executable, str(driver), "--shapes", "1,2,32,16", "--p", "0.5", "--no-flex",
+                          "--layout", "model", "--tma", "on"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "layout model  tma on" in run.stdout and "1x2x32x16" in run.stdout, run.stdout
