@@ -234,3 +234,19 @@ def test_stable_partition_equals_a_stable_argsort(lead, n, p, dtype, sliced, see
 def test_stable_partition_refuses_a_scalar():
     with pytest.raises(ValueError, match="at least one dimension"):
         tk._ta.stable_partition(torch.tensor(True))
+
+
+@interpreted
+def test_tma_lse_only_pass_matches_pointer_loads():
+    """The backward's recompute (no P@V, no output to store through a descriptor) on TMA."""
+    ta = tk._ta
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = qkv(2, 4, 2, 40, 33, 24, 24, torch.float16, gen, model_layout=True)
+    keep = make_keep("random", 2, 4, gen)
+    got = ta.triton_gated_attention(q, k, v, keep, None, True, None, return_entropy=True, return_lse=True,
+                                    compute_out=False, tma=True)
+    want = ta.triton_gated_attention(q, k, v, keep, None, True, None, return_entropy=True, return_lse=True,
+                                     compute_out=False, tma=False)
+    assert got[0] is None and want[0] is None
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
