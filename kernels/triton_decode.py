@@ -394,10 +394,11 @@ def _packed_launch_options(dtype: torch.dtype, block_d: int, block_m: int) -> di
     if dtype == torch.float32:
         return dict(num_warps=8, num_stages=1, BLOCK_N=16 if block_d in (16, 128) else 32)
     # 16 rows at D = 128: 64-key tiles with 8 warps; 32-key tiles left an 8-byte stack frame under
-    # triton 3.6 (the device's version) though not under 3.9.
+    # triton 3.6 (the device's version) though not under 3.9. D = 16 takes 16-key tiles: 32-key ones
+    # spilled 8 B at 16 rows under 3.9 once the group's keep test moved into the kernel.
     wide_keys = block_d == 64 or (block_d == 128 and block_m <= 16)
     return dict(num_warps=4 if block_m <= 16 and block_d <= 64 else 8, num_stages=3 if block_d <= 128 else 2,
-                BLOCK_N=64 if wide_keys else 32)
+                BLOCK_N=64 if wide_keys else (16 if block_d == 16 else 32))
 
 
 def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits):
