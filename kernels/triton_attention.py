@@ -268,6 +268,18 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
         ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA)
 
 
+@triton.jit
+def _store_row_stats(Ent, Lse, row_ptr, rows, l_ok, l_safe, m_i, s_i, ENTROPY: tl.constexpr,
+                     STORE_LSE: tl.constexpr):
+    """The epilogue's per-row entropy (nats) and log2 lse; rows with no visible key (or pruned)
+    give entropy 0 and lse +inf."""
+    if ENTROPY:
+        ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
+        tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=rows)
+    if STORE_LSE:
+        tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=rows)
+
+
 @triton.autotune(
     configs=_fwd_configs(),
     key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE"],
@@ -365,12 +377,7 @@ def _gated_attn_fwd(
                 tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
             else:
                 tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    row_ptr = pair * Lq + offs_m
-    if ENTROPY:
-        ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
-        tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=row_ok)
-    if STORE_LSE:
-        tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+    _store_row_stats(Ent, Lse, pair * Lq + offs_m, row_ok, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
 
 
 # ----------------------------------------------------------------------------------------------

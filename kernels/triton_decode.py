@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LN2, _attend, dot_flags, head_blocks
+from .triton_attention import _INTERPRET, _attend, _store_row_stats, dot_flags, head_blocks
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -68,6 +68,22 @@ _MIN_BLOCKS_PER_SPLIT = 2
 MAX_PACKED_ROWS = 64
 # Tests force the packed (True) or per-head (False) decode kernel; None chooses by shape.
 PACK_GQA = None
+
+
+@triton.jit
+def _split_keys(split, keys_per_split, kept, Lq, Lk, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, mid, hi) of this split's key piece: [lo, mid) unmasked, [mid, hi) edge blocks; empty
+    for pruned slots. Top-left causal: no row below Lq sees a key at or past Lq, and every block
+    needs the causal test. keys_per_split is a multiple of BLOCK_N, so mid is block aligned."""
+    if IS_CAUSAL:
+        key_end = tl.minimum(Lk, Lq)
+        full_end = 0
+    else:
+        key_end = Lk
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+    lo = split * keys_per_split
+    hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
+    return lo, tl.maximum(tl.minimum(full_end, hi), lo), hi
 
 
 @triton.jit
@@ -98,17 +114,7 @@ def _decode_split(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_st[:, None] & (offs_d[None, :] < HEAD_D), other=0)
 
-    # Top-left causal: no row below Lq sees a key at or past Lq.
-    if IS_CAUSAL:
-        key_end = tl.minimum(Lk, Lq)
-        full_end = 0  # every block needs the causal test
-    else:
-        key_end = Lk
-        full_end = (Lk // BLOCK_N) * BLOCK_N
-    lo = split * keys_per_split
-    hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
-    # keys_per_split is a multiple of BLOCK_N, so the unmasked/edge boundary is block aligned.
-    mid = tl.maximum(tl.minimum(full_end, hi), lo)
+    lo, mid, hi = _split_keys(split, keys_per_split, kept, Lq, Lk, IS_CAUSAL, BLOCK_N)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -172,16 +178,7 @@ def _decode_split_packed(
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_st[:, None] & (offs_d[None, :] < HEAD_D), other=0)
 
-    # Top-left causal on the query index: no row sees a key at or past Lq.
-    if IS_CAUSAL:
-        key_end = tl.minimum(Lk, Lq)
-        full_end = 0
-    else:
-        key_end = Lk
-        full_end = (Lk // BLOCK_N) * BLOCK_N
-    lo = split * keys_per_split
-    hi = tl.where(kept, tl.minimum(lo + keys_per_split, key_end), 0)
-    mid = tl.maximum(tl.minimum(full_end, hi), lo)
+    lo, mid, hi = _split_keys(split, keys_per_split, kept, Lq, Lk, IS_CAUSAL, BLOCK_N)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -207,12 +204,7 @@ def _decode_split_packed(
             o_ptrs = (Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
                       + offs_dv[None, :] * stride_od)
             tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < HEAD_DV))
-        row_ptr = pair * Lq + qi
-        if ENTROPY:
-            ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
-            tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=valid)
-        if STORE_LSE:
-            tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=valid)
+        _store_row_stats(Ent, Lse, pair * Lq + qi, valid, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
     else:
         # Partials per (b, h) pair, in the unpacked kernel's layout, for the per-pair combine (which
         # never reads pruned pairs, so pruned heads' rows of kept groups may land here unused).
@@ -280,12 +272,7 @@ def _decode_combine(
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    row_ptr = pair * Lq + offs_m
-    if ENTROPY:
-        ent = tl.where(l_ok, _LN2 * (tl.log2(l_safe) - s_i / l_safe), 0.0)
-        tl.store(Ent + row_ptr, tl.maximum(ent, 0.0), mask=row_ok)
-    if STORE_LSE:
-        tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+    _store_row_stats(Ent, Lse, pair * Lq + offs_m, row_ok, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
 
 
 # ----------------------------------------------------------------------------------------------
