@@ -87,6 +87,18 @@ def _split_keys(split, keys_per_split, kept, Lq, Lk, IS_CAUSAL: tl.constexpr, BL
 
 
 @triton.jit
+def _store_partials(Acc, M, L, S, row, rows, acc, m_i, l_i, s_i, offs_dv, BLOCK_DV: tl.constexpr,
+                    ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr):
+    """One split's unnormalised state of each row to the fp32 scratch, row-indexed pair-major."""
+    tl.store(M + row, m_i, mask=rows)
+    tl.store(L + row, l_i, mask=rows)
+    if ENTROPY:
+        tl.store(S + row, s_i, mask=rows)
+    if COMPUTE_PV:
+        tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=rows[:, None])
+
+
+@triton.jit
 def _decode_split(
     Q, K, V, Mask, Acc, M, L, S, KeepFlags,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -128,13 +140,8 @@ def _decode_split(
     # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
     # contiguously and the packed kernel, one program per KV group, shares it.
     # Pruned slots store nothing: the combine never reads them.
-    row = (pair * tl.num_programs(0) + split) * Lq + offs_m
-    tl.store(M + row, m_i, mask=row_st)
-    tl.store(L + row, l_i, mask=row_st)
-    if ENTROPY:
-        tl.store(S + row, s_i, mask=row_st)
-    if COMPUTE_PV:
-        tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_st[:, None])
+    _store_partials(Acc, M, L, S, (pair * tl.num_programs(0) + split) * Lq + offs_m, row_st, acc, m_i, l_i, s_i,
+                    offs_dv, BLOCK_DV, ENTROPY, COMPUTE_PV)
 
 
 @triton.jit
@@ -208,13 +215,8 @@ def _decode_split_packed(
     else:
         # Partials per (b, h) pair, in the unpacked kernel's layout, for the per-pair combine (which
         # never reads pruned pairs, so pruned heads' rows of kept groups may land here unused).
-        row = (pair * tl.num_programs(0) + split) * Lq + qi
-        tl.store(M + row, m_i, mask=row_st)
-        tl.store(L + row, l_i, mask=row_st)
-        if ENTROPY:
-            tl.store(S + row, s_i, mask=row_st)
-        if COMPUTE_PV:
-            tl.store(Acc + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_st[:, None])
+        _store_partials(Acc, M, L, S, (pair * tl.num_programs(0) + split) * Lq + qi, row_st, acc, m_i, l_i, s_i,
+                        offs_dv, BLOCK_DV, ENTROPY, COMPUTE_PV)
 
 
 @triton.jit
