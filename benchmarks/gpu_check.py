@@ -181,11 +181,32 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
     return rows
 
 
+def run_checks(device, dtypes, batch, seq, report) -> bool:
+    """Parts 1, 1b and 2 into ``report``; True when every one passed."""
+    report["exactness"] = check_exactness(device, dtypes, batch, seq)
+    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
+    for r in report["exactness"]:
+        print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
+              f"{r['keep_mask_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+
+    report["syncs"] = check_syncs(device)
+    for r in report["syncs"]:
+        print(f"host sync in a forward, {r['gating']}: {'none' if r['sync'] is None else r['sync']}", flush=True)
+
+    report["training"] = t = check_training(device)
+    print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
+          f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
+    return all(r["ok"] for r in report["exactness"]) and t["finite"] and t["attn_params_with_grad"] > 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="directory for gpu_check.json")
     ap.add_argument("--quick", action="store_true", help="small sizes, fp32 only (CPU smoke run)")
+    ap.add_argument("--parts", nargs="+", choices=["checks", "timing"], default=["checks", "timing"],
+                    help="checks (exactness, syncs, training) and/or timing (the encoder table); the "
+                         "device script runs the checks beside other compiles and times alone")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu --quick for a smoke run)", file=sys.stderr)
@@ -202,34 +223,23 @@ def main(argv=None) -> int:
         report["triton"] = None
     print(f"gpu_check on {report['device']}, torch {report['torch']}, triton {report['triton']}", flush=True)
 
-    report["exactness"] = check_exactness(args.device, dtypes, batch, seq)
-    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
-    for r in report["exactness"]:
-        print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
-              f"{r['keep_mask_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
-
-    report["syncs"] = check_syncs(args.device)
-    for r in report["syncs"]:
-        print(f"host sync in a forward, {r['gating']}: {'none' if r['sync'] is None else r['sync']}", flush=True)
-
-    report["training"] = check_training(args.device)
-    t = report["training"]
-    print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
-          f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
-
-    m_dtype = torch.float32 if args.quick or args.device != "cuda" else torch.bfloat16
-    m_batch, m_seq, reps = (2, 32, 3) if args.quick else (32, 128, 20)
-    report["encoder"] = time_encoder(args.device, m_dtype, m_batch, m_seq, reps, small=args.quick)
-    print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, batch {m_batch} x {m_seq}"
-          "\n| variant | p | ms | vs dense |\n|---|---|---|---|")
-    for r in report["encoder"]:
-        print(f"| {r['variant']} | {r['p']:g} | {r['ms']:.2f} | {r['vs_dense']:.2f}x |")
+    ok = True
+    if "checks" in args.parts:
+        ok = run_checks(args.device, dtypes, batch, seq, report)
+    if "timing" in args.parts:
+        m_dtype = torch.float32 if args.quick or args.device != "cuda" else torch.bfloat16
+        m_batch, m_seq, reps = (2, 32, 3) if args.quick else (32, 128, 20)
+        report["encoder"] = time_encoder(args.device, m_dtype, m_batch, m_seq, reps, small=args.quick)
+        print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, "
+              f"batch {m_batch} x {m_seq}\n| variant | p | ms | vs dense |\n|---|---|---|---|")
+        for r in report["encoder"]:
+            print(f"| {r['variant']} | {r['p']:g} | {r['ms']:.2f} | {r['vs_dense']:.2f}x |")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        with open(os.path.join(args.out, f"gpu_check_{'_'.join(args.parts)}.json"), "w") as f:
             json.dump(report, f, indent=1)
-    ok = all(r["ok"] for r in report["exactness"]) and t["finite"] and t["attn_params_with_grad"] > 0
-    print("\nALL CHECKS PASSED" if ok else "\nSOME CHECKS FAILED")
+    if "checks" in args.parts:
+        print("\nALL CHECKS PASSED" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
 
