@@ -121,11 +121,13 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     return int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies, tma, wgmma
 
 
-def _configs(autotuned, block_d: int):
-    """The configs the autotuner would try at this head dim (the head-dim pruning applied)."""
+def _configs(autotuned, block_d: int, plain: bool = True):
+    """The configs the autotuner would try at this head dim (the head-dim pruning applied), and
+    for a launch that is not ``plain`` (mask, entropy, lse or causal) without plain-only ones."""
     from dhp_fx.kernels.triton_attention import fits_head_dim
 
-    return [(c.kwargs, c.num_warps, c.num_stages) for c in autotuned.configs if fits_head_dim(c, block_d)]
+    return [(c.kwargs, c.num_warps, c.num_stages) for c in autotuned.configs
+            if fits_head_dim(c, block_d) and (plain or not getattr(c, "plain_only", False))]
 
 
 def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True):
@@ -145,7 +147,12 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
         return dict(io, **desc)
 
     kernels = [
-        ("fwd", fwd._gated_attn_fwd, fwd_pointers, dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True)),
+        ("fwd", fwd._gated_attn_fwd, fwd_pointers,
+         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True)),
+        # What inference runs most: no mask, no entropy, not causal (the folded-scale interior loop).
+        ("fwd_plain", fwd._gated_attn_fwd, fwd_pointers,
+         dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
+              IS_CAUSAL=False)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i32", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
@@ -154,9 +161,11 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
     for name, autotuned, pointers, extra in kernels:
         for d in head_dims:
             block = max(16, 1 << (d - 1).bit_length())
-            for kwargs, warps, stages in _configs(autotuned, block):
-                consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
-                              MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision, **extra, **kwargs)
+            base = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
+                        MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision)
+            base.update(extra)
+            for kwargs, warps, stages in _configs(autotuned, block, fwd.is_plain_launch(base)):
+                consts = dict(base, **kwargs)
                 ptrs = pointers(kwargs, block) if callable(pointers) else pointers
                 yield name, autotuned.fn, ptrs, consts, d, kwargs, warps, stages
 
@@ -220,7 +229,8 @@ def projection_cases(dtype: str, head_dims):
             block = max(16, 1 << (d - 1).bit_length())
             for c in autotuned.configs:
                 for ps in per_sample:
-                    consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, **head(d, block), **c.kwargs)
+                    consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, DOT_PRECISION="tf32", **head(d, block),
+                                  **c.kwargs)
                     shown = dict(c.kwargs, **({} if len(per_sample) == 1 else {"_sample": int(ps)}))
                     yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
 
@@ -256,7 +266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--only", nargs="*", help="kernel names: fwd bwd_dq bwd_dkdv decode_split decode_packed "
+    ap.add_argument("--only", nargs="*", help="kernel names: fwd fwd_plain bwd_dq bwd_dkdv decode_split decode_packed "
                                               "proj_out proj_in proj_wgrad partition")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first

@@ -431,4 +431,9 @@ def build_gate(site: AttentionSite, config: DHPConfig, params: Optional[dict] = 
     """The gate a site gets under ``config``; ``params`` maps parameter names to live tensors."""
     from .strategies import STRATEGIES
 
-    return STRATEGIES[config.scoring](site, config, params or {})
+    gate = STRATEGIES[config.scoring](site, config, params or {})
+    # Built on the CPU (a router's layers, statistics buffers); the gate runs beside the site's
+    # weights, so it moves there: a CUDA model otherwise fails in the router's LayerNorm (seen on
+    # an H100) or copies buffers across the bus on every call.
+    device = next((t.device for t in (params or {}).values() if isinstance(t, torch.Tensor)), None)
+    return gate.to(device) if device is not None and device.type != "meta" else gate

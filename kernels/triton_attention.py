@@ -102,7 +102,17 @@ def _fwd_configs():
     tma = make_configs([
         (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3, 64),
     ], pruned_by_query_len=False, extra={"USE_TMA": True}, pre_hook=_tma_block_shapes)
-    return pointer + tma
+    plain = []
+    if _AUTOTUNE:
+        # 128 x 128 tiles halve the accumulator rescales per key and the K/V re-reads per query
+        # at D = 128, but fit the registers only without masks, entropy, lse or causal tests
+        # (sm_90, triton 3.6: 221-247 registers; with them, 128-392 B of spills).
+        plain = (make_configs([(128, 128, 8, 2)], pruned_by_query_len=False, extra={"USE_TMA": False})
+                 + make_configs([(128, 128, 8, 3), (128, 128, 8, 2)], pruned_by_query_len=False,
+                                extra={"USE_TMA": True}, pre_hook=_tma_block_shapes))
+        for c in plain:
+            c.plain_only = True
+    return pointer + tma + plain
 
 
 def fits_head_dim(config, block_d: int) -> bool:
@@ -116,9 +126,17 @@ def prune_by_head_dim(configs, named_args, **kwargs):
     return [c for c in configs if fits_head_dim(c, block_d)] or configs[:1]
 
 
+def is_plain_launch(kwargs) -> bool:
+    """No mask, entropy, lse or causal test: the variant the largest tiles fit."""
+    return (kwargs.get("MASK_KIND", 0) == 0 and not kwargs.get("ENTROPY") and not kwargs.get("STORE_LSE")
+            and not kwargs.get("IS_CAUSAL"))
+
+
 def prune_configs(configs, named_args, **kwargs):
     """:func:`prune_by_head_dim`, then drop query blocks far larger than Lq (decode) and tiny
-    query blocks for long queries."""
+    query blocks for long queries, and plain-only configs from launches that are not plain."""
+    if not is_plain_launch(kwargs):
+        configs = [c for c in configs if not getattr(c, "plain_only", False)] or configs[:1]
     configs = prune_by_head_dim(configs, named_args, **kwargs)
     lq = named_args["Lq"]
     cap = max(16, triton.next_power_of_2(lq))
@@ -203,7 +221,7 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr,
                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr,
                COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               USE_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr):
     row_ok = offs_m < Lq
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -214,18 +232,28 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
         else:
             kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                          offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
-        t = _dot(q, kt, DOT_F32, DOT_PRECISION) * scale_log2
-        t = _apply_mask(t, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None], col_ok[None, :],
-                        Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        # A row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(t - m_use[:, None])
+        qk = _dot(q, kt, DOT_F32, DOT_PRECISION)
+        if FOLD_SCALE and MASK_KIND == 0 and not EDGE:
+            # Unmasked interior tiles, most of the work: with a positive scale, max(qk) * scale is
+            # the scaled max, and scaling folds into one multiply-add with the max subtraction.
+            # The softmax's per-element ops compete with the tensor cores for issue slots.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            t = qk * scale_log2 - m_use[:, None]
+        else:
+            t = _apply_mask(qk * scale_log2, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None],
+                            col_ok[None, :], Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            # A row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            t = t - m_use[:, None]
+        # t: log2-domain logits relative to the running max.
+        p = tl.exp2(t)
         alpha = tl.exp2(m_i - m_use)
         if ENTROPY:
             # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
             # Select before multiplying so 0 * -inf never forms a NaN at all.
-            pd = p * tl.where(p > 0.0, t - m_use[:, None], 0.0)
+            pd = p * tl.where(p > 0.0, t, 0.0)
             # After keys padded with finfo.min, m_i - m_use is ~ -1e38 and l_i * it overflows to
             # -inf, and -inf * (alpha = 0) is NaN. Their weight alpha is exactly 0 then: select it.
             carried = (s_i + l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)) * alpha
@@ -248,10 +276,12 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
             desc_k, desc_v, kv_b, kv_h, USE_TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-            ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            FOLD_SCALE: tl.constexpr):
     """(acc, l, m, s) of the online softmax over keys [lo, hi) from a fresh state: [lo, mid) are
     full blocks that need no edge or causal test, [mid, hi) the blocks that do. With USE_TMA,
-    K/V tiles come through the [B, Hkv, Lk, D] descriptors at (kv_b, kv_h) instead of the bases."""
+    K/V tiles come through the [B, Hkv, Lk, D] descriptors at (kv_b, kv_h) instead of the bases.
+    FOLD_SCALE (scale > 0 only) lets unmasked interior blocks scale inside the max subtraction."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -260,12 +290,12 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
         acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND,
-        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA)
+        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA, FOLD_SCALE)
     return _fwd_inner(
         acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, IS_CAUSAL, MASK_KIND,
-        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA)
+        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA, FOLD_SCALE)
 
 
 @triton.jit
@@ -298,7 +328,7 @@ def _gated_attn_fwd(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -362,7 +392,7 @@ def _gated_attn_fwd(
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         DescK, DescV, b32, hk32, USE_TMA,
         BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+        COMPUTE_PV, DOT_F32, DOT_PRECISION, FOLD_SCALE)
 
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
@@ -600,7 +630,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
-            DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact,
+            DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact, FOLD_SCALE=scale > 0,
             **({"USE_TMA": tma_mode == TMA_ONLY} if _INTERPRET else {}),
         )
     extras = []

@@ -135,7 +135,7 @@ def _decode_split(
         q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         k_base, v_base, 0, 0, False, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+        COMPUTE_PV, DOT_F32, DOT_PRECISION, False)
 
     # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
     # contiguously and the packed kernel, one program per KV group, shares it.
@@ -195,7 +195,7 @@ def _decode_split_packed(
         q, k_base, v_base, mask_base, lo, mid, hi, qi, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         k_base, v_base, 0, 0, False, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION)
+        COMPUTE_PV, DOT_F32, DOT_PRECISION, False)
 
     pair = b * Hq + h
     if ONE_SPLIT:

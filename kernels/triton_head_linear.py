@@ -77,9 +77,9 @@ def _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE: 
 
 
 @triton.jit
-def _mma(acc, x, w, DOT_F32: tl.constexpr):
+def _mma(acc, x, w, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     if DOT_F32:
-        return acc + tl.dot(x.to(tl.float32), w.to(tl.float32))
+        return acc + tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=DOT_PRECISION)
     return acc + tl.dot(x, w)
 
 
@@ -89,7 +89,7 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                            DOT_F32: tl.constexpr):
+                            DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -108,7 +108,7 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + n_idx[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _mma(acc, x, w, DOT_F32)
+        acc = _mma(acc, x, w, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.where(row_keep[:, None], acc, 0.0)
@@ -118,7 +118,7 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
 
 @triton.jit
 def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk, stride_wn, stride_wk,
-             HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+             HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += x[rows, k0 + d0 : +BLOCK_K] @ w[k0 + d0 : +BLOCK_K, offs_n] within one head."""
     offs_d = d0 + tl.arange(0, BLOCK_K)
     d_ok = offs_d < HEAD_D
@@ -127,7 +127,7 @@ def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk
                 mask=rows[:, None] & d_ok[None, :], other=0.0)
     w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                 mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-    return _mma(acc, x, w, DOT_F32)
+    return _mma(acc, x, w, DOT_F32, DOT_PRECISION)
 
 
 @triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"],
@@ -137,7 +137,7 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                           DOT_F32: tl.constexpr):
+                           DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -160,7 +160,7 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
             k0 = tl.load(Heads + b * H + i) * HEAD_D
             for d0 in range(0, HEAD_D, BLOCK_K):
                 acc = _in_step(acc, X, W, offs_m, offs_n, row_ok, n_ok, k0, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION)
     else:
         # a block straddling samples: per head, the K range of heads some row keeps
         for h in range(H):
@@ -170,7 +170,7 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
                 # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
                 # hold (the backward feeds it gradients, which are not zero there)
                 acc = _in_step(acc, X, W, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32)
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -183,7 +183,7 @@ def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, rows_per_sample, n_sa
                              stride_am, stride_af, stride_bm, stride_bt, stride_dwf, stride_dwt, stride_kb,
                              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr):
+                             PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """DW[h*D + d, t] = sum over rows m keeping h of A[m, h*D + d] * Bm[m, t] (DW addressed through
     (feature, t) strides, so one kernel serves both weight layouts and both ops), and DBias[h*D + d]
     = the same rows' sum of A. Grid (t blocks, heads)."""
@@ -214,7 +214,7 @@ def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, rows_per_sample, n_sa
                     mask=d_ok[:, None] & row_keep[None, :], other=0.0)
         b = tl.load(Bm + offs_m[:, None] * stride_bm + offs_t[None, :] * stride_bt,
                     mask=row_keep[:, None] & t_ok[None, :], other=0.0)
-        acc = _mma(acc, a, b, DOT_F32)
+        acc = _mma(acc, a, b, DOT_F32, DOT_PRECISION)
         if HAS_BIAS:
             acc_b += tl.sum(a.to(tl.float32), axis=1)
     tl.store(DW + f_idx[:, None] * stride_dwf + offs_t[None, :] * stride_dwt, acc.to(DW.dtype.element_ty),
@@ -249,6 +249,16 @@ def _dot_f32(x: torch.Tensor) -> bool:
     return _INTERPRET or x.dtype == torch.float32
 
 
+def _f32_precision(x: torch.Tensor) -> str:
+    """How fp32 operands multiply: as nn.Linear would on this device. torch keeps exact fp32
+    matmuls unless the user opted into tf32 (set_float32_matmul_precision("high"/"medium")), and
+    a projection must match the dense model's within fp32 tolerance (measured on an H100: tf32
+    dots put tiny GPT-2/Llama 2e-4..6e-4 away from the original, ten times fp32's 2e-5)."""
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False) -> torch.Tensor:
     x2, s_wn, s_wk, keep, per_sample, rows, s_kb = _prepare(x, weight, heads_keep, weight_in_out)
@@ -260,7 +270,7 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         x2, weight, bias if bias is not None else x2, keep, y, M, K, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x))
+        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
     return y.view(*x.shape[:-1], H * head_dim)
 
 
@@ -277,7 +287,7 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim,
-        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x))
+        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
     return y.view(*x.shape[:-1], N)
 
 
@@ -291,7 +301,7 @@ def _weight_grad(a2: torch.Tensor, b2: torch.Tensor, keep: torch.Tensor, per_sam
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), s_dwf, s_dwt, s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_B=triton.next_power_of_2(keep.shape[0]) if per_sample else 1,
-        HAS_BIAS=dbias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(a2))
+        HAS_BIAS=dbias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(a2), DOT_PRECISION=_f32_precision(a2))
 
 
 def head_linear_out_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

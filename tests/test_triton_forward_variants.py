@@ -144,6 +144,33 @@ def test_tma_mode_decides_which_configs_the_autotuner_may_try(monkeypatch):
     assert prune([ptr, tma], args(ta_rules.TMA_ONLY), BLOCK_D=64) == [tma]
 
 
+def test_plain_only_tiles_are_offered_only_to_plain_launches(monkeypatch):
+    """128 x 128 tiles spill with a mask, entropy, lse or the causal test (sm_90): only a launch
+    with none of them may try them; the others keep the rest of the list."""
+    ptr, big = _Cfg(False), _Cfg(False, m=128)
+    big.plain_only = True
+    monkeypatch.setattr(ta_rules, "_INTERPRET", False)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
+    args = {"TMA_MODE": ta_rules.TMA_OFF, "Lq": 512}
+    plain = dict(BLOCK_D=128, MASK_KIND=0, ENTROPY=False, STORE_LSE=False, IS_CAUSAL=False)
+    assert ta_rules.prune_fwd_configs([ptr, big], args, **plain) == [ptr, big]
+    for change in (dict(MASK_KIND=1), dict(MASK_KIND=2), dict(ENTROPY=True), dict(STORE_LSE=True),
+                   dict(IS_CAUSAL=True)):
+        assert ta_rules.prune_fwd_configs([ptr, big], args, **dict(plain, **change)) == [ptr], change
+
+
+def test_plain_only_tiles_join_the_list_only_when_tuning(monkeypatch):
+    """Without tuning (DHP_FX_TRITON_AUTOTUNE=0) the list stays the first pointer, decode and TMA
+    configs (pruning leaves one per launch): a plain-only config there would be launched untimed."""
+    monkeypatch.setattr(ta_rules, "_INTERPRET", False)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", False)
+    untuned = ta_rules._fwd_configs()
+    assert len(untuned) == 3 and not any(getattr(c, "plain_only", False) for c in untuned)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
+    plain = [c for c in ta_rules._fwd_configs() if getattr(c, "plain_only", False)]
+    assert plain and all(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 for c in plain)
+
+
 def test_tma_is_the_default_only_for_hopper_prefill(monkeypatch):
     assert not ta_rules._uses_tma_by_default("cpu", 4096)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
