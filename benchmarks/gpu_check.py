@@ -166,10 +166,17 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
     g = torch.Generator().manual_seed(3)
     inputs = {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g).to(device),
               "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+    from dhp_fx.cuda_graphs import CUDAGraphRunner
+
+    graphs = device == "cuda"  # CUDA graphs: one host call replays the whole forward
     rows = []
     with torch.no_grad():
         dense = _median_ms(lambda: model(**inputs), reps, device)
         rows.append({"variant": "dense", "p": 1.0, "ms": dense, "vs_dense": 1.0})
+        if graphs:
+            dense_graphed = CUDAGraphRunner(model)
+            ms = _median_ms(lambda: dense_graphed(**inputs), reps, device)
+            rows.append({"variant": "dense + cuda graphs", "p": 1.0, "ms": ms, "vs_dense": ms / dense})
         for p in (1.0, 0.75, 0.5, 0.25):
             for scoring, granularity in (("static", "batch"), ("router", "sample")):
                 opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity),
@@ -178,6 +185,11 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                     dhp_fx.calibrate(opt, [inputs], measure_flops=False)
                 ms = _median_ms(lambda: opt(**inputs), reps, device)
                 rows.append({"variant": f"{scoring}/{granularity}", "p": p, "ms": ms, "vs_dense": ms / dense})
+                if graphs:
+                    runner = opt.cuda_graphed()
+                    ms = _median_ms(lambda: runner(**inputs), reps, device)
+                    rows.append({"variant": f"{scoring}/{granularity} + cuda graphs", "p": p, "ms": ms,
+                                 "vs_dense": ms / dense, "graphs_captured": runner.num_graphs})
     return rows
 
 

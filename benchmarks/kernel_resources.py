@@ -124,10 +124,10 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
 def _configs(autotuned, block_d: int, plain: bool = True):
     """The configs the autotuner would try at this head dim (the head-dim pruning applied), and
     for a launch that is not ``plain`` (mask, entropy, lse or causal) without plain-only ones."""
-    from dhp_fx.kernels.triton_attention import fits_head_dim
+    from dhp_fx.kernels.triton_attention import config_limits, fits_head_dim
 
     return [(c.kwargs, c.num_warps, c.num_stages) for c in autotuned.configs
-            if fits_head_dim(c, block_d) and (plain or not getattr(c, "plain_only", False))]
+            if fits_head_dim(c, block_d) and (plain or not config_limits(c).plain_only)]
 
 
 def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True):

@@ -117,7 +117,8 @@ def calibrate(
     if not isinstance(model, DHPModel):
         raise TypeError(f"calibrate expects a model returned by dhp_fx.optimize, got {type(model).__name__}")
     # Gates read their budget and recording flag at every call, in compiled graphs too
-    # (dhp::run_gate), so nothing here needs a recompile.
+    # (dhp::run_gate), so nothing here needs a recompile; CUDA graphs replay none of that Python.
+    model._drop_cuda_graphs()
     iterator = iter(batches)
     try:
         first = next(iterator)

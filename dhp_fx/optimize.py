@@ -53,6 +53,21 @@ class DHPModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self._inner(*args, **kwargs)
 
+    def cuda_graphed(self, warmup: int = 2, clone_outputs: bool = True):
+        """This model's inference calls replayed as CUDA graphs, one per input signature
+        (:class:`dhp_fx.cuda_graphs.CUDAGraphRunner`): at short sequences the host, not the GPU,
+        bounds a gated forward. Changing the gates (``set_keep_ratio``, ``set_keep_mask``,
+        ``calibrate``) drops the captures; the next call captures again."""
+        from .cuda_graphs import CUDAGraphRunner
+
+        runner = CUDAGraphRunner(self, warmup=warmup, clone_outputs=clone_outputs)
+        self.__dict__.setdefault("_graph_runners", []).append(runner)
+        return runner
+
+    def _drop_cuda_graphs(self) -> None:
+        for runner in self.__dict__.get("_graph_runners", []):
+            runner.reset()
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -99,6 +114,7 @@ class DHPModel(nn.Module):
     def set_keep_ratio(self, keep_ratio: float, min_heads: Optional[int] = None) -> None:
         """Change the keep budget of every site; takes effect on the next call."""
         self._require_sites()
+        self._drop_cuda_graphs()
         for gate in self.gates.values():
             gate.set_keep_ratio(keep_ratio, min_heads)
         # Gates created later (new graphs after graph breaks or recompiles) start from the config.
@@ -110,6 +126,7 @@ class DHPModel(nn.Module):
     def set_keep_mask(self, masks: Union[None, torch.Tensor, dict]) -> None:
         """Pin gates: one bool mask for every site, a {site name: mask} dict, or None to unpin all."""
         self._require_sites()
+        self._drop_cuda_graphs()
         pinned = self._compiler.pinned_masks
         if isinstance(masks, dict):
             for name, mask in masks.items():

@@ -154,6 +154,17 @@ def _in_compute(x, weight, bias, heads_keep, head_dim, weight_in_out):
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _in_activation_dtype(x, weight, bias):
+    """weight and bias in x's dtype. Under autocast the graph hands these ops bf16/fp16
+    activations with the fp32 parameters, and nn.Linear there computes in the activation dtype:
+    so do these (seen on an H100: a bf16 @ fp32 product in the backward stopped distillation)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return weight, bias
+
+
 def _triton_module(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], head_dim: int):
     """The Triton kernels for CUDA tensors they support (they read the mask on the device: no
     host sync per projection), else None and the torch path below: other devices and dtypes,
@@ -176,6 +187,7 @@ def head_linear_out(
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 0, "head_linear_out")
+    weight, bias = _in_activation_dtype(x, weight, bias)
     triton_impl = _triton_module(x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_out_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
@@ -193,6 +205,7 @@ def head_linear_in(
     head_dim: int, weight_in_out: bool = False,
 ) -> torch.Tensor:
     _check(x, weight, heads_keep, head_dim, weight_in_out, 1, "head_linear_in")
+    weight, bias = _in_activation_dtype(x, weight, bias)
     triton_impl = _triton_module(x, weight, bias, head_dim)
     if triton_impl is not None:
         return triton_impl.head_linear_in_triton(x, weight, bias, heads_keep, head_dim, weight_in_out)
@@ -264,12 +277,19 @@ def _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
     return gx, gw.t().contiguous() if weight_in_out else gw, gb
 
 
+def _grads_in_activation_dtype(grads_fn, grad, x, weight, bias, heads_keep, head_dim, weight_in_out):
+    """grads_fn computed as the forward ran (in x's dtype), returned in each input's own dtype."""
+    w, b = _in_activation_dtype(x, weight, bias)
+    gx, gw, gb = grads_fn(grad.to(x.dtype), x, w, b, heads_keep, head_dim, weight_in_out)
+    return gx, gw.to(weight.dtype), gb.to(bias.dtype) if bias is not None else gb
+
+
 @torch.library.custom_op("dhp::head_linear_out_backward", mutates_args=())
 def head_linear_out_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _out_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
+    return _grads_in_activation_dtype(_out_grads, grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
 
 
 @torch.library.custom_op("dhp::head_linear_in_backward", mutates_args=())
@@ -277,7 +297,7 @@ def head_linear_in_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _in_grads(grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
+    return _grads_in_activation_dtype(_in_grads, grad, x, weight, bias, heads_keep, head_dim, weight_in_out)
 
 
 def _backward_fake(grad, x, weight, bias, heads_keep, head_dim, weight_in_out):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -49,14 +50,45 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 MAX_HEAD_DIM = 128
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are jit-aware wrappers costing
+# microseconds a call: on an H100 the decode split heuristic's 130 cdiv calls were most of a
+# decode step's 0.4 ms host time.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
 def _bucket(n: int) -> int:
     # Autotune keys on buckets, not exact lengths, so decode (Lk grows by one per step)
     # does not retune at every step.
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(n)
 
 
 # DHP_FX_TRITON_AUTOTUNE=0 keeps only each kernel's first config: no tuning-time compiles (CI).
 _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
+
+
+class ConfigLimits(NamedTuple):
+    max_block_d: Optional[int] = None  # largest padded head dim served without spills (None: any)
+    plain_only: bool = False  # only for launches without mask, entropy, lse or causal test
+
+
+# Kept beside the configs, not on them: triton's autotune disk cache (TRITON_CACHE_AUTOTUNING=1)
+# rebuilds a config as Config(**config.__dict__), which any extra attribute breaks (seen on an
+# H100: TypeError at the second process that read the cache).
+_LIMITS: dict = {}
+
+
+def set_config_limits(config, **limits) -> None:
+    _LIMITS[id(config)] = (config, ConfigLimits(**limits))
+
+
+def config_limits(config) -> ConfigLimits:
+    entry = _LIMITS.get(id(config))
+    return entry[1] if entry is not None and entry[0] is config else ConfigLimits()
 
 
 def make_configs(shapes, pruned_by_query_len=True, extra=None, pre_hook=None):
@@ -77,7 +109,7 @@ def make_configs(shapes, pruned_by_query_len=True, extra=None, pre_hook=None):
     configs = []
     for m, n, w, s, *cap in shapes:
         c = triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s, pre_hook=pre_hook)
-        c.max_block_d = cap[0] if cap else None
+        set_config_limits(c, max_block_d=cap[0] if cap else None)
         configs.append(c)
     return configs
 
@@ -111,12 +143,12 @@ def _fwd_configs():
                  + make_configs([(128, 128, 8, 3), (128, 128, 8, 2)], pruned_by_query_len=False,
                                 extra={"USE_TMA": True}, pre_hook=_tma_block_shapes))
         for c in plain:
-            c.plain_only = True
+            set_config_limits(c, plain_only=True)
     return pointer + tma + plain
 
 
 def fits_head_dim(config, block_d: int) -> bool:
-    cap = getattr(config, "max_block_d", None)
+    cap = config_limits(config).max_block_d
     return cap is None or block_d <= cap
 
 
@@ -136,10 +168,10 @@ def prune_configs(configs, named_args, **kwargs):
     """:func:`prune_by_head_dim`, then drop query blocks far larger than Lq (decode) and tiny
     query blocks for long queries, and plain-only configs from launches that are not plain."""
     if not is_plain_launch(kwargs):
-        configs = [c for c in configs if not getattr(c, "plain_only", False)] or configs[:1]
+        configs = [c for c in configs if not config_limits(c).plain_only] or configs[:1]
     configs = prune_by_head_dim(configs, named_args, **kwargs)
     lq = named_args["Lq"]
-    cap = max(16, triton.next_power_of_2(lq))
+    cap = max(16, next_pow2(lq))
     out = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (lq < 64 or c.kwargs["BLOCK_M"] >= 64)]
     return out or configs[:1]
 
@@ -478,7 +510,7 @@ def stable_partition(flags: torch.Tensor):
     order = torch.empty(rows.shape, device=flags.device, dtype=torch.int32)
     count = torch.empty(rows.shape[0], device=flags.device, dtype=torch.int32)
     if rows.shape[0] and n:
-        block = 16 if _INTERPRET else min(_PARTITION_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
+        block = 16 if _INTERPRET else min(_PARTITION_MAX_BLOCK, max(16, next_pow2(n)))
         _stable_partition_kernel[(rows.shape[0],)](rows, order, count, n, rows.stride(0), BLOCK=block,
                                                    num_warps=4 if block <= 256 else 8)
     elif rows.shape[0]:
@@ -557,7 +589,7 @@ def _uses_tma_by_default(device, Lq: int) -> bool:
 
 def head_blocks(D: int, Dv: int):
     # tl.arange needs powers of two and tl.dot needs >= 16: head dims 80/96 pad to 128 with masks.
-    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    return max(16, next_pow2(D)), max(16, next_pow2(Dv))
 
 
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
@@ -621,7 +653,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
         else:
             pair_idx = n_kept = keep.reshape(-1).view(torch.uint8)
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+        grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
             pair_idx, n_kept, *(descs or (q, k, v, o_arg)),

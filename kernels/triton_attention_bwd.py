@@ -28,6 +28,7 @@ from .triton_attention import (
     _apply_mask,
     _bucket,
     _dot,
+    cdiv,
     _load2d,
     dot_flags,
     head_blocks,
@@ -320,18 +321,18 @@ def triton_gated_attention_backward(grad_out, q, k, v, keep, out, lse=None, attn
 
     delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     dm = 16 if _INTERPRET else 64
-    _bwd_delta[(triton.cdiv(Lq, dm), B * Hq)](
+    _bwd_delta[(cdiv(Lq, dm), B * Hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
         HEAD_DV=Dv, BLOCK_DV=block_dv, BLOCK_M=dm)
     common = dict(HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_CAUSAL=bool(is_causal),
                   MASK_KIND=kind, DOT_F32=dot_f32, DOT_PRECISION=precision)
     scale_log2 = scale * 1.4426950408889634
     keep_u8 = keep.reshape(-1).to(torch.uint8)
-    _bwd_dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+    _bwd_dkdv[lambda meta: (cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, mask_t, grad_out, lse, delta, dk, dv, keep_u8,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *grad_out.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Lq, Lk, scale_log2, scale, _bucket(Lq), _bucket(Lk), **common)
-    _bwd_dq[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+    _bwd_dq[lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, mask_t, grad_out, lse, delta, dq, dmask_full if mask_grad else q, pairs[0], pairs[1],
         *q.stride(), *k.stride(), *v.stride(), *mstr, *grad_out.stride(), *dq.stride(),
         Hq, Hq // Hkv, Lq, Lk, scale_log2, scale, _bucket(Lq), _bucket(Lk), STORE_DS=mask_grad, **common)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _attend, _store_row_stats, dot_flags, head_blocks
+from .triton_attention import _INTERPRET, _attend, _store_row_stats, cdiv, dot_flags, head_blocks, next_pow2
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -290,9 +290,10 @@ def _sm_count(device: torch.device) -> int:
 
 def _key_blocks(Lq: int, Lk: int, is_causal: bool, block_n: int = _BLOCK_N) -> int:
     # Top-left causal rows below Lq never see keys at or past Lq.
-    return triton.cdiv(min(Lk, Lq) if is_causal else Lk, block_n)
+    return cdiv(min(Lk, Lq) if is_causal else Lk, block_n)
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its ints; called every decode step
 def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
     """Splits for ``programs`` (B*Hq) decode programs over ``n_blocks`` key blocks: FA2's rule.
 
@@ -313,7 +314,7 @@ def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
         waves = programs * s / slots
         return waves / math.ceil(waves)
 
-    useful = [s for s in range(1, top + 1) if s == 1 or triton.cdiv(n_blocks, s) != triton.cdiv(n_blocks, s - 1)]
+    useful = [s for s in range(1, top + 1) if s == 1 or cdiv(n_blocks, s) != cdiv(n_blocks, s - 1)]
     best = max(efficiency(s) for s in useful)
     return next(s for s in useful if efficiency(s) >= 0.85 * best)
 
@@ -397,11 +398,11 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, sc
     kind, mask_t, mstr = mask
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
-    block_m = max(16, triton.next_power_of_2(group * Lq))
+    block_m = max(16, next_pow2(group * Lq))
     launch = _packed_launch_options(q.dtype, max(block_d, block_dv), block_m)
     block_n = launch["BLOCK_N"]
     compute_pv, entropy = out is not None, ent_rows is not None
-    keys_per_split = triton.cdiv(_key_blocks(Lq, Lk, is_causal, block_n), num_splits) * block_n
+    keys_per_split = cdiv(_key_blocks(Lq, Lk, is_causal, block_n), num_splits) * block_n
 
     n = B * Hq
     one = num_splits == 1
@@ -458,7 +459,7 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, sca
     block_d, block_dv = head_blocks(D, Dv)
     compute_pv, entropy = out is not None, ent_rows is not None
     # Whole blocks per piece keep every piece's boundary block aligned for the unmasked loop.
-    keys_per_split = triton.cdiv(_key_blocks(Lq, Lk, is_causal), num_splits) * _BLOCK_N
+    keys_per_split = cdiv(_key_blocks(Lq, Lk, is_causal), num_splits) * _BLOCK_N
 
     f32 = dict(device=q.device, dtype=torch.float32)
     m_part = torch.empty((slots, num_splits, Lq), **f32)

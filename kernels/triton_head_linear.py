@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 # Tune per power-of-two row count, as the attention kernels do per length.
-from .triton_attention import _bucket, stable_partition
+from .triton_attention import _bucket, cdiv, next_pow2, stable_partition
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
@@ -62,7 +62,7 @@ _WGRAD_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (128
 
 def _k_fits_head(configs, named_args, **kwargs):
     """A reduction step wider than a head reads padding; keep the steps that fit (or the narrowest)."""
-    head = max(16, triton.next_power_of_2(kwargs["HEAD_D"]))
+    head = max(16, next_pow2(kwargs["HEAD_D"]))
     fit = [c for c in configs if c.kwargs["BLOCK_K"] <= head]
     return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
@@ -265,11 +265,11 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), H)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), H)  # noqa: E731
     _head_linear_out_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, y, M, K, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
     return y.view(*x.shape[:-1], H * head_dim)
 
@@ -281,7 +281,7 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     H = heads_keep.shape[-1]
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     heads, n_heads = _kept_heads(keep)
     _head_linear_in_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
@@ -295,12 +295,12 @@ def _weight_grad(a2: torch.Tensor, b2: torch.Tensor, keep: torch.Tensor, per_sam
                  head_dim: int, dw: torch.Tensor, s_dwf: int, s_dwt: int, dbias: Optional[torch.Tensor]) -> None:
     M, T = b2.shape
     H = keep.shape[-1]
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)  # noqa: E731
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), H)  # noqa: E731
     _head_weight_grad_kernel[grid](
         a2, b2, keep, dw, dbias if dbias is not None else dw, M, T, rows, keep.shape[0], _bucket(M),
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), s_dwf, s_dwt, s_kb,
-        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_B=triton.next_power_of_2(keep.shape[0]) if per_sample else 1,
+        HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
+        BLOCK_B=next_pow2(keep.shape[0]) if per_sample else 1,
         HAS_BIAS=dbias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(a2), DOT_PRECISION=_f32_precision(a2))
 
 

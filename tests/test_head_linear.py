@@ -303,3 +303,32 @@ def test_interpreted_ops_dispatch_backward_to_triton(thl, monkeypatch):
         want = _reference_grads(ref, cot, [t.detach() for t in inputs], keep, 24, False)
         _check_grads([t.grad for t in inputs], want, torch.float32)
     assert calls == ["head_linear_out_backward_triton", "head_linear_in_backward_triton"]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("op,ref", [(head_linear_out, head_linear_out_reference),
+                                    (head_linear_in, head_linear_in_reference)])
+def test_autocast_style_mixed_dtypes_compute_like_nn_linear(op, ref, per_sample):
+    """bf16 activations with fp32 parameters (what an autocast graph hands these ops): computed in
+    bf16 as nn.Linear under autocast would, grads back in each input's own dtype."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 3, 4, 8
+    keep = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    keep = keep if per_sample else keep[0]
+    x = torch.randn(B, T, H * D).bfloat16()
+    if op is head_linear_in:  # its input is attention output: pruned heads' features are zeros
+        x = x * keep.reshape(-1 if per_sample else 1, 1, H).repeat_interleave(D, -1)
+    x.requires_grad_()
+    w = torch.randn(H * D, H * D, requires_grad=True)
+    b = torch.randn(H * D, requires_grad=True)
+    y = op(x, w, b, keep, D)
+    assert y.dtype == torch.bfloat16
+    cot = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), cot)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y2 = ref(x2, w2.bfloat16(), b2.bfloat16(), keep, D)
+    want = torch.autograd.grad(y2, (x2, w2, b2), cot)
+    torch.testing.assert_close(y, y2, atol=2e-2, rtol=2e-2)
+    for got, exp in zip((gx, gw, gb), want):
+        assert got.dtype == exp.dtype
+        torch.testing.assert_close(got, exp, atol=5e-2, rtol=2e-2)

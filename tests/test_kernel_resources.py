@@ -52,11 +52,11 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
 
 
 def test_head_dim_pruning_keeps_small_head_configs_off_large_heads():
-    from dhp_fx.kernels.triton_attention import fits_head_dim, prune_by_head_dim
+    from dhp_fx.kernels.triton_attention import fits_head_dim, prune_by_head_dim, set_config_limits
 
     class Cfg:
         def __init__(self, cap):
-            self.max_block_d = cap
+            set_config_limits(self, max_block_d=cap)
             self.kwargs = {"BLOCK_M": 64, "BLOCK_N": 64}
 
     every, small = Cfg(None), Cfg(64)

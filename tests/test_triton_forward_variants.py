@@ -126,7 +126,6 @@ def test_descriptor_strides_follow_the_copy_engine_rules():
 class _Cfg:
     def __init__(self, tma, m=64):
         self.kwargs = {"BLOCK_M": m, "BLOCK_N": 64, "USE_TMA": tma}
-        self.max_block_d = None
 
 
 def test_tma_mode_decides_which_configs_the_autotuner_may_try(monkeypatch):
@@ -148,7 +147,7 @@ def test_plain_only_tiles_are_offered_only_to_plain_launches(monkeypatch):
     """128 x 128 tiles spill with a mask, entropy, lse or the causal test (sm_90): only a launch
     with none of them may try them; the others keep the rest of the list."""
     ptr, big = _Cfg(False), _Cfg(False, m=128)
-    big.plain_only = True
+    ta_rules.set_config_limits(big, plain_only=True)
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
     args = {"TMA_MODE": ta_rules.TMA_OFF, "Lq": 512}
@@ -165,10 +164,28 @@ def test_plain_only_tiles_join_the_list_only_when_tuning(monkeypatch):
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", False)
     untuned = ta_rules._fwd_configs()
-    assert len(untuned) == 3 and not any(getattr(c, "plain_only", False) for c in untuned)
+    assert len(untuned) == 3 and not any(ta_rules.config_limits(c).plain_only for c in untuned)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
-    plain = [c for c in ta_rules._fwd_configs() if getattr(c, "plain_only", False)]
+    plain = [c for c in ta_rules._fwd_configs() if ta_rules.config_limits(c).plain_only]
     assert plain and all(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 for c in plain)
+
+
+def test_every_autotuned_config_survives_the_autotune_disk_cache(monkeypatch):
+    """TRITON_CACHE_AUTOTUNING=1 stores config.__dict__ and rebuilds Config(**it): nothing may
+    ride on our configs that Config() does not take (an H100 run crashed on exactly that)."""
+    import triton
+
+    from dhp_fx.kernels import triton_attention_bwd, triton_head_linear
+
+    monkeypatch.setattr(ta_rules, "_INTERPRET", False)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
+    lists = [ta_rules._fwd_configs(), tk._ta._gated_attn_fwd.configs,
+             triton_head_linear._OUT_CONFIGS, triton_head_linear._IN_CONFIGS, triton_head_linear._WGRAD_CONFIGS]
+    lists += [k.configs for k in vars(triton_attention_bwd).values() if hasattr(k, "configs") and hasattr(k, "fn")]
+    for configs in lists:
+        for c in configs:
+            rebuilt = triton.Config(**c.__dict__)
+            assert rebuilt.all_kwargs() == c.all_kwargs()
 
 
 def test_tma_is_the_default_only_for_hopper_prefill(monkeypatch):

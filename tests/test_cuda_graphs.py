@@ -1,0 +1,86 @@
+"""CUDA-graph replay of an optimized model (dhp_fx.cuda_graphs). Capture needs a GPU: those tests
+skip here and run on the lent device (benchmarks/device_run.sh); the fallbacks and bookkeeping
+run everywhere."""
+import pytest
+import torch
+
+import dhp_fx
+from dhp_fx.cuda_graphs import CUDAGraphRunner, _signature
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_bert(device="cpu"):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                vocab_size=128)).to(device).eval()
+
+
+def test_cpu_calls_and_autograd_run_uncaptured():
+    calls = []
+
+    def fn(x, scale=2.0):
+        calls.append(x)
+        return x * scale
+
+    runner = CUDAGraphRunner(fn)
+    x = torch.randn(3, requires_grad=True)
+    y = runner(x, scale=3.0)  # CPU tensor, grad mode on: a plain call
+    assert torch.equal(y, x * 3.0) and y.requires_grad and runner.num_graphs == 0 and len(calls) == 1
+    with torch.no_grad():
+        assert torch.equal(runner(x.detach()), x.detach() * 2.0)
+    assert runner.num_graphs == 0 and len(calls) == 2
+
+
+def test_warmup_must_leave_autotuning_outside_the_capture():
+    with pytest.raises(ValueError, match="warmup"):
+        CUDAGraphRunner(lambda x: x, warmup=0)
+
+
+def test_signature_tells_apart_what_may_change_the_path():
+    a = torch.zeros(2, 3)
+    assert _signature([a, 1]) == _signature([torch.ones(2, 3), 1])
+    assert _signature([a, 1]) != _signature([a, 2])
+    assert _signature([a]) != _signature([torch.zeros(3, 2)])
+    assert _signature([a]) != _signature([a.t().contiguous().t()])  # same shape, other strides
+    assert _signature([a]) != _signature([a.double()])
+
+
+def test_gate_changes_drop_the_captures():
+    model = tiny_bert()
+    ids = torch.randint(3, 128, (2, 8))
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5), example_inputs=(ids,))
+    runner = opt.cuda_graphed()
+    runner._graphs["sentinel"] = object()
+    opt.set_keep_ratio(0.75)
+    assert runner.num_graphs == 0
+    runner._graphs["sentinel"] = object()
+    opt.set_keep_mask(None)
+    assert runner.num_graphs == 0
+    runner._graphs["sentinel"] = object()
+    dhp_fx.calibrate(opt, [(ids,)], measure_flops=False)
+    assert runner.num_graphs == 0
+
+
+@cuda
+@pytest.mark.parametrize("scoring,granularity", [("static", "batch"), ("router", "sample"), ("probe", "sample")])
+def test_replays_equal_eager_calls_on_new_inputs(scoring, granularity):
+    model = tiny_bert("cuda")
+    ids = torch.randint(3, 128, (2, 16), device="cuda")
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring=scoring, granularity=granularity),
+                          example_inputs=(ids,))
+    runner = opt.cuda_graphed()
+    with torch.no_grad():
+        for seed in range(3):
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            new = torch.randint(3, 128, (2, 16), device="cuda", generator=g)
+            got = runner(new).last_hidden_state
+            want = opt(new).last_hidden_state
+            torch.testing.assert_close(got, want)
+        assert runner.num_graphs == 1
+        # another budget: the capture is dropped and the next call sees the new gates
+        opt.set_keep_ratio(0.25)
+        torch.testing.assert_close(runner(ids).last_hidden_state, opt(ids).last_hidden_state)
+        assert runner.num_graphs == 1
