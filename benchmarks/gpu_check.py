@@ -185,12 +185,24 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                     dhp_fx.calibrate(opt, [inputs], measure_flops=False)
                 ms = _median_ms(lambda: opt(**inputs), reps, device)
                 rows.append({"variant": f"{scoring}/{granularity}", "p": p, "ms": ms, "vs_dense": ms / dense})
+                if graphs and p == 0.5:
+                    # Where the GPU time goes (device time per kernel; host gaps do not count).
+                    rows[-1]["kernels"] = _kernel_table(lambda: opt(**inputs))
                 if graphs:
                     runner = opt.cuda_graphed()
                     ms = _median_ms(lambda: runner(**inputs), reps, device)
                     rows.append({"variant": f"{scoring}/{granularity} + cuda graphs", "p": p, "ms": ms,
                                  "vs_dense": ms / dense, "graphs_captured": runner.num_graphs})
+        if graphs:
+            rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
     return rows
+
+
+def _kernel_table(fn, top: int = 12) -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_overhead import device_kernels
+
+    return device_kernels(torch, fn, top, calls=3)
 
 
 def run_checks(device, dtypes, batch, seq, report) -> bool:
@@ -246,6 +258,10 @@ def main(argv=None) -> int:
               f"batch {m_batch} x {m_seq}\n| variant | p | ms | vs dense |\n|---|---|---|---|")
         for r in report["encoder"]:
             print(f"| {r['variant']} | {r['p']:g} | {r['ms']:.2f} | {r['vs_dense']:.2f}x |")
+        for r in report["encoder"]:
+            if "kernels" in r:
+                print(f"\nGPU kernels of one forward, {r['variant']} p={r['p']:g} (eager call, device time):\n"
+                      + r["kernels"])
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"gpu_check_{'_'.join(args.parts)}.json"), "w") as f:
