@@ -179,7 +179,7 @@ def test_every_autotuned_config_survives_the_autotune_disk_cache(monkeypatch):
 
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
-    lists = [ta_rules._fwd_configs(), tk._ta._gated_attn_fwd.configs,
+    lists = [ta_rules._fwd_configs(), ta_rules._gated_attn_fwd.configs,
              triton_head_linear._OUT_CONFIGS, triton_head_linear._IN_CONFIGS, triton_head_linear._WGRAD_CONFIGS]
     lists += [k.configs for k in vars(triton_attention_bwd).values() if hasattr(k, "configs") and hasattr(k, "fn")]
     for configs in lists:
