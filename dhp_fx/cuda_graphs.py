@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -31,19 +31,20 @@ class _Captured:
     output: Any
 
 
-def _signature(leaves) -> tuple:
+def _signature(leaves) -> Optional[tuple]:
     """What a replay must match: every tensor's shape, strides, dtype and device, every other
-    leaf's value (a different int or flag may take another path through the model)."""
-    sig = []
+    leaf's value (a different int or flag may take another path through the model). None when
+    a leaf has no value to compare (a KV cache object, say): such calls are not replayable."""
+    sig = [torch.is_inference_mode_enabled()]  # inference tensors cannot be refilled outside it
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             sig.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
         else:
             try:
                 hash(leaf)
-                sig.append(("V", type(leaf), leaf))
             except TypeError:
-                sig.append(("id", type(leaf), id(leaf)))
+                return None
+            sig.append(("V", type(leaf), leaf))
     return tuple(sig)
 
 
@@ -56,12 +57,17 @@ class CUDAGraphRunner:
     call overwrites.
     """
 
-    def __init__(self, fn: Callable, warmup: int = 2, clone_outputs: bool = True):
+    def __init__(self, fn: Callable, warmup: int = 2, clone_outputs: bool = True, max_graphs: int = 16):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (autotuning cannot run inside a capture), got {warmup}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.fn = fn
         self.warmup = warmup
         self.clone_outputs = clone_outputs
+        # Each capture holds its own memory pool: shapes that keep changing (a growing KV cache)
+        # run uncaptured past this many instead of filling the card.
+        self.max_graphs = max_graphs
         self._graphs: dict = {}
         self._failed: set = set()
 
@@ -80,11 +86,18 @@ class CUDAGraphRunner:
         if (not tensors or not all(t.is_cuda for t in tensors) or torch.is_grad_enabled()
                 or torch.cuda.is_current_stream_capturing()):
             return self.fn(*args, **kwargs)
-        key = (spec, _signature(leaves))
-        if key in self._failed:
+        sig = _signature(leaves)
+        key = (spec, sig)
+        if sig is None or key in self._failed:
             return self.fn(*args, **kwargs)
         captured = self._graphs.get(key)
         if captured is None:
+            if len(self._graphs) >= self.max_graphs:
+                if not self._failed:
+                    warnings.warn(f"dhp_fx: {self.max_graphs} CUDA graphs held; new input signatures run "
+                                  "without graphs", RuntimeWarning, stacklevel=2)
+                self._failed.add(key)
+                return self.fn(*args, **kwargs)
             captured = self._capture(key, leaves, spec)
             if captured is None:
                 return self.fn(*args, **kwargs)

@@ -44,8 +44,18 @@ def test_signature_tells_apart_what_may_change_the_path():
     assert _signature([a, 1]) == _signature([torch.ones(2, 3), 1])
     assert _signature([a, 1]) != _signature([a, 2])
     assert _signature([a]) != _signature([torch.zeros(3, 2)])
-    assert _signature([a]) != _signature([a.t().contiguous().t()])  # same shape, other strides
+    assert _signature([a]) != _signature([torch.zeros(3, 2).t()])  # same shape, other strides
     assert _signature([a]) != _signature([a.double()])
+    with torch.inference_mode():
+        inside = _signature([a])
+    assert inside != _signature([a])
+    # a leaf with no value to compare (a cache object, here a bytearray): not replayable at all
+    assert _signature([a, bytearray(b"kv")]) is None
+
+
+def test_bad_limits_are_named():
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphRunner(lambda x: x, max_graphs=0)
 
 
 def test_gate_changes_drop_the_captures():
