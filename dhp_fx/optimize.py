@@ -57,9 +57,15 @@ class DHPModel(nn.Module):
         """This model's inference calls replayed as CUDA graphs, one per input signature
         (:class:`dhp_fx.cuda_graphs.CUDAGraphRunner`): at short sequences the host, not the GPU,
         bounds a gated forward. Changing the gates (``set_keep_ratio``, ``set_keep_mask``,
-        ``calibrate``) drops the captures; the next call captures again."""
+        ``calibrate``) drops the captures; the next call captures again. Calibrate, count FLOPs
+        and train through the model itself: a replay runs no Python, so nothing is recorded."""
         from .cuda_graphs import CUDAGraphRunner
 
+        if self.dhp_config.scoring == "lagged":
+            # Its refresh is a Python call counter, which a replay never advances: the entropy
+            # captured first would be reused forever.
+            raise ValueError('cuda_graphed: scoring="lagged" refreshes on a Python call counter that CUDA graph '
+                             'replays do not run; use "probe", "router" or "static"')
         runner = CUDAGraphRunner(self, warmup=warmup, clone_outputs=clone_outputs)
         self.__dict__.setdefault("_graph_runners", []).append(runner)
         return runner

@@ -58,6 +58,14 @@ def test_bad_limits_are_named():
         CUDAGraphRunner(lambda x: x, max_graphs=0)
 
 
+def test_lagged_gates_refuse_replay():
+    model = tiny_bert()
+    ids = torch.randint(3, 128, (2, 8))
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="lagged"), example_inputs=(ids,))
+    with pytest.raises(ValueError, match="lagged"):
+        opt.cuda_graphed()
+
+
 def test_gate_changes_drop_the_captures():
     model = tiny_bert()
     ids = torch.randint(3, 128, (2, 8))
