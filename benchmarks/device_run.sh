@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared device run for issue 3 (8 min at most on an H100/H200): from the repository root
 # through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=480,
-# carry=[".device_carry"]). A cold run takes about 4-5 min. BENCH_ARGS narrows the timed table
-# (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its time limit.
+# carry=[".device_carry"]). Run 1 of 2026-11-26 (cold; the same steps less the profile and the
+# kernel tables) took 3.7 min on an H100. BENCH_ARGS narrows the timed table (e.g.
+# "--shapes 32,12,512,64 --no-flex"), BENCH_S its time limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
 # (dhp_fx.kernels = kernels/, dhp_fx.passes = passes/) is reproduced with symlinks in this copy

@@ -199,7 +199,9 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
 
 
 def _kernel_table(fn, top: int = 12) -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from profile_overhead import device_kernels
 
     return device_kernels(torch, fn, top, calls=3)

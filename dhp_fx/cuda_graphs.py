@@ -2,8 +2,8 @@
 
 At short sequences a gated model is bound by the host, not the GPU: each layer launches its gate,
 four head-skipping projections and the attention kernel, each with Python, dispatcher and Triton
-launch costs (on an H100 a BERT-base forward at batch 32 x 128 ran 5x slower than dense for that
-reason alone, though its kernels were no slower). A CUDA graph replays every launch of the forward
+launch costs (on an H100 a BERT-base forward at batch 32 x 128 took 17.6-25 ms eager against 2.75-3.9
+ms replayed; dense took 5.1 ms). A CUDA graph replays every launch of the forward
 from one host call. The gated ops read their keep masks on the device and never synchronise with
 the host, which is what makes the forward capturable at all.
 
