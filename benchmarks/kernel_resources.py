@@ -256,7 +256,7 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
             if only and name not in only:
                 continue
             usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned)
-            cfg = " ".join(f"{k.split('_')[1]}{int(v)}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
+            cfg = " ".join(f"{k.split('_')[-1]}{int(v)}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
             rows.append(Usage(name, d, cfg, *usage))
     return rows
 

@@ -17,6 +17,10 @@ head_linear_out product per kept head. The weight gradient (and head_linear_out'
 is ``_head_weight_grad_kernel``, grid (column blocks, heads): per head, a reduction over the rows
 keeping it, none at all for a head no row keeps (its rows/columns are stored as zeros).
 
+Each grid is one axis, walked by ``_grouped_tile`` in groups of row (or column) blocks, so the
+programs in flight share their x tiles and weight slices through L2 rather than each re-reading
+its own from memory.
+
 Masks are [H] (every row) or [B, H] with rows grouped by sample (x viewed as [B * rows, K]).
 Accumulation is float32; under the interpreter dot operands go through float32 as well (its
 bf16 dot is wrong).
@@ -38,15 +42,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Tiles walked together along the grid's first axis (see _grouped_tile). 8 row blocks of 128 rows
+# at d_model 4096 is 8 MiB of x in L2 with the weight slices of the heads in flight beside it.
+_GROUP = 8
+
+
 def _configs(shapes, names):
     """Autotune list from tuples of block sizes + (warps, stages); the interpreter, which cannot
-    time, gets one small config. Every list was checked spill-free on sm_90 at head dims 64 and
-    128, [H] and [B, H] masks (benchmarks/kernel_resources.py)."""
+    time, gets one small config (groups of 2, so small test grids still hold several groups and a
+    ragged last one). Every list was checked spill-free on sm_90 at head dims 64 and 128, [H] and
+    [B, H] masks (benchmarks/kernel_resources.py)."""
     if _INTERPRET:
-        return [triton.Config({n: 16 for n in names}, num_warps=4, num_stages=1)]
+        return [triton.Config({**{n: 16 for n in names}, "GROUP": 2}, num_warps=4, num_stages=1)]
     if not _AUTOTUNE:
         shapes = shapes[:1]
-    return [triton.Config(dict(zip(names, sh[:-2])), num_warps=sh[-2], num_stages=sh[-1]) for sh in shapes]
+    return [triton.Config({**dict(zip(names, sh[:-2])), "GROUP": _GROUP}, num_warps=sh[-2], num_stages=sh[-1])
+            for sh in shapes]
 
 
 # (BLOCK_M, BLOCK_K, warps, stages): the N tile is one head.
@@ -68,6 +79,20 @@ def _k_fits_head(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _grouped_tile(pid, n_a, n_b, GROUP: tl.constexpr):
+    """(a, b) tile of program pid, with GROUP consecutive a-tiles walked across every b before the
+    next group. Programs in flight then share a few a-tiles and a few b-tiles through L2. Walking a
+    fastest instead (a 2-D grid's axis 0) puts every a-tile of one b in flight at once: with x
+    tiles as a, each head's wave re-streams all of x from memory (at 16k rows x 4096 that is
+    128 MiB per head, more than L2 holds)."""
+    per_group = GROUP * n_b
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_a - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
 def _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE: tl.constexpr):
     if PER_SAMPLE:
         k = tl.load(Keep + (offs_m // rows_per_sample) * stride_kb + h, mask=row_ok, other=0)
@@ -85,13 +110,12 @@ def _mma(acc, x, w, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
 @triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
-def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, rows_per_sample, M_KEY,
+def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, H, rows_per_sample, M_KEY,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                            DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+                            BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m, h = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), H, GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = offs_m < M
     row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
@@ -136,10 +160,9 @@ def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk
 def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per_sample, M_KEY,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                           DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                           BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
@@ -179,16 +202,17 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
 
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["M_KEY", "T", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
 @triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
-def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, rows_per_sample, n_samples, M_KEY,
+def _head_weight_grad_kernel(A, Bm, Keep, DW, DBias, M, T, H, rows_per_sample, n_samples, M_KEY,
                              stride_am, stride_af, stride_bm, stride_bt, stride_dwf, stride_dwt, stride_kb,
                              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             BLOCK_T: tl.constexpr, GROUP: tl.constexpr, BLOCK_B: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
     """DW[h*D + d, t] = sum over rows m keeping h of A[m, h*D + d] * Bm[m, t] (DW addressed through
     (feature, t) strides, so one kernel serves both weight layouts and both ops), and DBias[h*D + d]
-    = the same rows' sum of A. Grid (t blocks, heads)."""
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    = the same rows' sum of A. One program per (t block, head), grouped: programs in flight walk
+    the rows in near lockstep, so a group shares the Bm tiles and head features it reads."""
+    pid_t, h = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), H, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     f_idx = h * HEAD_D + offs_d
@@ -265,9 +289,9 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), H)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
     _head_linear_out_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, y, M, K, rows, _bucket(M),
+        x2, weight, bias if bias is not None else x2, keep, y, M, K, H, rows, _bucket(M),
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
@@ -281,7 +305,7 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     H = heads_keep.shape[-1]
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     heads, n_heads = _kept_heads(keep)
     _head_linear_in_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
@@ -295,9 +319,9 @@ def _weight_grad(a2: torch.Tensor, b2: torch.Tensor, keep: torch.Tensor, per_sam
                  head_dim: int, dw: torch.Tensor, s_dwf: int, s_dwt: int, dbias: Optional[torch.Tensor]) -> None:
     M, T = b2.shape
     H = keep.shape[-1]
-    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), H)  # noqa: E731
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]) * H,)  # noqa: E731
     _head_weight_grad_kernel[grid](
-        a2, b2, keep, dw, dbias if dbias is not None else dw, M, T, rows, keep.shape[0], _bucket(M),
+        a2, b2, keep, dw, dbias if dbias is not None else dw, M, T, H, rows, keep.shape[0], _bucket(M),
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), s_dwf, s_dwt, s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         BLOCK_B=next_pow2(keep.shape[0]) if per_sample else 1,

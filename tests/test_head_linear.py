@@ -332,3 +332,30 @@ def test_autocast_style_mixed_dtypes_compute_like_nn_linear(op, ref, per_sample)
     for got, exp in zip((gx, gw, gb), want):
         assert got.dtype == exp.dtype
         torch.testing.assert_close(got, exp, atol=5e-2, rtol=2e-2)
+
+
+@interpreted
+@pytest.mark.parametrize("n_a,n_b,group", [(5, 3, 2), (4, 4, 2), (1, 6, 8), (7, 1, 3), (9, 2, 4)])
+def test_interpreted_grouped_tile_order_visits_every_tile_once(thl, monkeypatch, n_a, n_b, group):
+    # The projections' grid is 1-D and reordered so programs in flight share tiles; a ragged last
+    # group (n_a not a multiple of the group) must neither skip nor repeat a tile.
+    import triton
+    import triton.language as tl
+
+    # the interpreter resolves a kernel's names in its module's globals, not in closures
+    monkeypatch.setitem(globals(), "_grouped_tile", thl._grouped_tile)
+
+    @triton.jit
+    def tiles(A, Bt, n_a, n_b, GROUP: tl.constexpr):
+        pid = tl.program_id(0)
+        a, b = _grouped_tile(pid, n_a, n_b, GROUP)  # noqa: F821
+        tl.store(A + pid, a)
+        tl.store(Bt + pid, b)
+
+    a = torch.full((n_a * n_b,), -1, dtype=torch.int32)
+    b = torch.full((n_a * n_b,), -1, dtype=torch.int32)
+    tiles[(n_a * n_b,)](a, b, n_a, n_b, GROUP=group)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(i, j) for i in range(n_a) for j in range(n_b)]
+    # within a full group, consecutive programs walk the group's a-tiles before the next b
+    if n_a >= group and n_b > 1:
+        assert a[:group].tolist() == list(range(group)) and b[:group].tolist() == [0] * group
