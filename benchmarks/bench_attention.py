@@ -2,6 +2,7 @@
 gather -> SDPA -> scatter, and the dhp_fx Triton kernel, at several kept-head fractions p.
 
     python benchmarks/bench_attention.py [--check | --check-only] [--block] [--tma auto|on|off]
+                                         [--pv-behind auto|on|off]
                                          [--shapes 8,32,2048,128,causal ...]
 
 Each p keeps round(p * H) random heads per batch row. Times are medians of
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     ap.add_argument("--tma", choices=["auto", "on", "off"], default="auto",
                     help="how the timed prefill kernel loads tiles: autotuner's choice, TMA descriptors only, "
                          "pointers only")
+    ap.add_argument("--pv-behind", choices=["auto", "on", "off"], default="auto",
+                    help="the forward's inner loop: auto lets the autotuner time both, on/off pins P@V one "
+                         "key block behind the softmax or the plain loop")
     ap.add_argument("--block", action="store_true",
                     help="also time the attention block (QKV proj + core + out proj), d_model = H*D")
     ap.add_argument("--decode", nargs="*", default=None, metavar="B,HQ,HKV,LK,D",
@@ -140,7 +144,7 @@ def random_keep(torch, B, H, k, device, gen):
 TMA_ARG = {"auto": None, "on": True, "off": False}
 
 
-def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None):
+def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None, pv_behind=None):
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
     B = s.B
@@ -156,7 +160,7 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None):
         return out
 
     def ours():
-        return triton_gated_attention(q, k, v, keep, is_causal=s.causal, tma=tma)
+        return triton_gated_attention(q, k, v, keep, is_causal=s.causal, tma=tma, pv_behind=pv_behind)
 
     methods = {"sdpa": dense, "gather": gathered, "triton": ours}
     if flex is not None:
@@ -183,7 +187,8 @@ def verdict(t: float, target: float) -> str:
 
 def chosen_config() -> str:
     """The forward config the autotuner picked for the last launch and, from its last tuning run,
-    the fastest pointer and fastest TMA config (ms), so one run says whether descriptors pay."""
+    the fastest config of each loading kind and inner loop (ms), so one run says whether
+    descriptors and the P@V-behind loop pay."""
     from dhp_fx.kernels.triton_attention import _gated_attn_fwd
 
     c = getattr(_gated_attn_fwd, "best_config", None)
@@ -193,7 +198,7 @@ def chosen_config() -> str:
     best = {}
     for cfg, t in (getattr(_gated_attn_fwd, "configs_timings", None) or {}).items():
         t = t[0] if isinstance(t, (list, tuple)) else t
-        kind = "tma" if cfg.kwargs.get("USE_TMA") else "pointer"
+        kind = ("tma" if cfg.kwargs.get("USE_TMA") else "pointer") + (" pv-behind" if cfg.kwargs.get("PV_BEHIND") else "")
         best[kind] = min(best.get(kind, float("inf")), t)
     return text + "".join(f"; fastest {kind} {t:.3f} ms" for kind, t in sorted(best.items()))
 
@@ -245,9 +250,10 @@ def check(torch, F, args, dtype, gen) -> bool:
         keep, _ = random_keep(torch, s.B, s.H, n_kept(0.5, s.H), dev, gen)
         want = ref(q, k, v, keep, causal=s.causal)
         for tma in variants:
-            out = torch.full_like(q, float("nan"))
-            triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out, tma=tma)
-            report(f"{s} p=0.5{' tma' if tma else ''}", out, want, tol)
+            for behind in (False, True):
+                out = torch.full_like(q, float("nan"))
+                triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out, tma=tma, pv_behind=behind)
+                report(f"{s} p=0.5{' tma' if tma else ''}{' pv-behind' if behind else ''}", out, want, tol)
         del q, k, v, out, want
     # GQA + model layout + padding mask + head dim 80, decode, additive bias, fp32.
     B, Hq, Hkv, L = 2, 8, 2, 300
@@ -262,9 +268,11 @@ def check(torch, F, args, dtype, gen) -> bool:
             mask[0, ..., L - 37:] = False
         else:
             mask = torch.randn(1, Hq, Lq, L, device=dev, dtype=dt)
-        for tma in variants if Lq > 16 else (None,):  # Lq <= 16 is the decode kernel: no TMA variant
-            got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True, tma=tma)
-            report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}{' tma' if tma else ''}", got,
+        # Lq <= 16 is the decode kernel: no TMA variant, no inner-loop choice
+        for tma, behind in [(t, b) for t in variants for b in (False, True)] if Lq > 16 else [(None, None)]:
+            got, ent = triton_gated_attention(q, k, v, keep, mask, return_entropy=True, tma=tma, pv_behind=behind)
+            report(f"GQA {Hq}/{Hkv} D={D} Lq={Lq} mask={mask_kind} {dt}{' tma' if tma else ''}"
+                   f"{' pv-behind' if behind else ''}", got,
                    ref(q, k, v, keep, mask), 1e-4 if dt == torch.float32 else tol)
             report("  entropy", ent, ref_entropy(q, k, v, keep, mask), 2e-2)
     # Split-KV decode (forced splits) against the same reference, pruned heads exactly zero.
@@ -442,7 +450,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"dtype {args.dtype}  layout {args.layout}  tma {args.tma}")
+          f"dtype {args.dtype}  layout {args.layout}  tma {args.tma}  pv-behind {args.pv_behind}")
     if (args.check or args.check_only) and not check(torch, F, args, dtype, gen):
         print("check FAILED; not timing")
         return 1
@@ -488,7 +496,8 @@ def main(argv=None) -> int:
         for p in args.p:
             keep, idx = random_keep(torch, s.B, s.H, n_kept(p, s.H), DEVICE, gen)
             times = {}
-            for name, fn in make_methods(torch, F, s, q, k, v, keep, idx, flex_s, TMA_ARG[args.tma]).items():
+            methods = make_methods(torch, F, s, q, k, v, keep, idx, flex_s, TMA_ARG[args.tma], TMA_ARG[args.pv_behind])
+            for name, fn in methods.items():
                 try:
                     times[name] = bench(fn)
                 except Exception as e:  # one failing method should not hide the others

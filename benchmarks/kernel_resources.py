@@ -121,13 +121,14 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     return int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies, tma, wgmma
 
 
-def _configs(autotuned, block_d: int, plain: bool = True):
-    """The configs the autotuner would try at this head dim (the head-dim pruning applied), and
-    for a launch that is not ``plain`` (mask, entropy, lse or causal) without plain-only ones."""
-    from dhp_fx.kernels.triton_attention import config_limits, fits_head_dim
+def _configs(autotuned, block_d: int, launch: dict = None):
+    """The configs the autotuner would try at this head dim (the head-dim pruning applied) for a
+    launch with these constexprs (its mask, entropy, lse and causal flags rule out the configs
+    limited to lighter launches)."""
+    from dhp_fx.kernels.triton_attention import fits_head_dim, launch_allows
 
     return [(c.kwargs, c.num_warps, c.num_stages) for c in autotuned.configs
-            if fits_head_dim(c, block_d) and (plain or not config_limits(c).plain_only)]
+            if fits_head_dim(c, block_d) and launch_allows(c, launch or {})]
 
 
 def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True):
@@ -153,6 +154,10 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
         ("fwd_plain", fwd._gated_attn_fwd, fwd_pointers,
          dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
               IS_CAUSAL=False)),
+        # A causal LM's prefill: light (no mask, entropy or lse) but with the causal edge loop.
+        ("fwd_causal", fwd._gated_attn_fwd, fwd_pointers,
+         dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
+              IS_CAUSAL=True)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i32", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
@@ -164,7 +169,7 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
             base = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
                         MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision)
             base.update(extra)
-            for kwargs, warps, stages in _configs(autotuned, block, fwd.is_plain_launch(base)):
+            for kwargs, warps, stages in _configs(autotuned, block, base):
                 consts = dict(base, **kwargs)
                 ptrs = pointers(kwargs, block) if callable(pointers) else pointers
                 yield name, autotuned.fn, ptrs, consts, d, kwargs, warps, stages
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--only", nargs="*", help="kernel names: fwd fwd_plain bwd_dq bwd_dkdv decode_split decode_packed "
+    ap.add_argument("--only", nargs="*", help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv decode_split decode_packed "
                                               "proj_out proj_in proj_wgrad partition")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first

@@ -13,6 +13,12 @@ Pruned programs store their zeros themselves rather than a memset over the whole
 a memset writes every element, then kept programs write theirs again, i.e. up to twice the
 output traffic, while this way every element is written exactly once.
 
+Two inner loops over the full (unmasked-edge) key blocks, both in every autotune list:
+* plain: Q@K^T, softmax, P@V per block. On sm_90 the softmax waits for Q@K^T and P@V for the
+  softmax, so the tensor cores idle through every exp2;
+* P@V behind (``_fwd_inner_pv_behind``): block j's softmax runs while block j - 1's P@V is in
+  flight. Same arithmetic in the same order, so the outputs agree bit for bit.
+
 Everything runs in the log2 domain: logits are scaled by ``scale * log2(e)`` so the softmax
 uses ``exp2``; additive masks are multiplied by log2(e) on load.
 
@@ -74,6 +80,7 @@ _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
 class ConfigLimits(NamedTuple):
     max_block_d: Optional[int] = None  # largest padded head dim served without spills (None: any)
     plain_only: bool = False  # only for launches without mask, entropy, lse or causal test
+    light_only: bool = False  # only for launches without mask, entropy or lse (causal allowed)
 
 
 # Kept beside the configs, not on them: triton's autotune disk cache (TRITON_CACHE_AUTOTUNING=1)
@@ -127,24 +134,34 @@ def _fwd_configs():
         # One config, the loading kind passed by the caller: triton 3.6's autotuner times any
         # list longer than one, even once pruned to one, and the interpreter cannot time.
         return make_configs(pointer_shapes, pre_hook=_tma_block_shapes)
-    pointer = make_configs(pointer_shapes, extra={"USE_TMA": False})
+    pointer = make_configs(pointer_shapes, extra={"USE_TMA": False, "PV_BEHIND": False})
     # Hopper's copy engine (TMA) moves whole tiles without per-thread address math or predicates,
     # which frees the registers that let larger key tiles run. Query blocks of 64+ only: decode
     # shapes have their own kernel and too little work to repay the descriptor setup.
     tma = make_configs([
         (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (64, 128, 8, 3, 64),
-    ], pruned_by_query_len=False, extra={"USE_TMA": True}, pre_hook=_tma_block_shapes)
+    ], pruned_by_query_len=False, extra={"USE_TMA": True, "PV_BEHIND": False}, pre_hook=_tma_block_shapes)
+    # P@V one block behind the softmax (_fwd_inner_pv_behind): the leading prefill tiles of each
+    # loading kind, for the autotuner to weigh against the plain loop.
+    behind = (make_configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3)], pruned_by_query_len=False,
+                           extra={"USE_TMA": False, "PV_BEHIND": True})
+              + make_configs([(128, 64, 8, 3), (128, 64, 8, 4)], pruned_by_query_len=False,
+                             extra={"USE_TMA": True, "PV_BEHIND": True}, pre_hook=_tma_block_shapes))
+    for c in behind:
+        if c.kwargs["USE_TMA"]:  # with a mask, entropy and lse at D = 128: 8 B of spills (sm_90, triton 3.9)
+            set_config_limits(c, light_only=True)
     plain = []
     if _AUTOTUNE:
         # 128 x 128 tiles halve the accumulator rescales per key and the K/V re-reads per query
         # at D = 128, but fit the registers only without masks, entropy, lse or causal tests
         # (sm_90, triton 3.6: 221-247 registers; with them, 128-392 B of spills).
-        plain = (make_configs([(128, 128, 8, 2)], pruned_by_query_len=False, extra={"USE_TMA": False})
+        plain = (make_configs([(128, 128, 8, 2)], pruned_by_query_len=False,
+                              extra={"USE_TMA": False, "PV_BEHIND": False})
                  + make_configs([(128, 128, 8, 3), (128, 128, 8, 2)], pruned_by_query_len=False,
-                                extra={"USE_TMA": True}, pre_hook=_tma_block_shapes))
+                                extra={"USE_TMA": True, "PV_BEHIND": False}, pre_hook=_tma_block_shapes))
         for c in plain:
             set_config_limits(c, plain_only=True)
-    return pointer + tma + plain
+    return pointer + tma + behind + plain
 
 
 def fits_head_dim(config, block_d: int) -> bool:
@@ -158,17 +175,27 @@ def prune_by_head_dim(configs, named_args, **kwargs):
     return [c for c in configs if fits_head_dim(c, block_d)] or configs[:1]
 
 
+def is_light_launch(kwargs) -> bool:
+    """No mask, entropy or lse: what inference of a causal LM or an unpadded encoder runs."""
+    return kwargs.get("MASK_KIND", 0) == 0 and not kwargs.get("ENTROPY") and not kwargs.get("STORE_LSE")
+
+
 def is_plain_launch(kwargs) -> bool:
-    """No mask, entropy, lse or causal test: the variant the largest tiles fit."""
-    return (kwargs.get("MASK_KIND", 0) == 0 and not kwargs.get("ENTROPY") and not kwargs.get("STORE_LSE")
-            and not kwargs.get("IS_CAUSAL"))
+    """A light launch without the causal test either: the variant the largest tiles fit."""
+    return is_light_launch(kwargs) and not kwargs.get("IS_CAUSAL")
+
+
+def launch_allows(config, kwargs) -> bool:
+    """Whether a launch with these constexprs may run the config (its plain/light-only limits)."""
+    limits = config_limits(config)
+    return not ((limits.plain_only and not is_plain_launch(kwargs))
+                or (limits.light_only and not is_light_launch(kwargs)))
 
 
 def prune_configs(configs, named_args, **kwargs):
     """:func:`prune_by_head_dim`, then drop query blocks far larger than Lq (decode) and tiny
-    query blocks for long queries, and plain-only configs from launches that are not plain."""
-    if not is_plain_launch(kwargs):
-        configs = [c for c in configs if not config_limits(c).plain_only] or configs[:1]
+    query blocks for long queries, and configs whose limits the launch does not meet."""
+    configs = [c for c in configs if launch_allows(c, kwargs)] or configs[:1]
     configs = prune_by_head_dim(configs, named_args, **kwargs)
     lq = named_args["Lq"]
     cap = max(16, next_pow2(lq))
@@ -180,13 +207,20 @@ def prune_configs(configs, named_args, **kwargs):
 TMA_OFF, TMA_AUTO, TMA_ONLY = 0, 1, 2
 
 
+# Which inner loop the forward may run: the plain one, either (the autotuner picks), P@V behind.
+PV_OFF, PV_AUTO, PV_ONLY = 0, 1, 2
+
+
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """:func:`prune_configs` over the loading kind the launch's ``TMA_MODE`` allows. Without
-    timing (interpreter, no autotune) TMA_AUTO means pointers, so exactly one config remains."""
-    mode = named_args["TMA_MODE"]
+    """:func:`prune_configs` over the loading kind the launch's ``TMA_MODE`` allows and the inner
+    loop its ``PV_MODE`` allows. Without timing (interpreter, no autotune) the AUTO modes mean
+    pointers and the plain loop, so exactly one config remains."""
     timing = _AUTOTUNE and not _INTERPRET
-    allowed = {TMA_OFF: (False,), TMA_AUTO: (False, True) if timing else (False,), TMA_ONLY: (True,)}[mode]
-    pool = [c for c in configs if c.kwargs["USE_TMA"] in allowed]
+    tma = {TMA_OFF: (False,), TMA_AUTO: (False, True) if timing else (False,),
+           TMA_ONLY: (True,)}[named_args["TMA_MODE"]]
+    behind = {PV_OFF: (False,), PV_AUTO: (False, True) if timing else (False,),
+              PV_ONLY: (True,)}[named_args["PV_MODE"]]
+    pool = [c for c in configs if c.kwargs["USE_TMA"] in tma and c.kwargs.get("PV_BEHIND", False) in behind]
     return prune_configs(pool or configs[:1], named_args, **kwargs)
 
 
@@ -225,6 +259,16 @@ def _dot(a, b, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with the accumulator as the MMA's own (no separate add, no second tile)."""
+    if DOT_F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    else:
+        r = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return r
+
+
+@triton.jit
 def _apply_mask(t, mask_base, mi, nj, mi_ok, nj_ok, Lk, stride_mm, stride_mn,
                 EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Mask log2-domain logits ``t``; mi/nj are query/key indices already broadcast to t's shape
@@ -246,6 +290,68 @@ def _apply_mask(t, mask_base, mi, nj, mi_ok, nj_ok, Lk, stride_mm, stride_mn,
 
 
 @triton.jit
+def _k_tile(k_base, desc_k, kv_b, kv_h, start_n, offs_d, offs_n, col_ok, stride_kn, stride_kd,
+            BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EDGE: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """K^T tile [BLOCK_D, BLOCK_N] of the keys from start_n."""
+    if USE_TMA:
+        # The copy engine zero-fills keys past Lk and head-dim padding: no predicates.
+        kt = tl.trans(desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+    else:
+        kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
+    return kt
+
+
+@triton.jit
+def _v_tile(v_base, desc_v, kv_b, kv_h, start_n, offs_dv, offs_n, col_ok, stride_vn, stride_vd,
+            BLOCK_N: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, EDGE: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """V tile [BLOCK_N, BLOCK_DV] of the keys from start_n."""
+    if USE_TMA:
+        v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    col_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
+    return v
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, s_i, mask_base, offs_m, offs_n, row_ok, col_ok, Lk, stride_mm, stride_mn,
+                  scale_log2, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  ENTROPY: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """One key block of the online softmax: (p, alpha, m, l, s) from the raw logits ``qk``, p
+    relative to the new running max m, alpha the factor that moves the old state onto it."""
+    if FOLD_SCALE and MASK_KIND == 0 and not EDGE:
+        # Unmasked interior tiles, most of the work: with a positive scale, max(qk) * scale is
+        # the scaled max, and scaling folds into one multiply-add with the max subtraction.
+        # The softmax's per-element ops compete with the tensor cores for issue slots.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        t = qk * scale_log2 - m_use[:, None]
+    else:
+        t = _apply_mask(qk * scale_log2, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None],
+                        col_ok[None, :], Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        # A row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        t = t - m_use[:, None]
+    # t: log2-domain logits relative to the running max.
+    p = tl.exp2(t)
+    alpha = tl.exp2(m_i - m_use)
+    if ENTROPY:
+        # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
+        # Select before multiplying so 0 * -inf never forms a NaN at all.
+        pd = p * tl.where(p > 0.0, t, 0.0)
+        # After keys padded with finfo.min, m_i - m_use is ~ -1e38 and l_i * it overflows to
+        # -inf, and -inf * (alpha = 0) is NaN. Their weight alpha is exactly 0 then: select it.
+        carried = (s_i + l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)) * alpha
+        s_i = tl.where(alpha > 0.0, carried, 0.0) + tl.sum(pd, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i, s_i
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_d, offs_dv,
                Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
                desc_k, desc_v, kv_b, kv_h,
@@ -258,48 +364,84 @@ def _fwd_inner(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        if USE_TMA:
-            # The copy engine zero-fills keys past Lk and head-dim padding: no predicates.
-            kt = tl.trans(desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-        else:
-            kt = _load2d(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                         offs_d[:, None] < HEAD_D, col_ok[None, :], BLOCK_D != HEAD_D, EDGE)
+        kt = _k_tile(k_base, desc_k, kv_b, kv_h, start_n, offs_d, offs_n, col_ok, stride_kn, stride_kd,
+                     BLOCK_N, HEAD_D, BLOCK_D, EDGE, USE_TMA)
         qk = _dot(q, kt, DOT_F32, DOT_PRECISION)
-        if FOLD_SCALE and MASK_KIND == 0 and not EDGE:
-            # Unmasked interior tiles, most of the work: with a positive scale, max(qk) * scale is
-            # the scaled max, and scaling folds into one multiply-add with the max subtraction.
-            # The softmax's per-element ops compete with the tensor cores for issue slots.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            t = qk * scale_log2 - m_use[:, None]
-        else:
-            t = _apply_mask(qk * scale_log2, mask_base, offs_m[:, None], offs_n[None, :], row_ok[:, None],
-                            col_ok[None, :], Lk, stride_mm, stride_mn, EDGE, IS_CAUSAL, MASK_KIND)
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            # A row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid inf - inf.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            t = t - m_use[:, None]
-        # t: log2-domain logits relative to the running max.
-        p = tl.exp2(t)
-        alpha = tl.exp2(m_i - m_use)
-        if ENTROPY:
-            # s_i = sum p * (t - m): relative to the running max, so no cancellation against m.
-            # Select before multiplying so 0 * -inf never forms a NaN at all.
-            pd = p * tl.where(p > 0.0, t, 0.0)
-            # After keys padded with finfo.min, m_i - m_use is ~ -1e38 and l_i * it overflows to
-            # -inf, and -inf * (alpha = 0) is NaN. Their weight alpha is exactly 0 then: select it.
-            carried = (s_i + l_i * tl.where(l_i > 0.0, m_i - m_use, 0.0)) * alpha
-            s_i = tl.where(alpha > 0.0, carried, 0.0) + tl.sum(pd, 1)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i, s_i = _softmax_step(qk, m_i, l_i, s_i, mask_base, offs_m, offs_n, row_ok, col_ok, Lk,
+                                                stride_mm, stride_mn, scale_log2, EDGE, IS_CAUSAL, MASK_KIND,
+                                                ENTROPY, FOLD_SCALE)
         if COMPUTE_PV:
-            if USE_TMA:
-                v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-            else:
-                v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            col_ok[:, None], offs_dv[None, :] < HEAD_DV, EDGE, BLOCK_DV != HEAD_DV)
+            v = _v_tile(v_base, desc_v, kv_b, kv_h, start_n, offs_dv, offs_n, col_ok, stride_vn, stride_vd,
+                        BLOCK_N, HEAD_DV, BLOCK_DV, EDGE, USE_TMA)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32, DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i, s_i
+
+
+@triton.jit
+def _fwd_inner_pv_behind(acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_d, offs_dv,
+                         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+                         desc_k, desc_v, kv_b, kv_h,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                         HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr,
+                         DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                         FOLD_SCALE: tl.constexpr):
+    """:func:`_fwd_inner` over interior blocks [lo, hi) (block-aligned, possibly empty) with P@V
+    one block behind the softmax.
+
+    In the plain loop the softmax waits for Q@K^T and P@V waits for the softmax, so the tensor
+    cores idle through every exp2: the sm_90 SASS has the wgmma wait right after Q@K^T and no MMA
+    in flight during the softmax. Here each step issues Q@K^T of block j, then P@V of block j - 1,
+    and the softmax of block j runs while that P@V is still on the tensor cores; the accumulator
+    is rescaled only after it lands (FlashAttention-3's intra-warpgroup overlap). Exact: the same
+    sums, each block's P@V added one step later.
+
+    No branch peels the first block: an ``if`` around the loop made ptxas serialise every wgmma
+    in the kernel (C7515, sm_90a). The first step multiplies a zero P by block lo's values
+    instead, and the last P@V reads its tile from Lk on (nothing: zeros) when the range is empty.
+    """
+    row_ok = offs_m < Lq
+    # P in V's dtype, as the plain loop rounds it (DOT_F32 widens both operands at the dot)
+    if USE_TMA:
+        p_dtype = desc_v.dtype
+    else:
+        p_dtype = v_base.dtype.element_ty
+    if p_dtype.primitive_bitwidth == 32:
+        bits_dtype = tl.int32
+    else:
+        bits_dtype = tl.int16
+    # Invariant at the top of each step: acc holds every block before the previous one, scaled
+    # to the max before the previous block's alpha_prev; p_bits holds the previous block's
+    # probabilities, relative to the current running max m_i.
+    # P is carried as raw bits: triton puts a dot operand that is a loop-carried value (or a
+    # load) in shared memory, which makes the dot wait at once; bits turned back into P by an
+    # elementwise bitcast inside the loop stay in registers.
+    p_bits = tl.zeros([BLOCK_M, BLOCK_N], dtype=bits_dtype)
+    alpha_prev = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kt = _k_tile(k_base, desc_k, kv_b, kv_h, start_n, offs_d, offs_n, col_ok, stride_kn, stride_kd,
+                     BLOCK_N, HEAD_D, BLOCK_D, False, USE_TMA)
+        qk = _dot(q, kt, DOT_F32, DOT_PRECISION)
+        # The rescale comes after Q@K^T's wait and the P@V result is only carried: that is what
+        # lets triton leave this P@V in flight (no wgmma wait until the next step's Q@K^T).
+        acc = acc * alpha_prev[:, None]
+        prev = tl.maximum(start_n - BLOCK_N, lo)
+        offs_p = prev + tl.arange(0, BLOCK_N)
+        v = _v_tile(v_base, desc_v, kv_b, kv_h, prev, offs_dv, offs_p, offs_p < Lk, stride_vn, stride_vd,
+                    BLOCK_N, HEAD_DV, BLOCK_DV, False, USE_TMA)
+        acc = _dot_acc(p_bits.to(p_dtype, bitcast=True), v, acc, DOT_F32, DOT_PRECISION)
+        p, alpha_prev, m_i, l_i, s_i = _softmax_step(qk, m_i, l_i, s_i, mask_base, offs_m, offs_n, row_ok, col_ok,
+                                                     Lk, stride_mm, stride_mn, scale_log2, False, IS_CAUSAL,
+                                                     MASK_KIND, ENTROPY, FOLD_SCALE)
+        p_bits = p.to(p_dtype).to(bits_dtype, bitcast=True)
+    acc = acc * alpha_prev[:, None]
+    last = tl.where(hi > lo, hi - BLOCK_N, Lk)
+    offs_p = last + tl.arange(0, BLOCK_N)
+    v = _v_tile(v_base, desc_v, kv_b, kv_h, last, offs_dv, offs_p, offs_p < Lk, stride_vn, stride_vd,
+                BLOCK_N, HEAD_DV, BLOCK_DV, True, USE_TMA)
+    return _dot_acc(p_bits.to(p_dtype, bitcast=True), v, acc, DOT_F32, DOT_PRECISION), l_i, m_i, s_i
 
 
 @triton.jit
@@ -309,20 +451,28 @@ def _attend(q, k_base, v_base, mask_base, lo, mid, hi, offs_m, offs_d, offs_dv,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
             ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            FOLD_SCALE: tl.constexpr):
+            FOLD_SCALE: tl.constexpr, PV_BEHIND: tl.constexpr = False):
     """(acc, l, m, s) of the online softmax over keys [lo, hi) from a fresh state: [lo, mid) are
     full blocks that need no edge or causal test, [mid, hi) the blocks that do. With USE_TMA,
     K/V tiles come through the [B, Hkv, Lk, D] descriptors at (kv_b, kv_h) instead of the bases.
-    FOLD_SCALE (scale > 0 only) lets unmasked interior blocks scale inside the max subtraction."""
+    FOLD_SCALE (scale > 0 only) lets unmasked interior blocks scale inside the max subtraction;
+    PV_BEHIND runs their P@V one block behind the softmax (:func:`_fwd_inner_pv_behind`)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i, s_i = _fwd_inner(
-        acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
-        Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
-        desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND,
-        ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA, FOLD_SCALE)
+    if PV_BEHIND and COMPUTE_PV:
+        acc, l_i, m_i, s_i = _fwd_inner_pv_behind(
+            acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
+            Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+            desc_k, desc_v, kv_b, kv_h, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL,
+            MASK_KIND, ENTROPY, DOT_F32, DOT_PRECISION, USE_TMA, FOLD_SCALE)
+    else:
+        acc, l_i, m_i, s_i = _fwd_inner(
+            acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, lo, mid, offs_m, offs_d, offs_dv,
+            Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
+            desc_k, desc_v, kv_b, kv_h, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, IS_CAUSAL, MASK_KIND,
+            ENTROPY, COMPUTE_PV, DOT_F32, DOT_PRECISION, USE_TMA, FOLD_SCALE)
     return _fwd_inner(
         acc, l_i, m_i, s_i, q, k_base, v_base, mask_base, mid, hi, offs_m, offs_d, offs_dv,
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
@@ -344,11 +494,12 @@ def _store_row_stats(Ent, Lse, row_ptr, rows, l_ok, l_safe, m_i, s_i, ENTROPY: t
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE"],
+    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE",
+         "PV_MODE"],
     prune_configs_by={"early_config_prune": prune_fwd_configs},
 )
 # Autotune keys only: specialising them (== 1, % 16) would compile extra copies of the kernel.
-@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY", "TMA_MODE"])
+@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY", "TMA_MODE", "PV_MODE"])
 def _gated_attn_fwd(
     Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -356,11 +507,12 @@ def _gated_attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY, TMA_MODE,
+    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY, TMA_MODE, PV_MODE,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    PV_BEHIND: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -424,7 +576,7 @@ def _gated_attn_fwd(
         Lq, Lk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale_log2,
         DescK, DescV, b32, hk32, USE_TMA,
         BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
-        COMPUTE_PV, DOT_F32, DOT_PRECISION, FOLD_SCALE)
+        COMPUTE_PV, DOT_F32, DOT_PRECISION, FOLD_SCALE, PV_BEHIND)
 
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
@@ -594,7 +746,7 @@ def head_blocks(D: int, Dv: int):
 
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
                            return_entropy=False, *, return_lse=False, out=None, compute_out=True,
-                           pairs=None, entropy_rows=False, num_splits=None, tma=None):
+                           pairs=None, entropy_rows=False, num_splits=None, tma=None, pv_behind=None):
     """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
     when ``return_entropy`` / ``return_lse`` ask for them.
 
@@ -613,6 +765,9 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     loads Q/K/V and stores O: None lets the autotuner also try TMA descriptor configs on Hopper
     (sm_90+) for query lengths of 64+ when q, k, v and out have [B, H, L, D] storage, True requires
     them for any layout with 16-byte aligned strides (ValueError otherwise), False keeps pointer loads.
+    ``pv_behind`` picks the prefill kernel's inner loop the same way: None lets the autotuner
+    also try the loop with P@V one key block behind the softmax (overlapping the tensor cores
+    with the exp2s on Hopper), True runs only that loop, False only the plain one.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -648,6 +803,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
                 raise ValueError("tma=True: q, k, v and out need a unit innermost stride, 16-byte aligned base "
                                  "and outer strides, and a float16/bfloat16/float32 dtype")
             tma_mode = TMA_OFF if descs is None else TMA_ONLY if tma else TMA_AUTO
+        pv_mode = PV_AUTO if pv_behind is None else PV_ONLY if pv_behind else PV_OFF
         compact = pairs is not None or Lq * Lk >= COMPACT_MIN_WORK
         if compact:
             pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
@@ -658,12 +814,12 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
             pair_idx, n_kept, *(descs or (q, k, v, o_arg)),
             *q.stride(), *k.stride(), *v.stride(), *mstr, *o_strides,
-            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk), tma_mode,
+            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk), tma_mode, pv_mode,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
             DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact, FOLD_SCALE=scale > 0,
-            **({"USE_TMA": tma_mode == TMA_ONLY} if _INTERPRET else {}),
+            **({"USE_TMA": tma_mode == TMA_ONLY, "PV_BEHIND": pv_mode == PV_ONLY} if _INTERPRET else {}),
         )
     extras = []
     if return_entropy:

@@ -95,6 +95,86 @@ def test_tma_forward_random_shapes(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, m
                       model_layout, seed)
 
 
+def check_pv_behind_forward(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
+                            model_layout, tma, seed):
+    fwd = tk._ta._gated_attn_fwd
+    behind, original = [], fwd.run
+
+    def spy(*args, **kwargs):
+        behind.append(kwargs.get("PV_BEHIND"))
+        return original(*args, **kwargs)
+
+    fwd.run = spy
+    try:
+        (q, k, v, keep, mask), (got, ent) = tk.check_forward(
+            B, Hkv, group, Lq, Lk, D, D, dtype, mask_kind, mask_shape, is_causal, keep_pattern, None,
+            model_layout, seed, tma=tma, pv_behind=True)
+        plain, plain_ent = tk._ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
+                                                         tma=tma, pv_behind=False)
+    finally:
+        fwd.run = original
+    assert behind == [True, False], "pv_behind must pick the inner loop"
+    # The same float32 operations in the same order (rescale by alpha_j, then add P_j V_j), one
+    # step later: the outputs agree bit for bit with the plain loop.
+    torch.testing.assert_close(got, plain, atol=0, rtol=0)
+    torch.testing.assert_close(ent, plain_ent, atol=0, rtol=0)
+
+
+# Lk spans several interpreter key blocks (16) so the loop runs 0 (first causal query block,
+# Lk < 16), 1 and several interior steps; masks and entropy ride through the loop too.
+PV_CASES = [
+    # (B, Hkv, group, Lq, Lk, D, dtype, mask_kind, mask_shape, causal, keep, model_layout, tma)
+    (2, 1, 2, 40, 70, 32, torch.float16, "none", "pad", False, "random", False, False),
+    (1, 2, 1, 48, 48, 24, torch.float32, "additive", "bias", True, "all", True, False),
+    (2, 1, 1, 20, 9, 16, torch.bfloat16, "bool", "pad", False, "row_none", False, False),  # no interior block
+    (1, 1, 2, 33, 64, 40, torch.float16, "none", "pad", True, "one", False, True),  # descriptors, D pads to 64
+    (2, 2, 1, 17, 37, 32, torch.bfloat16, "bool", "full", False, "random", True, True),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("case", PV_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_pv_behind_loop_matches_reference_and_the_plain_loop(case):
+    check_pv_behind_forward(*case, seed=1)
+
+
+@interpreted
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
+       Lq=st.sampled_from([17, 33]), Lk=st.integers(1, 70), D=st.sampled_from([16, 40, 64]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       mask_kind=st.sampled_from(["none", "bool", "additive"]), is_causal=st.booleans(),
+       keep_pattern=st.sampled_from(["random", "all", "one", "row_none"]), tma=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_pv_behind_loop_random_shapes(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, is_causal, keep_pattern, tma,
+                                      seed):
+    check_pv_behind_forward(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, "pad", is_causal, keep_pattern, False, tma,
+                            seed)
+
+
+def test_pv_mode_decides_which_inner_loops_the_autotuner_may_try(monkeypatch):
+    """pv_behind=None lets the autotuner time both inner loops, True/False pins one; without
+    timing AUTO means the plain loop. Configs limited to light launches (the descriptor ones with
+    P@V behind spill with a mask, entropy or lse at D = 128) stay off heavier launches, causal
+    or not."""
+    plain, behind, behind_light = _Cfg(False), _Cfg(False), _Cfg(True)
+    behind.kwargs["PV_BEHIND"] = behind_light.kwargs["PV_BEHIND"] = True
+    ta_rules.set_config_limits(behind_light, light_only=True)
+    monkeypatch.setattr(ta_rules, "_INTERPRET", False)
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
+    prune = ta_rules.prune_fwd_configs
+    args = lambda mode: {"TMA_MODE": ta_rules.TMA_AUTO, "PV_MODE": mode, "Lq": 512}  # noqa: E731
+    light = dict(BLOCK_D=128, MASK_KIND=0, ENTROPY=False, STORE_LSE=False, IS_CAUSAL=True)
+    every = [plain, behind, behind_light]
+    assert prune(every, args(ta_rules.PV_OFF), **light) == [plain]
+    assert prune(every, args(ta_rules.PV_ONLY), **light) == [behind, behind_light]
+    assert prune(every, args(ta_rules.PV_AUTO), **light) == every
+    for heavier in (dict(MASK_KIND=2), dict(ENTROPY=True), dict(STORE_LSE=True)):
+        assert prune(every, args(ta_rules.PV_AUTO), **dict(light, **heavier)) == [plain, behind], heavier
+    monkeypatch.setattr(ta_rules, "_AUTOTUNE", False)
+    assert prune(every, args(ta_rules.PV_AUTO), **light) == [plain]
+
+
 @interpreted
 def test_tma_true_refuses_layouts_a_descriptor_cannot_describe():
     attention = tk._ta.triton_gated_attention
@@ -130,7 +210,7 @@ class _Cfg:
 
 def test_tma_mode_decides_which_configs_the_autotuner_may_try(monkeypatch):
     ptr, tma = _Cfg(False), _Cfg(True)
-    args = lambda mode: {"TMA_MODE": mode, "Lq": 512}  # noqa: E731
+    args = lambda mode: {"TMA_MODE": mode, "PV_MODE": ta_rules.PV_OFF, "Lq": 512}  # noqa: E731
     prune = ta_rules.prune_fwd_configs
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
@@ -150,7 +230,7 @@ def test_plain_only_tiles_are_offered_only_to_plain_launches(monkeypatch):
     ta_rules.set_config_limits(big, plain_only=True)
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
-    args = {"TMA_MODE": ta_rules.TMA_OFF, "Lq": 512}
+    args = {"TMA_MODE": ta_rules.TMA_OFF, "PV_MODE": ta_rules.PV_OFF, "Lq": 512}
     plain = dict(BLOCK_D=128, MASK_KIND=0, ENTROPY=False, STORE_LSE=False, IS_CAUSAL=False)
     assert ta_rules.prune_fwd_configs([ptr, big], args, **plain) == [ptr, big]
     for change in (dict(MASK_KIND=1), dict(MASK_KIND=2), dict(ENTROPY=True), dict(STORE_LSE=True),
@@ -164,7 +244,9 @@ def test_plain_only_tiles_join_the_list_only_when_tuning(monkeypatch):
     monkeypatch.setattr(ta_rules, "_INTERPRET", False)
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", False)
     untuned = ta_rules._fwd_configs()
-    assert len(untuned) == 3 and not any(ta_rules.config_limits(c).plain_only for c in untuned)
+    # first pointer, decode and TMA configs, and the first P@V-behind config of each loading kind
+    assert len(untuned) == 5 and not any(ta_rules.config_limits(c).plain_only for c in untuned)
+    assert [c.kwargs["PV_BEHIND"] for c in untuned] == [False, False, False, True, True]
     monkeypatch.setattr(ta_rules, "_AUTOTUNE", True)
     plain = [c for c in ta_rules._fwd_configs() if ta_rules.config_limits(c).plain_only]
     assert plain and all(c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128 for c in plain)
