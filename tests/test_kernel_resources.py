@@ -106,3 +106,26 @@ def test_projection_kernels_take_only_checked_head_dims_on_capable_cards(monkeyp
     assert hl._triton_module(x, w.double(), None, 64) is None  # mixed dtypes stay on the torch path
     capable["ok"] = False  # e.g. a V100: no bf16 dots
     assert hl._triton_module(x, w, None, 64) is None
+
+
+@pytest.mark.skipif(not _has_nvidia_tools(), reason="this triton ships no NVIDIA toolchain")
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pv_behind_loop_overlaps_the_softmax_with_a_wgmma_on_sm90(tma, head_dim):
+    """The point of the P@V-behind loop: on sm_90 its exp2s issue while a wgmma is in flight;
+    the plain loop waits for every wgmma before its softmax. The overlap hangs on how triton
+    places wgmma waits (a loop-carried dot operand, a guarding `if`, or an early use of the
+    accumulator each silently made the dot synchronous while writing it), so it is checked in the
+    machine code rather than trusted."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import loop_schedule as ls
+
+    plain = ls.interior_loop(ls.compile_forward(head_dim, tma=tma, pv_behind=False))
+    if ls.serialized(plain):
+        # triton 3.9's ptxas does this to the descriptor build at D = 64 (C7513: non-wgmma
+        # instructions define wgmma input registers); triton 3.6, the device's, does not
+        pytest.skip(f"ptxas serialised every wgmma of this build, plain loop too: {ls.schedule(plain)}")
+    behind = ls.interior_loop(ls.compile_forward(head_dim, tma=tma, pv_behind=True))
+    exp2 = sum(ls.opcode(t) == "MUFU.EX2" for t in behind)
+    assert exp2 > 0 and ls.overlapped_exp2(plain) == 0, ls.schedule(plain)
+    assert ls.overlapped_exp2(behind) >= 0.75 * exp2, ls.schedule(behind)
