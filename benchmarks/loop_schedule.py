@@ -104,7 +104,7 @@ def overlapped_exp2(body) -> int:
         op = opcode(text)
         if op.startswith("HGMMA"):
             pending = True
-        elif op.startswith("WARPGROUP.DEPBAR"):
+        elif op.startswith("WARPGROUP.DEPBAR") and _wait_name(text) == "wait":
             pending = False
         elif op == "MUFU.EX2" and pending:
             count += 1
@@ -116,8 +116,16 @@ def serialized(body) -> bool:
     overlaps anything, in any loop of the kernel."""
     ops = [opcode(t) for t in body]
     mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
-    return bool(mma) and all(any(op.startswith("WARPGROUP.DEPBAR") for op in ops[i + 1:j])
+    return bool(mma) and all(any(op.startswith("WARPGROUP.DEPBAR") and _wait_name(body[k]) == "wait"
+                                 for k, op in enumerate(ops[i + 1:j], i + 1))
                              for i, j in zip(mma, mma[1:] + [len(ops)]))
+
+
+def _wait_name(text: str) -> str:
+    # WARPGROUP.DEPBAR.LE gsb0, 0xN: wait until at most N wgmma groups are in flight
+    m = re.search(r"gsb0,\s*0x([0-9a-f]+)", text)
+    n = int(m.group(1), 16) if m else 0
+    return "wait" if n == 0 else f"wait<={n}"
 
 
 def schedule(body) -> str:
@@ -125,7 +133,7 @@ def schedule(body) -> str:
     out, last, n = [], None, 0
     for text in body:
         op = opcode(text)
-        name = ("mma" if op.startswith("HGMMA") else "wait" if op.startswith("WARPGROUP.DEPBAR")
+        name = ("mma" if op.startswith("HGMMA") else _wait_name(text) if op.startswith("WARPGROUP.DEPBAR")
                 else "exp2" if op == "MUFU.EX2" else None)
         if name is None:
             continue
@@ -147,10 +155,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--tma", action="store_true", help="TMA descriptor loads instead of pointers")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless the P@V-behind loop issues >= 3/4 of its exp2s with a wgmma in flight "
+                         "and the plain loop none; 3 when ptxas serialised the plain loop (nothing can overlap)")
     args = ap.parse_args(argv)
+    bodies = {}
     for behind in (False, True):
-        body = interior_loop(compile_forward(args.head_dim, tuple(args.block), args.warps, args.stages, args.tma,
-                                             behind))
+        body = bodies[behind] = interior_loop(compile_forward(args.head_dim, tuple(args.block), args.warps,
+                                                              args.stages, args.tma, behind))
         mix = collections.Counter(opcode(t) for t in body)
         print(f"== {'P@V behind' if behind else 'plain loop'}: D={args.head_dim} tile {args.block[0]}x"
               f"{args.block[1]} w{args.warps} s{args.stages} {'tma' if args.tma else 'pointers'}")
@@ -159,6 +171,12 @@ def main(argv=None) -> int:
         print(f"  schedule: {schedule(body)}")
         print(f"  exp2 issued while a wgmma is in flight: {overlapped_exp2(body)} of {mix['MUFU.EX2']}"
               + ("; every wgmma waits for itself (serialised by ptxas)" if serialized(body) else ""))
+    if args.check:
+        if serialized(bodies[False]):
+            return 3
+        exp2 = sum(opcode(t) == "MUFU.EX2" for t in bodies[True])
+        ok = exp2 > 0 and overlapped_exp2(bodies[False]) == 0 and overlapped_exp2(bodies[True]) >= 0.75 * exp2
+        return 0 if ok else 1
     return 0
 
 

@@ -117,15 +117,13 @@ def test_pv_behind_loop_overlaps_the_softmax_with_a_wgmma_on_sm90(tma, head_dim)
     places wgmma waits (a loop-carried dot operand, a guarding `if`, or an early use of the
     accumulator each silently made the dot synchronous while writing it), so it is checked in the
     machine code rather than trusted."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import loop_schedule as ls
-
-    plain = ls.interior_loop(ls.compile_forward(head_dim, tma=tma, pv_behind=False))
-    if ls.serialized(plain):
+    # A fresh process, as above: this one may hold the interpreter's kernels.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "loop_schedule.py"), "--check",
+           "--head-dim", str(head_dim)] + (["--tma"] if tma else [])
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode == 3:
         # triton 3.9's ptxas does this to the descriptor build at D = 64 (C7513: non-wgmma
         # instructions define wgmma input registers); triton 3.6, the device's, does not
-        pytest.skip(f"ptxas serialised every wgmma of this build, plain loop too: {ls.schedule(plain)}")
-    behind = ls.interior_loop(ls.compile_forward(head_dim, tma=tma, pv_behind=True))
-    exp2 = sum(ls.opcode(t) == "MUFU.EX2" for t in behind)
-    assert exp2 > 0 and ls.overlapped_exp2(plain) == 0, ls.schedule(plain)
-    assert ls.overlapped_exp2(behind) >= 0.75 * exp2, ls.schedule(behind)
+        pytest.skip("ptxas serialised every wgmma of this build, plain loop too:\n" + run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
