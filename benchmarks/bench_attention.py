@@ -1,7 +1,7 @@
 """Time gated attention on a GPU: dense SDPA, FlexAttention with a head BlockMask,
 gather -> SDPA -> scatter, and the dhp_fx Triton kernel, at several kept-head fractions p.
 
-    python benchmarks/bench_attention.py [--check | --check-only] [--block] [--tma auto|on|off]
+    python benchmarks/bench_attention.py [--check | --check-only] [--block [--graphs]] [--tma auto|on|off]
                                          [--pv-behind auto|on|off]
                                          [--shapes 8,32,2048,128,causal ...]
 
@@ -65,6 +65,9 @@ def parse_args(argv=None):
                          "key block behind the softmax or the plain loop")
     ap.add_argument("--block", action="store_true",
                     help="also time the attention block (QKV proj + core + out proj), d_model = H*D")
+    ap.add_argument("--graphs", action="store_true",
+                    help="with --block, also time every block variant replayed from a CUDA graph: the "
+                         "GPU's time without the per-launch host cost that bounds short shapes")
     ap.add_argument("--decode", nargs="*", default=None, metavar="B,HQ,HKV,LK,D",
                     help="also time decode (one query row, long KV; GQA when HQ > HKV): SDPA, gather, the "
                          f"Triton kernel with and without split-KV (no value: {' '.join(DEFAULT_DECODE)})")
@@ -364,9 +367,10 @@ def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
         torch.cuda.empty_cache()
 
 
-def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
+def time_block(torch, F, s: Shape, keep_shared, bench, dtype, graphs: bool = False):
     """Dense block vs gated: per-row gate (full projections, gated core) and a gate shared by the
-    batch (kept heads' projection rows sliced once, as a deployment would cache them)."""
+    batch (kept heads' projection rows sliced once, as a deployment would cache them). With
+    ``graphs`` each variant is also timed replayed from a CUDA graph ("name +graph")."""
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
     d = s.H * s.D
@@ -407,19 +411,27 @@ def time_block(torch, F, s: Shape, keep_shared, bench, dtype):
     for b in range(s.B):  # every row its own heads, as per-input gates give
         keep_random[b, torch.randperm(s.H, device=DEVICE)[:n_keep]] = True
 
-    def gated_ops(keep):
+    def gated_ops(proj_keep, keep):
         def run():
             # what optimize() runs with a gate that decides from the layer input: the library's
-            # head-skipping projections (Triton on CUDA, mask read on the device) around the op
-            q, k, v = (proj(x, w, None, keep, s.D).view(s.B, s.L, s.H, s.D).transpose(1, 2)
+            # head-skipping projections (Triton on CUDA, mask read on the device) around the op;
+            # a batch-shared gate hands the projections its [H] union (skip_projections' keep.any(0))
+            q, k, v = (proj(x, w, None, proj_keep, s.D).view(s.B, s.L, s.H, s.D).transpose(1, 2)
                        for w in (wq_full, wk_full, wv_full))
             o = triton_gated_attention(q, k, v, keep, is_causal=s.causal)
-            return torch.ops.dhp.head_linear_in(o.transpose(1, 2).reshape(s.B, s.L, d), w_o, None, keep, s.D)
+            return torch.ops.dhp.head_linear_in(o.transpose(1, 2).reshape(s.B, s.L, d), w_o, None, proj_keep, s.D)
         return run
 
-    return {name: bench(fn) for name, fn in
-            [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared),
-             ("block ops/shared", gated_ops(keep_rows)), ("block ops/row", gated_ops(keep_random))]}
+    variants = [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared),
+                ("block ops/shared", gated_ops(keep_shared, keep_rows)),
+                ("block ops/row", gated_ops(keep_random, keep_random))]
+    times = {name: bench(fn) for name, fn in variants}
+    if graphs:
+        from dhp_fx.cuda_graphs import CUDAGraphRunner
+
+        for name, fn in variants:  # warm-up calls (autotuning included) run before the capture
+            times[name + " +graph"] = bench(CUDAGraphRunner(fn, clone_outputs=False))
+    return times
 
 
 def main(argv=None) -> int:
@@ -517,11 +529,12 @@ def main(argv=None) -> int:
                 print(f"  triton config: {chosen_config()}")
             if args.block:
                 shared = keep[0]
-                blocks = time_block(torch, F, s, shared, bench, dtype)
+                blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)
                 for name, t in blocks.items():
                     line = f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms"
                     if name.startswith("block ops"):  # the library's path: the one the target is for
-                        target = block_target_ms(p, blocks["block dense"])
+                        dense = "block dense +graph" if name.endswith("+graph") else "block dense"
+                        target = block_target_ms(p, blocks[dense])
                         line += f"  target {target:.3f} ms: {verdict(t, target)}"
                     print(line)
         del q, k, v
