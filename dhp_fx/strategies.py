@@ -130,6 +130,7 @@ class StaticGate(ScoringGate):
         super().__init__(site, config, params)
         self.register_buffer("static_scores", self.w_hat.clone())
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._decision: Optional[tuple] = None  # (inputs it was decided from, keep [1, H])
 
     def set_static_scores(self, scores) -> None:
         scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
@@ -150,6 +151,28 @@ class StaticGate(ScoringGate):
         # where(), not an if: traced gates must not branch on buffer values
         ranking = torch.where(self.calibrated, self.static_scores, self._fresh_w_hat())
         return ranking[None].expand(ref.shape[0], -1).to(ref.device)
+
+    @torch.no_grad()
+    def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
+        """Every input gets the same heads: decide once, then hand out a view of that decision.
+
+        Deciding costs a dozen small kernels (top-k, scatter, the batch vote) per layer and call,
+        which on a GPU under CUDA graphs is a sizeable share of a short forward. The decision is
+        kept while everything it depends on is unchanged: the scores (static, calibrated flag,
+        ŵ: held, so their identity and version counters can be compared), the budget and the
+        device. A pinned mask and calibration recording take the general path."""
+        if self.fixed_keep.numel() or self.recording:
+            return super().decide_eager(q, k, v, attn_mask, hidden)
+        ref = q if q is not None else hidden
+        w_hat = self._fresh_w_hat()
+        tensors = (self.static_scores, self.calibrated, w_hat)
+        key = (tuple(t._version for t in tensors), ref.device, self.keep_ratio, self.min_heads,
+               self.score_threshold, self.union_cap, self.granularity, self.prune_kv_groups)
+        cached = self._decision
+        if cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], tensors)):
+            keep = super().decide_eager(None, None, None, None, ref[:1])
+            cached = self._decision = (tensors, key, keep)
+        return cached[2].expand(ref.shape[0], self.num_heads)
 
 
 class RouterGate(ScoringGate):

@@ -123,6 +123,7 @@ class _Site:
         self.gate_target, self.result = gate_target, result
         self.keep: fx.Node = gated.args[3]
         self.heads_any: Optional[fx.Node] = None
+        self.flag_nodes: list[fx.Node] = []  # helper reductions this pass inserted, in order
         self.done: list[str] = []
         self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
@@ -138,7 +139,16 @@ class _Site:
         if self.heads_any is None:
             with self.graph.inserting_after(self.keep):
                 self.heads_any = insert_node(self.graph, "call_method", "any", (self.keep, 0), meta_like=self.gated)
+            self.flag_nodes.append(self.heads_any)
         return self.heads_any
+
+    def drop_unused_flags(self) -> None:
+        """Erase the flag reductions no replacement ended up reading (per-sample projections read
+        the gate's own [B, H] mask): each would still run a kernel per layer and call."""
+        for node in reversed(self.flag_nodes):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.flag_nodes.clear()
 
     # ------------------------------------------------------------------ q / k / v
     def role_geometry(self, role: str) -> tuple[int, int]:
@@ -261,7 +271,9 @@ class _Site:
             grouped = insert_node(self.graph, "call_method", "unflatten",
                                   (flags, -1, (s.num_kv_heads, s.num_heads // s.num_kv_heads)), meta_like=self.gated)
         with self.graph.inserting_after(grouped):
-            return insert_node(self.graph, "call_method", "any", (grouped, -1), meta_like=self.gated)
+            kv = insert_node(self.graph, "call_method", "any", (grouped, -1), meta_like=self.gated)
+        self.flag_nodes += [grouped, kv]
+        return kv
 
     def replace_inputs(self, roles: list[str], hidden: fx.Node) -> None:
         s = self.site
@@ -440,4 +452,5 @@ def skip_site_projections(gm: fx.GraphModule, gated: fx.Node, site: AttentionSit
     state = _Site(gm, gated, site, proj, gate_target, result)
     state.skip_inputs()
     state.skip_output()
+    state.drop_unused_flags()
     return tuple(r for r in ("q", "k", "v", "out") if r in state.done)

@@ -441,3 +441,60 @@ def test_sink_weight_ranks_heads_parked_on_the_first_token_last():
     assert s_sink[0].argmin() == 0 and s_sink[0, 0] < 0.05 and s_sink[0, 1] > 0.9
     with pytest.raises(ValueError, match="sink_weight"):
         dhp_fx.DHPConfig(sink_weight=1.5)
+
+
+def _uncached(gate, x):
+    return dhp_fx.gates.HeadGate.decide_eager(gate, None, None, None, None, x)
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.sampled_from(["ratio", "threshold", "scores", "scores_inplace", "weights", "granularity",
+                                       "batch", "pin", "unpin"]), min_size=1, max_size=8),
+       seed=st.integers(0, 2**16), calibrated=st.booleans())
+def test_static_gate_reuses_its_decision_only_while_nothing_it_reads_changed(steps, seed, calibrated):
+    """The static gate decides once and hands out views (no top-k or scatter per layer and
+    call); every change to what the decision reads must be seen on the next call, in place or
+    by replacement, and the result must equal deciding afresh."""
+    module, opt, inputs, gate = _gate_model("static", 0.5, prune_kv_groups=False)
+    g = torch.Generator().manual_seed(seed)
+    if calibrated:
+        gate.set_static_scores(torch.rand(8, generator=g))
+    x = inputs["x"]
+    with torch.no_grad():
+        for step in steps:
+            if step == "ratio":
+                gate.set_keep_ratio(float(torch.randint(1, 9, (), generator=g)) / 8)
+            elif step == "threshold":
+                gate.set_score_threshold(None if torch.rand((), generator=g) < 0.3 else float(torch.rand((), generator=g)))
+            elif step == "scores":
+                gate.set_static_scores(torch.rand(8, generator=g))
+            elif step == "scores_inplace":  # what load_state_dict does to a buffer
+                gate.static_scores.copy_(torch.rand(8, generator=g))
+            elif step == "weights":  # training updates weights in place: ŵ follows when uncalibrated
+                module.q_proj.weight.mul_(torch.rand(module.q_proj.weight.shape[0], 1, generator=g) + 0.5)
+            elif step == "granularity":
+                gate.granularity = "sample" if gate.granularity == "batch" else "batch"
+            elif step == "batch":
+                x = torch.randn(int(torch.randint(1, 5, (), generator=g)), *inputs["x"].shape[1:], generator=g)
+            elif step == "pin":
+                gate.set_keep_mask(torch.rand(8, generator=g) < 0.5)
+            else:
+                gate.set_keep_mask(None)
+            got = gate(None, None, None, None, hidden=x)
+            assert got.shape == (x.shape[0], 8)
+            assert torch.equal(got, _uncached(gate, x)), step
+
+
+def test_static_gate_decides_once_per_configuration(monkeypatch):
+    module, opt, inputs, gate = _gate_model("static", 0.5)
+    calls = []
+    real = dhp_fx.gates.decide_keep
+    monkeypatch.setattr(dhp_fx.gates, "decide_keep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for ratio in (0.375, 0.25):  # each new budget: one decision, then reuse
+            gate.set_keep_ratio(ratio)
+            for _ in range(3):
+                keep = gate(None, None, None, None, hidden=inputs["x"])
+                opt(**inputs)
+            assert int(keep[0].sum()) == round(ratio * 8)
+    assert len(calls) == 2, "a static decision must be reused across calls"

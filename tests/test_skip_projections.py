@@ -314,6 +314,11 @@ def test_hf_bert(attn):
     ids, mask = _ids()
     run = compare(model, {"input_ids": ids, "attention_mask": mask}, masks_for(2))
     expect(run, ("q", "k", "v", "out"), 6, 2)
+    # Per-sample projections read the gate's own [B, H] mask: the [H] union the pass builds for
+    # other layouts must not be left behind, a kernel per layer and call with no reader.
+    dead = [n for gm, _ in run.graphs for n in gm.graph.nodes
+            if n.op == "call_method" and n.target in ("any", "unflatten") and not n.users]
+    assert not dead, dead
 
 
 def test_hf_llama_gqa_rope():
