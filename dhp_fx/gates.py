@@ -279,8 +279,16 @@ class HeadGate(nn.Module):
             self._record(scores, keep)
             return keep
         if self.score_threshold is None and self.n_keep >= self.num_heads:
-            return torch.ones(batch, self.num_heads, dtype=torch.bool, device=ref.device)
+            return self._all_kept(batch, ref.device)
         return self.decide(self.score(q, k, v, attn_mask, hidden))
+
+    def _all_kept(self, batch: int, device) -> torch.Tensor:
+        """Every head kept: a view of one cached row rather than a fill kernel per layer and call."""
+        row = self.__dict__.get("_all_kept_row")
+        if row is None or row.device != torch.device(device) or row.shape[-1] != self.num_heads:
+            row = torch.ones(1, self.num_heads, dtype=torch.bool, device=device)
+            self.__dict__["_all_kept_row"] = row
+        return row.expand(batch, self.num_heads)
 
     def after_attention(self, out: torch.Tensor, q, k, v, attn_mask, work: dict) -> torch.Tensor:
         """The tap's work (see GateTap): runs once per call, after the op, with live q, k, v."""
