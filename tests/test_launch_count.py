@@ -1,0 +1,74 @@
+"""How many kernels a gated forward adds to the dense one, counted on the CPU.
+
+Under CUDA graphs a short forward is bound by its number of kernels, not their size: each small
+op costs a launch slot and a few microseconds even when replayed (session 5's graphed BERT-base
+ran 1.2-1.7x dense). Top-level ATen/dhp ops, views and metadata left out, are one kernel each on
+a GPU, so counting them here guards the GPU property without one.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import dhp_fx
+
+# Ops that only make a view or read metadata (or are no-ops on an already right tensor).
+VIEWS = {"expand", "expand_as", "view", "transpose", "unsqueeze", "squeeze", "slice", "select", "as_strided",
+         "permute", "t", "alias", "detach", "unflatten", "_unsafe_view", "reshape", "contiguous", "to", "new_ones"}
+
+
+def kernel_ops(fn) -> collections.Counter:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    ops = collections.Counter()
+    for e in prof.events():
+        if not e.name.startswith(("aten::", "dhp::")):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith(("aten::", "dhp::")):
+            parent = parent.cpu_parent
+        if parent is None and e.name.split("::")[1] not in VIEWS:
+            ops[e.name] += 1
+    return ops
+
+
+@pytest.fixture(scope="module")
+def bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, attn_implementation="sdpa")).eval()
+    inputs = {"input_ids": torch.randint(0, 500, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    return model, inputs, kernel_ops(lambda: model(**inputs))
+
+
+@pytest.mark.parametrize("scoring,granularity,keep", [("static", "batch", 0.5), ("static", "sample", 0.5),
+                                                      ("router", "sample", 1.0), ("probe", "sample", 1.0)])
+def test_gated_forward_adds_no_kernels_per_layer_beyond_its_own_ops(bert, scoring, granularity, keep):
+    """A static ranking is decided once (no top-k or scatter per call), no unread flag
+    reduction is left in the graph, an all-kept gate fills nothing: past the padding mask that the
+    captured graph builds once per forward (eager HF skips it for an all-ones mask), the gated
+    model launches what the dense one does, with dhp ops in place of the attention ops."""
+    model, inputs, dense = bert
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=keep, scoring=scoring, granularity=granularity),
+                          example_inputs=inputs)
+    if scoring == "static":
+        dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+    gated = kernel_ops(lambda: opt(**inputs))
+    layers = 2
+    # gates deciding from the layer input skip the q/k/v projections too; the probe reads q
+    qkv = 0 if scoring == "probe" else 3 * layers
+    assert gated["dhp::gated_attention"] == layers and gated["dhp::head_linear_in"] == layers
+    assert gated["dhp::head_linear_out"] == qkv
+    assert not {"aten::topk", "aten::scatter_", "aten::zeros_like", "aten::ones", "aten::any"} & set(gated), gated
+    dhp = sum(v for k, v in gated.items() if k.startswith("dhp::"))
+    replaced = dhp  # each dhp op took the place of one linear or SDPA call
+    mask_building = 10  # once per forward, whatever the depth
+    assert sum(gated.values()) - dhp <= sum(dense.values()) - replaced + mask_building, (gated - dense, dense - gated)
