@@ -259,7 +259,12 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
     x2 = x.reshape(-1, x.shape[-1])
     s_wn, s_wk = _nk_strides(weight, weight_in_out)
     # The kernels dereference the mask on x's device: a host mask would be a wild pointer there.
-    keep = heads_keep.to(device=x.device, dtype=torch.uint8)
+    keep = heads_keep.to(device=x.device)
+    # bool and uint8 share their bytes: a view, not a conversion kernel per projection and call
+    # (a batch-shared gate's [B, H] expand keeps its stride-0 rows: every row reads the same one)
+    keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep.to(torch.uint8)
+    if keep.stride(-1) != 1:  # the kernels step through heads with unit stride
+        keep = keep.contiguous()
     per_sample = keep.dim() == 2
     rows = x2.shape[0] // keep.shape[0] if per_sample else 1
     return x2, s_wn, s_wk, keep, per_sample, rows, (keep.stride(0) if per_sample else 0)

@@ -359,3 +359,24 @@ def test_interpreted_grouped_tile_order_visits_every_tile_once(thl, monkeypatch,
     # within a full group, consecutive programs walk the group's a-tiles before the next b
     if n_a >= group and n_b > 1:
         assert a[:group].tolist() == list(range(group)) and b[:group].tolist() == [0] * group
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_interpreted_masks_are_read_through_their_strides(thl, layout):
+    # A batch-shared gate hands over a stride-0 [B, H] expand, and a bool mask is read as its own
+    # bytes (no conversion copy): every layout must give what the contiguous mask gives.
+    B, L, H, D, K = 3, 10, 4, 8, 24
+    g = torch.Generator().manual_seed(7)
+    row = torch.tensor([True, False, True, True])
+    keep = row[None].expand(B, H) if layout == "expanded" else \
+        torch.tensor([[1, 0, 1, 0, 0, 1, 1, 0]] * B, dtype=torch.bool)[:, ::2]
+    assert keep.stride() == ((0, 1) if layout == "expanded" else (8, 2))
+    x = torch.randn(B, L, K, generator=g)
+    w = torch.randn(H * D, K, generator=g)
+    o = torch.randn(B, L, H * D, generator=g)
+    w2 = torch.randn(K, H * D, generator=g)
+    for fn, inp, weight in ((thl.head_linear_out_triton, x, w), (thl.head_linear_in_triton, o, w2)):
+        got = fn(inp, weight, None, keep, D)
+        want = fn(inp, weight, None, keep.contiguous(), D)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
