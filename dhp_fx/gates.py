@@ -162,7 +162,9 @@ class HeadGate(nn.Module):
         """bool [B, H] keep mask for scores [B, H] under this gate's budget."""
         batch, H = scores.shape[0], self.num_heads
         group = H // self.num_kv_heads if self.prune_kv_groups else 1
-        units = scores.float().reshape(batch, H // group, group).mean(-1)
+        units = scores.float()
+        if group > 1:  # one unit per KV group; otherwise the mean over a size-1 dim is a wasted kernel
+            units = units.reshape(batch, H // group, group).mean(-1)
         n_units = H // group
         keep = decide_keep(
             units,

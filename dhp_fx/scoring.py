@@ -102,6 +102,10 @@ def combine_scores(w_hat: torch.Tensor, entropy: Optional[torch.Tensor], alpha: 
     return alpha * w_hat.to(entropy.device)[None] + (1.0 - alpha) * (1.0 - entropy)
 
 
+# torch.any over several dims at once (aten::any.dims) is newer than the oldest torch supported.
+_ANY_OVER_DIMS = "dims" in torch.ops.aten.any.overloads()
+
+
 def query_padding(attn_mask: Optional[torch.Tensor], batch: int, q_len: int, k_len: int) -> Optional[torch.Tensor]:
     """bool [B, Lq]: which query rows are real tokens, when the mask says so; else None.
 
@@ -115,4 +119,6 @@ def query_padding(attn_mask: Optional[torch.Tensor], batch: int, q_len: int, k_l
         mask = mask.unsqueeze(0)
     ok = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
     # no data-dependent branch: gates must stay traceable by downstream compilers
+    if _ANY_OVER_DIMS:  # one reduction kernel per layer and call instead of two
+        return ok.any(dim=(1, 2)).expand(batch, k_len)
     return ok.any(dim=-2).any(dim=1).expand(batch, k_len)

@@ -498,3 +498,24 @@ def test_static_gate_decides_once_per_configuration(monkeypatch):
                 opt(**inputs)
             assert int(keep[0].sum()) == round(ratio * 8)
     assert len(calls) == 2, "a static decision must be reused across calls"
+
+
+@SETTINGS
+@given(B=st.integers(1, 3), L=st.integers(2, 6), heads=st.sampled_from([1, 2]), additive=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_query_padding_is_the_same_with_one_reduction_or_two(B, L, heads, additive, seed):
+    import dhp_fx.scoring as scoring
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, heads, L, L, generator=g) < 0.6
+    if additive:
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    saved = scoring._ANY_OVER_DIMS
+    try:
+        scoring._ANY_OVER_DIMS = True
+        one = query_padding(mask, B, L, L)
+        scoring._ANY_OVER_DIMS = False  # torch without aten::any.dims
+        two = query_padding(mask, B, L, L)
+    finally:
+        scoring._ANY_OVER_DIMS = saved
+    assert torch.equal(one, two)
