@@ -508,7 +508,7 @@ def _gated_attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Lq, Lk, scale_log2, LQ_KEY, LK_KEY, TMA_MODE, PV_MODE,
+    Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride, LQ_KEY, LK_KEY, TMA_MODE, PV_MODE,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
@@ -523,9 +523,9 @@ def _gated_attn_fwd(
     if COMPACT:
         pair = tl.load(Pairs + slot).to(tl.int64)
         kept = slot < tl.load(NKept)
-    else:  # Pairs is the flat keep mask itself
+    else:  # Pairs is the [B, Hq] keep mask itself, rows keep_row_stride apart (0: one shared row)
         pair = slot.to(tl.int64)
-        kept = tl.load(Pairs + slot) != 0
+        kept = tl.load(Pairs + (pair // Hq) * keep_row_stride + pair % Hq) != 0
     # int64 base offsets: b * stride_b overflows int32 for large batches / full masks.
     b = pair // Hq
     h = pair % Hq
@@ -809,13 +809,15 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
         if compact:
             pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
         else:
-            pair_idx = n_kept = keep.reshape(-1).view(torch.uint8)
+            # read through its strides: a batch-shared gate's [B, H] expand is not copied flat
+            pair_idx = n_kept = keep.view(torch.uint8) if keep.stride(1) == 1 else keep.contiguous().view(torch.uint8)
         grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
             pair_idx, n_kept, *(descs or (q, k, v, o_arg)),
             *q.stride(), *k.stride(), *v.stride(), *mstr, *o_strides,
-            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, _bucket(Lq), _bucket(Lk), tma_mode, pv_mode,
+            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, 0 if compact else pair_idx.stride(0),
+            _bucket(Lq), _bucket(Lk), tma_mode, pv_mode,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),

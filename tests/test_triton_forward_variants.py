@@ -376,3 +376,21 @@ def test_tma_lse_only_pass_matches_pointer_loads():
     assert got[0] is None and want[0] is None
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("compact", [False, True], ids=["early_exit", "compacted"])
+def test_batch_shared_keep_is_read_through_its_strides(compact):
+    """A batch-shared gate hands over a stride-0 [B, H] expand: the early-exit grid reads it in
+    place (no flat copy per layer and call), and both grids give what a contiguous mask gives."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, L, D = 3, 4, 20, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+    row = torch.tensor([True, False, True, False])
+    shared = row[None].expand(B, H)
+    assert shared.stride() == (0, 1)
+    pairs = tk._ta.kept_pairs(shared.contiguous()) if compact else None
+    got = tk._ta.triton_gated_attention(q, k, v, shared, pairs=pairs)
+    want = tk._ta.triton_gated_attention(q, k, v, shared.contiguous(), pairs=pairs)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(got[:, ~row], torch.zeros_like(got[:, ~row])) and got[:, row].abs().sum() > 0
