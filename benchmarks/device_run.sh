@@ -3,9 +3,9 @@
 # root through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=580,
 # carry=[".device_carry"]). Run 1 of 2026-11-26 (cold; fewer steps and configs) took 3.7 min on an
 # H100; session 6 added configs (P@V-behind loop), graphed block rows and an autotuned encoder.
-# Step limits add up to 530 s; a cold table compiles roughly 90 kernel variants by count (forward configs
-# x {causal, not} x head dims, and the projections), which is why it gets the most. BENCH_ARGS narrows the timed table (e.g.
-# "--shapes 32,12,512,64 --no-flex"), BENCH_S its time limit.
+# Step limits add up to 530 s. A cold table compiles roughly 90 kernel variants (forward configs
+# x {causal, not} x head dims, and the projections), which is why it gets the most time.
+# BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
 # (dhp_fx.kernels = kernels/, dhp_fx.passes = passes/) is reproduced with symlinks in this copy
