@@ -123,12 +123,54 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     copies = len(re.findall(r"\bcp\.async\.", ptx))
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
     wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
-    from loop_schedule import instructions, loops, serialized  # sibling script; it imports this one
-
     ins = instructions(sass)
     serial = any(serialized([t for _, t in ins[lo:hi + 1]]) for lo, hi in loops(ins))
     return (int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies, tma, wgmma,
             serial)
+
+
+# ---------------------------------------------------------------- reading SASS
+# (loop_schedule.py prints schedules with these too)
+
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_OPCODE = re.compile(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9]+)?)")
+
+
+def instructions(sass: str):
+    """(address, text) of every instruction, in order."""
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, sass.splitlines()) if m]
+
+
+def loops(ins):
+    """(start, end) index ranges of the loops: a branch back to an earlier address closes one."""
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    found = []
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
+            found.append((at[int(m.group(1), 16)], i))
+    return found
+
+
+def opcode(text: str) -> str:
+    return _OPCODE.match(text).group(1)
+
+
+def serialized(body) -> bool:
+    """Whether every wgmma waits for itself (ptxas's C7513/C7515 fallback): no wgmma then
+    overlaps anything, in any loop of the kernel."""
+    ops = [opcode(t) for t in body]
+    mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+    return bool(mma) and all(any(op.startswith("WARPGROUP.DEPBAR") and wait_name(body[k]) == "wait"
+                                 for k, op in enumerate(ops[i + 1:j], i + 1))
+                             for i, j in zip(mma, mma[1:] + [len(ops)]))
+
+
+def wait_name(text: str) -> str:
+    # WARPGROUP.DEPBAR.LE gsb0, 0xN: wait until at most N wgmma groups are in flight
+    m = re.search(r"gsb0,\s*0x([0-9a-f]+)", text)
+    n = int(m.group(1), 16) if m else 0
+    return "wait" if n == 0 else f"wait<={n}"
 
 
 def _configs(autotuned, block_d: int, launch: dict = None):

@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernel_resources as kr  # noqa: E402  (sibling script: signatures, tool paths)
+import kernel_resources as kr  # noqa: E402  (sibling script: signatures, tool paths, SASS parsing)
+from kernel_resources import wait_name, instructions, loops, opcode, serialized  # noqa: E402
 
 
 def compile_forward(head_dim=128, block=(128, 64), warps=8, stages=3, tma=False, pv_behind=False, arch=90):
@@ -62,26 +62,6 @@ def compile_forward(head_dim=128, block=(128, 64), warps=8, stages=3, tma=False,
         os.unlink(f.name)
 
 
-_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_OPCODE = re.compile(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9]+)?)")
-
-
-def instructions(sass: str):
-    """(address, text) of every instruction, in order."""
-    return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, sass.splitlines()) if m]
-
-
-def loops(ins):
-    """(start, end) index ranges of the loops: a branch back to an earlier address closes one."""
-    at = {a: i for i, (a, _) in enumerate(ins)}
-    found = []
-    for i, (a, text) in enumerate(ins):
-        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
-            found.append((at[int(m.group(1), 16)], i))
-    return found
-
-
 def interior_loop(sass: str):
     """The instructions of the first loop that issues wgmmas: the forward's interior key loop."""
     ins = instructions(sass)
@@ -92,10 +72,6 @@ def interior_loop(sass: str):
     raise RuntimeError("no loop with wgmma instructions: not an sm_90 wgmma build?")
 
 
-def opcode(text: str) -> str:
-    return _OPCODE.match(text).group(1)
-
-
 def overlapped_exp2(body) -> int:
     """exp2s issued while a wgmma of this iteration is outstanding (after an HGMMA, before the
     next wgmma wait), scanning the loop body once from its head."""
@@ -104,28 +80,11 @@ def overlapped_exp2(body) -> int:
         op = opcode(text)
         if op.startswith("HGMMA"):
             pending = True
-        elif op.startswith("WARPGROUP.DEPBAR") and _wait_name(text) == "wait":
+        elif op.startswith("WARPGROUP.DEPBAR") and wait_name(text) == "wait":
             pending = False
         elif op == "MUFU.EX2" and pending:
             count += 1
     return count
-
-
-def serialized(body) -> bool:
-    """Whether every wgmma waits for itself (ptxas's C7513/C7515 fallback): no wgmma then
-    overlaps anything, in any loop of the kernel."""
-    ops = [opcode(t) for t in body]
-    mma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
-    return bool(mma) and all(any(op.startswith("WARPGROUP.DEPBAR") and _wait_name(body[k]) == "wait"
-                                 for k, op in enumerate(ops[i + 1:j], i + 1))
-                             for i, j in zip(mma, mma[1:] + [len(ops)]))
-
-
-def _wait_name(text: str) -> str:
-    # WARPGROUP.DEPBAR.LE gsb0, 0xN: wait until at most N wgmma groups are in flight
-    m = re.search(r"gsb0,\s*0x([0-9a-f]+)", text)
-    n = int(m.group(1), 16) if m else 0
-    return "wait" if n == 0 else f"wait<={n}"
 
 
 def schedule(body) -> str:
@@ -133,7 +92,7 @@ def schedule(body) -> str:
     out, last, n = [], None, 0
     for text in body:
         op = opcode(text)
-        name = ("mma" if op.startswith("HGMMA") else _wait_name(text) if op.startswith("WARPGROUP.DEPBAR")
+        name = ("mma" if op.startswith("HGMMA") else wait_name(text) if op.startswith("WARPGROUP.DEPBAR")
                 else "exp2" if op == "MUFU.EX2" else None)
         if name is None:
             continue

@@ -647,6 +647,14 @@ def _stable_partition_kernel(Flags, Order, Count, N, stride_row, BLOCK: tl.const
     tl.store(Count + row, total)
 
 
+def mask_bytes(flags: torch.Tensor) -> torch.Tensor:
+    """Flags as uint8 with a unit innermost stride, for kernels to read through their strides:
+    a bool mask is viewed as its own bytes (no conversion kernel per call), and a batch-shared
+    gate's stride-0 [B, H] expand stays a view."""
+    flags = (flags if flags.dtype == torch.bool else flags != 0).view(torch.uint8)
+    return flags if flags.stride(-1) == 1 else flags.contiguous()
+
+
 def stable_partition(flags: torch.Tensor):
     """(order, count) for a bool or integer [..., N] tensor on a CUDA device (or on the CPU under
     the Triton interpreter): per row, int32 indices of the nonzero entries first and the zero ones
@@ -655,11 +663,7 @@ def stable_partition(flags: torch.Tensor):
     if flags.dim() == 0:
         raise ValueError("stable_partition: flags must have at least one dimension")
     lead, n = flags.shape[:-1], flags.shape[-1]
-    rows = flags.reshape(math.prod(lead), n)
-    if rows.dtype == torch.bool:
-        rows = rows.view(torch.uint8)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = mask_bytes(flags.reshape(math.prod(lead), n))
     order = torch.empty(rows.shape, device=flags.device, dtype=torch.int32)
     count = torch.empty(rows.shape[0], device=flags.device, dtype=torch.int32)
     if rows.shape[0] and n:
@@ -809,8 +813,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
         if compact:
             pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
         else:
-            # read through its strides: a batch-shared gate's [B, H] expand is not copied flat
-            pair_idx = n_kept = keep.view(torch.uint8) if keep.stride(1) == 1 else keep.contiguous().view(torch.uint8)
+            pair_idx = n_kept = mask_bytes(keep)
         grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 # Tune per power-of-two row count, as the attention kernels do per length.
-from .triton_attention import _bucket, cdiv, next_pow2, stable_partition
+from .triton_attention import _bucket, cdiv, mask_bytes, next_pow2, stable_partition
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
@@ -259,12 +259,7 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
     x2 = x.reshape(-1, x.shape[-1])
     s_wn, s_wk = _nk_strides(weight, weight_in_out)
     # The kernels dereference the mask on x's device: a host mask would be a wild pointer there.
-    keep = heads_keep.to(device=x.device)
-    # bool and uint8 share their bytes: a view, not a conversion kernel per projection and call
-    # (a batch-shared gate's [B, H] expand keeps its stride-0 rows: every row reads the same one)
-    keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep.to(torch.uint8)
-    if keep.stride(-1) != 1:  # the kernels step through heads with unit stride
-        keep = keep.contiguous()
+    keep = mask_bytes(heads_keep.to(device=x.device))
     per_sample = keep.dim() == 2
     rows = x2.shape[0] // keep.shape[0] if per_sample else 1
     return x2, s_wn, s_wk, keep, per_sample, rows, (keep.stride(0) if per_sample else 0)

@@ -32,13 +32,14 @@ def test_forward_variants_suite_in_interpreter_subprocess():
 
 @contextlib.contextmanager
 def launches():
-    """Records (TMA_MODE, USE_TMA, COMPACT) of each forward launch. Under the interpreter the
-    caller passes USE_TMA (one config: see _fwd_configs)."""
+    """Records (TMA_MODE, USE_TMA, COMPACT, PV_BEHIND) of each forward launch. Under the
+    interpreter the caller passes USE_TMA and PV_BEHIND (one config: see _fwd_configs)."""
     fwd = tk._ta._gated_attn_fwd
     seen, original = [], fwd.run
 
     def spy(*args, **kwargs):
-        seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA"), kwargs["COMPACT"]))
+        seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA"), kwargs["COMPACT"],
+                     kwargs.get("PV_BEHIND")))
         return original(*args, **kwargs)
 
     fwd.run = spy
@@ -97,23 +98,13 @@ def test_tma_forward_random_shapes(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, m
 
 def check_pv_behind_forward(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, mask_shape, is_causal, keep_pattern,
                             model_layout, tma, seed):
-    fwd = tk._ta._gated_attn_fwd
-    behind, original = [], fwd.run
-
-    def spy(*args, **kwargs):
-        behind.append(kwargs.get("PV_BEHIND"))
-        return original(*args, **kwargs)
-
-    fwd.run = spy
-    try:
+    with launches() as seen:
         (q, k, v, keep, mask), (got, ent) = tk.check_forward(
             B, Hkv, group, Lq, Lk, D, D, dtype, mask_kind, mask_shape, is_causal, keep_pattern, None,
             model_layout, seed, tma=tma, pv_behind=True)
         plain, plain_ent = tk._ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
                                                          tma=tma, pv_behind=False)
-    finally:
-        fwd.run = original
-    assert behind == [True, False], "pv_behind must pick the inner loop"
+    assert [x[3] for x in seen] == [True, False], "pv_behind must pick the inner loop"
     # The same float32 operations in the same order (rescale by alpha_j, then add P_j V_j), one
     # step later: the outputs agree bit for bit with the plain loop.
     torch.testing.assert_close(got, plain, atol=0, rtol=0)
