@@ -367,10 +367,11 @@ def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
         torch.cuda.empty_cache()
 
 
-def time_block(torch, F, s: Shape, keep_shared, bench, dtype, graphs: bool = False):
-    """Dense block vs gated: per-row gate (full projections, gated core) and a gate shared by the
-    batch (kept heads' projection rows sliced once, as a deployment would cache them). With
-    ``graphs`` each variant is also timed replayed from a CUDA graph ("name +graph")."""
+def block_variants(torch, F, s: Shape, keep_shared, dtype) -> dict:
+    """The attention block (projections + core) as callables: dense; a per-row gate (full
+    projections, gated core); a gate shared by the batch (kept heads' projection rows sliced once,
+    as a deployment would cache them); and the library's head-skipping projections around the op,
+    with the batch-shared and with per-row keep sets."""
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
     d = s.H * s.D
@@ -422,15 +423,39 @@ def time_block(torch, F, s: Shape, keep_shared, bench, dtype, graphs: bool = Fal
             return torch.ops.dhp.head_linear_in(o.transpose(1, 2).reshape(s.B, s.L, d), w_o, None, proj_keep, s.D)
         return run
 
-    variants = [("block dense", dense), ("block gated/row", gated_rows), ("block gated/shared", gated_shared),
-                ("block ops/shared", gated_ops(keep_shared, keep_rows)),
-                ("block ops/row", gated_ops(keep_random, keep_random))]
+    return {"block dense": dense, "block gated/row": gated_rows, "block gated/shared": gated_shared,
+            "block ops/shared": gated_ops(keep_shared, keep_rows),
+            "block ops/row": gated_ops(keep_random, keep_random)}
+
+
+def graph_replay(torch, fn):
+    """fn captured once in a CUDA graph (after two warm-up calls: compiles and autotuning stay
+    outside), returned as its replay. Zero-argument closures over fixed tensors: dhp_fx's
+    CUDAGraphRunner would run these uncaptured (it graphs calls with CUDA tensor arguments, and
+    copies those in on every call, which would be timed too). Without CUDA (the interpreter's
+    smoke run of this table) it returns fn: the rows are then eager times under a graph label."""
+    if not torch.cuda.is_available():
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_block(torch, F, s: Shape, keep_shared, bench, dtype, graphs: bool = False):
+    """:func:`block_variants` timed; with ``graphs`` each is also timed replayed from a CUDA graph
+    ("name +graph")."""
+    variants = list(block_variants(torch, F, s, keep_shared, dtype).items())
     times = {name: bench(fn) for name, fn in variants}
     if graphs:
-        from dhp_fx.cuda_graphs import CUDAGraphRunner
-
-        for name, fn in variants:  # warm-up calls (autotuning included) run before the capture
-            times[name + " +graph"] = bench(CUDAGraphRunner(fn, clone_outputs=False))
+        for name, fn in variants:
+            times[name + " +graph"] = bench(graph_replay(torch, fn))
     return times
 
 

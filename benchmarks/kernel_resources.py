@@ -278,12 +278,16 @@ def projection_cases(dtype: str, head_dims):
         ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True,)),
         ("proj_in", hl._head_linear_in_kernel, dict(io, Heads="i32", NHeads="i32"), lambda d, b: dict(HEAD_D=d),
          (True, False)),
+        ("proj_out_pair", hl._head_linear_out_pair_kernel, dict(io, Heads="i32", NHeads="i32"),
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True, False)),
         ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
          lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8), (True,)),
     ]
     for name, autotuned, pointers, head, per_sample in kernels:
         for d in head_dims:
             block = max(16, 1 << (d - 1).bit_length())
+            if name == "proj_out_pair" and block > hl.PAIR_MAX_BLOCK_D:
+                continue  # never launched for heads this wide
             for c in autotuned.configs:
                 for ps in per_sample:
                     consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, DOT_PRECISION="tf32", **head(d, block),
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--only", nargs="*", help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv decode_split decode_packed "
-                                              "proj_out proj_in proj_wgrad partition")
+                                              "proj_out proj_out_pair proj_in proj_wgrad partition")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

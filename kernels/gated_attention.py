@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .cpu import dropout_seed_from_state, gated_attention_backward_cpu, gated_attention_cpu, new_dropout_seed
+from .layout import as_output_layout, attention_output
 
 
 def check_gated_attention_args(q, k, v, keep, attn_mask, dropout_p: float = 0.0) -> None:
@@ -90,13 +91,12 @@ def gated_attention(
     if triton is not None:
         return triton.triton_gated_attention(q, k, v, keep.to(q.device), attn_mask, is_causal, scale)
     seed = new_dropout_seed() if dropout_p > 0.0 else None
-    return gated_attention_cpu(q, k, v, keep, attn_mask, dropout_p, is_causal, scale, seed)
+    return as_output_layout(gated_attention_cpu(q, k, v, keep, attn_mask, dropout_p, is_causal, scale, seed), q)
 
 
 @gated_attention.register_fake
 def _(q, k, v, keep, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-    B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq, v.shape[-1]))
+    return attention_output(q, v.shape[-1])
 
 
 @torch.library.custom_op("dhp::_dropout_seed", mutates_args=())

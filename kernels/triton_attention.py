@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import attention_output
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton < 3.4: pointer loads only
@@ -760,7 +762,8 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     ``entropy_rows=True`` returns the per-row entropies [B, Hq, Lq] instead, for callers that
     weight or normalise rows themselves. lse: float32 [B, Hq, Lq] in log2 units (+inf for fully
     masked rows), as the backward wants it. ``out`` may be a preallocated [B, Hq, Lq, Dv] tensor
-    of any strides; every element is written. ``compute_out=False`` skips P@V (lse/entropy
+    of any strides; every element is written. Without it the output is laid out as q is
+    (:func:`layout.attention_output`). ``compute_out=False`` skips P@V (lse/entropy
     only; the output slot is then None). ``pairs`` reuses a (pairs, n_kept) from
     :func:`kept_pairs` and selects the compacted grid; without it, shapes under
     ``COMPACT_MIN_WORK`` use the early-exit grid. ``keep`` must be on q's device. Decode shapes
@@ -782,7 +785,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
         raise ValueError(f"query heads ({Hq}) not a multiple of kv heads ({Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if compute_out and out is None:
-        out = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
+        out = attention_output(q, Dv)
     o_arg = out if compute_out else q
     o_strides = out.stride() if compute_out else (0, 0, 0, 0)
     ent_rows = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32) if return_entropy else None

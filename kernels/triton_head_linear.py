@@ -6,6 +6,9 @@ launch queue. Here the mask is read inside the kernels:
 
 * ``head_linear_out``: grid (row blocks, heads). A program whose rows all prune head h runs its
   K loop zero times and stores zeros; otherwise it computes the head's D output features.
+  Heads of 64 or fewer features go two to a program (``_head_linear_out_pair_kernel``): the
+  program takes two slots of the block's kept-head list, so x is read once per two kept heads
+  and the tile is the 128 columns wide GEMMs want.
 * ``head_linear_in``: grid (row blocks, output blocks). The reduction walks a kept-head list
   built on the device (the mask's, or with [B, H] masks the sample's when the block's rows lie
   in one sample); a block straddling samples walks every head, skipping the K range of a head
@@ -63,6 +66,9 @@ def _configs(shapes, names):
 # (BLOCK_M, BLOCK_K, warps, stages): the N tile is one head.
 _OUT_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 4),
                          (256, 64, 8, 3)], ("BLOCK_M", "BLOCK_K"))
+# (BLOCK_M, BLOCK_K, warps, stages) of the two-heads-per-program kernel (head dims <= 64).
+_OUT_PAIR_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
+                             ("BLOCK_M", "BLOCK_K"))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 # (128 x 256 tiles left the list: with a batch-shared mask triton 3.6's ptxas serialised their
 # wgmmas, each waiting for itself; benchmarks/kernel_resources.py flags that per config.)
@@ -140,6 +146,78 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, H, rows_per_sample, M_KEY
     acc = tl.where(row_keep[:, None], acc, 0.0)
     tl.store(Y + offs_m[:, None] * stride_ym + n_idx[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+# Widest head tile the pair kernel serves: two 64-wide heads make the 128-wide tile cuBLAS-class
+# GEMMs use. One 64-wide head per program ran at 1.8x cuBLAS's time (H200, 16k x 768 x 768, bf16),
+# each program re-reading its x rows for half the columns.
+PAIR_MAX_BLOCK_D = 64
+
+
+@triton.autotune(configs=_OUT_PAIR_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
+@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
+def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, K, H, rows_per_sample, M_KEY,
+                                 stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
+                                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Program j of a row block computes slots 2j and 2j+1 of the block's kept-head list (the mask
+    # partitioned kept-first, :func:`stable_partition`): kept heads pair up whichever they are,
+    # so the work is ceil(kept / 2) double tiles, and the slots past the kept count, which hold
+    # the pruned heads, store their zeros. A block straddling two samples of a [B, H] mask has no
+    # single list: it takes heads 2j and 2j+1 and masks rows per head instead.
+    pid_m, j = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(H, 2), GROUP)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = offs_m < M
+    slot_a = 2 * j
+    has_b = slot_a + 1 < H
+    b = 0
+    one_sample = True
+    if PER_SAMPLE:
+        b = pid_m * BLOCK_M // rows_per_sample
+        one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
+    # Row masks as comparisons against a length (M or 0), not `& scalar_bool`: the interpreter
+    # turns bool & scalar-bool into int32, which tl.load rejects as a mask.
+    if one_sample:
+        n_kept = tl.load(NHeads + b)
+        h_a = tl.load(Heads + b * H + slot_a)
+        h_b = tl.load(Heads + b * H + tl.minimum(slot_a + 1, H - 1))
+        keep_a = offs_m < tl.where(slot_a < n_kept, M, 0)
+        keep_b = offs_m < tl.where(slot_a + 1 < n_kept, M, 0)
+    else:
+        h_a = slot_a
+        h_b = tl.minimum(slot_a + 1, H - 1)
+        keep_a = _keep_rows(Keep, offs_m, row_ok, h_a, rows_per_sample, stride_kb, PER_SAMPLE)
+        keep_b = _keep_rows(Keep, offs_m, offs_m < tl.where(has_b, M, 0), h_b, rows_per_sample, stride_kb,
+                            PER_SAMPLE)
+    any_kept = tl.maximum(tl.max(keep_a.to(tl.int32), axis=0), tl.max(keep_b.to(tl.int32), axis=0))
+    k_hi = K * any_kept
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    n_a = h_a * HEAD_D + offs_d
+    n_b = h_b * HEAD_D + offs_d
+    b_ok = offs_d < tl.where(has_b, HEAD_D, 0)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_a = tl.load(W + n_a[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                      mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        w_b = tl.load(W + n_b[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                      mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        acc_a = _mma(acc_a, x, w_a, DOT_F32, DOT_PRECISION)
+        acc_b = _mma(acc_b, x, w_b, DOT_F32, DOT_PRECISION)
+    if HAS_BIAS:
+        acc_a += tl.load(Bias + n_a, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        acc_b += tl.load(Bias + n_b, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+    acc_a = tl.where(keep_a[:, None], acc_a, 0.0)
+    acc_b = tl.where(keep_b[:, None], acc_b, 0.0)
+    y_rows = Y + offs_m[:, None] * stride_ym
+    tl.store(y_rows + n_a[None, :] * stride_yn, acc_a.to(Y.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(y_rows + n_b[None, :] * stride_yn, acc_b.to(Y.dtype.element_ty), mask=row_ok[:, None] & b_ok[None, :])
 
 
 @triton.jit
@@ -285,12 +363,27 @@ def _f32_precision(x: torch.Tensor) -> str:
     return "tf32"
 
 
+def _pairs_heads(head_dim: int, n_heads: int) -> bool:
+    # DHP_FX_HEAD_PAIRS=0 keeps one head per program (read per call: an A/B switch for benchmarks)
+    return (n_heads > 1 and max(16, next_pow2(head_dim)) <= PAIR_MAX_BLOCK_D
+            and os.environ.get("DHP_FX_HEAD_PAIRS", "1") != "0")
+
+
 def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False) -> torch.Tensor:
     x2, s_wn, s_wk, keep, per_sample, rows, s_kb = _prepare(x, weight, heads_keep, weight_in_out)
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
+    if _pairs_heads(head_dim, H):
+        heads, n_heads = _kept_heads(keep)
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, 2),)  # noqa: E731
+        _head_linear_out_pair_kernel[grid](
+            x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, K, H, rows, _bucket(M),
+            x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
+            HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
+            HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
+        return y.view(*x.shape[:-1], H * head_dim)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
     _head_linear_out_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, y, M, K, H, rows, _bucket(M),

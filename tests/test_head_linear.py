@@ -228,6 +228,37 @@ def test_interpreted_triton_backward_matches_float64_autograd(thl, mask, dtype, 
 
 
 @interpreted
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("mask", ["shared", "rows"])
+@pytest.mark.parametrize("H", [3, 4])
+@pytest.mark.parametrize("L", [16, 10, 24])
+def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypatch, pairs, mask, H, L):
+    # Two heads per program pair up kept-head list slots (a [H] mask's list, or the sample's when
+    # a 16-row block lies in one sample: L = 16); L = 10 and 24 make blocks straddle samples,
+    # which pair heads 2j, 2j+1 with per-row masks. Odd H leaves the last program half a pair.
+    # Pruned heads' features must be exact zeros; every feature must be written (the output is
+    # compared whole, against a float64 reference).
+    monkeypatch.setenv("DHP_FX_HEAD_PAIRS", "1" if pairs else "0")
+    assert thl._pairs_heads(24, H) == pairs
+    B, K, D = 4, 20, 24
+    g = torch.Generator().manual_seed(100 * pairs + 10 * H + L)
+    if mask == "shared":
+        keep = torch.tensor([_F, _T, _T, _F][:H])
+    else:  # out of order, one sample none, one all
+        keep = torch.tensor([[_F, _T, _F, _T], [_F, _F, _F, _F], [_T, _T, _T, _T], [_T, _F, _T, _F]])[:, :H]
+    for in_out in (False, True):
+        x = torch.randn(B, L, K, generator=g)
+        w = torch.randn(H * D, K, generator=g)
+        w_arg = w.t().contiguous() if in_out else w
+        b = torch.randn(H * D, generator=g)
+        want = head_linear_out_reference(x.double(), w_arg.double(), b.double(), keep, D, in_out)
+        got = thl.head_linear_out_triton(x, w_arg, b, keep, D, in_out)
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL[torch.float32])
+        pruned = ~(keep if keep.dim() == 1 else keep[:, None, :]).repeat_interleave(D, -1).expand_as(got)
+        assert (got[pruned] == 0).all()
+
+
+@interpreted
 @pytest.mark.parametrize("L", [16, 32, 10, 24])
 @pytest.mark.parametrize("in_out", [False, True])
 def test_interpreted_per_sample_kept_head_lists_and_straddling_blocks(thl, L, in_out):

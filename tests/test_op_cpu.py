@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import dhp_fx.kernels  # noqa: F401  (registers the op)
 from dhp_fx.kernels import cpu as cpu_impl
 from dhp_fx.kernels import gated_attention_reference
+from dhp_fx.kernels.layout import attention_output, token_major
 
 op = torch.ops.dhp.gated_attention
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
@@ -124,7 +125,14 @@ def reference64(q, k, v, keep, mask, causal, scale):
 
 def check_output(out, q, v, keep, ref, dtype):
     B, Hq, Lq, _ = q.shape
-    assert out.shape == (B, Hq, Lq, v.shape[-1]) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (B, Hq, Lq, v.shape[-1]) and out.dtype == dtype
+    # laid out as q is, as the fake impl promises compiled graphs: token-major q (a model's
+    # [B, L, H, D] storage) gets a token-major output, so the reshape after attention is a view
+    assert out.stride() == attention_output(q, v.shape[-1]).stride()
+    if token_major(q):
+        assert out.transpose(1, 2).is_contiguous()
+    else:
+        assert out.is_contiguous()
     assert not out.isnan().any()
     assert (out[~keep] == 0).all(), "pruned heads must be exact zeros"
     tol = TOL[dtype]
@@ -359,3 +367,24 @@ def _bad(**over):
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         op(args["q"], args["k"], args["v"], args["keep"], args["attn_mask"], args["dropout_p"], False, None)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("keep_all", [True, False])
+def test_fake_impl_promises_the_real_output_strides(layout, keep_all):
+    # Compiled graphs trust the fake impl's strides: a mismatch would make the ops after attention
+    # read the output through the wrong strides.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, H, L, D = 2, 3, 5, 4
+    shape = (B, H, L, D) if layout == "bhsd" else (B, L, H, D)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    keep = torch.ones(B, H, dtype=torch.bool) if keep_all else torch.tensor([[True, False, True], [False, False, True]])
+    real = torch.ops.dhp.gated_attention(q, k, v, keep)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv, fkeep = (mode.from_tensor(t) for t in (q, k, v, keep))
+        fake = torch.ops.dhp.gated_attention(fq, fk, fv, fkeep)
+    assert fake.stride() == real.stride()
+    assert real.transpose(1, 2).is_contiguous() == (layout == "bshd")
