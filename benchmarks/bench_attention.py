@@ -432,9 +432,9 @@ def graph_replay(torch, fn):
     """fn captured once in a CUDA graph (after two warm-up calls: compiles and autotuning stay
     outside), returned as its replay. Zero-argument closures over fixed tensors: dhp_fx's
     CUDAGraphRunner would run these uncaptured (it graphs calls with CUDA tensor arguments, and
-    copies those in on every call, which would be timed too). Without CUDA (the interpreter's
-    smoke run of this table) it returns fn: the rows are then eager times under a graph label."""
-    if not torch.cuda.is_available():
+    copies those in on every call, which would be timed too). Off CUDA (the interpreter's smoke
+    run of this table) it returns fn: the rows are then eager times under a graph label."""
+    if DEVICE != "cuda":
         return fn
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -6,6 +6,8 @@
 # Step limits add up to 530 s. A cold table compiles roughly 90 kernel variants (forward configs
 # x {causal, not} x head dims, and the projections), which is why it gets the most time.
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
+# DEVICE_STEPS picks steps (default "checks table encoder decode profile"; "blocks" adds the
+# per-kernel block profile, two heads per program on and off), CHECK_S the checks' limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
 # (dhp_fx.kernels = kernels/, dhp_fx.passes = passes/) is reproduced with symlinks in this copy
@@ -30,6 +32,8 @@ mkdir -p "$TRITON_CACHE_DIR"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 lim() { echo $(( $1 * S )); }
+STEPS=" ${DEVICE_STEPS:-checks table encoder decode profile} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv
@@ -40,38 +44,59 @@ cat "$OUT/machine.txt"
 # Correctness, side by side (neither is timed): the integrated path (exactness per model and
 # dtype, host syncs, training under autocast) and the CUDA-only tests (gates on the GPU, CUDA
 # graph replay). First configs only: no tuning compiles.
-DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim 75) $PY benchmarks/gpu_check.py --parts checks \
+if want checks; then
+DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-75}) $PY benchmarks/gpu_check.py --parts checks \
   > "$OUT/gpu_check.txt" 2>&1 & GPU_CHECK_PID=$!
-DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim 75) $PY -m pytest -q -p no:cacheprovider tests/test_gate_device.py \
+DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-75}) $PY -m pytest -q -p no:cacheprovider tests/test_gate_device.py \
   tests/test_cuda_graphs.py > "$OUT/pytest_gpu.txt" 2>&1 & PYTEST_PID=$!
 wait $GPU_CHECK_PID; echo "gpu_check rc=$?" >> "$OUT/gpu_check.txt"
 wait $PYTEST_PID; echo "pytest_gpu rc=$?" >> "$OUT/pytest_gpu.txt"
 stamp "checks done"
+fi
 # Most important first: a run cut short by the call's time limit still returns what it finished.
 # The timed table, autotuned (pointer/TMA loads and plain/P@V-behind loops compete), with the
 # attention block eager and replayed from CUDA graphs.
+if want table; then
 timeout $(lim ${BENCH_S:-260}) $PY benchmarks/bench_attention.py --block --graphs ${BENCH_ARGS:-} \
   > "$OUT/bench_attention.txt" 2>&1
 echo "bench_attention rc=$?" >> "$OUT/bench_attention.txt"
 stamp "table done"
+fi
+if want encoder; then
 # The BERT-base encoder, eager and graphed, autotuned unless ENCODER_AUTOTUNE=0.
-DHP_FX_TRITON_AUTOTUNE=${ENCODER_AUTOTUNE:-1} timeout $(lim 120) $PY benchmarks/gpu_check.py --parts timing \
-  --out "$OUT" > "$OUT/gpu_timing.txt" 2>&1
+DHP_FX_TRITON_AUTOTUNE=${ENCODER_AUTOTUNE:-1} timeout $(lim ${ENCODER_S:-120}) $PY benchmarks/gpu_check.py \
+  --parts timing --out "$OUT" > "$OUT/gpu_timing.txt" 2>&1
 echo "gpu_timing rc=$?" >> "$OUT/gpu_timing.txt"
 stamp "encoder done"
+fi
+if want decode; then
 timeout $(lim 35) $PY benchmarks/bench_attention.py --no-prefill --no-flex --decode > "$OUT/bench_decode.txt" 2>&1
 echo "bench_decode rc=$?" >> "$OUT/bench_decode.txt"
 stamp "decode done"
+fi
+if want profile; then
 # Host time per call and the kernels each call launches (short shapes and decode are host-bound).
 timeout $(lim 40) $PY benchmarks/profile_overhead.py --calls 100 --top 8 > "$OUT/profile.txt" 2>&1
 echo "profile rc=$?" >> "$OUT/profile.txt"
 stamp "profile done"
+fi
+if want blocks; then
+# Per kernel, the BERT-sized block with two heads per program and with one (A/B, same card).
+for pairs in 1 0; do
+  DHP_FX_HEAD_PAIRS=$pairs timeout $(lim 30) $PY benchmarks/profile_block.py --shapes 32,12,512,64 --p 1 0.5 \
+    --variants "block dense" "block ops/shared" "block ops/row" > "$OUT/profile_block_pairs$pairs.txt" 2>&1
+  echo "profile_block rc=$?" >> "$OUT/profile_block_pairs$pairs.txt"
+done
+stamp "blocks done"
+fi
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ]; then
   tar -C "$TRITON_CACHE_DIR" -cf - . | xz -T0 -6 | split -b 15M -d - "$OUT/triton_cache.tar.xz."
 fi
-grep -v "^  PASS" "$OUT/gpu_check.txt" | tail -n 18
-tail -n 4 "$OUT/pytest_gpu.txt"
-tail -n 10 "$OUT/profile.txt"
-tail -n 18 "$OUT/bench_decode.txt"
-tail -n 60 "$OUT/gpu_timing.txt"
-tail -n 60 "$OUT/bench_attention.txt"
+[ -f "$OUT/gpu_check.txt" ] && grep -v "^  PASS" "$OUT/gpu_check.txt" | tail -n 22
+[ -f "$OUT/pytest_gpu.txt" ] && tail -n 4 "$OUT/pytest_gpu.txt"
+[ -f "$OUT/profile.txt" ] && tail -n 10 "$OUT/profile.txt"
+[ -f "$OUT/bench_decode.txt" ] && tail -n 18 "$OUT/bench_decode.txt"
+for f in "$OUT"/profile_block_pairs*.txt; do [ -f "$f" ] && grep -v "^  tune" "$f" | grep -E "===|head_linear|gated_attn|copy_|aten::mm|cudnn" ; done
+[ -f "$OUT/gpu_timing.txt" ] && tail -n 40 "$OUT/gpu_timing.txt"
+[ -f "$OUT/bench_attention.txt" ] && tail -n 60 "$OUT/bench_attention.txt"
+true

@@ -6,6 +6,7 @@
   1. tiny BERT / GPT-2 / Llama-GQA models (random weights) in fp32, fp16 and bf16: every gate open
      equals the original model, and random per-sample keep masks equal the zeroed-head reference
      (relative error ‖out − ref‖ / ‖ref‖ against the dtype's tolerance);
+  1a. the head-skipping projection kernels alone, every loading kind forced, on NaN-filled memory;
   1b. host syncs: one forward of each gating mode under torch.cuda.set_sync_debug_mode("error")
      (the gated op and the head-skipping projections read masks on the device; any sync left is
      reported with the op that made it);
@@ -207,8 +208,62 @@ def _kernel_table(fn, top: int = 12) -> str:
     return device_kernels(torch, fn, top, calls=3)
 
 
+def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) -> list[dict]:
+    """The head-skipping projection kernels alone, each loading kind forced (pointer loads one
+    head per program, two heads per program, TMA descriptors), against float64 references: [H]
+    masks and [B, H] masks whose samples (100 rows) straddle row blocks or (128 rows) do not, both
+    weight layouts. Outputs land in memory just filled with NaN, so an unwritten element fails.
+    ``dims``/``lengths``/``K`` shrink it for the interpreter (lengths: one a multiple of the row
+    block, one not)."""
+    from dhp_fx.kernels import triton_head_linear as thl
+    from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, B, H = [], 3, 4
+    kinds = [("one head", False, "0"), ("two heads", False, "1"), ("descriptors", True, "0")]
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in dims:
+            for kind, tma, pairs in kinds:
+                if kind == "two heads" and D > thl.PAIR_MAX_BLOCK_D:
+                    continue
+                os.environ["DHP_FX_HEAD_PAIRS"] = pairs
+                for mask, L in (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1])):
+                    keep = torch.rand(H, device=device, generator=g) < 0.6
+                    if mask != "[H]":
+                        keep = torch.rand(B, H, device=device, generator=g) < 0.6
+                        keep[0] = True
+                        keep[1] = False
+                    for in_out in (False, True):
+                        x = torch.randn(B, L, K, device=device, generator=g).to(dtype)
+                        w = (torch.randn(H * D, K, device=device, generator=g) / 16).to(dtype)
+                        w = w.t().contiguous() if in_out else w
+                        o = torch.randn(B, L, H * D, device=device, generator=g).to(dtype)
+                        w2 = (torch.randn(K, H * D, device=device, generator=g) / 16).to(dtype)
+                        w2 = w2.t().contiguous() if in_out else w2
+                        errs = []
+                        for fn, ref, args in ((thl.head_linear_out_triton, head_linear_out_reference, (x, w)),
+                                              (thl.head_linear_in_triton, head_linear_in_reference, (o, w2))):
+                            torch.full((1 << 24,), float("nan"), device=device, dtype=dtype)  # freed: reused
+                            got = fn(*args, None, keep, D, in_out, tma=tma)
+                            want = ref(*(a.double() for a in args), None, keep, D, in_out)
+                            errs.append(rel_err(got, want) if torch.isfinite(got).all() else float("nan"))
+                        ok = all(e <= TOL[dtype] for e in errs)  # NaN compares False
+                        rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, loading=kind, mask=mask,
+                                         in_out=in_out, out_err=errs[0], in_err=errs[1], ok=ok))
+    os.environ.pop("DHP_FX_HEAD_PAIRS", None)
+    return rows
+
+
 def run_checks(device, dtypes, batch, seq, report) -> bool:
     """Parts 1, 1b and 2 into ``report``; True when every one passed."""
+    if device != "cpu":
+        report["projections"] = check_projections(device)
+        bad = [r for r in report["projections"] if not r["ok"]]
+        worst = max(max(r["out_err"], r["in_err"]) for r in report["projections"])
+        print(f"projection kernels, {len(report['projections'])} cases (loading kinds x masks x layouts x "
+              f"dtypes x head dims): {len(bad)} failed, worst rel err {worst:.2e}", flush=True)
+        for r in bad:
+            print("  FAILED", r, flush=True)
     report["exactness"] = check_exactness(device, dtypes, batch, seq)
     print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
     for r in report["exactness"]:
@@ -222,7 +277,8 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     report["training"] = t = check_training(device)
     print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
           f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
-    return all(r["ok"] for r in report["exactness"]) and t["finite"] and t["attn_params_with_grad"] > 0
+    return (all(r["ok"] for r in report["exactness"] + report.get("projections", [])) and t["finite"]
+            and t["attn_params_with_grad"] > 0)
 
 
 def main(argv=None) -> int:

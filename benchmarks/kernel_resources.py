@@ -289,9 +289,19 @@ def projection_cases(dtype: str, head_dims):
             if name == "proj_out_pair" and block > hl.PAIR_MAX_BLOCK_D:
                 continue  # never launched for heads this wide
             for c in autotuned.configs:
+                tma = c.kwargs.get("USE_TMA")
+                if tma and (d != block or d < 64):
+                    continue  # descriptors serve power-of-two heads of 64+ only
+                loading = {}
+                if tma is not None:  # the descriptor slots carry the plain tensors without TMA
+                    loading = dict(W_IN_OUT=False)
+                    cols = c.kwargs.get("BLOCK_N", block)
+                    k = c.kwargs["BLOCK_K"]
+                    pointers = dict(pointers, DescX=f"tensordesc<{t}[{c.kwargs['BLOCK_M']}, {k}]>" if tma else t,
+                                    DescW=f"tensordesc<{t}[{cols}, {k}]>" if tma else t)
                 for ps in per_sample:
                     consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, DOT_PRECISION="tf32", **head(d, block),
-                                  **c.kwargs)
+                                  **loading, **c.kwargs)
                     shown = dict(c.kwargs, **({} if len(per_sample) == 1 else {"_sample": int(ps)}))
                     yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
 

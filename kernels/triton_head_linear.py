@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 # Tune per power-of-two row count, as the attention kernels do per length.
-from .triton_attention import _bucket, cdiv, mask_bytes, next_pow2, stable_partition
+from .triton_attention import (TMA_AUTO, TMA_OFF, TMA_ONLY, TensorDescriptor, _bucket, _uses_tma_by_default, cdiv,
+                               mask_bytes, next_pow2, stable_partition)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
@@ -50,37 +51,72 @@ _AUTOTUNE = os.environ.get("DHP_FX_TRITON_AUTOTUNE", "1") != "0"
 _GROUP = 8
 
 
-def _configs(shapes, names):
+def _configs(shapes, names, extra=None, pre_hook=None):
     """Autotune list from tuples of block sizes + (warps, stages); the interpreter, which cannot
     time, gets one small config (groups of 2, so small test grids still hold several groups and a
     ragged last one). Every list was checked spill-free on sm_90 at head dims 64 and 128, [H] and
     [B, H] masks (benchmarks/kernel_resources.py)."""
     if _INTERPRET:
-        return [triton.Config({**{n: 16 for n in names}, "GROUP": 2}, num_warps=4, num_stages=1)]
+        # the loading kind (USE_TMA) then comes from the caller: one config, nothing to time
+        if extra and extra.get("USE_TMA"):
+            return []
+        return [triton.Config({**{n: 16 for n in names}, "GROUP": 2}, num_warps=4, num_stages=1,
+                              pre_hook=pre_hook)]
     if not _AUTOTUNE:
         shapes = shapes[:1]
-    return [triton.Config({**dict(zip(names, sh[:-2])), "GROUP": _GROUP}, num_warps=sh[-2], num_stages=sh[-1])
+    return [triton.Config({**dict(zip(names, sh[:-2])), "GROUP": _GROUP, **(extra or {})}, num_warps=sh[-2],
+                          num_stages=sh[-1], pre_hook=pre_hook)
             for sh in shapes]
 
 
+def _tma_blocks(x_rows: str, w_cols: str):
+    """Pre-hook setting the descriptors' tiles to the config's: x [x_rows, BLOCK_K]; the weight's
+    [w_cols, BLOCK_K] as [N, K] storage, [BLOCK_K, w_cols] as [K, N] (W_IN_OUT)."""
+    def hook(nargs):
+        if not nargs.get("USE_TMA"):
+            return
+        k, cols = nargs["BLOCK_K"], nargs[w_cols]
+        nargs["DescX"].block_shape = [nargs[x_rows], k]
+        nargs["DescW"].block_shape = [k, cols] if nargs["W_IN_OUT"] else [cols, k]
+    return hook
+
+
+def _prune_loading(configs, named_args, **kwargs):
+    """The loading kinds the launch's TMA_MODE allows; without timing, AUTO means pointers."""
+    timing = _AUTOTUNE and not _INTERPRET
+    allowed = {TMA_OFF: (False,), TMA_AUTO: (False, True) if timing else (False,),
+               TMA_ONLY: (True,)}[named_args["TMA_MODE"]]
+    return [c for c in configs if c.kwargs.get("USE_TMA", False) in allowed] or configs[:1]
+
+
 # (BLOCK_M, BLOCK_K, warps, stages): the N tile is one head.
-_OUT_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 4),
-                         (256, 64, 8, 3)], ("BLOCK_M", "BLOCK_K"))
+_OUT_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3)]
+# Hopper's copy engine moves the x and weight tiles: no per-thread address math or predicates in
+# the K loop (pointer loads ran at 1.37x cuBLAS's time at 16k x 4096 x 4096 on an H200).
+_OUT_CONFIGS = (_configs(_OUT_SHAPES, ("BLOCK_M", "BLOCK_K"), {"USE_TMA": False}, _tma_blocks("BLOCK_M", "BLOCK_D"))
+                + _configs([(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)],
+                           ("BLOCK_M", "BLOCK_K"), {"USE_TMA": True}, _tma_blocks("BLOCK_M", "BLOCK_D")))
 # (BLOCK_M, BLOCK_K, warps, stages) of the two-heads-per-program kernel (head dims <= 64).
 _OUT_PAIR_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
                              ("BLOCK_M", "BLOCK_K"))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-# (128 x 256 tiles left the list: with a batch-shared mask triton 3.6's ptxas serialised their
-# wgmmas, each waiting for itself; benchmarks/kernel_resources.py flags that per config.)
-_IN_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4),
-                        (64, 128, 64, 4, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+# (128 x 256 tiles left the lists, pointer and descriptor alike: with a batch-shared mask triton
+# 3.6's ptxas serialised their wgmmas, each waiting for itself; benchmarks/kernel_resources.py
+# flags that per config.)
+_IN_CONFIGS = (_configs([(128, 128, 64, 8, 3), (64, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4),
+                         (64, 128, 64, 4, 3)], ("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"USE_TMA": False},
+                        _tma_blocks("BLOCK_M", "BLOCK_N"))
+               + _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)],
+                          ("BLOCK_M", "BLOCK_N", "BLOCK_K"), {"USE_TMA": True}, _tma_blocks("BLOCK_M", "BLOCK_N")))
 # (BLOCK_M, BLOCK_T, warps, stages): the feature tile is one head.
 _WGRAD_CONFIGS = _configs([(64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                            (128, 128, 8, 3)], ("BLOCK_M", "BLOCK_T"))
 
 
 def _k_fits_head(configs, named_args, **kwargs):
-    """A reduction step wider than a head reads padding; keep the steps that fit (or the narrowest)."""
+    """A reduction step wider than a head reads padding; keep the steps that fit (or the narrowest),
+    of the loading kinds the launch allows."""
+    configs = _prune_loading(configs, named_args, **kwargs)
     head = max(16, next_pow2(kwargs["HEAD_D"]))
     fit = [c for c in configs if c.kwargs["BLOCK_K"] <= head]
     return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
@@ -116,13 +152,23 @@ def _mma(acc, x, w, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return acc + tl.dot(x, w)
 
 
-@triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
-@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
-def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, H, rows_per_sample, M_KEY,
+@triton.jit
+def _w_tile(DescW, k0, n0, W_IN_OUT: tl.constexpr):
+    """The weight's [BLOCK_K, n-tile] at (k0, n0) through its descriptor, whichever its storage."""
+    if W_IN_OUT:
+        return DescW.load([k0, n0])
+    return tl.trans(DescW.load([n0, k0]))
+
+
+@triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_loading})
+@triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
+def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY, TMA_MODE,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
     pid_m, h = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), H, GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = offs_m < M
@@ -134,12 +180,16 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, M, K, H, rows_per_sample, M_KEY
     n_idx = h * HEAD_D + offs_d
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + n_idx[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA:  # the copy engine zero-fills rows past M and columns past K
+            x = DescX.load([pid_m * BLOCK_M, k0])
+            w = _w_tile(DescW, k0, h * HEAD_D, W_IN_OUT)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + n_idx[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _mma(acc, x, w, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -221,9 +271,17 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, K, H, ro
 
 
 @triton.jit
-def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk, stride_wn, stride_wk,
-             HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc += x[rows, k0 + d0 : +BLOCK_K] @ w[k0 + d0 : +BLOCK_K, offs_n] within one head."""
+def _in_step(acc, X, W, DescX, DescW, row0, n0, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk, stride_wn,
+             stride_wk, HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """acc += x[rows, k0 + d0 : +BLOCK_K] @ w[k0 + d0 : +BLOCK_K, offs_n] within one head (with
+    descriptors: rows past M read zeros, and MASK_ROWS zeroes the rows outside ``rows`` too)."""
+    if USE_TMA:
+        x = DescX.load([row0, k0 + d0])
+        if MASK_ROWS:
+            x = tl.where(rows[:, None], x, 0.0)
+        w = _w_tile(DescW, k0 + d0, n0, W_IN_OUT)
+        return _mma(acc, x, w, DOT_F32, DOT_PRECISION)
     offs_d = d0 + tl.arange(0, BLOCK_K)
     d_ok = offs_d < HEAD_D
     offs_k = k0 + offs_d
@@ -234,14 +292,15 @@ def _in_step(acc, X, W, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk
     return _mma(acc, x, w, DOT_F32, DOT_PRECISION)
 
 
-@triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"],
+@triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
                  prune_configs_by={"early_config_prune": _k_fits_head})
-@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
-def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per_sample, M_KEY,
-                           stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
+@triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
+def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, DescW, M, N, H, rows_per_sample, M_KEY,
+                           TMA_MODE, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,8 +321,9 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
         for i in tl.range(0, tl.load(NHeads + b), flatten=True):
             k0 = tl.load(Heads + b * H + i) * HEAD_D
             for d0 in range(0, HEAD_D, BLOCK_K):
-                acc = _in_step(acc, X, W, offs_m, offs_n, row_ok, n_ok, k0, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION)
+                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_ok, n_ok, k0, d0,
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION,
+                               W_IN_OUT, USE_TMA, False)
     else:
         # a block straddling samples: per head, the K range of heads some row keeps
         for h in range(H):
@@ -272,8 +332,9 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, N, H, rows_per
             for d0 in range(0, d_hi, BLOCK_K):
                 # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
                 # hold (the backward feeds it gradients, which are not zero there)
-                acc = _in_step(acc, X, W, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION)
+                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
+                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION,
+                               W_IN_OUT, USE_TMA, True)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -369,13 +430,50 @@ def _pairs_heads(head_dim: int, n_heads: int) -> bool:
             and os.environ.get("DHP_FX_HEAD_PAIRS", "1") != "0")
 
 
+# The reduction step of every descriptor config (the interpreter's single config: 16).
+_TMA_BLOCK_K = 16 if _INTERPRET else 64
+
+
+def _descriptor_2d(t: torch.Tensor):
+    if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _loading(x2: torch.Tensor, weight: torch.Tensor, head_dim: int, tma: Optional[bool]):
+    """(TMA_MODE, descriptors or the plain tensors) for a projection launch. ``tma``: None tries
+    descriptor configs beside pointer ones on Hopper (the autotuner picks), True forces them
+    (ValueError when the tensors do not suit the copy engine), False keeps pointer loads."""
+    if tma is False or (tma is None and (_INTERPRET or not _uses_tma_by_default(x2.device, x2.shape[0]))):
+        return TMA_OFF, (x2, weight)
+    descs = None
+    # Descriptor tiles have no column masks: a head must be a whole number of reduction steps
+    # (head_linear_in walks the kept heads' features BLOCK_K at a time).
+    if (TensorDescriptor is not None and x2.dtype in (torch.float16, torch.bfloat16)
+            and head_dim == next_pow2(head_dim) and head_dim >= _TMA_BLOCK_K and min(x2.shape) > 0):
+        dx, dw = _descriptor_2d(x2), _descriptor_2d(weight)
+        descs = (dx, dw) if dx is not None and dw is not None else None
+    if descs is None:
+        if tma:
+            raise ValueError("tma=True: x and the weight need a unit innermost stride, 16-byte aligned base and "
+                             "row stride, a float16/bfloat16 dtype, and the head dim a power of two >= 16")
+        return TMA_OFF, (x2, weight)
+    return (TMA_ONLY if tma else TMA_AUTO), descs
+
+
+def _interpreted_loading(mode: int) -> dict:
+    # The interpreter's single config carries no loading kind: the launch names it.
+    return {"USE_TMA": mode == TMA_ONLY} if _INTERPRET else {}
+
+
 def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False) -> torch.Tensor:
+                           heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False,
+                           tma: Optional[bool] = None) -> torch.Tensor:
     x2, s_wn, s_wk, keep, per_sample, rows, s_kb = _prepare(x, weight, heads_keep, weight_in_out)
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
-    if _pairs_heads(head_dim, H):
+    if _pairs_heads(head_dim, H) and not tma:
         heads, n_heads = _kept_heads(keep)
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, 2),)  # noqa: E731
         _head_linear_out_pair_kernel[grid](
@@ -385,16 +483,19 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
             HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
         return y.view(*x.shape[:-1], H * head_dim)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
+    mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
     _head_linear_out_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, y, M, K, H, rows, _bucket(M),
+        x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows, _bucket(M), mode,
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
-        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
+        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
+        W_IN_OUT=weight_in_out, **_interpreted_loading(mode))
     return y.view(*x.shape[:-1], H * head_dim)
 
 
 def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False) -> torch.Tensor:
+                          heads_keep: torch.Tensor, head_dim: int, weight_in_out: bool = False,
+                          tma: Optional[bool] = None) -> torch.Tensor:
     x2, s_wn, s_wk, keep, per_sample, rows, s_kb = _prepare(x, weight, heads_keep, weight_in_out)
     M = x2.shape[0]
     H = heads_keep.shape[-1]
@@ -402,11 +503,13 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     heads, n_heads = _kept_heads(keep)
+    mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
     _head_linear_in_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, N, H, rows, _bucket(M),
-        x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
+        x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, desc_x, desc_w, M, N, H, rows,
+        _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim,
-        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
+        HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
+        W_IN_OUT=weight_in_out, **_interpreted_loading(mode))
     return y.view(*x.shape[:-1], N)
 
 

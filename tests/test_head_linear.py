@@ -259,6 +259,50 @@ def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypat
 
 
 @interpreted
+@pytest.mark.parametrize("mask", ["shared", "rows"])
+@pytest.mark.parametrize("L", [16, 10])
+@pytest.mark.parametrize("D", [16, 32])
+def test_interpreted_projections_through_descriptors(thl, mask, L, D):
+    # tma=True: x and weight tiles through TMA descriptors (zero-filled past the rows and the
+    # reduction's end instead of masked). L = 10 makes 16-row blocks straddle samples, where
+    # head_linear_in zeroes the rows of a head they prune; D = 32 takes two reduction steps
+    # per head there. fp16: the copy engine moves 16-bit tiles.
+    keep = (torch.tensor([_F, _T, _T, _F]) if mask == "shared" else
+            torch.tensor([[_F, _T, _F, _T], [_F, _F, _F, _F], [_T, _T, _T, _T], [_T, _F, _T, _F]]))
+    (H,), B, K, N = keep.shape[-1:], 4, 48, 40
+    g = torch.Generator().manual_seed(L + D)
+    tol = dict(atol=2e-2, rtol=1e-2)
+    for in_out in (False, True):
+        x = torch.randn(B, L, K, generator=g).half()
+        w = torch.randn(H * D, K, generator=g).half() / 4
+        w_arg = w.t().contiguous() if in_out else w
+        b = torch.randn(H * D, generator=g).half()
+        want = head_linear_out_reference(x.double(), w_arg.double(), b.double(), keep, D, in_out)
+        got = thl.head_linear_out_triton(x, w_arg, b, keep, D, in_out, tma=True)
+        torch.testing.assert_close(got.double(), want, **tol)
+        pruned = ~(keep if keep.dim() == 1 else keep[:, None, :]).repeat_interleave(D, -1).expand_as(got)
+        assert (got[pruned] == 0).all()
+
+        o = torch.randn(B, L, H * D, generator=g).half()  # nonzero on pruned features: ignored
+        w2 = torch.randn(N, H * D, generator=g).half() / 4
+        w2_arg = w2.t().contiguous() if in_out else w2
+        want = head_linear_in_reference(o.double(), w2_arg.double(), None, keep, D, in_out)
+        got = thl.head_linear_in_triton(o, w2_arg, None, keep, D, in_out, tma=True)
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@interpreted
+def test_interpreted_descriptor_loading_refuses_what_it_cannot_copy(thl):
+    keep = torch.tensor([True, False])
+    x = torch.randn(2, 3, 32).half()
+    with pytest.raises(ValueError, match="tma=True"):
+        thl.head_linear_out_triton(x.float(), torch.randn(48, 32), None, keep, 24, tma=True)  # fp32, D = 24
+    with pytest.raises(ValueError, match="tma=True"):
+        thl.head_linear_in_triton(torch.randn(2, 3, 64).half()[..., :60], torch.randn(8, 60).half(), None,
+                                  keep, 30, tma=True)
+
+
+@interpreted
 @pytest.mark.parametrize("L", [16, 32, 10, 24])
 @pytest.mark.parametrize("in_out", [False, True])
 def test_interpreted_per_sample_kept_head_lists_and_straddling_blocks(thl, L, in_out):

@@ -35,7 +35,7 @@ def test_integrated_triton_path_in_interpreter_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "3 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    assert "4 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
 def _gpu_check():
@@ -124,3 +124,11 @@ def test_gates_deciding_before_the_projections_match_the_torch_path_forward_and_
     assert want_grads and got_grads.keys() == want_grads.keys()
     for name, w in want_grads.items():
         torch.testing.assert_close(got_grads[name], w, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+def test_gpu_check_projection_cases_pass_interpreted():
+    """The device run's projection check (each loading kind forced, NaN-filled memory), small."""
+    rows = _gpu_check().check_projections("cpu", dims=(16, 32), lengths=(16, 10), K=32)
+    kinds = {(r["loading"], r["mask"], r["in_out"]) for r in rows}
+    assert len(kinds) == 3 * 3 * 2 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
