@@ -292,18 +292,22 @@ def projection_cases(dtype: str, head_dims):
                 tma = c.kwargs.get("USE_TMA")
                 if tma and (d != block or d < 64):
                     continue  # descriptors serve power-of-two heads of 64+ only
-                loading = {}
-                if tma is not None:  # the descriptor slots carry the plain tensors without TMA
-                    loading = dict(W_IN_OUT=False)
-                    cols = c.kwargs.get("BLOCK_N", block)
-                    k = c.kwargs["BLOCK_K"]
-                    pointers = dict(pointers, DescX=f"tensordesc<{t}[{c.kwargs['BLOCK_M']}, {k}]>" if tma else t,
-                                    DescW=f"tensordesc<{t}[{cols}, {k}]>" if tma else t)
-                for ps in per_sample:
-                    consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, DOT_PRECISION="tf32", **head(d, block),
-                                  **loading, **c.kwargs)
-                    shown = dict(c.kwargs, **({} if len(per_sample) == 1 else {"_sample": int(ps)}))
-                    yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
+                # Descriptor configs compile for both weight layouts: each reads its tile its own way
+                # (a [K, N] weight once failed to compile on the card only).
+                for in_out in ((False, True) if tma else (False,)):
+                    loading = {}
+                    if tma is not None:  # the descriptor slots carry the plain tensors without TMA
+                        loading = dict(W_IN_OUT=in_out)
+                        cols, k = c.kwargs.get("BLOCK_N", block), c.kwargs["BLOCK_K"]
+                        w_tile = f"[{k}, {cols}]" if in_out else f"[{cols}, {k}]"
+                        pointers = dict(pointers, DescX=f"tensordesc<{t}[{c.kwargs['BLOCK_M']}, {k}]>" if tma else t,
+                                        DescW=f"tensordesc<{t}{w_tile}>" if tma else t)
+                    for ps in per_sample:
+                        consts = dict(HAS_BIAS=True, PER_SAMPLE=ps, DOT_F32=False, DOT_PRECISION="tf32",
+                                      **head(d, block), **loading, **c.kwargs)
+                        shown = dict(c.kwargs, **({} if len(per_sample) == 1 else {"_sample": int(ps)}),
+                                     **({"_wT": 1} if in_out else {}))
+                        yield name, autotuned.fn, pointers, consts, d, shown, c.num_warps, c.num_stages
 
 
 def partition_cases(dtype: str, head_dims):

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         sys.exit("profile_block.py needs a CUDA GPU")
     from dhp_fx.kernels import triton_head_linear as hl
 
-    kernels = {"head_linear_out": hl._head_linear_out_kernel, "head_linear_in": hl._head_linear_in_kernel}
+    kernels = {"head_linear_out": hl._head_linear_out_kernel, "head_linear_out_pair": hl._head_linear_out_pair_kernel,
+               "head_linear_in": hl._head_linear_in_kernel}
     seen: dict = {}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for s in args.shapes:

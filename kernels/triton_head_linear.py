@@ -155,9 +155,13 @@ def _mma(acc, x, w, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _w_tile(DescW, k0, n0, W_IN_OUT: tl.constexpr):
     """The weight's [BLOCK_K, n-tile] at (k0, n0) through its descriptor, whichever its storage."""
+    # One return after the branch: triton 3.6 type-checks a return behind a taken constexpr
+    # branch too, and the two tiles' shapes differ (seen on an H200: "Inconsistent return types").
     if W_IN_OUT:
-        return DescW.load([k0, n0])
-    return tl.trans(DescW.load([n0, k0]))
+        w = DescW.load([k0, n0])
+    else:
+        w = tl.trans(DescW.load([n0, k0]))
+    return w
 
 
 @triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
