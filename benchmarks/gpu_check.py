@@ -220,11 +220,12 @@ def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) 
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, B, H = [], 3, 4
-    kinds = [("one head", False, "0"), ("two heads", False, "1"), ("descriptors", True, "0")]
+    kinds = [("one head", False, "0"), ("two heads", False, "1"), ("descriptors", True, "0"),
+             ("two heads, descriptors", True, "1")]
     for dtype in (torch.bfloat16, torch.float16):
         for D in dims:
             for kind, tma, pairs in kinds:
-                if kind == "two heads" and D > thl.PAIR_MAX_BLOCK_D:
+                if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
                     continue
                 os.environ["DHP_FX_HEAD_PAIRS"] = pairs
                 for mask, L in (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1])):

@@ -24,6 +24,10 @@ Each grid is one axis, walked by ``_grouped_tile`` in groups of row (or column) 
 programs in flight share their x tiles and weight slices through L2 rather than each re-reading
 its own from memory.
 
+On Hopper the forward kernels also have descriptor configs (x and weight tiles moved by TMA, no
+address math or predicates in the K loop), autotuned against the pointer ones; ``tma=`` forces
+either kind.
+
 Masks are [H] (every row) or [B, H] with rows grouped by sample (x viewed as [B * rows, K]).
 Accumulation is float32; under the interpreter dot operands go through float32 as well (its
 bf16 dot is wrong).
@@ -97,8 +101,10 @@ _OUT_CONFIGS = (_configs(_OUT_SHAPES, ("BLOCK_M", "BLOCK_K"), {"USE_TMA": False}
                 + _configs([(128, 64, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)],
                            ("BLOCK_M", "BLOCK_K"), {"USE_TMA": True}, _tma_blocks("BLOCK_M", "BLOCK_D")))
 # (BLOCK_M, BLOCK_K, warps, stages) of the two-heads-per-program kernel (head dims <= 64).
-_OUT_PAIR_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
-                             ("BLOCK_M", "BLOCK_K"))
+_OUT_PAIR_CONFIGS = (_configs([(128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
+                              ("BLOCK_M", "BLOCK_K"), {"USE_TMA": False}, _tma_blocks("BLOCK_M", "BLOCK_D"))
+                     + _configs([(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3)], ("BLOCK_M", "BLOCK_K"),
+                                {"USE_TMA": True}, _tma_blocks("BLOCK_M", "BLOCK_D")))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 # (128 x 256 tiles left the lists, pointer and descriptor alike: with a batch-shared mask triton
 # 3.6's ptxas serialised their wgmmas, each waiting for itself; benchmarks/kernel_resources.py
@@ -208,13 +214,15 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per
 PAIR_MAX_BLOCK_D = 64
 
 
-@triton.autotune(configs=_OUT_PAIR_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE"])
-@triton.jit(do_not_specialize=["M_KEY"])  # an autotune key only
-def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, K, H, rows_per_sample, M_KEY,
-                                 stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
-                                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+@triton.autotune(configs=_OUT_PAIR_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_loading})
+@triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
+def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY,
+                                 TMA_MODE, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                                 stride_kb, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                 PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                 W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
     # Program j of a row block computes slots 2j and 2j+1 of the block's kept-head list (the mask
     # partitioned kept-first, :func:`stable_partition`): kept heads pair up whichever they are,
     # so the work is ceil(kept / 2) double tiles, and the slots past the kept count, which hold
@@ -254,14 +262,19 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, M, K, H, ro
     acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_a = tl.load(W + n_a[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                      mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        w_b = tl.load(W + n_b[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                      mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        if USE_TMA:  # zero-filled past M and K; a missing second head re-reads the last one, unstored
+            x = DescX.load([pid_m * BLOCK_M, k0])
+            w_a = _w_tile(DescW, k0, h_a * HEAD_D, W_IN_OUT)
+            w_b = _w_tile(DescW, k0, h_b * HEAD_D, W_IN_OUT)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_a = tl.load(W + n_a[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            w_b = tl.load(W + n_b[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                          mask=k_ok[:, None] & b_ok[None, :], other=0.0)
         acc_a = _mma(acc_a, x, w_a, DOT_F32, DOT_PRECISION)
         acc_b = _mma(acc_b, x, w_b, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
@@ -477,17 +490,18 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     M, K = x2.shape
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
-    if _pairs_heads(head_dim, H) and not tma:
+    mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
+    if _pairs_heads(head_dim, H):
         heads, n_heads = _kept_heads(keep)
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, 2),)  # noqa: E731
         _head_linear_out_pair_kernel[grid](
-            x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, M, K, H, rows, _bucket(M),
-            x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
+            x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, desc_x, desc_w, M, K, H, rows,
+            _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
             HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
-            HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x))
+            HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
+            W_IN_OUT=weight_in_out, **_interpreted_loading(mode))
         return y.view(*x.shape[:-1], H * head_dim)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
-    mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
     _head_linear_out_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows, _bucket(M), mode,
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,

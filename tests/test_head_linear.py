@@ -259,16 +259,19 @@ def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypat
 
 
 @interpreted
+@pytest.mark.parametrize("pairs", [True, False])
 @pytest.mark.parametrize("mask", ["shared", "rows"])
 @pytest.mark.parametrize("L", [16, 10])
 @pytest.mark.parametrize("D", [16, 32])
-def test_interpreted_projections_through_descriptors(thl, mask, L, D):
+def test_interpreted_projections_through_descriptors(thl, monkeypatch, pairs, mask, L, D):
     # tma=True: x and weight tiles through TMA descriptors (zero-filled past the rows and the
-    # reduction's end instead of masked). L = 10 makes 16-row blocks straddle samples, where
-    # head_linear_in zeroes the rows of a head they prune; D = 32 takes two reduction steps
-    # per head there. fp16: the copy engine moves 16-bit tiles.
-    keep = (torch.tensor([_F, _T, _T, _F]) if mask == "shared" else
-            torch.tensor([[_F, _T, _F, _T], [_F, _F, _F, _F], [_T, _T, _T, _T], [_T, _F, _T, _F]]))
+    # reduction's end instead of masked), head_linear_out one or two heads per program. L = 10
+    # makes 16-row blocks straddle samples, where head_linear_in zeroes the rows of a head they
+    # prune; D = 32 takes two reduction steps per head there. H = 3 leaves the last pair program
+    # one head. fp16: the copy engine moves 16-bit tiles.
+    monkeypatch.setenv("DHP_FX_HEAD_PAIRS", "1" if pairs else "0")
+    keep = (torch.tensor([_F, _T, _T]) if mask == "shared" else
+            torch.tensor([[_F, _T, _F], [_F, _F, _F], [_T, _T, _T], [_T, _F, _T]]))
     (H,), B, K, N = keep.shape[-1:], 4, 48, 40
     g = torch.Generator().manual_seed(L + D)
     tol = dict(atol=2e-2, rtol=1e-2)

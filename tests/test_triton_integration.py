@@ -131,4 +131,4 @@ def test_gpu_check_projection_cases_pass_interpreted():
     """The device run's projection check (each loading kind forced, NaN-filled memory), small."""
     rows = _gpu_check().check_projections("cpu", dims=(16, 32), lengths=(16, 10), K=32)
     kinds = {(r["loading"], r["mask"], r["in_out"]) for r in rows}
-    assert len(kinds) == 3 * 3 * 2 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert len(kinds) == 4 * 3 * 2 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
