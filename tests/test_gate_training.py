@@ -321,3 +321,32 @@ def test_attention_alignment_bad_input():
     plain = copy.deepcopy(teacher)
     with pytest.raises(TypeError, match="dhp_fx.optimize"):
         dhp_fx.distill(plain, teacher, data, DistillConfig(steps=1, attention_weight=1.0, progress=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pad", [True, False])
+def test_router_pools_half_precision_inputs_as_float32_pooling_would(dtype, pad):
+    # The router sums the layer input with float32 accumulation instead of copying it to float32
+    # first; with 0/1 padding weights that is the same pooling, so the prediction must match the
+    # one made from the float32 upcast of the same input.
+    model, inputs = _bert(), _inputs(pad=pad)
+    opt = dhp_fx.optimize(copy.deepcopy(model), dhp_fx.DHPConfig(keep_ratio=0.5, scoring="router"),
+                          example_inputs=inputs)
+    gate = opt.gate(opt.sites[0].name)
+    with torch.no_grad():
+        for p in gate.router.parameters():
+            p.normal_(0.0, 0.2)  # depends on its input (it starts out constant), unsaturated
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 10, 32, generator=g).to(dtype)
+    mask = inputs["attention_mask"][:, None, None, :].bool()
+    got = gate.predict(hidden, mask)
+    want = gate.predict(hidden.float(), mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if pad:  # the padded positions of sample 1 must not count
+        poked = hidden.clone()
+        poked[1, -3:] = 100
+        torch.testing.assert_close(gate.predict(poked, mask), got, atol=1e-6, rtol=1e-5)
+        unmasked = poked.clone()
+        unmasked[1, 0] = 100  # a real token: the prediction must move
+        assert not torch.allclose(gate.predict(unmasked, mask)[1], got[1], atol=1e-3)
