@@ -466,14 +466,15 @@ def _loading(x2: torch.Tensor, weight: torch.Tensor, head_dim: int, tma: Optiona
     descs = None
     # Descriptor tiles have no column masks: a head must be a whole number of reduction steps
     # (head_linear_in walks the kept heads' features BLOCK_K at a time).
-    if (TensorDescriptor is not None and x2.dtype in (torch.float16, torch.bfloat16)
+    if (TensorDescriptor is not None and x2.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x2.dtype
             and head_dim == next_pow2(head_dim) and head_dim >= _TMA_BLOCK_K and min(x2.shape) > 0):
         dx, dw = _descriptor_2d(x2), _descriptor_2d(weight)
         descs = (dx, dw) if dx is not None and dw is not None else None
     if descs is None:
         if tma:
             raise ValueError("tma=True: x and the weight need a unit innermost stride, 16-byte aligned base and "
-                             "row stride, a float16/bfloat16 dtype, and the head dim a power of two >= 16")
+                             "row stride, one float16/bfloat16 dtype, and the head dim a power of two "
+                             f">= {_TMA_BLOCK_K}")
         return TMA_OFF, (x2, weight)
     return (TMA_ONLY if tma else TMA_AUTO), descs
 

@@ -102,5 +102,27 @@ def rewrite_match(
             if key in anchor.meta:
                 out.meta[key] = anchor.meta[key]
     anchor.replace_all_uses_with(out)
+    _keep_views_valid(graph, out, anchor_val)
     erase_dead(anchor)
     return out
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "view"
+    return node.op == "call_function" and node.target in (torch.Tensor.view, torch.ops.aten.view.default)
+
+
+def _keep_views_valid(graph: fx.Graph, out: fx.Node, anchor_val) -> None:
+    """The gated op lays its output out as q is (token-major for a model's [B, L, H, D] storage),
+    where an eager ``probs @ v`` returned [B, H, L, D]-contiguous memory. A ``.view`` that relied
+    on that would fail: such users read a contiguous copy (free when the output already is one);
+    every other user reads the output as it is."""
+    views = [u for u in out.users if _is_view(u)]
+    if not views or not isinstance(anchor_val, torch.Tensor) or not anchor_val.is_contiguous():
+        return
+    with graph.inserting_after(out):
+        dense = graph.call_method("contiguous", (out,))
+    _set_meta(dense, anchor_val)
+    for user in views:
+        user.replace_input_with(out, dense)

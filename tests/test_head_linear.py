@@ -303,6 +303,8 @@ def test_interpreted_descriptor_loading_refuses_what_it_cannot_copy(thl):
     with pytest.raises(ValueError, match="tma=True"):
         thl.head_linear_in_triton(torch.randn(2, 3, 64).half()[..., :60], torch.randn(8, 60).half(), None,
                                   keep, 30, tma=True)
+    with pytest.raises(ValueError, match="one float16/bfloat16 dtype"):  # a float32 weight beside fp16 x
+        thl.head_linear_out_triton(x, torch.randn(32, 32), None, keep, 16, tma=True)
 
 
 @interpreted

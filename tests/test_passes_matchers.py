@@ -152,6 +152,17 @@ class InplaceMask(_Attn):
         return self.o(merge(scores.softmax(-1) @ v))
 
 
+class ViewsHeadMajor(_Attn):
+    """Views the product as the [B, H, L, D]-contiguous tensor matmul returns: the gated op lays
+    its output out as q is (token-major here), so the rewrite must keep such views valid."""
+
+    def forward(self, x, pad):
+        q, k, v = self.qkv(x)
+        o = torch.matmul(F.softmax(q @ k.transpose(-1, -2) * 0.5 + pad[:, None, None, :], dim=-1), v)
+        o = o.view(B * H, L, D)
+        return self.o(o.view(B, H, L, D).transpose(1, 2).reshape(B, L, E))
+
+
 def _pad():
     pad = torch.zeros(B, L)
     pad[-1, -2:] = float("-inf")
@@ -168,6 +179,7 @@ def _pad():
         (MaskedFillCausal, "eager_matmul", "additive"),
         (WhereMask, "eager_matmul", "additive"),
         (InplaceMask, "eager_matmul", "additive"),
+        (ViewsHeadMajor, "eager_matmul", "additive"),
     ],
     ids=lambda p: p.__name__ if isinstance(p, type) else p,
 )
