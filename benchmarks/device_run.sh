@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared device run for issue 3 (about 9 min at most on an H100/H200): from the repository
 # root through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=580,
-# carry=[".device_carry"]). Run 1 of 2026-11-26 (cold; fewer steps and configs) took 3.7 min on an
-# H100; session 6 added configs (P@V-behind loop), graphed block rows and an autotuned encoder.
+# carry=[".device_carry"]). On an H200 (session 7) every step took 313 s, cold; with
+# DEVICE_STEPS="checks table encoder blocks" and two table shapes, 284 s. Session 7 added descriptor
+# configs for the projections, so a cold table compiles more than it did then.
 # Step limits add up to 530 s. A cold table compiles roughly 90 kernel variants (forward configs
 # x {causal, not} x head dims, and the projections), which is why it gets the most time.
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
