@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -216,43 +217,54 @@ def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) 
     ``dims``/``lengths``/``K`` shrink it for the interpreter (lengths: one a multiple of the row
     block, one not)."""
     from dhp_fx.kernels import triton_head_linear as thl
-    from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
 
     g = torch.Generator(device=device).manual_seed(0)
-    rows, B, H = [], 3, 4
     kinds = [("one head", False, "0"), ("two heads", False, "1"), ("descriptors", True, "0"),
              ("two heads, descriptors", True, "1")]
-    for dtype in (torch.bfloat16, torch.float16):
-        for D in dims:
-            for kind, tma, pairs in kinds:
-                if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
-                    continue
-                os.environ["DHP_FX_HEAD_PAIRS"] = pairs
-                for mask, L in (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1])):
-                    keep = torch.rand(H, device=device, generator=g) < 0.6
-                    if mask != "[H]":
-                        keep = torch.rand(B, H, device=device, generator=g) < 0.6
-                        keep[0] = True
-                        keep[1] = False
-                    for in_out in (False, True):
-                        x = torch.randn(B, L, K, device=device, generator=g).to(dtype)
-                        w = (torch.randn(H * D, K, device=device, generator=g) / 16).to(dtype)
-                        w = w.t().contiguous() if in_out else w
-                        o = torch.randn(B, L, H * D, device=device, generator=g).to(dtype)
-                        w2 = (torch.randn(K, H * D, device=device, generator=g) / 16).to(dtype)
-                        w2 = w2.t().contiguous() if in_out else w2
-                        errs = []
-                        for fn, ref, args in ((thl.head_linear_out_triton, head_linear_out_reference, (x, w)),
-                                              (thl.head_linear_in_triton, head_linear_in_reference, (o, w2))):
-                            torch.full((1 << 24,), float("nan"), device=device, dtype=dtype)  # freed: reused
-                            got = fn(*args, None, keep, D, in_out, tma=tma)
-                            want = ref(*(a.double() for a in args), None, keep, D, in_out)
-                            errs.append(rel_err(got, want) if torch.isfinite(got).all() else float("nan"))
-                        ok = all(e <= TOL[dtype] for e in errs)  # NaN compares False
-                        rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, loading=kind, mask=mask,
-                                         in_out=in_out, out_err=errs[0], in_err=errs[1], ok=ok))
-    os.environ.pop("DHP_FX_HEAD_PAIRS", None)
+    masks = (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1]))
+    rows, before = [], os.environ.get("DHP_FX_HEAD_PAIRS")
+    try:
+        for dtype, D, (kind, tma, pairs) in itertools.product((torch.bfloat16, torch.float16), dims, kinds):
+            if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
+                continue
+            os.environ["DHP_FX_HEAD_PAIRS"] = pairs  # read per call
+            for (mask, L), in_out in itertools.product(masks, (False, True)):
+                errs = _projection_errors(thl, device, g, dtype, D, K, L, mask != "[H]", in_out, tma)
+                rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, loading=kind, mask=mask, in_out=in_out,
+                                 out_err=errs[0], in_err=errs[1], ok=all(e <= TOL[dtype] for e in errs)))
+    finally:
+        if before is None:
+            os.environ.pop("DHP_FX_HEAD_PAIRS", None)
+        else:
+            os.environ["DHP_FX_HEAD_PAIRS"] = before
     return rows
+
+
+def _projection_errors(thl, device, g, dtype, D, K, L, per_sample, in_out, tma, B=3, H=4):
+    """Relative errors of head_linear_out and head_linear_in against float64 (NaN: a non-finite
+    output, which fails every tolerance)."""
+    from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
+
+    keep = torch.rand(H, device=device, generator=g) < 0.6
+    if per_sample:  # one sample keeps every head, one none
+        keep = torch.rand(B, H, device=device, generator=g) < 0.6
+        keep[0] = True
+        keep[1] = False
+
+    def weight(rows, cols):
+        w = (torch.randn(rows, cols, device=device, generator=g) / 16).to(dtype)
+        return w.t().contiguous() if in_out else w
+
+    x = torch.randn(B, L, K, device=device, generator=g).to(dtype)
+    o = torch.randn(B, L, H * D, device=device, generator=g).to(dtype)
+    errs = []
+    for fn, ref, args in ((thl.head_linear_out_triton, head_linear_out_reference, (x, weight(H * D, K))),
+                          (thl.head_linear_in_triton, head_linear_in_reference, (o, weight(K, H * D)))):
+        torch.full((1 << 24,), float("nan"), device=device, dtype=dtype)  # freed: the output reuses it
+        got = fn(*args, None, keep, D, in_out, tma=tma)
+        want = ref(*(a.double() for a in args), None, keep, D, in_out)
+        errs.append(rel_err(got, want) if torch.isfinite(got).all() else float("nan"))
+    return errs
 
 
 def run_checks(device, dtypes, batch, seq, report) -> bool:

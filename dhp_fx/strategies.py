@@ -211,9 +211,9 @@ class RouterGate(ScoringGate):
         batch = hidden.shape[0] if batch is None else batch
         x = hidden.reshape(batch, -1, hidden.shape[-1])
         valid = query_padding(attn_mask, batch, x.shape[1], x.shape[1]) if not self.site.cross_attention else None
-        # Sums accumulate in float32 without a float32 copy of the layer input: on a GPU that copy
-        # was a full write and read of the activations per layer (H200 profile, BERT-base). The
-        # 0/1 weights are exact in any dtype, so the result is the float32 pooling's.
+        # Sums accumulate in float32 without a float32 copy of the layer input: that copy is a full
+        # write and read of the activations per layer. The 0/1 weights are exact in any dtype, so
+        # the result is the float32 pooling's.
         if valid is not None:
             w = valid.to(x.device, x.dtype)[..., None]
             count = valid.to(x.device).sum(1, dtype=torch.float32)[..., None]

@@ -170,6 +170,33 @@ def _w_tile(DescW, k0, n0, W_IN_OUT: tl.constexpr):
     return w
 
 
+@triton.jit
+def _x_tile(X, DescX, pid_m, offs_m, row_ok, k0, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """x[row block pid_m, k0 : k0 + BLOCK_K], zeros past M and K (masks, or the copy engine's fill)."""
+    if USE_TMA:
+        x = DescX.load([pid_m * BLOCK_M, k0])
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _head_w_tile(W, DescW, k0, h, offs_d, cols_ok, K, stride_wn, stride_wk, HEAD_D: tl.constexpr,
+                 BLOCK_K: tl.constexpr, W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
+    """Head h's weight [BLOCK_K, BLOCK_D] from k0; ``cols_ok`` masks the pointer load's columns
+    (descriptor tiles are whole heads, and only power-of-two heads take them)."""
+    if USE_TMA:
+        w = _w_tile(DescW, k0, h * HEAD_D, W_IN_OUT)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(W + (h * HEAD_D + offs_d)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=(offs_k < K)[:, None] & cols_ok[None, :], other=0.0)
+    return w
+
+
 @triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
                  prune_configs_by={"early_config_prune": _prune_loading})
 @triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
@@ -190,16 +217,8 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per
     n_idx = h * HEAD_D + offs_d
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, k_hi, BLOCK_K):
-        if USE_TMA:  # the copy engine zero-fills rows past M and columns past K
-            x = DescX.load([pid_m * BLOCK_M, k0])
-            w = _w_tile(DescW, k0, h * HEAD_D, W_IN_OUT)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + n_idx[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        x = _x_tile(X, DescX, pid_m, offs_m, row_ok, k0, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
+        w = _head_w_tile(W, DescW, k0, h, offs_d, d_ok, K, stride_wn, stride_wk, HEAD_D, BLOCK_K, W_IN_OUT, USE_TMA)
         acc = _mma(acc, x, w, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -262,19 +281,12 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, Desc
     acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, k_hi, BLOCK_K):
-        if USE_TMA:  # zero-filled past M and K; a missing second head re-reads the last one, unstored
-            x = DescX.load([pid_m * BLOCK_M, k0])
-            w_a = _w_tile(DescW, k0, h_a * HEAD_D, W_IN_OUT)
-            w_b = _w_tile(DescW, k0, h_b * HEAD_D, W_IN_OUT)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_a = tl.load(W + n_a[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            w_b = tl.load(W + n_b[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                          mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        # (without a second head, h_b repeats the last one: read, never stored)
+        x = _x_tile(X, DescX, pid_m, offs_m, row_ok, k0, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
+        w_a = _head_w_tile(W, DescW, k0, h_a, offs_d, d_ok, K, stride_wn, stride_wk, HEAD_D, BLOCK_K, W_IN_OUT,
+                           USE_TMA)
+        w_b = _head_w_tile(W, DescW, k0, h_b, offs_d, b_ok, K, stride_wn, stride_wk, HEAD_D, BLOCK_K, W_IN_OUT,
+                           USE_TMA)
         acc_a = _mma(acc_a, x, w_a, DOT_F32, DOT_PRECISION)
         acc_b = _mma(acc_b, x, w_b, DOT_F32, DOT_PRECISION)
     if HAS_BIAS:
