@@ -174,6 +174,22 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None, pv_behi
     return methods
 
 
+def own_zeros(fn):
+    """fn with every pruned program storing its own zeros (the kernels' PRUNED_*_PER_KEPT = 0):
+    the A/B of kept programs storing them ahead of their loops. Read at launch (at capture when
+    graphed), so the wrapper holds for the whole call."""
+    from dhp_fx.kernels import triton_attention, triton_head_linear
+
+    def run():
+        saved = triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PAIRS_PER_KEPT
+        triton_attention.PRUNED_TILES_PER_KEPT = triton_head_linear.PRUNED_PAIRS_PER_KEPT = 0
+        try:
+            return fn()
+        finally:
+            triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PAIRS_PER_KEPT = saved
+    return run
+
+
 def core_target_ms(p: float, t_sdpa: float) -> float:
     """Issue 3's bound on the gated core: T(1) <= 1.15 T_SDPA, T(p) <= 1.1 p T_SDPA + 0.01 ms."""
     return 1.15 * t_sdpa if p >= 1.0 else 1.1 * p * t_sdpa + 0.01
@@ -250,13 +266,16 @@ def check(torch, F, args, dtype, gen) -> bool:
     variants = (False, True) if torch.cuda.get_device_capability() >= (9, 0) else (False,)
     for s in args.shapes:
         q, k, v = (torch.randn(s.B, s.H, s.L, s.D, device=dev, dtype=dtype) for _ in range(3))
-        keep, _ = random_keep(torch, s.B, s.H, n_kept(0.5, s.H), dev, gen)
-        want = ref(q, k, v, keep, causal=s.causal)
-        for tma in variants:
-            for behind in (False, True):
-                out = torch.full_like(q, float("nan"))
-                triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out, tma=tma, pv_behind=behind)
-                report(f"{s} p=0.5{' tma' if tma else ''}{' pv-behind' if behind else ''}", out, want, tol)
+        # Below a quarter kept, kept programs run out of pruned tiles to store and the rest store
+        # their own (PRUNED_TILES_PER_KEPT): both halves on poisoned memory.
+        for p in (0.5, 0.25, 1 / s.H):
+            keep, _ = random_keep(torch, s.B, s.H, n_kept(p, s.H), dev, gen)
+            want = ref(q, k, v, keep, causal=s.causal)
+            for tma in variants:
+                for behind in (False, True):
+                    out = torch.full_like(q, float("nan"))
+                    triton_gated_attention(q, k, v, keep, is_causal=s.causal, out=out, tma=tma, pv_behind=behind)
+                    report(f"{s} p={p:.2f}{' tma' if tma else ''}{' pv-behind' if behind else ''}", out, want, tol)
         del q, k, v, out, want
     # GQA + model layout + padding mask + head dim 80, decode, additive bias, fp32.
     B, Hq, Hkv, L = 2, 8, 2, 300
@@ -425,7 +444,8 @@ def block_variants(torch, F, s: Shape, keep_shared, dtype) -> dict:
 
     return {"block dense": dense, "block gated/row": gated_rows, "block gated/shared": gated_shared,
             "block ops/shared": gated_ops(keep_shared, keep_rows),
-            "block ops/row": gated_ops(keep_random, keep_random)}
+            "block ops/row": gated_ops(keep_random, keep_random),
+            "block ops/row own-zeros": own_zeros(gated_ops(keep_random, keep_random))}
 
 
 def graph_replay(torch, fn):
@@ -552,6 +572,10 @@ def main(argv=None) -> int:
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
             if p == args.p[0]:  # before --block's own launches replace the tuning record
                 print(f"  triton config: {chosen_config()}")
+            if p < 1.0:
+                t_own = bench(own_zeros(methods["triton"]))
+                print(f"  triton, pruned programs storing their own zeros: {t_own:.3f} ms "
+                      f"({t_own / times['triton']:.2f}x the kept programs storing them)")
             if args.block:
                 shared = keep[0]
                 blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)

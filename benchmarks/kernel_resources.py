@@ -70,8 +70,11 @@ def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_un
     """Signature, constants and attributes as the launcher would specialise a contiguous call:
     unit strides become constants and pointers / outer strides are 16-divisible, which changes
     vectorisation and so register use."""
-    names = list(inspect.signature(jitfn.fn).parameters)
-    consts = dict(constexprs)
+    params = inspect.signature(jitfn.fn).parameters
+    names = list(params)
+    # Constexprs the caller leaves out take their defaults, as a launch would (not i32 arguments).
+    consts = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    consts.update(constexprs)
     consts.update({n: 1 for n in names if unit_stride(n) and n not in consts})
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -201,15 +204,16 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
 
     kernels = [
         ("fwd", fwd._gated_attn_fwd, fwd_pointers,
-         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True)),
+         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True,
+              ZERO_SHARE=fwd.PRUNED_TILES_PER_KEPT)),
         # What inference runs most: no mask, no entropy, not causal (the folded-scale interior loop).
         ("fwd_plain", fwd._gated_attn_fwd, fwd_pointers,
          dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
-              IS_CAUSAL=False)),
+              IS_CAUSAL=False, ZERO_SHARE=fwd.PRUNED_TILES_PER_KEPT)),
         # A causal LM's prefill: light (no mask, entropy or lse) but with the causal edge loop.
         ("fwd_causal", fwd._gated_attn_fwd, fwd_pointers,
          dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
-              IS_CAUSAL=True)),
+              IS_CAUSAL=True, ZERO_SHARE=fwd.PRUNED_TILES_PER_KEPT)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i32", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
@@ -279,7 +283,7 @@ def projection_cases(dtype: str, head_dims):
         ("proj_in", hl._head_linear_in_kernel, dict(io, Heads="i32", NHeads="i32"), lambda d, b: dict(HEAD_D=d),
          (True, False)),
         ("proj_out_pair", hl._head_linear_out_pair_kernel, dict(io, Heads="i32", NHeads="i32"),
-         lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True, False)),
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, ZERO_SHARE=hl.PRUNED_PAIRS_PER_KEPT), (True, False)),
         ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
          lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8), (True,)),
     ]

@@ -42,6 +42,7 @@ def compile_forward(head_dim=128, block=(128, 64), warps=8, stages=3, tma=False,
     kwargs = {"BLOCK_M": block[0], "BLOCK_N": block[1], "USE_TMA": tma, "PV_BEHIND": pv_behind}
     consts = dict(HEAD_D=head_dim, HEAD_DV=head_dim, BLOCK_D=bd, BLOCK_DV=bd, IS_CAUSAL=False, MASK_KIND=0,
                   ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True,
+                  ZERO_SHARE=ta.PRUNED_TILES_PER_KEPT,
                   DOT_F32=False, DOT_PRECISION="tf32", **kwargs)
     io = dict(Q="bf16", K="bf16", V="bf16", Mask="bf16", Out="bf16", Ent="fp32", Lse="fp32", Pairs="i32",
               NKept="i32")

@@ -3,15 +3,18 @@
 Grid: (query blocks, B*Hq slots). Two ways to map slots to (batch, head) pairs, neither syncing
 with the host:
 * compacted: slot s reads pair ``pairs[s]`` of a device-side list sorted kept-first; slots at or
-  past ``n_kept`` belong to pruned pairs and only store zeros. Kept work fills the first waves,
-  pruned zero-writers the last, which pays at long sequences; building the list (argsort, sum)
-  costs a handful of small launches, which does not.
+  past ``n_kept`` belong to pruned pairs. A kept program also stores the zeros of up to
+  ``PRUNED_TILES_PER_KEPT`` pruned pairs' tiles (slots n_kept + s, 2 n_kept + s, ...) before its
+  key loop, so those stores drain while the tensor cores work, and the pruned programs they
+  cover exit without a store; only the pruned slots left over (fewer than 1 in
+  1 + PRUNED_TILES_PER_KEPT heads kept) store their own. Building the list costs one small
+  launch, which pays at long sequences only.
 * early exit: slot s is pair s, and a pruned pair's programs store zeros and return. No
   preparation at all, so it serves pairs of fewer than ``COMPACT_MIN_WORK`` query-key products
   unless the caller passes a list (the backward passes the forward's).
-Pruned programs store their zeros themselves rather than a memset over the whole output first:
-a memset writes every element, then kept programs write theirs again, i.e. up to twice the
-output traffic, while this way every element is written exactly once.
+Pruned tiles get their zeros from programs of this launch rather than a memset over the whole
+output first: a memset writes every element, then kept programs write theirs again, i.e. up to
+twice the output traffic, while this way every element is written exactly once.
 
 Two inner loops over the full (unmasked-edge) key blocks, both in every autotune list:
 * plain: Q@K^T, softmax, P@V per block. On sm_90 the softmax waits for Q@K^T and P@V for the
@@ -150,9 +153,11 @@ def _fwd_configs():
                            extra={"USE_TMA": False, "PV_BEHIND": True})
               + make_configs([(128, 64, 8, 3), (128, 64, 8, 4)], pruned_by_query_len=False,
                              extra={"USE_TMA": True, "PV_BEHIND": True}, pre_hook=_tma_block_shapes))
+    # With a mask, entropy and lse at D = 128 these sit at the 255-register cap: 8 B of spills on
+    # sm_90 (descriptor configs under triton 3.9 since session 6; pointer 128 x 64 once the
+    # compacted grid's pruned-tile stores went in). Light launches only, then.
     for c in behind:
-        if c.kwargs["USE_TMA"]:  # with a mask, entropy and lse at D = 128: 8 B of spills (sm_90, triton 3.9)
-            set_config_limits(c, light_only=True)
+        set_config_limits(c, light_only=True)
     plain = []
     if _AUTOTUNE:
         # 128 x 128 tiles halve the accumulator rescales per key and the K/V re-reads per query
@@ -495,6 +500,25 @@ def _store_row_stats(Ent, Lse, row_ptr, rows, l_ok, l_safe, m_i, s_i, ENTROPY: t
         tl.store(Lse + row_ptr, tl.where(l_ok, m_i + tl.log2(l_safe), float("inf")), mask=rows)
 
 
+@triton.jit
+def _store_pruned_tile(Out, Ent, Lse, pair, offs_m, offs_dv, n_rows, Hq, Lq, stride_ob, stride_oh, stride_om,
+                       stride_od, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       COMPUTE_PV: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr):
+    """A pruned pair's rows offs_m (those below n_rows): output 0, entropy 0, lse +inf. Pointer
+    stores even in descriptor configs: a TMA store would stage the tile in shared memory."""
+    rows = offs_m < n_rows
+    if COMPUTE_PV:
+        b = pair // Hq
+        h = pair % Hq
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_DV], dtype=Out.dtype.element_ty),
+                 mask=rows[:, None] & (offs_dv[None, :] < HEAD_DV))
+    if ENTROPY:
+        tl.store(Ent + pair * Lq + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=rows)
+    if STORE_LSE:
+        tl.store(Lse + pair * Lq + offs_m, tl.full([BLOCK_M], float("inf"), dtype=tl.float32), mask=rows)
+
+
 @triton.autotune(
     configs=_fwd_configs(),
     key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE",
@@ -515,7 +539,7 @@ def _gated_attn_fwd(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    PV_BEHIND: tl.constexpr = False,
+    PV_BEHIND: tl.constexpr = False, ZERO_SHARE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -524,10 +548,17 @@ def _gated_attn_fwd(
     slot = tl.program_id(1)
     if COMPACT:
         pair = tl.load(Pairs + slot).to(tl.int64)
-        kept = slot < tl.load(NKept)
+        n_kept = tl.load(NKept)
+        kept = slot < n_kept
+        if BLOCK_M >= SHARE_MIN_BLOCK_M:
+            # A pruned slot within ZERO_SHARE * n_kept of the kept run is stored by a kept program.
+            stores_own = kept | (slot - n_kept >= ZERO_SHARE * n_kept)
+        else:
+            stores_own = True
     else:  # Pairs is the [B, Hq] keep mask itself, rows keep_row_stride apart (0: one shared row)
         pair = slot.to(tl.int64)
         kept = tl.load(Pairs + (pair // Hq) * keep_row_stride + pair % Hq) != 0
+        stores_own = True
     # int64 base offsets: b * stride_b overflows int32 for large batches / full masks.
     b = pair // Hq
     h = pair % Hq
@@ -538,6 +569,16 @@ def _gated_attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
+
+    if BLOCK_M >= SHARE_MIN_BLOCK_M:
+        if kept:
+            n_slots = tl.num_programs(1)
+            for j in tl.static_range(ZERO_SHARE):
+                z = n_kept * (j + 1) + slot
+                z_pair = tl.load(Pairs + tl.minimum(z, n_slots - 1)).to(tl.int64)
+                _store_pruned_tile(Out, Ent, Lse, z_pair, offs_m, offs_dv, tl.where(z < n_slots, Lq, 0), Hq, Lq,
+                                   stride_ob, stride_oh, stride_om, stride_od, HEAD_DV, BLOCK_M, BLOCK_DV,
+                                   COMPUTE_PV, ENTROPY, STORE_LSE)
 
     # Pruned slots read no Q.
     if USE_TMA:
@@ -581,20 +622,23 @@ def _gated_attn_fwd(
         BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION, FOLD_SCALE, PV_BEHIND)
 
-    l_ok = l_i > 0.0
-    l_safe = tl.where(l_ok, l_i, 1.0)
-    if COMPUTE_PV:
-        out = acc / l_safe[:, None]
-        if USE_TMA:
-            # The copy engine clips rows past Lq and head-dim padding on the way out.
-            DescO.store([b32, h32, start_m, 0], out.to(DescO.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
-        else:
-            o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-            if BLOCK_DV == HEAD_DV:
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if stores_own:
+        l_ok = l_i > 0.0
+        l_safe = tl.where(l_ok, l_i, 1.0)
+        if COMPUTE_PV:
+            out = acc / l_safe[:, None]
+            if USE_TMA:
+                # The copy engine clips rows past Lq and head-dim padding on the way out.
+                DescO.store([b32, h32, start_m, 0], out.to(DescO.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
             else:
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    _store_row_stats(Ent, Lse, pair * Lq + offs_m, row_ok, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
+                o_ptrs = (Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                          + offs_dv[None, :] * stride_od)
+                if BLOCK_DV == HEAD_DV:
+                    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+                else:
+                    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+        _store_row_stats(Ent, Lse, pair * Lq + offs_m, row_ok, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,6 +653,19 @@ def triton_available(device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+# Pruned tiles whose zeros each kept program of the compacted grid stores ahead of its key loop.
+# At p = 0.25 on causal 8 x 32 x 2048 x 128 the zeros are 100 MB, ~24 us of the card's write
+# bandwidth, which the kept programs' compute hides; run as programs of their own they came last
+# and ran alone. Three covers every pruned tile down to a quarter of the heads kept; a kept tile
+# of a long sequence computes for several times the ~1 us of bandwidth share three tiles take.
+PRUNED_TILES_PER_KEPT = 3
+# Short query tiles (decode-like launches) have too little compute to hide the stores behind, and
+# the store code made the 16-row tile spill at D = 128 (sm_90, triton 3.6): they store their own.
+# (The interpreter's one config has 16-row tiles: there the threshold drops so tests reach the path.)
+_SHARE_MIN_BLOCK_M = 16 if _INTERPRET else 64
+SHARE_MIN_BLOCK_M = tl.constexpr(_SHARE_MIN_BLOCK_M)
 
 
 # Per (batch, head) pair: below this many query-key products the compacted grid's list costs more
@@ -828,6 +885,7 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
             DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact, FOLD_SCALE=scale > 0,
+            ZERO_SHARE=PRUNED_TILES_PER_KEPT if compact else 0,
             **({"USE_TMA": tma_mode == TMA_ONLY, "PV_BEHIND": pv_mode == PV_ONLY} if _INTERPRET else {}),
         )
     extras = []

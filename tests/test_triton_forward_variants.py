@@ -316,6 +316,45 @@ def test_compacted_and_early_exit_grids_agree_exactly(B, Hkv, group, Lq, Lk, D, 
     assert torch.equal(results[0][0][~keep], torch.zeros_like(results[0][0][~keep]))
 
 
+class _PoisonedEmpty:
+    """Stands in for the torch module inside the kernel's host code: ``empty`` hands out NaN-filled
+    memory, so an entropy or lse row that no program stores stays NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, **kwargs):
+        t = torch.empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+
+@interpreted
+@pytest.mark.parametrize("n_kept", [0, 1, 2, 3, 5, 12])
+@pytest.mark.parametrize("share", [0, 1, 3])
+def test_kept_programs_store_the_pruned_tiles_they_cover(monkeypatch, n_kept, share):
+    """Every pruned tile gets its zeros (output 0, entropy 0, lse +inf) exactly once, whether a
+    kept program stores it or the pruned program itself (shares running out, none kept, all kept)."""
+    ta = tk._ta
+    monkeypatch.setattr(ta, "PRUNED_TILES_PER_KEPT", share)
+    monkeypatch.setattr(ta, "torch", _PoisonedEmpty())
+    gen = torch.Generator().manual_seed(n_kept)
+    B, Hq, L, D = 3, 4, 20, 16
+    keep = torch.zeros(B * Hq, dtype=torch.bool)
+    keep[torch.randperm(B * Hq, generator=gen)[:n_kept]] = True
+    keep = keep.view(B, Hq)
+    q, k, v = qkv(B, Hq, 2, L, L, D, D, torch.float32, gen)
+    out = torch.full((B, Hq, L, D), float("nan"))
+    got, ent, lse = ta.triton_gated_attention(q, k, v, keep, None, True, None, return_entropy=True, return_lse=True,
+                                              out=out, pairs=ta.kept_pairs(keep), entropy_rows=True)
+    assert not (torch.isnan(got).any() or torch.isnan(ent).any() or torch.isnan(lse).any())
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+    assert torch.equal(ent[~keep], torch.zeros_like(ent[~keep]))
+    assert torch.isinf(lse[~keep]).all() and (lse[~keep] > 0).all()
+    want = tk.reference(q, k, v, keep, None, True, None)[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @interpreted
 def test_long_pairs_take_the_compacted_grid(monkeypatch):
     ta = tk._ta

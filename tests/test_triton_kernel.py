@@ -470,3 +470,42 @@ def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, 
     want = head_linear_in_reference(o.double(), w2_arg.double(), None if b2 is None else b2.double(), keep, D, in_out)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
+
+
+class _NanEmpty:
+    """Stands in for the torch module inside kernel host code: ``empty`` hands out NaN-filled
+    memory, so an element no program stores stays NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, **kwargs):
+        t = torch.empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+
+@interpreted
+@pytest.mark.parametrize("share", [0, 1, 3])
+@pytest.mark.parametrize("H,n_kept", [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)])
+@pytest.mark.parametrize("rows", [32, 24], ids=["blocks_in_one_sample", "blocks_straddle"])
+def test_pair_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_kept, rows):
+    """Pruned heads' features come out zero whether their own program stores them or a program
+    with a kept head does (PRUNED_PAIRS_PER_KEPT); per-sample masks give each sample its count."""
+    from dhp_fx.kernels.head_linear import head_linear_out_reference
+
+    monkeypatch.setattr(_thl, "PRUNED_PAIRS_PER_KEPT", share)
+    monkeypatch.setattr(_thl, "torch", _NanEmpty())
+    g = torch.Generator().manual_seed(H * 10 + n_kept)
+    B, K, D = 2, 24, 16
+    keep = torch.zeros(B, H, dtype=torch.bool)
+    for row, n in enumerate((n_kept, max(0, n_kept - 1))):
+        keep[row, torch.randperm(H, generator=g)[:n]] = True
+    x = torch.randn(B, rows, K, generator=g)
+    w = torch.randn(H * D, K, generator=g)
+    for mask in (keep, keep[0]):
+        assert _thl._pairs_heads(D, H)
+        y = _thl.head_linear_out_triton(x, w, None, mask, D)
+        assert not torch.isnan(y).any()
+        want = head_linear_out_reference(x.double(), w.double(), None, mask, D)
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
