@@ -195,6 +195,17 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                     ms = _median_ms(lambda: runner(**inputs), reps, device)
                     rows.append({"variant": f"{scoring}/{granularity} + cuda graphs", "p": p, "ms": ms,
                                  "vs_dense": ms / dense, "graphs_captured": runner.num_graphs})
+                if graphs and scoring == "router" and p == 0.5:
+                    # A/B: the router as torch ops (DHP_FX_TRITON_ROUTER=0, read per call and so
+                    # at capture) against its two Triton launches above.
+                    os.environ["DHP_FX_TRITON_ROUTER"] = "0"
+                    try:
+                        runner = opt.cuda_graphed()
+                        ms = _median_ms(lambda: runner(**inputs), reps, device)
+                    finally:
+                        os.environ.pop("DHP_FX_TRITON_ROUTER", None)
+                    rows.append({"variant": "router/sample, torch-op router + cuda graphs", "p": p, "ms": ms,
+                                 "vs_dense": ms / dense})
         if graphs:
             rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
     return rows
@@ -267,6 +278,38 @@ def _projection_errors(thl, device, g, dtype, D, K, L, per_sample, in_out, tma, 
     return errs
 
 
+def check_router(device, batch: int = 32, seq: int = 128, d: int = 768, heads: int = 12, width: int = 32) -> list[dict]:
+    """The two-launch Triton router (RouterGate's inference path) against the torch router in
+    float64: bf16/fp16/fp32 layer inputs, padding (one sample all padding), GELU exact and tanh,
+    with and without the hidden layer. Scores are probabilities: absolute error, tolerance 1e-4."""
+    import torch.nn as nn
+
+    from dhp_fx.kernels import triton_router as tr
+    from dhp_fx.strategies import _fused_router_args
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for dtype, approximate, hidden in itertools.product((torch.bfloat16, torch.float16, torch.float32),
+                                                        ("none", "tanh"), (width, 0)):
+        layers = [nn.LayerNorm(d)] + ([nn.Linear(d, hidden), nn.GELU(approximate=approximate), nn.Linear(hidden, heads)]
+                                      if hidden else [nn.Linear(d, heads)])
+        router = nn.Sequential(*layers)
+        with torch.no_grad():
+            for p in router.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        router = router.to(device)
+        x = torch.randn(batch, seq, d, generator=g).to(device=device, dtype=dtype)
+        valid = torch.rand(batch, seq, generator=g).to(device) > 0.2
+        valid[0] = False
+        got = tr.router_scores_triton(x, valid, *_fused_router_args(router))
+        w = valid.double()[..., None]
+        want = torch.sigmoid(router.double()((x.double() * w).sum(1) / w.sum(1).clamp_min(1.0)))
+        err = (got.double() - want).abs().max().item() if torch.isfinite(got).all() else float("nan")
+        rows.append(dict(dtype=str(dtype).split(".")[-1], act=approximate, hidden=hidden, abs_err=err,
+                         ok=err <= 1e-4))
+    return rows
+
+
 def run_checks(device, dtypes, batch, seq, report) -> bool:
     """Parts 1, 1b and 2 into ``report``; True when every one passed."""
     if device != "cpu":
@@ -275,6 +318,12 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
         worst = max(max(r["out_err"], r["in_err"]) for r in report["projections"])
         print(f"projection kernels, {len(report['projections'])} cases (loading kinds x masks x layouts x "
               f"dtypes x head dims): {len(bad)} failed, worst rel err {worst:.2e}", flush=True)
+        for r in bad:
+            print("  FAILED", r, flush=True)
+        report["router"] = check_router(device)
+        bad = [r for r in report["router"] if not r["ok"]]
+        print(f"router kernels, {len(report['router'])} cases: {len(bad)} failed, worst abs err "
+              f"{max(r['abs_err'] for r in report['router']):.2e}", flush=True)
         for r in bad:
             print("  FAILED", r, flush=True)
     report["exactness"] = check_exactness(device, dtypes, batch, seq)
@@ -290,7 +339,8 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     report["training"] = t = check_training(device)
     print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
           f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
-    return (all(r["ok"] for r in report["exactness"] + report.get("projections", [])) and t["finite"]
+    return (all(r["ok"] for r in report["exactness"] + report.get("projections", []) + report.get("router", []))
+            and t["finite"]
             and t["attn_params_with_grad"] > 0)
 
 

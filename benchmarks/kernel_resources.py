@@ -323,13 +323,31 @@ def partition_cases(dtype: str, head_dims):
                dict(BLOCK=block), 0, dict(BLOCK_N=block), 4 if block <= 256 else 8, 1)
 
 
+def router_cases(dtype: str, head_dims):
+    """The router's pooling kernel (padding on) and head kernel at RouterGate's default width
+    (32) and at the widest tiles head_blocks admits (not per head dim: d is a runtime size)."""
+    from dhp_fx.kernels import triton_router as tr
+
+    t = _TORCH_TO_TRITON[dtype]
+    yield ("router_pool", tr._pool_kernel, dict(X=t, Valid="u8", Pooled="fp32"),
+           dict(HAS_VALID=True, BLOCK_L=32, BLOCK_C=128), 0, dict(BLOCK_L=32, BLOCK_C=128), 4, 1)
+    head = dict(Pooled="fp32", LnW="fp32", LnB="fp32", W1="fp32", B1="fp32", W2="fp32", B2="fp32", Out="fp32")
+    for width, heads in ((32, 12), (32, 128), (1024, 16), (256, 64), (0, 128)):
+        block_k, block_n1, block_n2, warps = tr.head_blocks(width, heads)
+        consts = dict(HAS_LN_W=True, HAS_LN_B=True, HAS_B1=True, HAS_B2=True, HIDDEN=width > 0, ACT=tr.ACT_GELU,
+                      BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2)
+        yield ("router_head", tr._router_head_kernel, head, consts, 0,
+               dict(BLOCK_K=block_k, HIDDEN=block_n1, HEADS=block_n2), warps, 1)
+
+
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
     rows = []
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
     cases = [(attention_cases(dtype, head_dims), attention_unit_stride, ()),
              (decode_cases(dtype, head_dims), attention_unit_stride, ()),
              (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T")),
-             (partition_cases(dtype, head_dims), lambda name: False, ())]
+             (partition_cases(dtype, head_dims), lambda name: False, ()),
+             (router_cases(dtype, head_dims), lambda name: name in ("stride_xd", "stride_w1k", "stride_w2k"), ())]
     for generated, unit_stride, aligned in cases:
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
             if only and name not in only:
@@ -346,7 +364,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--only", nargs="*", help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv decode_split decode_packed "
-                                              "proj_out proj_out_pair proj_in proj_wgrad partition")
+                                              "proj_out proj_out_pair proj_in proj_wgrad partition router_pool router_head")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

@@ -7,6 +7,7 @@ static nothing.
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional
 
 import torch
@@ -175,6 +176,38 @@ class StaticGate(ScoringGate):
         return cached[2].expand(ref.shape[0], self.num_heads)
 
 
+def _router_kernels(x: torch.Tensor):
+    """The Triton router module where it should serve a call on x, else None (CPU tensors,
+    GPUs without the Triton path, DHP_FX_TRITON_ROUTER=0)."""
+    if not x.is_cuda or os.environ.get("DHP_FX_TRITON_ROUTER", "1") == "0":
+        return None
+    from .kernels import triton_attention, triton_router
+
+    return triton_router if triton_attention.triton_available(x.device) else None
+
+
+_ACTIVATIONS = {"none": 1, "tanh": 2}  # nn.GELU(approximate=...) -> triton_router.ACT_GELU, ACT_GELU_TANH
+
+
+def _fused_router_args(router: nn.Sequential) -> Optional[tuple]:
+    """(ln weight, ln bias, eps, w1, b1, w2, b2, act) of a LayerNorm → Linear [→ GELU → Linear]
+    router, the layout ``RouterGate`` builds; None for anything else (a user-replaced module)."""
+    mods = list(router)
+    if len(mods) not in (2, 4) or not isinstance(mods[0], nn.LayerNorm) or len(mods[0].normalized_shape) != 1:
+        return None
+    ln, first = mods[0], mods[1]
+    if not isinstance(first, nn.Linear):
+        return None
+    w2 = b2 = None
+    act = _ACTIVATIONS["none"]
+    if len(mods) == 4:
+        gelu, last = mods[2], mods[3]
+        if type(gelu) is not nn.GELU or gelu.approximate not in _ACTIVATIONS or not isinstance(last, nn.Linear):
+            return None
+        act, w2, b2 = _ACTIVATIONS[gelu.approximate], last.weight, last.bias
+    return ln.weight, ln.bias, ln.eps, first.weight, first.bias, w2, b2, act
+
+
 class RouterGate(ScoringGate):
     """A learned predictor of S from the site's input, pooled over tokens: sigmoid(MLP(mean x)).
 
@@ -211,6 +244,10 @@ class RouterGate(ScoringGate):
         batch = hidden.shape[0] if batch is None else batch
         x = hidden.reshape(batch, -1, hidden.shape[-1])
         valid = query_padding(attn_mask, batch, x.shape[1], x.shape[1]) if not self.site.cross_attention else None
+        fused = self._fused(x)
+        if fused is not None:
+            kernels, args = fused
+            return kernels.router_scores_triton(x, valid, *args)
         # Sums accumulate in float32 without a float32 copy of the layer input: that copy is a full
         # write and read of the activations per layer. The 0/1 weights are exact in any dtype, so
         # the result is the float32 pooling's.
@@ -221,6 +258,23 @@ class RouterGate(ScoringGate):
         else:
             pooled = x.mean(1, dtype=torch.float32)
         return torch.sigmoid(self.router(pooled))
+
+    def _fused(self, x: torch.Tensor):
+        """(kernel module, its arguments) when the two-launch Triton router may replace the torch
+        ops for x: on a CUDA device with the Triton path, the router in RouterGate's own layout,
+        and no gradient that could reach its parameters (router training keeps autograd)."""
+        kernels = _router_kernels(x)
+        if kernels is None or self.router is None:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters()):
+            return None
+        args = _fused_router_args(self.router)
+        if args is None:
+            return None
+        width = args[3].shape[0] if args[5] is not None else 0
+        if kernels.head_blocks(width, self.num_heads) is None:
+            return None
+        return kernels, args
 
     def target_scores(self, q, k, attn_mask) -> torch.Tensor:
         """What the router learns to predict: S with the entropy of every query row."""

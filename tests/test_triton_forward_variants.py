@@ -316,19 +316,6 @@ def test_compacted_and_early_exit_grids_agree_exactly(B, Hkv, group, Lq, Lk, D, 
     assert torch.equal(results[0][0][~keep], torch.zeros_like(results[0][0][~keep]))
 
 
-class _PoisonedEmpty:
-    """Stands in for the torch module inside the kernel's host code: ``empty`` hands out NaN-filled
-    memory, so an entropy or lse row that no program stores stays NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*shape, **kwargs):
-        t = torch.empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-
 @interpreted
 @pytest.mark.parametrize("n_kept", [0, 1, 2, 3, 5, 12])
 @pytest.mark.parametrize("share", [0, 1, 3])
@@ -337,7 +324,7 @@ def test_kept_programs_store_the_pruned_tiles_they_cover(monkeypatch, n_kept, sh
     kept program stores it or the pruned program itself (shares running out, none kept, all kept)."""
     ta = tk._ta
     monkeypatch.setattr(ta, "PRUNED_TILES_PER_KEPT", share)
-    monkeypatch.setattr(ta, "torch", _PoisonedEmpty())
+    monkeypatch.setattr(ta, "torch", tk.NanEmpty())
     gen = torch.Generator().manual_seed(n_kept)
     B, Hq, L, D = 3, 4, 20, 16
     keep = torch.zeros(B * Hq, dtype=torch.bool)

@@ -35,7 +35,7 @@ def test_integrated_triton_path_in_interpreter_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "4 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    assert "5 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
 def _gpu_check():
@@ -132,3 +132,10 @@ def test_gpu_check_projection_cases_pass_interpreted():
     rows = _gpu_check().check_projections("cpu", dims=(16, 32), lengths=(16, 10), K=32)
     kinds = {(r["loading"], r["mask"], r["in_out"]) for r in rows}
     assert len(kinds) == 4 * 3 * 2 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+def test_gpu_check_router_cases_pass_interpreted():
+    """The device run's router check (kernel against the torch router in float64), small."""
+    rows = _gpu_check().check_router("cpu", batch=3, seq=20, d=24, heads=5, width=8)
+    assert len(rows) == 12 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

@@ -68,10 +68,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 from dhp_fx.kernels.reference import gated_attention_reference  # noqa: E402
 
-def _load_head_linear():
+def load_interpreted(name: str):
+    """Kernel module ``name`` in interpreter mode (re-imported if it was imported compiled)."""
     _set_interpret(True)
     try:
-        name = "dhp_fx.kernels.triton_head_linear"
         mod = importlib.import_module(name)
         if not mod._INTERPRET:
             sys.modules.pop(name, None)
@@ -81,8 +81,21 @@ def _load_head_linear():
         _set_interpret(False)
 
 
+class NanEmpty:
+    """Stands in for the torch module inside kernel host code: ``empty`` hands out NaN-filled
+    memory (integers: -7), so an element no program stores stays NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, **kwargs):
+        t = torch.empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+
 if IN_PROCESS:
-    _thl = _load_head_linear()
+    _thl = load_interpreted("dhp_fx.kernels.triton_head_linear")
     triton_available = _ta.triton_available
     triton_gated_attention = _ta.triton_gated_attention
     triton_gated_attention_autograd = _ta.triton_gated_attention_autograd
@@ -472,19 +485,6 @@ def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, 
     torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
 
 
-class _NanEmpty:
-    """Stands in for the torch module inside kernel host code: ``empty`` hands out NaN-filled
-    memory, so an element no program stores stays NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*shape, **kwargs):
-        t = torch.empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-
 @interpreted
 @pytest.mark.parametrize("share", [0, 1, 3])
 @pytest.mark.parametrize("H,n_kept", [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)])
@@ -495,7 +495,7 @@ def test_pair_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_
     from dhp_fx.kernels.head_linear import head_linear_out_reference
 
     monkeypatch.setattr(_thl, "PRUNED_PAIRS_PER_KEPT", share)
-    monkeypatch.setattr(_thl, "torch", _NanEmpty())
+    monkeypatch.setattr(_thl, "torch", NanEmpty())
     g = torch.Generator().manual_seed(H * 10 + n_kept)
     B, K, D = 2, 24, 16
     keep = torch.zeros(B, H, dtype=torch.bool)

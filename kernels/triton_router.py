@@ -1,0 +1,197 @@
+"""A per-sample router in two launches: masked mean pooling, then LayerNorm → Linear → GELU →
+Linear → sigmoid per sample.
+
+Run as torch ops, a router on [B, L, d] is a dozen kernels per layer (mask cast, count,
+product, sum, division, LayerNorm, two GEMMs with cuBLAS's split-K reduction, GELU, sigmoid).
+Each is tiny: on an H200 a BERT-base encoder with router gates ran 3.54 ms against 2.48 with static
+gates (CUDA graphs, p = 0.5), and its profile showed 24 fp32 ``sgemm_largek`` calls (286 µs) for
+matrix-vector products of 32 rows. Here:
+
+* ``_pool_kernel``, grid (samples, feature blocks): each program sums its features over the
+  sample's valid tokens in float32 and divides by their count. Feature blocks spread a sample's
+  read over many SMs; one program per sample would stream it through one.
+* ``_router_head_kernel``, grid (samples,): LayerNorm statistics and the affine map, then each
+  Linear as a matrix-vector product in float32 (weights read in their own dtype), the activation,
+  and the sigmoid.
+
+Padded tokens are selected out (``where``), not multiplied by 0: a non-finite value in padding
+cannot reach the pooled mean.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import next_pow2
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
+
+# Register budget of the head kernel: its widest tiles are [hidden, BLOCK_K] and [heads, hidden]
+# float32, 64 per thread at 8 warps. Wider routers keep the torch ops.
+MAX_TILE = 16384
+
+
+@triton.jit
+def _pool_kernel(X, Valid, Pooled, L, d, stride_xb, stride_xl, stride_xd, stride_vb, stride_vl,
+                 HAS_VALID: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < d
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        l_ok = offs_l < L
+        x = tl.load(X + b * stride_xb + offs_l[:, None] * stride_xl + offs_c[None, :] * stride_xd,
+                    mask=l_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_VALID:
+            ok = tl.load(Valid + b * stride_vb + offs_l * stride_vl, mask=l_ok, other=0) != 0
+            x = tl.where(ok[:, None], x, 0.0)
+            count += ok.to(tl.float32)
+        acc += tl.sum(x, axis=0)
+    if HAS_VALID:
+        n = tl.maximum(tl.sum(count, axis=0), 1.0)
+    else:
+        n = tl.maximum(L, 1).to(tl.float32)
+    tl.store(Pooled + b * d + offs_c, acc / n, mask=c_ok)
+
+
+@triton.jit
+def _layer_norm_stats(Row, d, eps, BLOCK_K: tl.constexpr):
+    """(mean, 1 / std) of Row[:d], two passes (the row is small and stays in cache)."""
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        total += tl.load(Row + offs, mask=offs < d, other=0.0)
+    mean = tl.sum(total, axis=0) / d
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        diff = tl.where(offs < d, tl.load(Row + offs, mask=offs < d, other=0.0) - mean, 0.0)
+        sq += diff * diff
+    return mean, 1.0 / tl.sqrt(tl.sum(sq, axis=0) / d + eps)
+
+
+@triton.jit
+def _router_head_kernel(Pooled, LnW, LnB, W1, B1, W2, B2, Out, d, n1, n2, eps,
+                        stride_w1n, stride_w1k, stride_w2n, stride_w2k,
+                        HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_B1: tl.constexpr,
+                        HAS_B2: tl.constexpr, HIDDEN: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """Out[b] = sigmoid(W2 act(W1 LN(p) + b1) + b2), or sigmoid(W1 LN(p) + b1) without HIDDEN."""
+    b = tl.program_id(0).to(tl.int64)
+    row = Pooled + b * d
+    mean, rstd = _layer_norm_stats(row, d, eps, BLOCK_K)
+    offs_n1 = tl.arange(0, BLOCK_N1)
+    n1_ok = offs_n1 < n1
+    acc = tl.zeros([BLOCK_N1], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < d
+        y = (tl.load(row + offs_k, mask=k_ok, other=0.0) - mean) * rstd
+        if HAS_LN_W:
+            y = y * tl.load(LnW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_LN_B:
+            y = y + tl.load(LnB + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(W1 + offs_n1[:, None] * stride_w1n + offs_k[None, :] * stride_w1k,
+                    mask=n1_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * y[None, :], axis=1)
+    if HAS_B1:
+        acc += tl.load(B1 + offs_n1, mask=n1_ok, other=0.0).to(tl.float32)
+    if HIDDEN:
+        if ACT == 1:
+            h = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            # tanh(z) = 2 sigmoid(2z) - 1: tl.exp only, no libdevice call to resolve per target
+            h = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+        else:
+            h = acc
+        h = tl.where(n1_ok, h, 0.0)
+        offs_n2 = tl.arange(0, BLOCK_N2)
+        n2_ok = offs_n2 < n2
+        w2 = tl.load(W2 + offs_n2[:, None] * stride_w2n + offs_n1[None, :] * stride_w2k,
+                     mask=n2_ok[:, None] & n1_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.sum(w2 * h[None, :], axis=1)
+        if HAS_B2:
+            s += tl.load(B2 + offs_n2, mask=n2_ok, other=0.0).to(tl.float32)
+        tl.store(Out + b * n2 + offs_n2, 1.0 / (1.0 + tl.exp(-s)), mask=n2_ok)
+    else:
+        tl.store(Out + b * n1 + offs_n1, 1.0 / (1.0 + tl.exp(-acc)), mask=n1_ok)
+
+
+def head_blocks(width: int, heads: int):
+    """(BLOCK_K, BLOCK_N1, BLOCK_N2, num_warps) of the head kernel for a router of this hidden
+    width (0: none) and head count, or None when a tile would exceed MAX_TILE."""
+    n1 = width or heads
+    block_n1 = max(16, next_pow2(n1))
+    block_n2 = max(16, next_pow2(heads)) if width else 16
+    block_k = max(16, min(128, 4096 // block_n1))
+    widest = max(block_n1 * block_k, block_n2 * block_n1 if width else 0)
+    if widest > MAX_TILE:
+        return None
+    return block_k, block_n1, block_n2, 4 if widest <= 4096 else 8
+
+
+def masked_mean_triton(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 [B, d]: the mean of x [B, L, d] over the tokens with valid [B, L] nonzero (every
+    token without it); 0 for a sample with none. Any float dtype and strides."""
+    B, L, d = x.shape
+    pooled = torch.empty((B, d), device=x.device, dtype=torch.float32)
+    if B == 0 or d == 0:
+        return pooled
+    if valid is not None:
+        valid = (valid if valid.dtype == torch.bool else valid != 0).view(torch.uint8)
+    block_c = 16 if _INTERPRET else 128
+    block_l = 16 if _INTERPRET else 32
+    _pool_kernel[(B, triton.cdiv(d, block_c))](
+        x, valid if valid is not None else x, pooled, L, d, *x.stride(),
+        *(valid.stride() if valid is not None else (0, 0)),
+        HAS_VALID=valid is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)
+    return pooled
+
+
+def router_scores_triton(x: torch.Tensor, valid: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+                         ln_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                         w2: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
+                         act: int = ACT_GELU) -> torch.Tensor:
+    """float32 [B, H] = sigmoid(MLP(LayerNorm(mean of x over valid tokens))).
+
+    x: [B, L, d] in any float dtype and strides. valid: bool/integer [B, L] (nonzero = a real
+    token) or None for every token. w1: [n1, d] (nn.Linear layout), w2: [H, n1] or None for a
+    router without a hidden layer (then w1 is [H, d] and ``act`` is unused). Raises ValueError on
+    mismatched shapes or a router too wide for the head kernel's tiles (:func:`head_blocks`)."""
+    if x.dim() != 3:
+        raise ValueError(f"router_scores_triton: x must be [B, L, d], got {tuple(x.shape)}")
+    B, L, d = x.shape
+    if w1.dim() != 2 or w1.shape[1] != d:
+        raise ValueError(f"router_scores_triton: w1 {tuple(w1.shape)} does not take {d} features")
+    if w2 is not None and (w2.dim() != 2 or w2.shape[1] != w1.shape[0]):
+        raise ValueError(f"router_scores_triton: w2 {tuple(w2.shape)} does not take w1's {w1.shape[0]} outputs")
+    if valid is not None and tuple(valid.shape) != (B, L):
+        raise ValueError(f"router_scores_triton: valid must be [{B}, {L}], got {tuple(valid.shape)}")
+    heads = (w2 if w2 is not None else w1).shape[0]
+    blocks = head_blocks(w1.shape[0] if w2 is not None else 0, heads)
+    if blocks is None:
+        raise ValueError(f"router_scores_triton: a router of width {w1.shape[0]} and {heads} heads exceeds "
+                         f"the head kernel's {MAX_TILE}-element tiles")
+    block_k, block_n1, block_n2, warps = blocks
+    out = torch.empty((B, heads), device=x.device, dtype=torch.float32)
+    if B == 0:
+        return out
+    pooled = masked_mean_triton(x, valid)
+    w2_arg = w2 if w2 is not None else w1
+    _router_head_kernel[(B,)](
+        pooled, ln_weight if ln_weight is not None else pooled, ln_bias if ln_bias is not None else pooled,
+        w1, b1 if b1 is not None else pooled, w2_arg, b2 if b2 is not None else pooled, out,
+        d, w1.shape[0], heads, float(eps), *w1.stride(), *w2_arg.stride(),
+        HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None, HAS_B1=b1 is not None,
+        HAS_B2=b2 is not None, HIDDEN=w2 is not None, ACT=int(act),
+        BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2, num_warps=warps)
+    return out
