@@ -281,9 +281,11 @@ def _projection_errors(thl, device, g, dtype, D, K, L, per_sample, in_out, tma, 
 def check_router(device, batch: int = 32, seq: int = 128, d: int = 768, heads: int = 12, width: int = 32) -> list[dict]:
     """The two-launch Triton router (RouterGate's inference path) against the torch router in
     float64: bf16/fp16/fp32 layer inputs, padding (one sample all padding), GELU exact and tanh,
-    with and without the hidden layer. Scores are probabilities: absolute error, tolerance 1e-4."""
+    with and without the hidden layer. Scores are probabilities: absolute error, tolerance 1e-4.
+    The fused top-k must equal decide_keep on the same scores."""
     import torch.nn as nn
 
+    from dhp_fx.gates import decide_keep
     from dhp_fx.kernels import triton_router as tr
     from dhp_fx.strategies import _fused_router_args
 
@@ -305,8 +307,11 @@ def check_router(device, batch: int = 32, seq: int = 128, d: int = 768, heads: i
         w = valid.double()[..., None]
         want = torch.sigmoid(router.double()((x.double() * w).sum(1) / w.sum(1).clamp_min(1.0)))
         err = (got.double() - want).abs().max().item() if torch.isfinite(got).all() else float("nan")
+        # the fused top-k against the gates' own decision on the same scores
+        keep, scores = tr.router_keep_triton(x, valid, heads // 2, *_fused_router_args(router))
+        same_keep = torch.equal(keep, decide_keep(scores, heads // 2, 0)) and torch.equal(scores, got)
         rows.append(dict(dtype=str(dtype).split(".")[-1], act=approximate, hidden=hidden, abs_err=err,
-                         ok=err <= 1e-4))
+                         top_k_ok=same_keep, ok=err <= 1e-4 and same_keep))
     return rows
 
 

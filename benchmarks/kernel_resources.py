@@ -324,18 +324,20 @@ def partition_cases(dtype: str, head_dims):
 
 
 def router_cases(dtype: str, head_dims):
-    """The router's pooling kernel (padding on) and head kernel at RouterGate's default width
-    (32) and at the widest tiles head_blocks admits (not per head dim: d is a runtime size)."""
+    """The router's pooling kernel (padding on) and head kernel, with the fused top-k, at
+    RouterGate's default width (32) and at the widest tiles head_blocks admits (not per head dim:
+    d is a runtime size)."""
     from dhp_fx.kernels import triton_router as tr
 
     t = _TORCH_TO_TRITON[dtype]
     yield ("router_pool", tr._pool_kernel, dict(X=t, Valid="u8", Pooled="fp32"),
            dict(HAS_VALID=True, BLOCK_L=32, BLOCK_C=128), 0, dict(BLOCK_L=32, BLOCK_C=128), 4, 1)
-    head = dict(Pooled="fp32", LnW="fp32", LnB="fp32", W1="fp32", B1="fp32", W2="fp32", B2="fp32", Out="fp32")
+    head = dict(Pooled="fp32", LnW="fp32", LnB="fp32", W1="fp32", B1="fp32", W2="fp32", B2="fp32", Out="fp32",
+                Keep="u8")
     for width, heads in ((32, 12), (32, 128), (1024, 16), (256, 64), (0, 128)):
         block_k, block_n1, block_n2, warps = tr.head_blocks(width, heads)
         consts = dict(HAS_LN_W=True, HAS_LN_B=True, HAS_B1=True, HAS_B2=True, HIDDEN=width > 0, ACT=tr.ACT_GELU,
-                      BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2)
+                      TOP_K=heads <= tr.TOP_K_MAX_HEADS, BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2)
         yield ("router_head", tr._router_head_kernel, head, consts, 0,
                dict(BLOCK_K=block_k, HIDDEN=block_n1, HEADS=block_n2), warps, 1)
 

@@ -259,6 +259,23 @@ class RouterGate(ScoringGate):
             pooled = x.mean(1, dtype=torch.float32)
         return torch.sigmoid(self.router(pooled))
 
+    @torch.no_grad()
+    def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
+        """Per-sample top-k of the router's scores in the router's own launches where the budget
+        is that simple (no threshold, no batch vote, heads as units); otherwise the general path."""
+        if (hidden is not None and self.router is not None and not self.fixed_keep.numel() and not self.recording
+                and self.score_threshold is None and self.granularity != "batch" and not self.prune_kv_groups
+                and self.n_keep < self.num_heads):
+            batch = hidden.shape[0] if q is None else q.shape[0]
+            x = hidden.reshape(batch, -1, hidden.shape[-1])
+            fused = self._fused(x)
+            if fused is not None and self.num_heads <= fused[0].TOP_K_MAX_HEADS:
+                kernels, args = fused
+                valid = None if self.site.cross_attention else query_padding(attn_mask, batch, x.shape[1], x.shape[1])
+                self._last_entropy = None
+                return kernels.router_keep_triton(x, valid, self.n_keep, *args)[0]
+        return super().decide_eager(q, k, v, attn_mask, hidden)
+
     def _fused(self, x: torch.Tensor):
         """(kernel module, its arguments) when the two-launch Triton router may replace the torch
         ops for x: on a CUDA device with the Triton path, the router in RouterGate's own layout,

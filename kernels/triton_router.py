@@ -1,5 +1,5 @@
 """A per-sample router in two launches: masked mean pooling, then LayerNorm → Linear → GELU →
-Linear → sigmoid per sample.
+Linear → sigmoid per sample, and optionally each sample's top-k heads.
 
 Run as torch ops, a router on [B, L, d] is a dozen kernels per layer (mask cast, count,
 product, sum, division, LayerNorm, two GEMMs with cuBLAS's split-K reduction, GELU, sigmoid).
@@ -12,7 +12,7 @@ matrix-vector products of 32 rows. Here:
   read over many SMs; one program per sample would stream it through one.
 * ``_router_head_kernel``, grid (samples,): LayerNorm statistics and the affine map, then each
   Linear as a matrix-vector product in float32 (weights read in their own dtype), the activation,
-  and the sigmoid.
+  and the sigmoid; with a budget, the keep row as well (the decision's topk, zeros and scatter).
 
 Padded tokens are selected out (``where``), not multiplied by 0: a non-finite value in padding
 cannot reach the pooled mean.
@@ -35,6 +35,8 @@ ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 # Register budget of the head kernel: its widest tiles are [hidden, BLOCK_K] and [heads, hidden]
 # float32, 64 per thread at 8 warps. Wider routers keep the torch ops.
 MAX_TILE = 16384
+# The fused top-k compares every head with every other: [heads, heads] in registers.
+TOP_K_MAX_HEADS = 128
 
 
 @triton.jit
@@ -79,12 +81,33 @@ def _layer_norm_stats(Row, d, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _router_head_kernel(Pooled, LnW, LnB, W1, B1, W2, B2, Out, d, n1, n2, eps,
+def _sigmoid(z):
+    # exp of -|z| only: never overflows, so no inf enters the division
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _store_scores(Out, Keep, b, scores, offs, n, n_keep, TOP_K: tl.constexpr):
+    """Scores [n] of sample b, and with TOP_K its keep row: the n_keep highest scores, ties to the
+    lower index (a head's rank = the heads scoring above it, or equal and listed before it)."""
+    ok = offs < n
+    tl.store(Out + b * n + offs, scores, mask=ok)
+    if TOP_K:
+        s = tl.where(ok, scores, -1.0)  # probabilities are >= 0: padding lanes rank last
+        ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (offs[None, :] < offs[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        tl.store(Keep + b * n + offs, (rank < n_keep).to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _router_head_kernel(Pooled, LnW, LnB, W1, B1, W2, B2, Out, Keep, d, n1, n2, eps, n_keep,
                         stride_w1n, stride_w1k, stride_w2n, stride_w2k,
                         HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_B1: tl.constexpr,
-                        HAS_B2: tl.constexpr, HIDDEN: tl.constexpr, ACT: tl.constexpr,
+                        HAS_B2: tl.constexpr, HIDDEN: tl.constexpr, ACT: tl.constexpr, TOP_K: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """Out[b] = sigmoid(W2 act(W1 LN(p) + b1) + b2), or sigmoid(W1 LN(p) + b1) without HIDDEN."""
+    """Out[b] = sigmoid(W2 act(W1 LN(p) + b1) + b2), or sigmoid(W1 LN(p) + b1) without HIDDEN;
+    with TOP_K also Keep[b] = its n_keep highest (:func:`_store_scores`)."""
     b = tl.program_id(0).to(tl.int64)
     row = Pooled + b * d
     mean, rstd = _layer_norm_stats(row, d, eps, BLOCK_K)
@@ -110,7 +133,7 @@ def _router_head_kernel(Pooled, LnW, LnB, W1, B1, W2, B2, Out, d, n1, n2, eps,
         elif ACT == 2:
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             # tanh(z) = 2 sigmoid(2z) - 1: tl.exp only, no libdevice call to resolve per target
-            h = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+            h = 0.5 * acc * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
         else:
             h = acc
         h = tl.where(n1_ok, h, 0.0)
@@ -121,9 +144,9 @@ def _router_head_kernel(Pooled, LnW, LnB, W1, B1, W2, B2, Out, d, n1, n2, eps,
         s = tl.sum(w2 * h[None, :], axis=1)
         if HAS_B2:
             s += tl.load(B2 + offs_n2, mask=n2_ok, other=0.0).to(tl.float32)
-        tl.store(Out + b * n2 + offs_n2, 1.0 / (1.0 + tl.exp(-s)), mask=n2_ok)
+        _store_scores(Out, Keep, b, _sigmoid(s), offs_n2, n2, n_keep, TOP_K)
     else:
-        tl.store(Out + b * n1 + offs_n1, 1.0 / (1.0 + tl.exp(-acc)), mask=n1_ok)
+        _store_scores(Out, Keep, b, _sigmoid(acc), offs_n1, n1, n_keep, TOP_K)
 
 
 def head_blocks(width: int, heads: int):
@@ -157,6 +180,12 @@ def masked_mean_triton(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.
     return pooled
 
 
+def router_keep_triton(x: torch.Tensor, valid: Optional[torch.Tensor], n_keep: int, *router) -> tuple:
+    """(bool keep [B, H], float32 scores [B, H]): :func:`router_scores_triton`'s scores and, in
+    the same launch, each sample's ``n_keep`` highest of them, ties to the lower head index."""
+    return _router(x, valid, *router, n_keep=n_keep)
+
+
 def router_scores_triton(x: torch.Tensor, valid: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
                          ln_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                          w2: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
@@ -167,6 +196,10 @@ def router_scores_triton(x: torch.Tensor, valid: Optional[torch.Tensor], ln_weig
     token) or None for every token. w1: [n1, d] (nn.Linear layout), w2: [H, n1] or None for a
     router without a hidden layer (then w1 is [H, d] and ``act`` is unused). Raises ValueError on
     mismatched shapes or a router too wide for the head kernel's tiles (:func:`head_blocks`)."""
+    return _router(x, valid, ln_weight, ln_bias, eps, w1, b1, w2, b2, act)[1]
+
+
+def _router(x, valid, ln_weight, ln_bias, eps, w1, b1, w2=None, b2=None, act=ACT_GELU, n_keep=None):
     if x.dim() != 3:
         raise ValueError(f"router_scores_triton: x must be [B, L, d], got {tuple(x.shape)}")
     B, L, d = x.shape
@@ -182,16 +215,20 @@ def router_scores_triton(x: torch.Tensor, valid: Optional[torch.Tensor], ln_weig
         raise ValueError(f"router_scores_triton: a router of width {w1.shape[0]} and {heads} heads exceeds "
                          f"the head kernel's {MAX_TILE}-element tiles")
     block_k, block_n1, block_n2, warps = blocks
+    if n_keep is not None and heads > TOP_K_MAX_HEADS:
+        raise ValueError(f"router_keep_triton: the fused top-k serves at most {TOP_K_MAX_HEADS} heads, got {heads}")
     out = torch.empty((B, heads), device=x.device, dtype=torch.float32)
+    keep = torch.empty((B, heads), device=x.device, dtype=torch.bool) if n_keep is not None else None
     if B == 0:
-        return out
+        return keep, out
     pooled = masked_mean_triton(x, valid)
     w2_arg = w2 if w2 is not None else w1
     _router_head_kernel[(B,)](
         pooled, ln_weight if ln_weight is not None else pooled, ln_bias if ln_bias is not None else pooled,
         w1, b1 if b1 is not None else pooled, w2_arg, b2 if b2 is not None else pooled, out,
-        d, w1.shape[0], heads, float(eps), *w1.stride(), *w2_arg.stride(),
+        keep.view(torch.uint8) if keep is not None else out,
+        d, w1.shape[0], heads, float(eps), 0 if n_keep is None else int(n_keep), *w1.stride(), *w2_arg.stride(),
         HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None, HAS_B1=b1 is not None,
-        HAS_B2=b2 is not None, HIDDEN=w2 is not None, ACT=int(act),
+        HAS_B2=b2 is not None, HIDDEN=w2 is not None, ACT=int(act), TOP_K=n_keep is not None,
         BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2, num_warps=warps)
-    return out
+    return keep, out

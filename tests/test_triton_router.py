@@ -95,6 +95,72 @@ def test_masked_mean_matches_torch(B, L, d, padding, dtype, model_layout, seed):
 
 
 @interpreted
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), L=st.integers(1, 20), width=st.sampled_from([0, 8]), heads=st.integers(1, 20),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_fused_top_k_is_the_gates_decision(B, L, width, heads, data, seed):
+    """The keep rows of router_keep_triton are decide_keep's top-k of the same scores (random
+    weights: distinct scores, so any tie rule agrees)."""
+    from dhp_fx.gates import decide_keep
+
+    n_keep = data.draw(st.integers(0, heads))
+    gen = torch.Generator().manual_seed(seed)
+    router = make_router(16, width, heads, "none", gen)
+    x = torch.randn(B, L, 16, generator=gen)
+    keep, scores = tr.router_keep_triton(x, None, n_keep, *kernel_args(router))
+    assert keep.dtype == torch.bool and keep.shape == (B, heads)
+    assert torch.equal(keep, decide_keep(scores, n_keep, 0))
+    torch.testing.assert_close(scores, tr.router_scores_triton(x, None, *kernel_args(router)), atol=0, rtol=0)
+
+
+@interpreted
+def test_fused_top_k_breaks_ties_by_head_index():
+    gen = torch.Generator().manual_seed(1)
+    router = make_router(16, 8, 6, "none", gen)
+    with torch.no_grad():
+        router[3].weight.copy_(router[3].weight[:1].expand(6, -1))  # every head scores the same
+        router[3].bias.fill_(0.25)
+    keep, scores = tr.router_keep_triton(torch.randn(2, 5, 16, generator=gen), None, 4, *kernel_args(router))
+    assert (scores == scores[:, :1]).all()
+    assert keep.tolist() == [[True] * 4 + [False] * 2] * 2
+    with pytest.raises(ValueError, match="at most"):
+        tr.router_keep_triton(torch.randn(2, 5, 16), None, 4, *kernel_args(make_router(16, 4, 200, "none", gen)))
+
+
+@interpreted
+@pytest.mark.parametrize("budget", ["top_k", "threshold", "batch"])
+def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, budget):
+    """RouterGate.decide_eager: a per-sample top-k budget comes from the router's own launch and
+    equals the torch decision; thresholds and batch votes take the general path."""
+    import dhp_fx.strategies as strategies
+    from dhp_fx import DHPConfig
+    from dhp_fx.passes import AttentionSite
+
+    gate = _router_gate(strategies, DHPConfig, AttentionSite)
+    with torch.no_grad():
+        for p in gate.router.parameters():
+            p.normal_(0, 0.5)
+    if budget == "threshold":
+        gate.set_score_threshold(0.5)
+    if budget == "batch":
+        gate.granularity = "batch"
+    calls = []
+    fake_module = type("M", (), {
+        "router_keep_triton": staticmethod(lambda *a: calls.append("keep") or tr.router_keep_triton(*a)),
+        "router_scores_triton": staticmethod(lambda *a: calls.append("scores") or tr.router_scores_triton(*a)),
+        "head_blocks": staticmethod(tr.head_blocks), "TOP_K_MAX_HEADS": tr.TOP_K_MAX_HEADS})
+    hidden = torch.randn(3, 11, 32)
+    mask = torch.zeros(3, 1, 11, 11)
+    mask[1, ..., 7:] = torch.finfo(torch.float32).min
+    monkeypatch.setattr(strategies, "_router_kernels", lambda x: None)
+    want = gate.decide_eager(None, None, None, mask, hidden)
+    monkeypatch.setattr(strategies, "_router_kernels", lambda x: fake_module)
+    got = gate.decide_eager(None, None, None, mask, hidden)
+    assert calls == (["keep"] if budget == "top_k" else ["scores"])
+    assert torch.equal(got, want)
+
+
+@interpreted
 def test_padding_never_reaches_the_mean():
     """Padded tokens are selected out: even non-finite values there leave the score alone."""
     gen = torch.Generator().manual_seed(3)
