@@ -280,10 +280,10 @@ def projection_cases(dtype: str, head_dims):
     # proj_in walks a kept-head list for [H] masks and a per-head nest for [B, H]: both compiled.
     kernels = [
         ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True,)),
-        ("proj_in", hl._head_linear_in_kernel, dict(io, Heads="i32", NHeads="i32"), lambda d, b: dict(HEAD_D=d),
-         (True, False)),
-        ("proj_out_pair", hl._head_linear_out_pair_kernel, dict(io, Heads="i32", NHeads="i32"),
-         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, ZERO_SHARE=hl.PRUNED_PAIRS_PER_KEPT), (True, False)),
+        # 32 heads: the mask row each program ranks (BLOCK_H lanes)
+        ("proj_in", hl._head_linear_in_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_H=32), (True, False)),
+        ("proj_out_pair", hl._head_linear_out_pair_kernel, io,
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_H=32, ZERO_SHARE=hl.PRUNED_PAIRS_PER_KEPT), (True, False)),
         ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
          lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8), (True,)),
     ]
@@ -337,7 +337,7 @@ def router_cases(dtype: str, head_dims):
     for width, heads in ((32, 12), (32, 128), (1024, 16), (256, 64), (0, 128)):
         block_k, block_n1, block_n2, warps = tr.head_blocks(width, heads)
         consts = dict(HAS_LN_W=True, HAS_LN_B=True, HAS_B1=True, HAS_B2=True, HIDDEN=width > 0, ACT=tr.ACT_GELU,
-                      TOP_K=heads <= tr.TOP_K_MAX_HEADS, BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2)
+                      TOP_K=tr.fuses_top_k(width, heads), BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2)
         yield ("router_head", tr._router_head_kernel, head, consts, 0,
                dict(BLOCK_K=block_k, HIDDEN=block_n1, HEADS=block_n2), warps, 1)
 

@@ -7,12 +7,15 @@ launch queue. Here the mask is read inside the kernels:
 * ``head_linear_out``: grid (row blocks, heads). A program whose rows all prune head h runs its
   K loop zero times and stores zeros; otherwise it computes the head's D output features.
   Heads of 64 or fewer features go two to a program (``_head_linear_out_pair_kernel``): the
-  program takes two slots of the block's kept-head list, so x is read once per two kept heads
+  program takes two slots of the block's kept-head order, so x is read once per two kept heads
   and the tile is the 128 columns wide GEMMs want.
-* ``head_linear_in``: grid (row blocks, output blocks). The reduction walks a kept-head list
-  built on the device (the mask's, or with [B, H] masks the sample's when the block's rows lie
-  in one sample); a block straddling samples walks every head, skipping the K range of a head
-  that none of its rows keeps, and its rows that prune a head it walks read zeros there.
+* ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the kept heads in
+  order (the mask's, or with [B, H] masks the sample's when the block's rows lie in one sample);
+  a block straddling samples walks every head, skipping the K range of a head that none of its
+  rows keeps, and its rows that prune a head it walks read zeros there.
+
+Each program ranks its mask row itself (``_kept_first_slots``: H flags, a prefix sum), so a
+projection is one launch: no list-building launch before it.
 
 The backward reuses them with the weight read transposed (strides only): dx of head_linear_out is
 the head_linear_in reduction over the kept heads' gradient features, dx of head_linear_in is the
@@ -43,7 +46,7 @@ import triton.language as tl
 
 # Tune per power-of-two row count, as the attention kernels do per length.
 from .triton_attention import (TMA_AUTO, TMA_OFF, TMA_ONLY, TensorDescriptor, _bucket, _uses_tma_by_default, cdiv,
-                               mask_bytes, next_pow2, stable_partition)
+                               mask_bytes, next_pow2)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DHP_FX_TRITON_AUTOTUNE=0 keeps each kernel's first config (no tuning-time compiles).
@@ -233,6 +236,25 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per
 PAIR_MAX_BLOCK_D = 64
 
 
+@triton.jit
+def _kept_first_slots(Keep, row, H, BLOCK_H: tl.constexpr):
+    """(slot of each head in its mask row's kept-first order, kept count): kept heads take slots
+    0.. in index order, pruned heads the slots after them, lanes past H slots >= H. Computed by
+    each program from the H flags (a few hundred bytes, cached) rather than a list built by a
+    launch of its own: that launch and its host call cost more than the GEMM tile's ALU spends."""
+    heads = tl.arange(0, BLOCK_H)
+    f = (tl.load(Keep + row + heads, mask=heads < H, other=0) != 0).to(tl.int32)
+    n_kept = tl.sum(f, axis=0)
+    kept_before = tl.cumsum(f, axis=0) - f
+    return tl.where(f != 0, kept_before, n_kept + heads - kept_before), n_kept
+
+
+@triton.jit
+def _head_at(slots, slot):
+    """The head at ``slot`` of the order :func:`_kept_first_slots` gave (slot < H)."""
+    return tl.sum(tl.where(slots == slot, tl.arange(0, slots.shape[0]), 0), axis=0)
+
+
 # Fully pruned programs of a row block (both slots past the kept count) whose zeros each program
 # with a kept head stores ahead of its K loop, so that the stores drain under its MMAs and the
 # pruned programs exit without one. At 32 x 512 rows x 768 (BERT-sized) and p = 0.5 half of the
@@ -242,10 +264,10 @@ PRUNED_PAIRS_PER_KEPT = 3
 
 
 @triton.jit
-def _store_zero_head(Y, Heads, list_base, slot, offs_m, rows_ok, offs_d, stride_ym, stride_yn,
+def _store_zero_head(Y, slots, slot, offs_m, rows_ok, offs_d, stride_ym, stride_yn,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zeros into the features of the head at ``slot`` of the kept-first list at ``list_base``."""
-    head = tl.load(Heads + list_base + slot)
+    """Zeros into the features of the head at ``slot`` of the kept-first order ``slots``."""
+    head = _head_at(slots, slot)
     cols = head * HEAD_D + offs_d
     tl.store(Y + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
              tl.zeros([BLOCK_M, BLOCK_D], dtype=Y.dtype.element_ty),
@@ -255,15 +277,15 @@ def _store_zero_head(Y, Heads, list_base, slot, offs_m, rows_ok, offs_d, stride_
 @triton.autotune(configs=_OUT_PAIR_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
                  prune_configs_by={"early_config_prune": _prune_loading})
 @triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
-def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY,
+def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY,
                                  TMA_MODE, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                                  stride_kb, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                 W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr,
+                                 W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr,
                                  ZERO_SHARE: tl.constexpr = 0):
-    # Program j of a row block computes slots 2j and 2j+1 of the block's kept-head list (the mask
-    # partitioned kept-first, :func:`stable_partition`): kept heads pair up whichever they are,
+    # Program j of a row block computes slots 2j and 2j+1 of the block's kept-head order (the mask
+    # row ranked kept-first, :func:`_kept_first_slots`): kept heads pair up whichever they are,
     # so the work is ceil(kept / 2) double tiles, and the slots past the kept count, which hold
     # the pruned heads, store their zeros (or a program with a kept head stores them for it:
     # PRUNED_PAIRS_PER_KEPT). A block straddling two samples of a [B, H] mask has no single list:
@@ -282,10 +304,11 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, Desc
     # turns bool & scalar-bool into int32, which tl.load rejects as a mask.
     n_progs = (H + 1) // 2
     kept_progs = n_progs  # programs holding a kept head; a straddling block counts them all
+    # (ranked outside the branch: the zero stores below read it, and a straddling block stores none)
+    slots, n_kept = _kept_first_slots(Keep, b * stride_kb, H, BLOCK_H)
     if one_sample:
-        n_kept = tl.load(NHeads + b)
-        h_a = tl.load(Heads + b * H + slot_a)
-        h_b = tl.load(Heads + b * H + tl.minimum(slot_a + 1, H - 1))
+        h_a = _head_at(slots, slot_a)
+        h_b = _head_at(slots, tl.minimum(slot_a + 1, H - 1))
         keep_a = offs_m < tl.where(slot_a < n_kept, M, 0)
         keep_b = offs_m < tl.where(slot_a + 1 < n_kept, M, 0)
         kept_progs = (n_kept + 1) // 2
@@ -304,7 +327,7 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, Desc
                 z = kept_progs * i + j
                 for half in tl.static_range(2):
                     slot = 2 * z + half
-                    _store_zero_head(Y, Heads, b * H, tl.minimum(slot, H - 1), offs_m,
+                    _store_zero_head(Y, slots, tl.minimum(slot, H - 1), offs_m,
                                      offs_m < tl.where(slot < H, M, 0), offs_z, stride_ym, stride_yn, HEAD_D,
                                      BLOCK_M, BLOCK_D)
     else:
@@ -365,19 +388,19 @@ def _in_step(acc, X, W, DescX, DescW, row0, n0, offs_m, offs_n, rows, n_ok, k0, 
 @triton.autotune(configs=_IN_CONFIGS, key=["M_KEY", "N", "H", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
                  prune_configs_by={"early_config_prune": _k_fits_head})
 @triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
-def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, DescW, M, N, H, rows_per_sample, M_KEY,
+def _head_linear_in_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, N, H, rows_per_sample, M_KEY,
                            TMA_MODE, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
                            HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
+                           W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Walk a kept-head list (Heads row b, NHeads[b] entries): the inner trip count is then a
+    # Walk the kept heads of mask row b in order (_kept_first_slots): the inner trip count is then a
     # constant, so the nest flattens into one software-pipelined loop, where a per-head nest
     # pipelines only inside a head (one or two steps at D = 64-128) and stalls on every head's
     # first loads. [H] masks have one list; [B, H] masks one per sample, usable when the block's
@@ -388,8 +411,9 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Heads, NHeads, Y, DescX, DescW, M, 
         b = pid_m * BLOCK_M // rows_per_sample
         one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
     if one_sample:
-        for i in tl.range(0, tl.load(NHeads + b), flatten=True):
-            k0 = tl.load(Heads + b * H + i) * HEAD_D
+        slots, n_kept = _kept_first_slots(Keep, b * stride_kb, H, BLOCK_H)
+        for i in tl.range(0, n_kept, flatten=True):
+            k0 = _head_at(slots, i) * HEAD_D
             for d0 in range(0, HEAD_D, BLOCK_K):
                 acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_ok, n_ok, k0, d0,
                                stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION,
@@ -474,10 +498,9 @@ def _prepare(x: torch.Tensor, weight: torch.Tensor, heads_keep: torch.Tensor, we
     return x2, s_wn, s_wk, keep, per_sample, rows, (keep.stride(0) if per_sample else 0)
 
 
-def _kept_heads(keep: torch.Tensor):
-    """Per mask row, its kept head indices first (int32 [H] or [B, H], rows H apart: the kernel's
-    stride) and their count (int32 0-d or [B]), in one launch on the device: no sync."""
-    return stable_partition(keep)
+def _block_h(H: int) -> int:
+    # the lanes of a mask row the kernels rank (_kept_first_slots): a power of two
+    return max(16, next_pow2(H))
 
 
 def _dot_f32(x: torch.Tensor) -> bool:
@@ -546,12 +569,11 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
     mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
     if _pairs_heads(head_dim, H):
-        heads, n_heads = _kept_heads(keep)
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, 2),)  # noqa: E731
         _head_linear_out_pair_kernel[grid](
-            x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, desc_x, desc_w, M, K, H, rows,
+            x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows,
             _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-            HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
+            HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_H=_block_h(H),
             HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
             W_IN_OUT=weight_in_out, ZERO_SHARE=PRUNED_PAIRS_PER_KEPT, **_interpreted_loading(mode))
         return y.view(*x.shape[:-1], H * head_dim)
@@ -574,12 +596,11 @@ def head_linear_in_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     N = weight.shape[1] if weight_in_out else weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    heads, n_heads = _kept_heads(keep)
     mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
     _head_linear_in_kernel[grid](
-        x2, weight, bias if bias is not None else x2, keep, heads, n_heads, y, desc_x, desc_w, M, N, H, rows,
+        x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, N, H, rows,
         _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-        HEAD_D=head_dim,
+        HEAD_D=head_dim, BLOCK_H=_block_h(H),
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
         W_IN_OUT=weight_in_out, **_interpreted_loading(mode))
     return y.view(*x.shape[:-1], N)

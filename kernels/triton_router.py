@@ -180,6 +180,14 @@ def masked_mean_triton(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.
     return pooled
 
 
+def fuses_top_k(width: int, heads: int) -> bool:
+    """Whether :func:`router_keep_triton` serves a router of this width and head count: up to
+    TOP_K_MAX_HEADS heads, on the 4-warp tiles (on the 8-warp ones, under triton 3.9, the [heads,
+    heads] comparison spilled 8 B on sm_90)."""
+    blocks = head_blocks(width, heads)
+    return heads <= TOP_K_MAX_HEADS and blocks is not None and blocks[3] == 4
+
+
 def router_keep_triton(x: torch.Tensor, valid: Optional[torch.Tensor], n_keep: int, *router) -> tuple:
     """(bool keep [B, H], float32 scores [B, H]): :func:`router_scores_triton`'s scores and, in
     the same launch, each sample's ``n_keep`` highest of them, ties to the lower head index."""
@@ -215,8 +223,9 @@ def _router(x, valid, ln_weight, ln_bias, eps, w1, b1, w2=None, b2=None, act=ACT
         raise ValueError(f"router_scores_triton: a router of width {w1.shape[0]} and {heads} heads exceeds "
                          f"the head kernel's {MAX_TILE}-element tiles")
     block_k, block_n1, block_n2, warps = blocks
-    if n_keep is not None and heads > TOP_K_MAX_HEADS:
-        raise ValueError(f"router_keep_triton: the fused top-k serves at most {TOP_K_MAX_HEADS} heads, got {heads}")
+    if n_keep is not None and not fuses_top_k(w1.shape[0] if w2 is not None else 0, heads):
+        raise ValueError(f"router_keep_triton: the fused top-k serves at most {TOP_K_MAX_HEADS} heads on 4-warp "
+                         f"tiles, got {heads} heads, width {w1.shape[0] if w2 is not None else 0}")
     out = torch.empty((B, heads), device=x.device, dtype=torch.float32)
     keep = torch.empty((B, heads), device=x.device, dtype=torch.bool) if n_keep is not None else None
     if B == 0:

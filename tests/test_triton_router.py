@@ -125,6 +125,7 @@ def test_fused_top_k_breaks_ties_by_head_index():
     assert keep.tolist() == [[True] * 4 + [False] * 2] * 2
     with pytest.raises(ValueError, match="at most"):
         tr.router_keep_triton(torch.randn(2, 5, 16), None, 4, *kernel_args(make_router(16, 4, 200, "none", gen)))
+    assert tr.fuses_top_k(32, 128) and not tr.fuses_top_k(256, 64) and not tr.fuses_top_k(0, 129)
 
 
 @interpreted
@@ -148,7 +149,7 @@ def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, b
     fake_module = type("M", (), {
         "router_keep_triton": staticmethod(lambda *a: calls.append("keep") or tr.router_keep_triton(*a)),
         "router_scores_triton": staticmethod(lambda *a: calls.append("scores") or tr.router_scores_triton(*a)),
-        "head_blocks": staticmethod(tr.head_blocks), "TOP_K_MAX_HEADS": tr.TOP_K_MAX_HEADS})
+        "head_blocks": staticmethod(tr.head_blocks), "fuses_top_k": staticmethod(tr.fuses_top_k)})
     hidden = torch.randn(3, 11, 32)
     mask = torch.zeros(3, 1, 11, 11)
     mask[1, ..., 7:] = torch.finfo(torch.float32).min
