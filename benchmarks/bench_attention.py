@@ -322,8 +322,9 @@ def check(torch, F, args, dtype, gen) -> bool:
 
 def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
     """Decode table: SDPA (dense, GQA by enable_gqa), gather -> SDPA -> scatter, the Triton kernel
-    with its split-KV heuristic, with one split, and with GQA packing off (per-head programs), at
-    each p; "x ideal" against p * SDPA."""
+    with its split-KV heuristic, with one split, with GQA packing off (per-head programs), and
+    with pruned pairs' programs idle instead of shared among the kept ones, at each p; "x ideal"
+    against p * SDPA."""
     from dhp_fx.kernels.triton_attention import triton_gated_attention
 
     from dhp_fx.kernels import triton_decode
@@ -338,7 +339,17 @@ def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
                 triton_decode.PACK_GQA = None
         return run
 
-    names = ["sdpa", "gather", "triton", "triton 1 split", "triton per-head"]
+    def own_pieces(fn):
+        # pruned pairs' programs exit instead of serving the kept pairs (SHARE_PIECES off): the A/B
+        def run():
+            triton_decode.SHARE_PIECES = False
+            try:
+                return fn()
+            finally:
+                triton_decode.SHARE_PIECES = True
+        return run
+
+    names = ["sdpa", "gather", "triton", "triton 1 split", "triton per-head", "triton unshared"]
     if ceilings is None:
         ceilings = measure_ceilings(torch, bench, dtype)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -367,6 +378,7 @@ def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
                 "triton": lambda: triton_gated_attention(q, k, v, keep),
                 "triton 1 split": lambda: triton_gated_attention(q, k, v, keep, num_splits=1),
                 "triton per-head": per_head(lambda: triton_gated_attention(q, k, v, keep)),
+                "triton unshared": own_pieces(lambda: triton_gated_attention(q, k, v, keep)),
             }
             times = {}
             for name, fn in methods.items():

@@ -249,6 +249,8 @@ def decode_cases(dtype: str, head_dims):
         consts = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=False, MASK_KIND=2,
                       ENTROPY=True, COMPUTE_PV=True, DOT_F32=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
+        # the default: programs shared among the kept pairs (ranks over up to 256 pairs)
+        consts = dict(consts, SHARE=dec.SHARE_PIECES, BLOCK_PAIRS=256)
         yield "decode_split", dec._decode_split, pointers, consts, d, kwargs, launch["num_warps"], launch["num_stages"]
     packed = dict(pointers, Out=t, Ent="fp32", Lse="fp32")
     for d in head_dims:

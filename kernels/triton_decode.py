@@ -11,10 +11,14 @@ every key alone. Here the key range is cut into ``num_splits`` contiguous pieces
 * ``_decode_combine``, grid (B*Hq slots): merges the pieces per row and writes out, entropy and
   lse exactly as the forward defines them.
 
-Slot s is (batch, head) pair s and reads its keep flag (the forward's early-exit grid): a
-decode step is short, and building a kept-first list took several small launches per step
-(argsort, sum, and for GQA a scatter and a second list). Pruned slots run zero key iterations
-in both kernels and the combine stores their exact zeros. A piece past the end of the keys (more
+The split count is chosen on the host for every pair (how many are kept is on the device). So
+that pruning frees programs for the kept pairs rather than leaving them idle, each split program
+g = slot * splits + split ranks the [B*Hq] keep flags itself (``SHARE_PIECES``): with n kept
+pairs, kept pair r gets pieces r * P .. r * P + P - 1 of the launch's programs, P =
+:func:`_pieces_per_kept` (at least ``splits``), and the combine finds its pair's pieces by the
+same rank. With every pair kept that is exactly (pair, split). No list is built by a launch of
+its own: a decode step is short, and that took several small launches per step. Pruned pairs
+run zero key iterations and the combine stores their exact zeros. A piece past the end of the keys (more
 splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0, so any
 split count is valid.
 
@@ -59,6 +63,10 @@ _MAX_SPLITS = 128
 # Pieces shorter than this save less key streaming than the combine launch and the scratch round
 # trip cost (an estimate, not yet measured on a GPU).
 _MIN_BLOCKS_PER_SPLIT = 2
+MIN_BLOCKS_PER_SPLIT = tl.constexpr(_MIN_BLOCKS_PER_SPLIT)
+# Per-head decode shares its programs among the kept pairs (the split count is sized on the host
+# for every pair, as how many are kept is on the device). False: pruned pairs' programs exit.
+SHARE_PIECES = True
 # GQA packing: GROUP * Lq rows in one program (padded to a power of two >= 16). The cap is the
 # register budget: 64 rows already need 8 warps and 32-key tiles at D = 128 (16-key tiles for
 # exact fp32) to stay spill-free on sm_90, and a 128-row tile would hold twice the accumulator
@@ -68,6 +76,42 @@ _MIN_BLOCKS_PER_SPLIT = 2
 MAX_PACKED_ROWS = 64
 # Tests force the packed (True) or per-head (False) decode kernel; None chooses by shape.
 PACK_GQA = None
+
+
+@triton.jit
+def _kept_count_and_rank(KeepFlags, N, pair, BLOCK: tl.constexpr):
+    """(kept pairs among all N, kept pairs before ``pair``), from the [N] flags."""
+    total = 0
+    before = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        f = (tl.load(KeepFlags + offs, mask=offs < N, other=0) != 0).to(tl.int32)
+        total += tl.sum(f, axis=0)
+        before += tl.sum(tl.where(offs < pair, f, 0), axis=0)
+    return total, before
+
+
+@triton.jit
+def _kth_kept(KeepFlags, N, k, BLOCK: tl.constexpr):
+    """Index of the k-th kept pair (0-based; 0 when fewer are kept)."""
+    found = 0
+    seen = 0
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        f = (tl.load(KeepFlags + offs, mask=offs < N, other=0) != 0).to(tl.int32)
+        hit = (f != 0) & (seen + tl.cumsum(f, axis=0) == k + 1)
+        found += tl.sum(tl.where(hit, offs, 0), axis=0)
+        seen += tl.sum(f, axis=0)
+    return found
+
+
+@triton.jit
+def _pieces_per_kept(n_kept, n_programs, splits, n_blocks, MIN_BLOCKS: tl.constexpr):
+    """Key pieces per kept pair when the launch's programs are shared among the kept pairs only:
+    as many as the programs allow, each at least MIN_BLOCKS key blocks, never fewer than the
+    launch's own split count (every pair kept: exactly that)."""
+    share = n_programs // tl.maximum(n_kept, 1)
+    return tl.maximum(splits, tl.minimum(share, tl.maximum(n_blocks // MIN_BLOCKS, 1)))
 
 
 @triton.jit
@@ -105,14 +149,31 @@ def _decode_split(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, GROUP, Lq, Lk, keys_per_split, scale_log2,
+    Hq, GROUP, Lq, Lk, keys_per_split, n_blocks, scale_log2,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SHARE: tl.constexpr = False, BLOCK_PAIRS: tl.constexpr = 16,
 ):
-    split = tl.program_id(0)
-    pair = tl.program_id(1).to(tl.int64)
-    kept = tl.load(KeepFlags + pair) != 0
+    # Program g = slot * splits + split. Its partials go to scratch row g: pair-major, since
+    # with every pair kept g is (pair, split).
+    g = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if SHARE:
+        # The launch's programs serve the kept pairs only (_pieces_per_kept pieces each): at
+        # p = 0.25 the kept heads get four times the pieces instead of three quarters of the
+        # programs exiting. Pruned or surplus programs run no keys and store nothing.
+        n_kept, _ = _kept_count_and_rank(KeepFlags, tl.num_programs(1), 0, BLOCK_PAIRS)
+        pieces = _pieces_per_kept(n_kept, tl.num_programs(0) * tl.num_programs(1), tl.num_programs(0), n_blocks,
+                                  MIN_BLOCKS_PER_SPLIT)
+        rank = g // pieces
+        kept = rank < n_kept
+        split = g - rank * pieces
+        pair = _kth_kept(KeepFlags, tl.num_programs(1), rank, BLOCK_PAIRS).to(tl.int64)
+        keys_per_split = tl.cdiv(n_blocks, pieces) * BLOCK_N
+    else:
+        split = tl.program_id(0)
+        pair = tl.program_id(1).to(tl.int64)
+        kept = tl.load(KeepFlags + pair) != 0
     b = pair // Hq
     h = pair % Hq
     hk = h // GROUP
@@ -140,8 +201,8 @@ def _decode_split(
     # Scratch is pair-major [B*Hq, splits, Lq(, BLOCK_DV)], so the combine reads one pair's pieces
     # contiguously and the packed kernel, one program per KV group, shares it.
     # Pruned slots store nothing: the combine never reads them.
-    _store_partials(Acc, M, L, S, (pair * tl.num_programs(0) + split) * Lq + offs_m, row_st, acc, m_i, l_i, s_i,
-                    offs_dv, BLOCK_DV, ENTROPY, COMPUTE_PV)
+    _store_partials(Acc, M, L, S, g * Lq + offs_m, row_st, acc, m_i, l_i, s_i, offs_dv, BLOCK_DV, ENTROPY,
+                    COMPUTE_PV)
 
 
 @triton.jit
@@ -231,9 +292,9 @@ def _shifted(x, l, m, m_use, w):
 def _decode_combine(
     Acc, M, L, S, Out, Ent, Lse, KeepFlags,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Lq, num_splits,
+    Hq, Lq, num_splits, n_blocks,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
-    COMPUTE_PV: tl.constexpr, BLOCK_M: tl.constexpr,
+    COMPUTE_PV: tl.constexpr, BLOCK_M: tl.constexpr, SHARE: tl.constexpr = False, BLOCK_PAIRS: tl.constexpr = 16,
 ):
     pair = tl.program_id(0).to(tl.int64)
     kept = tl.load(KeepFlags + pair) != 0
@@ -247,9 +308,14 @@ def _decode_combine(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    pieces = num_splits
     base = pair * num_splits * Lq
+    if SHARE:  # the split kernel's sharing: this pair's pieces follow those of the kept pairs before it
+        n_kept, rank = _kept_count_and_rank(KeepFlags, tl.num_programs(0), pair, BLOCK_PAIRS)
+        pieces = _pieces_per_kept(n_kept, num_splits * tl.num_programs(0), num_splits, n_blocks, MIN_BLOCKS_PER_SPLIT)
+        base = rank.to(tl.int64) * pieces * Lq
     # Pruned slots merge nothing and fall through to storing zeros (their scratch is unwritten).
-    for split in range(0, tl.where(kept, num_splits, 0)):
+    for split in range(0, tl.where(kept, pieces, 0)):
         row = base + split * Lq + offs_m
         m_s = tl.load(M + row, mask=row_ok, other=float("-inf"))
         l_s = tl.load(L + row, mask=row_ok, other=0.0)
@@ -428,7 +494,7 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, sc
         _decode_combine[(n,)](
             acc_part, m_part, l_part, s_part, out if compute_pv else q,
             ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
-            *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
+            *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits, 0,
             HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
             COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
         )
@@ -467,20 +533,22 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, sca
     s_part = torch.empty((slots, num_splits, Lq), **f32) if entropy else m_part
     acc_part = torch.empty((slots, num_splits, Lq, block_dv), **f32) if compute_pv else m_part
     launch = _launch_options(q.dtype, block_d)
+    n_blocks = _key_blocks(Lq, Lk, is_causal)
+    share = dict(SHARE=SHARE_PIECES, BLOCK_PAIRS=min(1024, max(16, next_pow2(slots))))
     _decode_split[(num_splits, slots)](
         q, k, v, mask_t, acc_part, m_part, l_part, s_part, keep_flags,
         *q.stride(), *k.stride(), *v.stride(), *mstr,
-        Hq, Hq // Hkv, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
+        Hq, Hq // Hkv, Lq, Lk, keys_per_split, n_blocks, scale * 1.4426950408889634,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=entropy, COMPUTE_PV=compute_pv,
-        DOT_F32=dot_f32, DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, **launch,
+        DOT_F32=dot_f32, DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, **share, **launch,
     )
     _decode_combine[(slots,)](
         acc_part, m_part, l_part, s_part, out if compute_pv else q,
         ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
-        *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits,
+        *(out.stride() if compute_pv else (0, 0, 0, 0)), Hq, Lq, num_splits, n_blocks,
         HEAD_DV=Dv, BLOCK_DV=block_dv, ENTROPY=entropy, STORE_LSE=lse is not None,
-        COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, num_warps=4,
+        COMPUTE_PV=compute_pv, BLOCK_M=_BLOCK_M, **share, num_warps=4,
     )
 
 

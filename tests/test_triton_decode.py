@@ -156,6 +156,12 @@ DECODE_CASES = {
     # causal decode with 3 rows against a long KV, 2-D bool mask
     "lq3-causal-2d-bool": dict(B=2, Hkv=1, Lq=3, Lk=100, mask_kind="bool", mask_shape="2d", is_causal=True,
                                splits=2),
+    # per-head kernel, one pair of eight kept: the launch's 16 programs go to it (3 pieces of the
+    # 7 key blocks, not 2), the others run nothing (SHARE_PIECES)
+    "mha-one-kept-shares-pieces": dict(B=2, Hkv=4, group=1, Lq=1, Lk=100, keep="one", splits=2),
+    # random keeps over 19 key blocks: up to 9 pieces per kept pair, additive mask, fp16
+    "mha-random-shares-pieces-fp16": dict(B=2, Hkv=3, group=1, Lq=2, Lk=300, dtype=torch.float16,
+                                          mask_kind="additive", mask_shape="bias", keep="random", splits=3),
 }
 
 
