@@ -208,7 +208,7 @@ def _fused_router_args(router: nn.Sequential) -> Optional[tuple]:
     return ln.weight, ln.bias, ln.eps, first.weight, first.bias, w2, b2, act
 
 
-def args_width(args: tuple) -> int:
+def _router_width(args: tuple) -> int:
     """The hidden width of a router given as :func:`_fused_router_args` (0: no hidden layer)."""
     return args[3].shape[0] if args[5] is not None else 0
 
@@ -274,7 +274,7 @@ class RouterGate(ScoringGate):
             batch = hidden.shape[0] if q is None else q.shape[0]
             x = hidden.reshape(batch, -1, hidden.shape[-1])
             fused = self._fused(x)
-            if fused is not None and fused[0].fuses_top_k(args_width(fused[1]), self.num_heads):
+            if fused is not None and fused[0].fuses_top_k(_router_width(fused[1]), self.num_heads):
                 kernels, args = fused
                 valid = None if self.site.cross_attention else query_padding(attn_mask, batch, x.shape[1], x.shape[1])
                 self._last_entropy = None
@@ -293,7 +293,7 @@ class RouterGate(ScoringGate):
         args = _fused_router_args(self.router)
         if args is None:
             return None
-        if kernels.head_blocks(args_width(args), self.num_heads) is None:
+        if kernels.head_blocks(_router_width(args), self.num_heads) is None:
             return None
         return kernels, args
 

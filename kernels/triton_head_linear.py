@@ -300,12 +300,12 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, row
     if PER_SAMPLE:
         b = pid_m * BLOCK_M // rows_per_sample
         one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
-    # Row masks as comparisons against a length (M or 0), not `& scalar_bool`: the interpreter
-    # turns bool & scalar-bool into int32, which tl.load rejects as a mask.
     n_progs = (H + 1) // 2
     kept_progs = n_progs  # programs holding a kept head; a straddling block counts them all
     # (ranked outside the branch: the zero stores below read it, and a straddling block stores none)
     slots, n_kept = _kept_first_slots(Keep, b * stride_kb, H, BLOCK_H)
+    # Row masks as comparisons against a length (M or 0), not `& scalar_bool`: the interpreter
+    # turns bool & scalar-bool into int32, which tl.load rejects as a mask.
     if one_sample:
         h_a = _head_at(slots, slot_a)
         h_b = _head_at(slots, tl.minimum(slot_a + 1, H - 1))
