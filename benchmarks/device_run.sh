@@ -4,6 +4,9 @@
 # carry=[".device_carry"]). On an H200 (session 7) every step took 313 s, cold; with
 # DEVICE_STEPS="checks table encoder blocks" and two table shapes, 284 s. Session 7 added descriptor
 # configs for the projections, so a cold table compiles more than it did then.
+# Session 8 (no device) added A/B rows for its untimed changes: "pruned programs storing their own
+# zeros" under core rows and "block ops/row own-zeros" (table), "torch-op router" (encoder),
+# "triton unshared" (decode); and a router check in gpu_check. Give checks CHECK_S=90.
 # Step limits add up to 530 s. A cold table compiles roughly 90 kernel variants (forward configs
 # x {causal, not} x head dims, and the projections), which is why it gets the most time.
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
