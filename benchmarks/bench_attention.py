@@ -181,12 +181,12 @@ def own_zeros(fn):
     from dhp_fx.kernels import triton_attention, triton_head_linear
 
     def run():
-        saved = triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PAIRS_PER_KEPT
-        triton_attention.PRUNED_TILES_PER_KEPT = triton_head_linear.PRUNED_PAIRS_PER_KEPT = 0
+        saved = triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PROGRAMS_PER_KEPT
+        triton_attention.PRUNED_TILES_PER_KEPT = triton_head_linear.PRUNED_PROGRAMS_PER_KEPT = 0
         try:
             return fn()
         finally:
-            triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PAIRS_PER_KEPT = saved
+            triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PROGRAMS_PER_KEPT = saved
     return run
 
 

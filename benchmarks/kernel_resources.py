@@ -281,11 +281,12 @@ def projection_cases(dtype: str, head_dims):
     io = dict(X=t, W=t, Bias=t, Keep="u8", Y=t)
     # proj_in walks a kept-head list for [H] masks and a per-head nest for [B, H]: both compiled.
     kernels = [
-        ("proj_out", hl._head_linear_out_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_D=b), (True,)),
         # 32 heads: the mask row each program ranks (BLOCK_H lanes)
+        ("proj_out", hl._head_linear_out_kernel, io,
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_H=32, ZERO_SHARE=hl.PRUNED_PROGRAMS_PER_KEPT), (True, False)),
         ("proj_in", hl._head_linear_in_kernel, io, lambda d, b: dict(HEAD_D=d, BLOCK_H=32), (True, False)),
         ("proj_out_pair", hl._head_linear_out_pair_kernel, io,
-         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_H=32, ZERO_SHARE=hl.PRUNED_PAIRS_PER_KEPT), (True, False)),
+         lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_H=32, ZERO_SHARE=hl.PRUNED_PROGRAMS_PER_KEPT), (True, False)),
         ("proj_wgrad", hl._head_weight_grad_kernel, dict(A=t, Bm=t, Keep="u8", DW=t, DBias=t),
          lambda d, b: dict(HEAD_D=d, BLOCK_D=b, BLOCK_B=8), (True,)),
     ]

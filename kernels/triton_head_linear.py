@@ -4,9 +4,10 @@ The torch path of ``dhp::head_linear_*`` (``head_linear.py``) sizes its gathers 
 mask, which costs a device-to-host sync per projection: four per layer, each one draining the
 launch queue. Here the mask is read inside the kernels:
 
-* ``head_linear_out``: grid (row blocks, heads). A program whose rows all prune head h runs its
-  K loop zero times and stores zeros; otherwise it computes the head's D output features.
-  Heads of 64 or fewer features go two to a program (``_head_linear_out_pair_kernel``): the
+* ``head_linear_out``: grid (row blocks, heads). Program j of a row block computes the head at
+  slot j of the block's kept-first order (kept heads first, in index order) and stores the zeros
+  of up to ``PRUNED_PROGRAMS_PER_KEPT`` fully pruned slots before its K loop; the pruned programs
+  it covers exit without a store. Heads of 64 or fewer features go two to a program (``_head_linear_out_pair_kernel``): the
   program takes two slots of the block's kept-head order, so x is read once per two kept heads
   and the tile is the 128 columns wide GEMMs want.
 * ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the kept heads in
@@ -200,42 +201,6 @@ def _head_w_tile(W, DescW, k0, h, offs_d, cols_ok, K, stride_wn, stride_wk, HEAD
     return w
 
 
-@triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
-                 prune_configs_by={"early_config_prune": _prune_loading})
-@triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
-def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY, TMA_MODE,
-                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
-                            HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
-    pid_m, h = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), H, GROUP)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = offs_m < M
-    row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
-    # a product, not a branch: the loop runs zero times when no row of the block keeps head h
-    k_hi = K * tl.max(row_keep.to(tl.int32), axis=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
-    n_idx = h * HEAD_D + offs_d
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, k_hi, BLOCK_K):
-        x = _x_tile(X, DescX, pid_m, offs_m, row_ok, k0, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
-        w = _head_w_tile(W, DescW, k0, h, offs_d, d_ok, K, stride_wn, stride_wk, HEAD_D, BLOCK_K, W_IN_OUT, USE_TMA)
-        acc = _mma(acc, x, w, DOT_F32, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    acc = tl.where(row_keep[:, None], acc, 0.0)
-    tl.store(Y + offs_m[:, None] * stride_ym + n_idx[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-
-
-# Widest head tile the pair kernel serves: two 64-wide heads make the 128-wide tile cuBLAS-class
-# GEMMs use. One 64-wide head per program ran at 1.8x cuBLAS's time (H200, 16k x 768 x 768, bf16),
-# each program re-reading its x rows for half the columns.
-PAIR_MAX_BLOCK_D = 64
-
-
 @triton.jit
 def _kept_first_slots(Keep, row, H, BLOCK_H: tl.constexpr):
     """(slot of each head in its mask row's kept-first order, kept count): kept heads take slots
@@ -255,12 +220,12 @@ def _head_at(slots, slot):
     return tl.sum(tl.where(slots == slot, tl.arange(0, slots.shape[0]), 0), axis=0)
 
 
-# Fully pruned programs of a row block (both slots past the kept count) whose zeros each program
-# with a kept head stores ahead of its K loop, so that the stores drain under its MMAs and the
-# pruned programs exit without one. At 32 x 512 rows x 768 (BERT-sized) and p = 0.5 half of the
-# pair programs only stored zeros, and the projection fell from 40 to 31 us, not 20 (H200).
-# Three covers every pruned program down to a quarter of the heads kept.
-PRUNED_PAIRS_PER_KEPT = 3
+# Fully pruned programs of a row block (every head slot past the kept count) whose zeros each
+# program with a kept head stores ahead of its K loop, so that the stores drain under its MMAs
+# and the pruned programs exit without one. At 32 x 512 rows x 768 (BERT-sized) and p = 0.5 half
+# of the pair programs only stored zeros, and the projection fell from 40 to 31 us, not 20
+# (H200). Three covers every pruned program down to a quarter of the heads kept.
+PRUNED_PROGRAMS_PER_KEPT = 3
 
 
 @triton.jit
@@ -272,6 +237,69 @@ def _store_zero_head(Y, slots, slot, offs_m, rows_ok, offs_d, stride_ym, stride_
     tl.store(Y + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
              tl.zeros([BLOCK_M, BLOCK_D], dtype=Y.dtype.element_ty),
              mask=rows_ok[:, None] & (offs_d < HEAD_D)[None, :])
+
+
+@triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_loading})
+@triton.jit(do_not_specialize=["M_KEY", "TMA_MODE"])  # autotune keys only
+def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per_sample, M_KEY, TMA_MODE,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_kb,
+                            HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PER_SAMPLE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr,
+                            ZERO_SHARE: tl.constexpr = 0):
+    # Program j of a row block computes slot j of the block's kept-head order, as the pair kernel
+    # does two slots, and stores the zeros of ZERO_SHARE fully pruned programs ahead of its loop.
+    # A block straddling two samples of a [B, H] mask takes head j and masks rows instead.
+    pid_m, j = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), H, GROUP)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = offs_m < M
+    b = 0
+    one_sample = True
+    if PER_SAMPLE:
+        b = pid_m * BLOCK_M // rows_per_sample
+        one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
+    kept_progs = H
+    slots, n_kept = _kept_first_slots(Keep, b * stride_kb, H, BLOCK_H)
+    if one_sample:
+        h = _head_at(slots, j)
+        row_keep = offs_m < tl.where(j < n_kept, M, 0)
+        kept_progs = n_kept
+    else:
+        h = j
+        row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
+    if ZERO_SHARE > 0:
+        stores_own = (j < kept_progs) | (j - kept_progs >= ZERO_SHARE * kept_progs)
+        if (j < kept_progs) & (kept_progs + j < H):
+            for i in tl.static_range(1, ZERO_SHARE + 1):
+                z = kept_progs * i + j
+                _store_zero_head(Y, slots, tl.minimum(z, H - 1), offs_m, offs_m < tl.where(z < H, M, 0),
+                                 tl.arange(0, BLOCK_D), stride_ym, stride_yn, HEAD_D, BLOCK_M, BLOCK_D)
+    else:
+        stores_own = True
+    # a product, not a branch: the loop runs zero times when no row of the block keeps head h
+    k_hi = K * tl.max(row_keep.to(tl.int32), axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    n_idx = h * HEAD_D + offs_d
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, k_hi, BLOCK_K):
+        x = _x_tile(X, DescX, pid_m, offs_m, row_ok, k0, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, USE_TMA)
+        w = _head_w_tile(W, DescW, k0, h, offs_d, d_ok, K, stride_wn, stride_wk, HEAD_D, BLOCK_K, W_IN_OUT, USE_TMA)
+        acc = _mma(acc, x, w, DOT_F32, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + n_idx, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    if stores_own:
+        acc = tl.where(row_keep[:, None], acc, 0.0)
+        tl.store(Y + offs_m[:, None] * stride_ym + n_idx[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+# Widest head tile the pair kernel serves: two 64-wide heads make the 128-wide tile cuBLAS-class
+# GEMMs use. One 64-wide head per program ran at 1.8x cuBLAS's time (H200, 16k x 768 x 768, bf16),
+# each program re-reading its x rows for half the columns.
+PAIR_MAX_BLOCK_D = 64
 
 
 @triton.autotune(configs=_OUT_PAIR_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
@@ -288,7 +316,7 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, row
     # row ranked kept-first, :func:`_kept_first_slots`): kept heads pair up whichever they are,
     # so the work is ceil(kept / 2) double tiles, and the slots past the kept count, which hold
     # the pruned heads, store their zeros (or a program with a kept head stores them for it:
-    # PRUNED_PAIRS_PER_KEPT). A block straddling two samples of a [B, H] mask has no single list:
+    # PRUNED_PROGRAMS_PER_KEPT). A block straddling two samples of a [B, H] mask has no single list:
     # it takes heads 2j and 2j+1 and masks rows per head instead.
     pid_m, j = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(H, 2), GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -575,15 +603,15 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
             _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
             HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_H=_block_h(H),
             HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
-            W_IN_OUT=weight_in_out, ZERO_SHARE=PRUNED_PAIRS_PER_KEPT, **_interpreted_loading(mode))
+            W_IN_OUT=weight_in_out, ZERO_SHARE=PRUNED_PROGRAMS_PER_KEPT, **_interpreted_loading(mode))
         return y.view(*x.shape[:-1], H * head_dim)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
     _head_linear_out_kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows, _bucket(M), mode,
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-        HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
+        HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_H=_block_h(H),
         HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
-        W_IN_OUT=weight_in_out, **_interpreted_loading(mode))
+        W_IN_OUT=weight_in_out, ZERO_SHARE=PRUNED_PROGRAMS_PER_KEPT, **_interpreted_loading(mode))
     return y.view(*x.shape[:-1], H * head_dim)
 
 

@@ -489,12 +489,15 @@ def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, 
 @pytest.mark.parametrize("share", [0, 1, 3])
 @pytest.mark.parametrize("H,n_kept", [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)])
 @pytest.mark.parametrize("rows", [32, 24], ids=["blocks_in_one_sample", "blocks_straddle"])
-def test_pair_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_kept, rows):
+@pytest.mark.parametrize("pairs", ["1", "0"], ids=["two_heads", "one_head"])
+def test_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_kept, rows, pairs):
     """Pruned heads' features come out zero whether their own program stores them or a program
-    with a kept head does (PRUNED_PAIRS_PER_KEPT); per-sample masks give each sample its count."""
+    with a kept head does (PRUNED_PROGRAMS_PER_KEPT), in both head_linear_out kernels; per-sample
+    masks give each sample its count."""
     from dhp_fx.kernels.head_linear import head_linear_out_reference
 
-    monkeypatch.setattr(_thl, "PRUNED_PAIRS_PER_KEPT", share)
+    monkeypatch.setenv("DHP_FX_HEAD_PAIRS", pairs)
+    monkeypatch.setattr(_thl, "PRUNED_PROGRAMS_PER_KEPT", share)
     monkeypatch.setattr(_thl, "torch", NanEmpty())
     g = torch.Generator().manual_seed(H * 10 + n_kept)
     B, K, D = 2, 24, 16
@@ -504,7 +507,7 @@ def test_pair_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_
     x = torch.randn(B, rows, K, generator=g)
     w = torch.randn(H * D, K, generator=g)
     for mask in (keep, keep[0]):
-        assert _thl._pairs_heads(D, H)
+        assert _thl._pairs_heads(D, H) == (pairs == "1" and H > 1)
         y = _thl.head_linear_out_triton(x, w, None, mask, D)
         assert not torch.isnan(y).any()
         want = head_linear_out_reference(x.double(), w.double(), None, mask, D)
