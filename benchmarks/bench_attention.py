@@ -15,6 +15,7 @@ variant won). The check runs both loading variants where the card has TMA (sm_90
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -174,20 +175,28 @@ def make_methods(torch, F, s: Shape, q, k, v, keep, idx, flex, tma=None, pv_behi
     return methods
 
 
-def own_zeros(fn):
-    """fn with every pruned program storing its own zeros (the kernels' PRUNED_*_PER_KEPT = 0):
-    the A/B of kept programs storing them ahead of their loops. Read at launch (at capture when
-    graphed), so the wrapper holds for the whole call."""
-    from dhp_fx.kernels import triton_attention, triton_head_linear
-
+def with_settings(settings: dict, fn):
+    """fn run with module attributes {(module, name): value} set, restored after each call. The
+    kernels read these switches at launch (at capture when graphed)."""
     def run():
-        saved = triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PROGRAMS_PER_KEPT
-        triton_attention.PRUNED_TILES_PER_KEPT = triton_head_linear.PRUNED_PROGRAMS_PER_KEPT = 0
+        saved = {key: getattr(*key) for key in settings}
+        for (module, name), value in settings.items():
+            setattr(module, name, value)
         try:
             return fn()
         finally:
-            triton_attention.PRUNED_TILES_PER_KEPT, triton_head_linear.PRUNED_PROGRAMS_PER_KEPT = saved
+            for (module, name), value in saved.items():
+                setattr(module, name, value)
     return run
+
+
+def own_zeros(fn):
+    """fn with every pruned program storing its own zeros (the kernels' PRUNED_*_PER_KEPT = 0):
+    the A/B of kept programs storing them ahead of their loops."""
+    from dhp_fx.kernels import triton_attention, triton_head_linear
+
+    return with_settings({(triton_attention, "PRUNED_TILES_PER_KEPT"): 0,
+                          (triton_head_linear, "PRUNED_PROGRAMS_PER_KEPT"): 0}, fn)
 
 
 def core_target_ms(p: float, t_sdpa: float) -> float:
@@ -329,25 +338,10 @@ def time_decode(torch, F, args, dtype, gen, bench, ceilings=None):
 
     from dhp_fx.kernels import triton_decode
 
-    def per_head(fn):
-        # GQA without packing: each query head streams its group's K/V (what packing saves)
-        def run():
-            triton_decode.PACK_GQA = False
-            try:
-                return fn()
-            finally:
-                triton_decode.PACK_GQA = None
-        return run
-
-    def own_pieces(fn):
-        # pruned pairs' programs exit instead of serving the kept pairs (SHARE_PIECES off): the A/B
-        def run():
-            triton_decode.SHARE_PIECES = False
-            try:
-                return fn()
-            finally:
-                triton_decode.SHARE_PIECES = True
-        return run
+    # GQA without packing: each query head streams its group's K/V (what packing saves)
+    per_head = functools.partial(with_settings, {(triton_decode, "PACK_GQA"): False})
+    # pruned pairs' programs exit instead of serving the kept pairs: the A/B of SHARE_PIECES
+    own_pieces = functools.partial(with_settings, {(triton_decode, "SHARE_PIECES"): False})
 
     names = ["sdpa", "gather", "triton", "triton 1 split", "triton per-head", "triton unshared"]
     if ceilings is None:

@@ -79,13 +79,19 @@ PACK_GQA = None
 
 
 @triton.jit
+def _flag_chunk(KeepFlags, start, N, BLOCK: tl.constexpr):
+    """(indices, 0/1 int32 keep flags) of pairs [start, start + BLOCK), zeros past N."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, (tl.load(KeepFlags + offs, mask=offs < N, other=0) != 0).to(tl.int32)
+
+
+@triton.jit
 def _kept_count_and_rank(KeepFlags, N, pair, BLOCK: tl.constexpr):
     """(kept pairs among all N, kept pairs before ``pair``), from the [N] flags."""
     total = 0
     before = 0
     for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        f = (tl.load(KeepFlags + offs, mask=offs < N, other=0) != 0).to(tl.int32)
+        offs, f = _flag_chunk(KeepFlags, start, N, BLOCK)
         total += tl.sum(f, axis=0)
         before += tl.sum(tl.where(offs < pair, f, 0), axis=0)
     return total, before
@@ -97,8 +103,7 @@ def _kth_kept(KeepFlags, N, k, BLOCK: tl.constexpr):
     found = 0
     seen = 0
     for start in range(0, N, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        f = (tl.load(KeepFlags + offs, mask=offs < N, other=0) != 0).to(tl.int32)
+        offs, f = _flag_chunk(KeepFlags, start, N, BLOCK)
         hit = (f != 0) & (seen + tl.cumsum(f, axis=0) == k + 1)
         found += tl.sum(tl.where(hit, offs, 0), axis=0)
         seen += tl.sum(f, axis=0)
