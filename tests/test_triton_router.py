@@ -129,7 +129,7 @@ def test_fused_top_k_breaks_ties_by_head_index():
 
 
 @interpreted
-@pytest.mark.parametrize("budget", ["top_k", "threshold", "batch"])
+@pytest.mark.parametrize("budget", ["top_k", "min_heads", "threshold", "batch"])
 def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, budget):
     """RouterGate.decide_eager: a per-sample top-k budget comes from the router's own launch and
     equals the torch decision; thresholds and batch votes take the general path."""
@@ -141,6 +141,8 @@ def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, b
     with torch.no_grad():
         for p in gate.router.parameters():
             p.normal_(0, 0.5)
+    if budget == "min_heads":  # a quarter of 4 heads is 1; the floor makes it 3
+        gate.set_keep_ratio(0.25, min_heads=3)
     if budget == "threshold":
         gate.set_score_threshold(0.5)
     if budget == "batch":
@@ -157,8 +159,10 @@ def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, b
     want = gate.decide_eager(None, None, None, mask, hidden)
     monkeypatch.setattr(strategies, "_router_kernels", lambda x: fake_module)
     got = gate.decide_eager(None, None, None, mask, hidden)
-    assert calls == (["keep"] if budget == "top_k" else ["scores"])
+    assert calls == (["keep"] if budget in ("top_k", "min_heads") else ["scores"])
     assert torch.equal(got, want)
+    if budget == "min_heads":
+        assert (got.sum(-1) == 3).all()
 
 
 @interpreted
