@@ -22,6 +22,7 @@ Prints one table per part; with --out, writes the same as JSON there. On a machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -198,12 +199,9 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                 if graphs and scoring == "router" and p == 0.5:
                     # A/B: the router as torch ops (DHP_FX_TRITON_ROUTER=0, read per call and so
                     # at capture) against its two Triton launches above.
-                    os.environ["DHP_FX_TRITON_ROUTER"] = "0"
-                    try:
+                    with env_set("DHP_FX_TRITON_ROUTER", "0"):
                         runner = opt.cuda_graphed()
                         ms = _median_ms(lambda: runner(**inputs), reps, device)
-                    finally:
-                        os.environ.pop("DHP_FX_TRITON_ROUTER", None)
                     rows.append({"variant": "router/sample, torch-op router + cuda graphs", "p": p, "ms": ms,
                                  "vs_dense": ms / dense})
         if graphs:
@@ -220,6 +218,21 @@ def _kernel_table(fn, top: int = 12) -> str:
     return device_kernels(torch, fn, top, calls=3)
 
 
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable set for the block (dhp_fx reads these switches per call), restored
+    after it, absent again if it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) -> list[dict]:
     """The head-skipping projection kernels alone, each loading kind forced (pointer loads one
     head per program, two heads per program, TMA descriptors), against float64 references: [H]
@@ -233,21 +246,15 @@ def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) 
     kinds = [("one head", False, "0"), ("two heads", False, "1"), ("descriptors", True, "0"),
              ("two heads, descriptors", True, "1")]
     masks = (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1]))
-    rows, before = [], os.environ.get("DHP_FX_HEAD_PAIRS")
-    try:
-        for dtype, D, (kind, tma, pairs) in itertools.product((torch.bfloat16, torch.float16), dims, kinds):
-            if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
-                continue
-            os.environ["DHP_FX_HEAD_PAIRS"] = pairs  # read per call
-            for (mask, L), in_out in itertools.product(masks, (False, True)):
+    rows = []
+    for dtype, D, (kind, tma, pairs) in itertools.product((torch.bfloat16, torch.float16), dims, kinds):
+        if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
+            continue
+        for (mask, L), in_out in itertools.product(masks, (False, True)):
+            with env_set("DHP_FX_HEAD_PAIRS", pairs):
                 errs = _projection_errors(thl, device, g, dtype, D, K, L, mask != "[H]", in_out, tma)
-                rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, loading=kind, mask=mask, in_out=in_out,
-                                 out_err=errs[0], in_err=errs[1], ok=all(e <= TOL[dtype] for e in errs)))
-    finally:
-        if before is None:
-            os.environ.pop("DHP_FX_HEAD_PAIRS", None)
-        else:
-            os.environ["DHP_FX_HEAD_PAIRS"] = before
+            rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, loading=kind, mask=mask, in_out=in_out,
+                             out_err=errs[0], in_err=errs[1], ok=all(e <= TOL[dtype] for e in errs)))
     return rows
 
 

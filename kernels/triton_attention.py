@@ -570,7 +570,7 @@ def _gated_attn_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
 
-    if BLOCK_M >= SHARE_MIN_BLOCK_M:
+    if COMPACT and BLOCK_M >= SHARE_MIN_BLOCK_M:
         if kept:
             n_slots = tl.num_programs(1)
             for j in tl.static_range(ZERO_SHARE):
@@ -655,11 +655,11 @@ def triton_available(device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-# Pruned tiles whose zeros each kept program of the compacted grid stores ahead of its key loop.
-# At p = 0.25 on causal 8 x 32 x 2048 x 128 the zeros are 100 MB, ~24 us of the card's write
-# bandwidth, which the kept programs' compute hides; run as programs of their own they came last
-# and ran alone. Three covers every pruned tile down to a quarter of the heads kept; a kept tile
-# of a long sequence computes for several times the ~1 us of bandwidth share three tiles take.
+# Pruned tiles whose zeros each kept program of the compacted grid stores ahead of its key loop,
+# for the kept programs' compute to hide; run as programs of their own they came last and ran
+# alone. At p = 0.25 on causal 8 x 32 x 2048 x 128 the zeros are 100 MB: about 24 us at the
+# 4.2 TB/s copy rate measured on an H200 (session 7). Three covers every pruned tile down to a
+# quarter of the heads kept. (Untimed: benchmarks/bench_attention.py prints the A/B.)
 PRUNED_TILES_PER_KEPT = 3
 # Short query tiles (decode-like launches) have too little compute to hide the stores behind, and
 # the store code made the 16-row tile spill at D = 128 (sm_90, triton 3.6): they store their own.

@@ -18,9 +18,9 @@ pairs, kept pair r gets pieces r * P .. r * P + P - 1 of the launch's programs, 
 :func:`_pieces_per_kept` (at least ``splits``), and the combine finds its pair's pieces by the
 same rank. With every pair kept that is exactly (pair, split). No list is built by a launch of
 its own: a decode step is short, and that took several small launches per step. Pruned pairs
-run zero key iterations and the combine stores their exact zeros. A piece past the end of the keys (more
-splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0, so any
-split count is valid.
+run zero key iterations and the combine stores their exact zeros. A piece past the end of the
+keys (more splits than key blocks) stores m = -inf, l = 0, which the merge weighs by exactly 0,
+so any split count is valid.
 
 GQA (Hq = GROUP * Hkv): decode is bound by streaming K/V, and one program per query head reads
 its KV head's K/V GROUP times. ``_decode_split_packed``, grid (splits, B*Hkv slots), instead gives

@@ -7,9 +7,9 @@ launch queue. Here the mask is read inside the kernels:
 * ``head_linear_out``: grid (row blocks, heads). Program j of a row block computes the head at
   slot j of the block's kept-first order (kept heads first, in index order) and stores the zeros
   of up to ``PRUNED_PROGRAMS_PER_KEPT`` fully pruned slots before its K loop; the pruned programs
-  it covers exit without a store. Heads of 64 or fewer features go two to a program (``_head_linear_out_pair_kernel``): the
-  program takes two slots of the block's kept-head order, so x is read once per two kept heads
-  and the tile is the 128 columns wide GEMMs want.
+  it covers exit without a store. Heads of 64 or fewer features go two to a program
+  (``_head_linear_out_pair_kernel``): the program takes two slots of the block's kept-head
+  order, so x is read once per two kept heads and the tile is the 128 columns wide GEMMs want.
 * ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the kept heads in
   order (the mask's, or with [B, H] masks the sample's when the block's rows lie in one sample);
   a block straddling samples walks every head, skipping the K range of a head that none of its
@@ -205,8 +205,9 @@ def _head_w_tile(W, DescW, k0, h, offs_d, cols_ok, K, stride_wn, stride_wk, HEAD
 def _kept_first_slots(Keep, row, H, BLOCK_H: tl.constexpr):
     """(slot of each head in its mask row's kept-first order, kept count): kept heads take slots
     0.. in index order, pruned heads the slots after them, lanes past H slots >= H. Computed by
-    each program from the H flags (a few hundred bytes, cached) rather than a list built by a
-    launch of its own: that launch and its host call cost more than the GEMM tile's ALU spends."""
+    each program from the H flags (a few hundred bytes, cached) rather than read from a list built
+    by a launch of its own before every projection: H loads and a prefix sum per program instead
+    of a launch (and its host call) per projection."""
     heads = tl.arange(0, BLOCK_H)
     f = (tl.load(Keep + row + heads, mask=heads < H, other=0) != 0).to(tl.int32)
     n_kept = tl.sum(f, axis=0)
@@ -229,14 +230,24 @@ PRUNED_PROGRAMS_PER_KEPT = 3
 
 
 @triton.jit
-def _store_zero_head(Y, slots, slot, offs_m, rows_ok, offs_d, stride_ym, stride_yn,
-                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zeros into the features of the head at ``slot`` of the kept-first order ``slots``."""
-    head = _head_at(slots, slot)
-    cols = head * HEAD_D + offs_d
-    tl.store(Y + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
-             tl.zeros([BLOCK_M, BLOCK_D], dtype=Y.dtype.element_ty),
-             mask=rows_ok[:, None] & (offs_d < HEAD_D)[None, :])
+def _store_covered_zeros(Y, slots, j, kept_progs, H, offs_m, M, stride_ym, stride_yn, HEAD_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_SHARE: tl.constexpr,
+                         PER_PROGRAM: tl.constexpr):
+    """Whether program j of a row block stores its own tile. A program holding a kept head
+    (j < kept_progs) also stores the zeros of the fully pruned programs kept_progs * i + j,
+    i = 1..ZERO_SHARE, each PER_PROGRAM heads of the kept-first order ``slots``; the pruned
+    programs so covered store nothing. With kept_progs = every program, nothing is shared."""
+    n_progs = (H + PER_PROGRAM - 1) // PER_PROGRAM
+    if (j < kept_progs) & (kept_progs + j < n_progs):
+        offs_d = tl.arange(0, BLOCK_D)
+        for i in tl.static_range(1, ZERO_SHARE + 1):
+            for half in tl.static_range(PER_PROGRAM):
+                slot = PER_PROGRAM * (kept_progs * i + j) + half
+                cols = _head_at(slots, tl.minimum(slot, H - 1)) * HEAD_D + offs_d
+                tl.store(Y + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
+                         tl.zeros([BLOCK_M, BLOCK_D], dtype=Y.dtype.element_ty),
+                         mask=(offs_m < tl.where(slot < H, M, 0))[:, None] & (offs_d < HEAD_D)[None, :])
+    return (j < kept_progs) | (j - kept_progs >= ZERO_SHARE * kept_progs)
 
 
 @triton.autotune(configs=_OUT_CONFIGS, key=["M_KEY", "K", "HEAD_D", "HAS_BIAS", "PER_SAMPLE", "TMA_MODE"],
@@ -269,15 +280,8 @@ def _head_linear_out_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, rows_per
     else:
         h = j
         row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
-    if ZERO_SHARE > 0:
-        stores_own = (j < kept_progs) | (j - kept_progs >= ZERO_SHARE * kept_progs)
-        if (j < kept_progs) & (kept_progs + j < H):
-            for i in tl.static_range(1, ZERO_SHARE + 1):
-                z = kept_progs * i + j
-                _store_zero_head(Y, slots, tl.minimum(z, H - 1), offs_m, offs_m < tl.where(z < H, M, 0),
-                                 tl.arange(0, BLOCK_D), stride_ym, stride_yn, HEAD_D, BLOCK_M, BLOCK_D)
-    else:
-        stores_own = True
+    stores_own = _store_covered_zeros(Y, slots, j, kept_progs, H, offs_m, M, stride_ym, stride_yn, HEAD_D, BLOCK_M,
+                                      BLOCK_D, ZERO_SHARE, 1)
     # a product, not a branch: the loop runs zero times when no row of the block keeps head h
     k_hi = K * tl.max(row_keep.to(tl.int32), axis=0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -328,8 +332,7 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, row
     if PER_SAMPLE:
         b = pid_m * BLOCK_M // rows_per_sample
         one_sample = b == (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
-    n_progs = (H + 1) // 2
-    kept_progs = n_progs  # programs holding a kept head; a straddling block counts them all
+    kept_progs = (H + 1) // 2  # programs holding a kept head; a straddling block counts them all
     # (ranked outside the branch: the zero stores below read it, and a straddling block stores none)
     slots, n_kept = _kept_first_slots(Keep, b * stride_kb, H, BLOCK_H)
     # Row masks as comparisons against a length (M or 0), not `& scalar_bool`: the interpreter
@@ -346,20 +349,8 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, row
         keep_a = _keep_rows(Keep, offs_m, row_ok, h_a, rows_per_sample, stride_kb, PER_SAMPLE)
         keep_b = _keep_rows(Keep, offs_m, offs_m < tl.where(has_b, M, 0), h_b, rows_per_sample, stride_kb,
                             PER_SAMPLE)
-    if ZERO_SHARE > 0:
-        # Kept program j stores the zeros of fully pruned programs kept_progs * i + j, i = 1..ZERO_SHARE.
-        stores_own = (j < kept_progs) | (j - kept_progs >= ZERO_SHARE * kept_progs)
-        if (j < kept_progs) & (kept_progs + j < n_progs):
-            offs_z = tl.arange(0, BLOCK_D)
-            for i in tl.static_range(1, ZERO_SHARE + 1):
-                z = kept_progs * i + j
-                for half in tl.static_range(2):
-                    slot = 2 * z + half
-                    _store_zero_head(Y, slots, tl.minimum(slot, H - 1), offs_m,
-                                     offs_m < tl.where(slot < H, M, 0), offs_z, stride_ym, stride_yn, HEAD_D,
-                                     BLOCK_M, BLOCK_D)
-    else:
-        stores_own = True
+    stores_own = _store_covered_zeros(Y, slots, j, kept_progs, H, offs_m, M, stride_ym, stride_yn, HEAD_D, BLOCK_M,
+                                      BLOCK_D, ZERO_SHARE, 2)
     any_kept = tl.maximum(tl.max(keep_a.to(tl.int32), axis=0), tl.max(keep_b.to(tl.int32), axis=0))
     k_hi = K * any_kept
     offs_d = tl.arange(0, BLOCK_D)
@@ -443,9 +434,9 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, N, H, rows_per_
         for i in tl.range(0, n_kept, flatten=True):
             k0 = _head_at(slots, i) * HEAD_D
             for d0 in range(0, HEAD_D, BLOCK_K):
-                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_ok, n_ok, k0, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION,
-                               W_IN_OUT, USE_TMA, False)
+                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_ok,
+                               n_ok, k0, d0, stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32,
+                               DOT_PRECISION, W_IN_OUT, USE_TMA, False)
     else:
         # a block straddling samples: per head, the K range of heads some row keeps
         for h in range(H):
@@ -454,9 +445,9 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, N, H, rows_per_
             for d0 in range(0, d_hi, BLOCK_K):
                 # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
                 # hold (the backward feeds it gradients, which are not zero there)
-                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_keep, n_ok, h * HEAD_D, d0,
-                               stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32, DOT_PRECISION,
-                               W_IN_OUT, USE_TMA, True)
+                acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_keep,
+                               n_ok, h * HEAD_D, d0, stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K,
+                               DOT_F32, DOT_PRECISION, W_IN_OUT, USE_TMA, True)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -596,17 +587,10 @@ def head_linear_out_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     H = heads_keep.shape[-1]
     y = torch.empty((M, H * head_dim), device=x.device, dtype=x.dtype)
     mode, (desc_x, desc_w) = _loading(x2, weight, head_dim, tma)
-    if _pairs_heads(head_dim, H):
-        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, 2),)  # noqa: E731
-        _head_linear_out_pair_kernel[grid](
-            x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows,
-            _bucket(M), mode, x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
-            HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_H=_block_h(H),
-            HAS_BIAS=bias is not None, PER_SAMPLE=per_sample, DOT_F32=_dot_f32(x), DOT_PRECISION=_f32_precision(x),
-            W_IN_OUT=weight_in_out, ZERO_SHARE=PRUNED_PROGRAMS_PER_KEPT, **_interpreted_loading(mode))
-        return y.view(*x.shape[:-1], H * head_dim)
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * H,)  # noqa: E731
-    _head_linear_out_kernel[grid](
+    kernel, per_program = ((_head_linear_out_pair_kernel, 2) if _pairs_heads(head_dim, H)
+                           else (_head_linear_out_kernel, 1))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(H, per_program),)  # noqa: E731
+    kernel[grid](
         x2, weight, bias if bias is not None else x2, keep, y, desc_x, desc_w, M, K, H, rows, _bucket(M), mode,
         x2.stride(0), x2.stride(1), s_wn, s_wk, y.stride(0), y.stride(1), s_kb,
         HEAD_D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_H=_block_h(H),
