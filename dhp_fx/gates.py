@@ -39,9 +39,12 @@ from .passes import AttentionSite
 
 
 def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """bool mask of the n_keep highest scores along the last dim (ties broken by index)."""
+    """bool mask of the n_keep highest scores along the last dim, ties to the lower index."""
     n_keep = max(0, min(n_keep, scores.shape[-1]))
-    idx = scores.topk(n_keep, dim=-1).indices
+    # A stable sort, not topk: topk leaves the order of equal scores unspecified (CUDA's need not
+    # match the CPU's), saturated router sigmoids tie at exactly 1.0, and the fused router kernel
+    # (kernels/triton_router.py) must make the same choice on every device.
+    idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :n_keep]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 

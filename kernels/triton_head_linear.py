@@ -12,8 +12,8 @@ launch queue. Here the mask is read inside the kernels:
   order, so x is read once per two kept heads and the tile is the 128 columns wide GEMMs want.
 * ``head_linear_in``: grid (row blocks, output blocks). The reduction walks the kept heads in
   order (the mask's, or with [B, H] masks the sample's when the block's rows lie in one sample);
-  a block straddling samples walks every head, skipping the K range of a head that none of its
-  rows keeps, and its rows that prune a head it walks read zeros there.
+  a block straddling samples walks every head some of its rows keep (pointer loads), and its
+  rows that prune a head read zeros there.
 
 Each program ranks its mask row itself (``_kept_first_slots``: H flags, a prefix sum), so a
 projection is one launch: no list-building launch before it.
@@ -385,13 +385,12 @@ def _head_linear_out_pair_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, K, H, row
 @triton.jit
 def _in_step(acc, X, W, DescX, DescW, row0, n0, offs_m, offs_n, rows, n_ok, k0, d0, stride_xm, stride_xk, stride_wn,
              stride_wk, HEAD_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr, MASK_ROWS: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, W_IN_OUT: tl.constexpr, USE_TMA: tl.constexpr):
     """acc += x[rows, k0 + d0 : +BLOCK_K] @ w[k0 + d0 : +BLOCK_K, offs_n] within one head (with
-    descriptors: rows past M read zeros, and MASK_ROWS zeroes the rows outside ``rows`` too)."""
+    descriptors, every row of the block: rows past M read zeros; with pointers, rows outside ``rows``
+    read zeros)."""
     if USE_TMA:
         x = DescX.load([row0, k0 + d0])
-        if MASK_ROWS:
-            x = tl.where(rows[:, None], x, 0.0)
         w = _w_tile(DescW, k0 + d0, n0, W_IN_OUT)
         return _mma(acc, x, w, DOT_F32, DOT_PRECISION)
     offs_d = d0 + tl.arange(0, BLOCK_K)
@@ -436,18 +435,23 @@ def _head_linear_in_kernel(X, W, Bias, Keep, Y, DescX, DescW, M, N, H, rows_per_
             for d0 in range(0, HEAD_D, BLOCK_K):
                 acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_ok,
                                n_ok, k0, d0, stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K, DOT_F32,
-                               DOT_PRECISION, W_IN_OUT, USE_TMA, False)
+                               DOT_PRECISION, W_IN_OUT, USE_TMA)
     else:
-        # a block straddling samples: per head, the K range of heads some row keeps
+        # A block straddling samples (at most one per sample boundary): per head, the K range of
+        # heads some row keeps, its rows that prune the head masked out. Pointer loads, and not
+        # pipelined: the same loop through TMA descriptors (a where() zeroing the rows after the
+        # load) gave wrong sums on an H200 under triton 3.6 (bf16 and fp16, D = 64 and 128), and
+        # a pipelined copy of it would take shared memory the kept-head loop needs (256 KiB at
+        # the first config). Few blocks take this branch; their speed does not matter.
         for h in range(H):
             row_keep = _keep_rows(Keep, offs_m, row_ok, h, rows_per_sample, stride_kb, PER_SAMPLE)
             d_hi = HEAD_D * tl.max(row_keep.to(tl.int32), axis=0)
-            for d0 in range(0, d_hi, BLOCK_K):
+            for d0 in tl.range(0, d_hi, BLOCK_K, num_stages=1):
                 # rows pruning h read zeros: the reduction is exact whatever the pruned inputs
                 # hold (the backward feeds it gradients, which are not zero there)
                 acc = _in_step(acc, X, W, DescX, DescW, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_m, offs_n, row_keep,
                                n_ok, h * HEAD_D, d0, stride_xm, stride_xk, stride_wn, stride_wk, HEAD_D, BLOCK_K,
-                               DOT_F32, DOT_PRECISION, W_IN_OUT, USE_TMA, True)
+                               DOT_F32, DOT_PRECISION, W_IN_OUT, False)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),

@@ -266,8 +266,9 @@ def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypat
 def test_interpreted_projections_through_descriptors(thl, monkeypatch, pairs, mask, L, D):
     # tma=True: x and weight tiles through TMA descriptors (zero-filled past the rows and the
     # reduction's end instead of masked), head_linear_out one or two heads per program. L = 10
-    # makes 16-row blocks straddle samples, where head_linear_in zeroes the rows of a head they
-    # prune; D = 32 takes two reduction steps per head there. H = 3 leaves the last pair program
+    # makes 16-row blocks straddle samples, which head_linear_in reads through pointers, zeroing
+    # the rows of a head they prune (its descriptor version went wrong on an H200, not here);
+    # D = 32 takes two reduction steps per head there. H = 3 leaves the last pair program
     # one head. fp16: the copy engine moves 16-bit tiles.
     monkeypatch.setenv("DHP_FX_HEAD_PAIRS", "1" if pairs else "0")
     keep = (torch.tensor([_F, _T, _T]) if mask == "shared" else

@@ -286,6 +286,20 @@ def test_alpha_limits():
     assert all(torch.equal(m, keep_top(static.w_hat[None].expand(3, -1), 4)) for m in masks)
 
 
+@SETTINGS
+@given(rows=st.lists(st.lists(st.sampled_from([0.0, 0.25, 1.0, float("inf")]), min_size=1, max_size=40),
+                     min_size=1, max_size=4).filter(lambda r: len({len(x) for x in r}) == 1),
+       n_keep=st.integers(-1, 41))
+def test_keep_top_breaks_ties_by_lower_index(rows, n_keep):
+    """Few distinct values, so most rows tie (saturated sigmoids tie at exactly 1.0): a unit is
+    kept when fewer than n_keep units score above it or equal it at a lower index. The fused
+    router kernel follows the same rule, and it must not depend on the device's topk."""
+    scores = torch.tensor(rows, dtype=torch.float32)
+    want = [[sum(s > x or (s == x and j < i) for j, s in enumerate(row)) < n_keep for i, x in enumerate(row)]
+            for row in rows]
+    assert keep_top(scores, n_keep).tolist() == want
+
+
 def test_kv_group_pruning_keeps_whole_groups():
     module, opt, inputs, gate = _gate_model(keep=0.5, prune_kv_groups=True)
     with torch.no_grad():
