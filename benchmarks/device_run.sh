@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The prepared device run for issue 3 (about 9 min at most on an H100/H200): from the repository
-# root through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=580,
+# The prepared device run for issue 3 (about 10 min at most on an H100/H200): from the repository
+# root through the `run` tool, e.g.  run(command="bash benchmarks/device_run.sh", timeout_s=600,
 # carry=[".device_carry"]). On an H200 (session 7) every step took 313 s, cold; with
 # DEVICE_STEPS="checks table encoder blocks" and two table shapes, 284 s. Session 7 added descriptor
 # configs for the projections, so a cold table compiles more than it did then.
 # Session 8 (no device) added A/B rows for its untimed changes: "pruned programs storing their own
 # zeros" under core rows and "block ops/row own-zeros" (table), "torch-op router" (encoder),
-# "triton unshared" (decode); and a router check in gpu_check. Give checks CHECK_S=90.
-# Step limits add up to 530 s. A cold table compiles roughly 90 kernel variants (forward configs
-# x {causal, not} x head dims, and the projections), which is why it gets the most time.
+# "triton unshared" (decode); and a router check in gpu_check. Session 9 (H200): DEVICE_STEPS="checks
+# table encoder decode", two table shapes, CHECK_S=90, took 326 s with the session-7 Triton cache
+# carried in, but the checks need 200 s (run alone: 184 s, every check): the default now.
+# Step limits add up to 595 s (checks 200, table 200, encoder 120, decode 35, profile 40): call with
+# timeout_s=600, or drop steps. A cold table compiles roughly 90 kernel variants (forward configs x
+# {causal, not} x head dims, and the projections), which is why it gets the most time.
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
 # DEVICE_STEPS picks steps (default "checks table encoder decode profile"; "blocks" adds the
 # per-kernel block profile, two heads per program on and off), CHECK_S the checks' limit.
@@ -49,9 +52,9 @@ cat "$OUT/machine.txt"
 # dtype, host syncs, training under autocast) and the CUDA-only tests (gates on the GPU, CUDA
 # graph replay). First configs only: no tuning compiles.
 if want checks; then
-DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-75}) $PY benchmarks/gpu_check.py --parts checks \
+DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-200}) $PY benchmarks/gpu_check.py --parts checks \
   > "$OUT/gpu_check.txt" 2>&1 & GPU_CHECK_PID=$!
-DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-75}) $PY -m pytest -q -p no:cacheprovider tests/test_gate_device.py \
+DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${CHECK_S:-200}) $PY -m pytest -q -p no:cacheprovider tests/test_gate_device.py \
   tests/test_cuda_graphs.py > "$OUT/pytest_gpu.txt" 2>&1 & PYTEST_PID=$!
 wait $GPU_CHECK_PID; echo "gpu_check rc=$?" >> "$OUT/gpu_check.txt"
 wait $PYTEST_PID; echo "pytest_gpu rc=$?" >> "$OUT/pytest_gpu.txt"
@@ -61,7 +64,7 @@ fi
 # The timed table, autotuned (pointer/TMA loads and plain/P@V-behind loops compete), with the
 # attention block eager and replayed from CUDA graphs.
 if want table; then
-timeout $(lim ${BENCH_S:-260}) $PY benchmarks/bench_attention.py --block --graphs ${BENCH_ARGS:-} \
+timeout $(lim ${BENCH_S:-200}) $PY benchmarks/bench_attention.py --block --graphs ${BENCH_ARGS:-} \
   > "$OUT/bench_attention.txt" 2>&1
 echo "bench_attention rc=$?" >> "$OUT/bench_attention.txt"
 stamp "table done"
