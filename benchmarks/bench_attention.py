@@ -190,13 +190,19 @@ def with_settings(settings: dict, fn):
     return run
 
 
-def own_zeros(fn):
-    """fn with every pruned program storing its own zeros (the kernels' PRUNED_*_PER_KEPT = 0):
-    the A/B of kept programs storing them ahead of their loops."""
-    from dhp_fx.kernels import triton_attention, triton_head_linear
+def persistent(fn):
+    """fn with the forward's compacted grid persistent (PERSISTENT_COMPACT): one program per
+    resident slot walking the tiles, against a program per tile. (Session 9 timed the previous
+    A/B, pruned programs storing their own zeros, on an H200: see RESULTS.md.)"""
+    from dhp_fx.kernels import triton_attention
 
-    return with_settings({(triton_attention, "PRUNED_TILES_PER_KEPT"): 0,
-                          (triton_head_linear, "PRUNED_PROGRAMS_PER_KEPT"): 0}, fn)
+    return with_settings({(triton_attention, "PERSISTENT_COMPACT"): True}, fn)
+
+
+def compact_min_work() -> int:
+    from dhp_fx.kernels import triton_attention
+
+    return triton_attention.COMPACT_MIN_WORK
 
 
 def core_target_ms(p: float, t_sdpa: float) -> float:
@@ -451,7 +457,7 @@ def block_variants(torch, F, s: Shape, keep_shared, dtype) -> dict:
     return {"block dense": dense, "block gated/row": gated_rows, "block gated/shared": gated_shared,
             "block ops/shared": gated_ops(keep_shared, keep_rows),
             "block ops/row": gated_ops(keep_random, keep_random),
-            "block ops/row own-zeros": own_zeros(gated_ops(keep_random, keep_random))}
+            "block ops/row persistent": persistent(gated_ops(keep_random, keep_random))}
 
 
 def graph_replay(torch, fn):
@@ -578,10 +584,10 @@ def main(argv=None) -> int:
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
             if p == args.p[0]:  # before --block's own launches replace the tuning record
                 print(f"  triton config: {chosen_config()}")
-            if p < 1.0:
-                t_own = bench(own_zeros(methods["triton"]))
-                print(f"  triton, pruned programs storing their own zeros: {t_own:.3f} ms "
-                      f"({t_own / times['triton']:.2f}x the kept programs storing them)")
+            t_persistent = bench(persistent(methods["triton"]))
+            print(f"  triton, persistent grid: {t_persistent:.3f} ms ({t_persistent / times['triton']:.2f}x the "
+                  f"full grid; the compacted grid only, {'which' if s.L * s.L >= compact_min_work() else 'not'} "
+                  f"this shape takes)")
             if args.block:
                 shared = keep[0]
                 blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)

@@ -4,11 +4,15 @@
 # carry=[".device_carry"]). On an H200 (session 7) every step took 313 s, cold; with
 # DEVICE_STEPS="checks table encoder blocks" and two table shapes, 284 s. Session 7 added descriptor
 # configs for the projections, so a cold table compiles more than it did then.
-# Session 8 (no device) added A/B rows for its untimed changes: "pruned programs storing their own
-# zeros" under core rows and "block ops/row own-zeros" (table), "torch-op router" (encoder),
-# "triton unshared" (decode); and a router check in gpu_check. Session 9 (H200): DEVICE_STEPS="checks
-# table encoder decode", two table shapes, CHECK_S=90, took 326 s with the session-7 Triton cache
-# carried in, but the checks need 200 s (run alone: 184 s, every check): the default now.
+# Session 8 (no device) added A/B rows for its untimed changes (timed in session 9; the zeros rows
+# are gone since): "torch-op router" (encoder), "triton unshared" (decode); and a router check
+# in gpu_check.
+# Session 9 (H200): DEVICE_STEPS="checks table encoder decode", two table shapes, CHECK_S=90, took
+# 326 s with the session-7 Triton cache carried in, but the checks need 200 s (run alone: 184 s,
+# every check): the default now.
+# Session 9 (after its runs) added the A/B of the persistent compacted grid: "triton, persistent
+# grid" under each core row and "block ops/row persistent" (table), and the heads-removed
+# deployment (static_prune) in the encoder table.
 # Step limits add up to 595 s (checks 200, table 200, encoder 120, decode 35, profile 40): call with
 # timeout_s=600, or drop steps. A cold table compiles roughly 90 kernel variants (forward configs x
 # {causal, not} x head dims, and the projections), which is why it gets the most time.

@@ -94,8 +94,8 @@ def test_main_tables_run_on_cpu_under_the_interpreter(tmp_path):
     ops_rows = [line for line in out.splitlines() if "block ops/" in line]
     assert len(ops_rows) == 24 and all("target" in line for line in ops_rows), out
     assert out.count("+graph") == 24, out
-    # the A/B of pruned tiles' zeros, at each p < 1
-    assert out.count("pruned programs storing their own zeros") == 2, out
+    # the A/B of the persistent compacted grid, at every row
+    assert out.count("triton, persistent grid: ") == 4, out
     assert "decode B,Hq,Hkv,Lk,D" in out and "1,4,2,40,16" in out, out
 
     # HF's [B, L, H, D] views with the descriptor variant forced: the path a later run flips on.

@@ -35,14 +35,14 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "|---" not in line][1:]
     kernels = {line.split("|")[1].strip() for line in rows}
-    assert kernels == {"fwd", "fwd_plain", "fwd_causal", "bwd_dq", "bwd_dkdv", "decode_split", "decode_packed",
-                       "proj_out", "proj_out_pair", "proj_in", "proj_wgrad", "partition", "router_pool",
-                       "router_head"}, run.stdout + run.stderr
+    assert kernels == {"fwd", "fwd_plain", "fwd_causal", "fwd_persistent", "fwd_persistent_plain", "bwd_dq",
+                       "bwd_dkdv", "decode_split", "decode_packed", "proj_out", "proj_out_pair", "proj_in",
+                       "proj_wgrad", "partition", "router_pool", "router_head"}, run.stdout + run.stderr
     assert run.returncode == 0, "configs that spill or overflow shared memory:\n" + "\n".join(
         line for line in rows if "SPILLS" in line or "SHARED" in line) + run.stderr[-2000:]
     # Columns: kernel, D, config, registers, stack, shared, async copies, TMA copies, wgmma.
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in rows]
-    fwd = [c for c in cells if c[0] in ("fwd", "fwd_plain", "fwd_causal")]
+    fwd = [c for c in cells if c[0].startswith("fwd")]
     tma = [c for c in fwd if "TMA1" in c[2]]
     assert tma and len(tma) < len(fwd), "the forward must offer both pointer and TMA descriptor configs"
     # The descriptor variant must really compile to bulk tensor copies, and every 64+-row tile
