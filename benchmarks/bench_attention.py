@@ -191,18 +191,15 @@ def with_settings(settings: dict, fn):
 
 
 def persistent(fn):
-    """fn with the forward's compacted grid persistent (PERSISTENT_COMPACT): one program per
-    resident slot walking the tiles, against a program per tile. (Session 9 timed the previous
-    A/B, pruned programs storing their own zeros, on an H200: see RESULTS.md.)"""
+    """fn with the forward on the persistent compacted grid (PERSISTENT_COMPACT) at every shape
+    (COMPACT_MIN_WORK = 0): one program per resident slot walking the tiles, against a program
+    per tile. Short shapes otherwise take the early-exit grid, whose exiting programs are the same
+    question. (Session 9 timed the previous A/B, pruned programs storing their own zeros, on an
+    H200: see RESULTS.md.)"""
     from dhp_fx.kernels import triton_attention
 
-    return with_settings({(triton_attention, "PERSISTENT_COMPACT"): True}, fn)
-
-
-def compact_min_work() -> int:
-    from dhp_fx.kernels import triton_attention
-
-    return triton_attention.COMPACT_MIN_WORK
+    return with_settings({(triton_attention, "PERSISTENT_COMPACT"): True,
+                          (triton_attention, "COMPACT_MIN_WORK"): 0}, fn)
 
 
 def core_target_ms(p: float, t_sdpa: float) -> float:
@@ -585,9 +582,8 @@ def main(argv=None) -> int:
             if p == args.p[0]:  # before --block's own launches replace the tuning record
                 print(f"  triton config: {chosen_config()}")
             t_persistent = bench(persistent(methods["triton"]))
-            print(f"  triton, persistent grid: {t_persistent:.3f} ms ({t_persistent / times['triton']:.2f}x the "
-                  f"full grid; the compacted grid only, {'which' if s.L * s.L >= compact_min_work() else 'not'} "
-                  f"this shape takes)")
+            print(f"  triton, persistent grid: {t_persistent:.3f} ms ({t_persistent / times['triton']:.2f}x a "
+                  f"program per tile)")
             if args.block:
                 shared = keep[0]
                 blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)
