@@ -307,6 +307,118 @@ def _projection_errors(thl, device, g, dtype, D, K, L, per_sample, in_out, tma, 
     return errs
 
 
+# Gradients of bf16/fp16 attention against float64: P and dS are rounded to the input dtype for
+# their matmuls (about 2^-8 / 2^-11 relative per element), as in any flash backward.
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def check_backward(device, proj_cases=((torch.bfloat16, 128), (torch.float16, 64)), lengths=(128, 100),
+                   K: int = 256,
+                   attn_cases=((torch.bfloat16, 128, True, "bool"), (torch.float16, 64, False, "additive")),
+                   attn_shape=(3, 4, 2, 100)) -> list[dict]:
+    """Gradients through the Triton backward on the card against float64 autograd, where the
+    interpreter cannot vouch for the compiled code (session 9 found a forward miscompiled by
+    triton 3.6 that the interpreter ran right).
+
+    Projections: ``head_linear_{out,in}_backward_triton`` with pointer loads and with TMA
+    descriptors forced for the reductions they run, [H] masks and [B, H] masks whose samples
+    straddle row blocks. Attention: ``dhp::gated_attention``'s autograd (Triton forward and
+    backward on CUDA) with per-sample keeps (one sample keeps none), GQA, a padding mask and
+    rows not a multiple of the block, causal and not. ``proj_cases``/``attn_cases`` shrink it for
+    the interpreter, whose caller routes the op to the interpreted kernels."""
+    from dhp_fx.kernels import triton_head_linear as thl
+    from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
+
+    g = torch.Generator(device="cpu").manual_seed(5)
+    rows = []
+
+    def rand(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    B, H = 3, 4
+    for (dtype, D), kind, L in itertools.product(proj_cases, ("pointers", "descriptors"), lengths):
+        keep = torch.rand(B, H, generator=g) < 0.6
+        keep[0], keep[1] = True, False
+        keep[2, 0], keep[2, -1] = True, False
+        keep = (keep if L != lengths[0] else keep[2]).to(device)  # [H] (some kept) at the aligned length
+        tma = kind == "descriptors"
+        forced = {name: _with_tma(getattr(thl, name), tma)
+                  for name in ("head_linear_in_triton", "head_linear_out_triton")}
+        for name, back, ref, x_shape, w_shape in (
+                ("head_linear_out", thl.head_linear_out_backward_triton, head_linear_out_reference,
+                 (B, L, K), (H * D, K)),
+                ("head_linear_in", thl.head_linear_in_backward_triton, head_linear_in_reference,
+                 (B, L, H * D), (K, H * D))):
+            x, w = rand(*x_shape, dtype=dtype), rand(*w_shape, dtype=dtype, scale=1 / 16)
+            bias = rand(w_shape[0], dtype=dtype)
+            grad = rand(B, L, w_shape[0], dtype=dtype)
+            with _module_attrs(thl, forced):
+                got = back(grad, x, w, bias, keep, D, False)
+            xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, bias))
+            ref(xd, wd, bd, keep, D, False).backward(grad.double())
+            errs = [rel_err(a, b.grad) if torch.isfinite(a).all() else float("nan")
+                    for a, b in zip(got, (xd, wd, bd))]
+            rows.append(dict(part=name, dtype=str(dtype).split(".")[-1], D=D, loading=kind,
+                             mask="[H]" if keep.dim() == 1 else "[B,H] straddling", dx_err=errs[0], dw_err=errs[1],
+                             db_err=errs[2], ok=all(e <= TOL[dtype] for e in errs)))
+    Ba, Hq, Hkv, La = attn_shape
+    for dtype, D, causal, mask_kind in attn_cases:
+        q, k, v = (rand(Ba, h, La, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
+        keep = torch.rand(Ba, Hq, generator=g) < 0.6
+        keep[0], keep[1] = False, True
+        keep = keep.to(device)
+        lengths_b = [La, La - 17, 1]  # key 0 always valid: no fully masked row
+        valid = torch.arange(La)[None, :] < torch.tensor(lengths_b)[:, None]
+        mask = valid[:, None, None, :].to(device)
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.ops.dhp.gated_attention(*leaves, keep, mask, 0.0, causal, None)
+        grad = rand(*out.shape, dtype=dtype)
+        out.backward(grad)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        _attention_reference(*ref_leaves, keep, valid.to(device), causal).backward(grad.double())
+        errs = [rel_err(a.grad, b.grad) if torch.isfinite(a.grad).all() else float("nan")
+                for a, b in zip(leaves, ref_leaves)]
+        rows.append(dict(part="gated_attention", dtype=str(dtype).split(".")[-1], D=D, causal=causal,
+                         mask=mask_kind, dq_err=errs[0], dk_err=errs[1], dv_err=errs[2],
+                         ok=all(e <= GRAD_TOL[dtype] for e in errs)))
+    return rows
+
+
+def _with_tma(fn, tma: bool):
+    def call(*args, **kwargs):
+        kwargs.setdefault("tma", tma)
+        return fn(*args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def _module_attrs(module, values: dict):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _attention_reference(q, k, v, keep, valid, causal):
+    """Softmax attention in q's dtype (float64 here), GQA by repetition, padding keys masked,
+    top-left causal, pruned heads zero."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = valid[:, None, None, :]
+    if causal:
+        L = q.shape[2]
+        allowed = allowed & torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).tril()
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (p @ v) * keep[:, :, None, None].to(q.dtype)
+
+
 def check_router(device, batch: int = 32, seq: int = 128, d: int = 768, heads: int = 12, width: int = 32) -> list[dict]:
     """The two-launch Triton router (RouterGate's inference path) against the torch router in
     float64: bf16/fp16/fp32 layer inputs, padding (one sample all padding), GELU exact and tanh,
@@ -364,6 +476,12 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
               f"{max(r['abs_err'] for r in report['router']):.2e}", flush=True)
         for r in report["router"]:  # every row: the tie counts say how much the top-k rule was tested
             print("  " + ("ok" if r["ok"] else "FAILED"), r, flush=True)
+        report["backward"] = check_backward(device)
+        bad = [r for r in report["backward"] if not r["ok"]]
+        print(f"backward (projections and attention through their Triton backward), {len(report['backward'])} "
+              f"cases: {len(bad)} failed", flush=True)
+        for r in report["backward"]:
+            print("  " + ("ok" if r["ok"] else "FAILED"), r, flush=True)
     report["exactness"] = check_exactness(device, dtypes, batch, seq)
     print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
     for r in report["exactness"]:
@@ -377,7 +495,8 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     report["training"] = t = check_training(device)
     print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
           f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
-    return (all(r["ok"] for r in report["exactness"] + report.get("projections", []) + report.get("router", []))
+    return (all(r["ok"] for r in report["exactness"] + report.get("projections", []) + report.get("router", [])
+                + report.get("backward", []))
             and t["finite"]
             and t["attn_params_with_grad"] > 0)
 

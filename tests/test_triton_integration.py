@@ -35,7 +35,7 @@ def test_integrated_triton_path_in_interpreter_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "5 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    assert "6 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
 def _gpu_check():
@@ -139,3 +139,16 @@ def test_gpu_check_router_cases_pass_interpreted():
     """The device run's router check (kernel against the torch router in float64), small."""
     rows = _gpu_check().check_router("cpu", batch=3, seq=20, d=24, heads=5, width=8)
     assert len(rows) == 12 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+def test_gpu_check_backward_cases_pass_interpreted(monkeypatch):
+    """The device run's backward check (projections with pointer and descriptor loads, attention
+    through the op's autograd on the interpreted kernels) against float64 autograd, small."""
+    _triton_path(monkeypatch)
+    attn_cases = ((torch.float32, 16, True, "bool"), (torch.float16, 32, False, "additive"))
+    rows = _gpu_check().check_backward("cpu", proj_cases=((torch.float16, 16),), lengths=(16, 10), K=32,
+                                       attn_cases=attn_cases, attn_shape=(3, 4, 2, 20))
+    parts = [(r["part"], r.get("loading"), r["mask"]) for r in rows]
+    assert len(parts) == 2 * 2 * 2 + 2, parts
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
