@@ -1,7 +1,7 @@
 """Triton forward of gated attention: FA2-style online softmax that launches no work for pruned heads.
 
-Grid: (query blocks, B*Hq slots). Three ways to map slots to (batch, head) pairs, neither syncing
-with the host:
+Grid: (query blocks, B*Hq slots), or for the persistent variant one program per resident slot.
+Three ways to map slots to (batch, head) pairs, none syncing with the host:
 * compacted: slot s reads pair ``pairs[s]`` of a device-side list sorted kept-first; slots at or
   past ``n_kept`` belong to pruned pairs. A kept program also stores the zeros of up to
   ``PRUNED_TILES_PER_KEPT`` pruned pairs' tiles (slots n_kept + s, 2 n_kept + s, ...) before its
@@ -757,14 +757,14 @@ PERSISTENT_COMPACT = False
 # fit an sm_90 SM's shared memory; the interpreter's pretend GPU has a few SMs so that tests
 # walk several tiles per program.
 _PERSISTENT_PER_SM = 2
-_INTERPRET_SMS = 2
+_INTERPRET_PERSISTENT_SMS = 2
 
 
 def persistent_programs(device) -> int:
     """Programs of a persistent forward launch on ``device``."""
     device = torch.device(device)
     if _INTERPRET or device.type != "cuda":
-        return _INTERPRET_SMS * _PERSISTENT_PER_SM
+        return _INTERPRET_PERSISTENT_SMS * _PERSISTENT_PER_SM
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * _PERSISTENT_PER_SM
 
 
