@@ -228,10 +228,14 @@ def _time_heads_removed(dhp_fx, opt, inputs, p, dense, reps, device, graphs) -> 
     return rows
 
 
-def _kernel_table(fn, top: int = 12) -> str:
+def _sibling_scripts_importable() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
+
+
+def _kernel_table(fn, top: int = 12) -> str:
+    _sibling_scripts_importable()
     from profile_overhead import device_kernels
 
     return device_kernels(torch, fn, top, calls=3)
@@ -329,6 +333,9 @@ def check_backward(device, proj_cases=((torch.bfloat16, 128), (torch.float16, 64
     from dhp_fx.kernels import triton_head_linear as thl
     from dhp_fx.kernels.head_linear import head_linear_in_reference, head_linear_out_reference
 
+    _sibling_scripts_importable()
+    from bench_attention import with_settings
+
     g = torch.Generator(device="cpu").manual_seed(5)
     rows = []
 
@@ -342,7 +349,7 @@ def check_backward(device, proj_cases=((torch.bfloat16, 128), (torch.float16, 64
         keep[2, 0], keep[2, -1] = True, False
         keep = (keep if L != lengths[0] else keep[2]).to(device)  # [H] (some kept) at the aligned length
         tma = kind == "descriptors"
-        forced = {name: _with_tma(getattr(thl, name), tma)
+        forced = {(thl, name): _with_tma(getattr(thl, name), tma)
                   for name in ("head_linear_in_triton", "head_linear_out_triton")}
         for name, back, ref, x_shape, w_shape in (
                 ("head_linear_out", thl.head_linear_out_backward_triton, head_linear_out_reference,
@@ -352,8 +359,7 @@ def check_backward(device, proj_cases=((torch.bfloat16, 128), (torch.float16, 64
             x, w = rand(*x_shape, dtype=dtype), rand(*w_shape, dtype=dtype, scale=1 / 16)
             bias = rand(w_shape[0], dtype=dtype)
             grad = rand(B, L, w_shape[0], dtype=dtype)
-            with _module_attrs(thl, forced):
-                got = back(grad, x, w, bias, keep, D, False)
+            got = with_settings(forced, lambda: back(grad, x, w, bias, keep, D, False))()
             xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, bias))
             ref(xd, wd, bd, keep, D, False).backward(grad.double())
             errs = [rel_err(a, b.grad) if torch.isfinite(a).all() else float("nan")
@@ -391,18 +397,6 @@ def _with_tma(fn, tma: bool):
         kwargs.setdefault("tma", tma)
         return fn(*args, **kwargs)
     return call
-
-
-@contextlib.contextmanager
-def _module_attrs(module, values: dict):
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def _attention_reference(q, k, v, keep, valid, causal):

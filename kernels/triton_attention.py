@@ -765,11 +765,16 @@ def persistent_programs(device) -> int:
     device = torch.device(device)
     if _INTERPRET or device.type != "cuda":
         return _INTERPRET_PERSISTENT_SMS * _PERSISTENT_PER_SM
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * _PERSISTENT_PER_SM
+    return sm_count(device) * _PERSISTENT_PER_SM
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch sizing asks per call: cached)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _attend, _store_row_stats, cdiv, dot_flags, head_blocks, next_pow2
+from .triton_attention import (_INTERPRET, _attend, _store_row_stats, cdiv, dot_flags, head_blocks, next_pow2,
+                               sm_count)
 
 # A split program holds all query rows in one 16-row block: longer queries take the regular grid.
 MAX_DECODE_LQ = 16
@@ -352,11 +353,10 @@ def _decode_combine(
 # host side
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if _INTERPRET or device.type != "cuda":
         return _INTERPRET_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device)
 
 
 def _key_blocks(Lq: int, Lk: int, is_causal: bool, block_n: int = _BLOCK_N) -> int:
