@@ -451,7 +451,17 @@ def block_variants(torch, F, s: Shape, keep_shared, dtype) -> dict:
             return torch.ops.dhp.head_linear_in(o.transpose(1, 2).reshape(s.B, s.L, d), w_o, None, proj_keep, s.D)
         return run
 
+    from dhp_fx.kernels.compact_heads import HeadProjection, compact_attention_block
+
+    def compact_shared():
+        # what optimize() runs for a static or batch-shared gate (compact_heads): the kept heads'
+        # weights gathered on every call by a device-side index, then cuBLAS + SDPA on those heads
+        roles = (HeadProjection(x, w, None, False, 0) for w in (wq_full, wk_full, wv_full))
+        return compact_attention_block(*roles, w_o, None, False, keep_rows, n_keep, s.D, s.D,
+                                       is_causal=s.causal, rows_shared=True)
+
     return {"block dense": dense, "block gated/row": gated_rows, "block gated/shared": gated_shared,
+            "block compact/shared": compact_shared,
             "block ops/shared": gated_ops(keep_shared, keep_rows),
             "block ops/row": gated_ops(keep_random, keep_random),
             "block ops/row persistent": persistent(gated_ops(keep_random, keep_random))}
@@ -589,7 +599,7 @@ def main(argv=None) -> int:
                 blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)
                 for name, t in blocks.items():
                     line = f"{'  ' + name:28s} {p:5.2f} {t:10.3f} ms"
-                    if name.startswith("block ops"):  # the library's path: the one the target is for
+                    if name.startswith(("block ops", "block compact")):  # the library's paths: the target's
                         dense = "block dense +graph" if name.endswith("+graph") else "block dense"
                         target = block_target_ms(p, blocks[dense])
                         line += f"  target {target:.3f} ms: {verdict(t, target)}"

@@ -19,7 +19,8 @@
 # variants (forward configs x {causal, not} x head dims, and the projections), which is why it
 # gets the most time.
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
-# DEVICE_STEPS picks steps (default "checks table encoder decode"; "profile" adds host time per
+# DEVICE_STEPS picks steps (default "checks table encoder decode"; "exact" the models' exactness
+# alone, EXACT_S its limit; "profile" adds host time per
 # call, "blocks" the per-kernel block profile, two heads per program on and off), CHECK_S the
 # checks' limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
@@ -67,6 +68,14 @@ wait $GPU_CHECK_PID; echo "gpu_check rc=$?" >> "$OUT/gpu_check.txt"
 wait $PYTEST_PID; echo "pytest_gpu rc=$?" >> "$OUT/pytest_gpu.txt"
 stamp "checks done"
 fi
+# The model-level exactness alone (gates open, keep masks, compact blocks): the short check to
+# pair with timing when the full checks do not fit the call.
+if want exact; then
+DHP_FX_TRITON_AUTOTUNE=0 timeout $(lim ${EXACT_S:-60}) $PY benchmarks/gpu_check.py --parts exactness \
+  > "$OUT/gpu_exact.txt" 2>&1
+echo "gpu_exact rc=$?" >> "$OUT/gpu_exact.txt"
+stamp "exactness done"
+fi
 # Most important first: a run cut short by the call's time limit still returns what it finished.
 # The timed table, autotuned (pointer/TMA loads and plain/P@V-behind loops compete), with the
 # attention block eager and replayed from CUDA graphs.
@@ -107,6 +116,7 @@ if [ "${TRITON_CACHE_OUT:-0}" = 1 ]; then
   tar -C "$TRITON_CACHE_DIR" -cf - . | xz -T0 -6 | split -b 15M -d - "$OUT/triton_cache.tar.xz."
 fi
 [ -f "$OUT/gpu_check.txt" ] && grep -v "^  PASS" "$OUT/gpu_check.txt" | tail -n 22
+[ -f "$OUT/gpu_exact.txt" ] && tail -n 14 "$OUT/gpu_exact.txt"
 [ -f "$OUT/pytest_gpu.txt" ] && tail -n 4 "$OUT/pytest_gpu.txt"
 [ -f "$OUT/profile.txt" ] && tail -n 10 "$OUT/profile.txt"
 [ -f "$OUT/bench_decode.txt" ] && tail -n 18 "$OUT/bench_decode.txt"

@@ -87,9 +87,47 @@ def check_exactness(device, dtypes, batch, seq) -> list[dict]:
                     want = _out(model(**inputs))
             mask_err = rel_err(got, want)
             ok = open_err <= TOL[dtype] and mask_err <= TOL[dtype] and bool(torch.isfinite(got).all())
-            rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
-                         "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err, "ok": ok})
+            row = {"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
+                   "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err}
+            if name != "llama-gqa":  # GQA blocks are not compacted
+                errs = _compact_errors(dhp_fx, heads_zeroed, model, {**inputs, "use_cache": False}, g, device)
+                row.update(errs)
+                ok = ok and all(e <= TOL[dtype] for e in errs.values())
+            rows.append({**row, "ok": ok})
     return rows
+
+
+def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
+    """The compact block (static gates: every block compacted) with half the heads in the union,
+    shared by the rows (cuBLAS + SDPA on the kept heads) and per row inside it (the gated op on
+    the kept heads), against the zeroed-head reference. Raises if a block ran every head."""
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    blocks = [opt.gate(s).block_module for s in opt.sites]
+    if not opt.sites or not all(s.compact_block for s in opt.sites):
+        raise AssertionError(f"not every block compacted: {[s.compact_block for s in opt.sites]}")
+    batch = inputs["input_ids"].shape[0]
+    errs = {}
+    for label in ("shared", "rows"):
+        keep = {}
+        for s in opt.sites:
+            union = torch.randperm(s.num_heads, generator=g)[: s.num_heads // 2]
+            k = torch.zeros(batch, s.num_heads, dtype=torch.bool)
+            k[:, union] = True
+            if label == "rows":
+                k &= torch.rand(batch, s.num_heads, generator=g) < 0.7
+                k[0, union] = True
+            keep[s.name] = k.to(device)
+        before = sum(b.calls_compact for b in blocks)
+        with torch.no_grad():
+            opt.set_keep_mask(keep)
+            got = _out(opt(**inputs))
+            opt.set_keep_mask(None)
+            with heads_zeroed(model, opt.sites, keep):
+                want = _out(model(**inputs))
+        if sum(b.calls_compact for b in blocks) - before != len(blocks):
+            raise AssertionError(f"compact {label}: a block ran every head")
+        errs[f"compact_{label}_rel_err"] = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("inf")
+    return errs
 
 
 def check_syncs(device) -> list[dict]:
@@ -181,23 +219,31 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
             ms = _median_ms(lambda: dense_graphed(**inputs), reps, device)
             rows.append({"variant": "dense + cuda graphs", "p": 1.0, "ms": ms, "vs_dense": ms / dense})
         for p in (1.0, 0.75, 0.5, 0.25):
-            for scoring, granularity in (("static", "batch"), ("router", "sample")):
-                opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity),
-                                      example_inputs=inputs)
+            variants = [("static", "batch", {}), ("router", "sample", {})]
+            if p < 1.0:  # a batch-shared router: the union is capped at p, so its blocks compact
+                variants.append(("router", "batch", {"union_cap": p}))
+            for scoring, granularity, extra in variants:
+                label = f"{scoring}/{granularity}" + (f" (union cap {p:g})" if extra else "")
+                opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity,
+                                                              **extra), example_inputs=inputs)
                 if scoring == "static" and p < 1.0:
                     dhp_fx.calibrate(opt, [inputs], measure_flops=False)
                     rows.extend(_time_heads_removed(dhp_fx, opt, inputs, p, dense, reps, device, graphs))
-                ms = _median_ms(lambda: opt(**inputs), reps, device)
-                rows.append({"variant": f"{scoring}/{granularity}", "p": p, "ms": ms, "vs_dense": ms / dense})
-                if graphs and p == 0.5:
-                    # Where the GPU time goes (device time per kernel; host gaps do not count).
-                    rows[-1]["kernels"] = _kernel_table(lambda: opt(**inputs))
+                if p in (1.0, 0.5) or not graphs:  # eager forwards are host-bound: two points say enough
+                    ms = _median_ms(lambda: opt(**inputs), reps, device)
+                    rows.append({"variant": label, "p": p, "ms": ms, "vs_dense": ms / dense})
+                    if graphs and p == 0.5:
+                        # Where the GPU time goes (device time per kernel; host gaps do not count).
+                        rows[-1]["kernels"] = _kernel_table(lambda: opt(**inputs))
                 if graphs:
                     runner = opt.cuda_graphed()
                     ms = _median_ms(lambda: runner(**inputs), reps, device)
-                    rows.append({"variant": f"{scoring}/{granularity} + cuda graphs", "p": p, "ms": ms,
+                    rows.append({"variant": f"{label} + cuda graphs", "p": p, "ms": ms,
                                  "vs_dense": ms / dense, "graphs_captured": runner.num_graphs})
-                if graphs and scoring == "router" and p == 0.5:
+                if graphs and scoring == "static" and p == 0.5:
+                    # A/B: the same gates through the head ops, H heads wide (compact_heads=False)
+                    rows.append(_time_head_ops(dhp_fx, model, inputs, p, dense, reps, device))
+                if graphs and scoring == "router" and not extra and p == 0.5:
                     # A/B: the router as torch ops (DHP_FX_TRITON_ROUTER=0, read per call and so
                     # at capture) against its two Triton launches above.
                     with env_set("DHP_FX_TRITON_ROUTER", "0"):
@@ -207,6 +253,49 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                                  "vs_dense": ms / dense})
         if graphs:
             rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
+    return rows
+
+
+def _time_head_ops(dhp_fx, model, inputs, p, dense, reps, device) -> dict:
+    """Static gates at p through the head-skipping ops (compact_heads=False), graphed."""
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="static", granularity="batch",
+                                                  compact_heads=False), example_inputs=inputs)
+    dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+    runner = opt.cuda_graphed()
+    ms = _median_ms(lambda: runner(**inputs), reps, device)
+    return {"variant": "static/batch, head ops (compact_heads=False) + cuda graphs", "p": p, "ms": ms,
+            "vs_dense": ms / dense}
+
+
+def time_single_input(device, dtype, seq, reps) -> list[dict]:
+    """BERT-base on one input (the paper's per-input setting): a per-sample router's blocks run
+    the kept heads alone (compact_heads), against dense and against the head ops. Graphed only:
+    at batch 1 an eager forward measures the host."""
+    import dhp_fx
+    from transformers import BertConfig, BertModel
+    from dhp_fx.cuda_graphs import CUDAGraphRunner
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(5)
+    inputs = {"input_ids": torch.randint(1000, 20000, (1, seq), generator=g).to(device),
+              "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device)}
+    rows = []
+    with torch.no_grad():
+        runner = CUDAGraphRunner(model)
+        dense = _median_ms(lambda: runner(**inputs), reps, device)
+        rows.append({"variant": f"dense, 1 x {seq} + cuda graphs", "p": 1.0, "ms": dense, "vs_dense": 1.0})
+        for p, compact in ((0.5, True), (0.5, False), (0.25, True)):
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="router", compact_heads=compact),
+                                  example_inputs=inputs)
+            runner = opt.cuda_graphed()
+            ms = _median_ms(lambda: runner(**inputs), reps, device)
+            how = "kept heads only" if compact else "head ops, compact_heads=False"
+            rows.append({"variant": f"router/sample, 1 x {seq}, {how} + cuda graphs", "p": p, "ms": ms,
+                         "vs_dense": ms / dense})
+            if compact and p == 0.5:  # session 10 saw 2.2x dense here, with or without compaction: where?
+                rows[-1]["kernels"] = _kernel_table(lambda: opt(**inputs))
+        rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
     return rows
 
 
@@ -462,6 +551,21 @@ def _guarded(part: str, check, device) -> list[dict]:
         return [{"part": part, "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False}]
 
 
+def run_exactness(device, dtypes, batch, seq, report) -> bool:
+    """Part 1 (gates open, keep masks, compact blocks) into ``report`` and printed; True if it passed."""
+    report["exactness"] = _guarded("exactness", lambda d: check_exactness(d, dtypes, batch, seq), device)
+    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | compact shared | compact rows | ok |"
+          "\n|---|---|---|---|---|---|---|---|")
+    for r in report["exactness"]:
+        if "error" in r:
+            print(f"| exactness check raised {r['error']} | | | | | | | NO |", flush=True)
+            continue
+        compact = " | ".join(f"{r[k]:.2e}" if k in r else "-" for k in ("compact_shared_rel_err", "compact_rows_rel_err"))
+        print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
+              f"{r['keep_mask_rel_err']:.2e} | {compact} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+    return all(r["ok"] for r in report["exactness"])
+
+
 def run_checks(device, dtypes, batch, seq, report) -> bool:
     """Parts 1, 1b and 2 into ``report``; True when every one passed."""
     if device != "cpu":
@@ -485,14 +589,7 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
               f"{sum(not r['ok'] for r in rows)} failed", flush=True)
         for r in rows:
             print("  " + ("ok" if r["ok"] else "FAILED"), r, flush=True)
-    report["exactness"] = _guarded("exactness", lambda d: check_exactness(d, dtypes, batch, seq), device)
-    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | ok |\n|---|---|---|---|---|---|")
-    for r in report["exactness"]:
-        if "error" in r:
-            print(f"| exactness check raised {r['error']} | | | | | NO |", flush=True)
-            continue
-        print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
-              f"{r['keep_mask_rel_err']:.2e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+    run_exactness(device, dtypes, batch, seq, report)
 
     report["syncs"] = check_syncs(device)
     for r in report["syncs"]:
@@ -512,8 +609,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="directory for gpu_check.json")
     ap.add_argument("--quick", action="store_true", help="small sizes, fp32 only (CPU smoke run)")
-    ap.add_argument("--parts", nargs="+", choices=["checks", "timing"], default=["checks", "timing"],
-                    help="checks (exactness, syncs, training) and/or timing (the encoder table); the "
+    ap.add_argument("--parts", nargs="+", choices=["checks", "exactness", "timing"], default=["checks", "timing"],
+                    help="checks (exactness, syncs, training; exactness alone: the models only) and/or "
+                         "timing (the encoder table); the "
                          "device script runs the checks beside other compiles and times alone")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -534,13 +632,20 @@ def main(argv=None) -> int:
     ok = True
     if "checks" in args.parts:
         ok = run_checks(args.device, dtypes, batch, seq, report)
+    elif "exactness" in args.parts:
+        ok = run_exactness(args.device, dtypes, batch, seq, report)
     if "timing" in args.parts:
         m_dtype = torch.float32 if args.quick or args.device != "cuda" else torch.bfloat16
         m_batch, m_seq, reps = (2, 32, 3) if args.quick else (32, 128, 20)
         report["encoder"] = time_encoder(args.device, m_dtype, m_batch, m_seq, reps, small=args.quick)
+        if args.device == "cuda" and not args.quick:
+            report["encoder"] += _guarded("single input", lambda d: time_single_input(d, m_dtype, 512, reps), args.device)
         print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, "
               f"batch {m_batch} x {m_seq}\n| variant | p | ms | vs dense |\n|---|---|---|---|")
         for r in report["encoder"]:
+            if "error" in r:
+                print(f"| {r['part']} raised {r['error']} | | | |")
+                continue
             params = f" (params {r['params']:.3f}x)" if "params" in r else ""
             print(f"| {r['variant']}{params} | {r['p']:g} | {r['ms']:.2f} | {r['vs_dense']:.2f}x |")
         for r in report["encoder"]:
@@ -551,7 +656,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"gpu_check_{'_'.join(args.parts)}.json"), "w") as f:
             json.dump(report, f, indent=1)
-    if "checks" in args.parts:
+    if "checks" in args.parts or "exactness" in args.parts:
         print("\nALL CHECKS PASSED" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 

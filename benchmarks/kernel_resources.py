@@ -353,6 +353,18 @@ def router_cases(dtype: str, head_dims):
                dict(BLOCK_K=block_k, HIDDEN=block_n1, HEADS=block_n2), warps, 1)
 
 
+def gather_cases(dtype: str, head_dims):
+    """The compact block's weight gather, with and without biases (not per head dim: D is a
+    runtime size), at BERT-base's 12 heads and at the most heads it takes."""
+    from dhp_fx.kernels import triton_gather_heads as tg
+
+    t = _TORCH_TO_TRITON[dtype]
+    ptrs = dict(Keep="i8", Wq=t, Bq=t, Wk=t, Bk=t, Wv=t, Bv=t, Wo=t, Idx="i64", Valid="i8", WQKV=t, BQKV=t, WO=t)
+    for bias, hp in ((True, 16), (False, tg.MAX_HEADS)):
+        consts = dict(HAS_BIAS=bias, HP=hp, BLOCK_B=16, BLOCK_R=tg.BLOCK_R, BLOCK_K=tg.BLOCK_K)
+        yield ("gather_heads", tg._gather_heads_kernel, ptrs, consts, 0, dict(HP=hp, BIAS=bias), 4, 1)
+
+
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
     rows = []
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
@@ -360,7 +372,9 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
              (decode_cases(dtype, head_dims), attention_unit_stride, ()),
              (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T")),
              (partition_cases(dtype, head_dims), lambda name: False, ()),
-             (router_cases(dtype, head_dims), lambda name: name in ("stride_xd", "stride_w1k", "stride_w2k"), ())]
+             (router_cases(dtype, head_dims), lambda name: name in ("stride_xd", "stride_w1k", "stride_w2k"), ()),
+             (gather_cases(dtype, head_dims), lambda name: name in ("sq_i", "sk_i", "sv_i", "so_f", "stride_kh"),
+              ("d_in", "d_out"))]
     for generated, unit_stride, aligned in cases:
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
             if only and name not in only:
@@ -379,7 +393,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*",
                     help="kernel names: fwd fwd_plain fwd_causal fwd_persistent fwd_persistent_plain bwd_dq bwd_dkdv "
                          "decode_split decode_packed proj_out proj_out_pair proj_in proj_wgrad partition "
-                         "router_pool router_head")
+                         "router_pool router_head gather_heads")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

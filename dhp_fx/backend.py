@@ -121,7 +121,8 @@ class DHPCompiler:
         prefix = self._frame_prefix(gm, example_inputs)
         self._params = {prefix + name: t for name, t in graph_parameters(gm, example_inputs).items()}
         make_gate = (lambda site: self._make_gate(prefixed_site(site, prefix))) if prefix else self._make_gate
-        result = rewrite_attention(gm, make_gate, taken_names=set(), skip_projections=self.config.skip_projections)
+        result = rewrite_attention(gm, make_gate, taken_names=set(), skip_projections=self.config.skip_projections,
+                                    compact_heads=self.config.compact_heads)
         result.sites = [prefixed_site(site, prefix) for site in result.sites]
         for skip in result.skipped:
             skip.module_path = _join(prefix, skip.module_path)

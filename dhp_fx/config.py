@@ -45,6 +45,10 @@ class DHPConfig:
     skip_projections: also skip pruned heads' work in the output projection (always exact: those
         inputs are zeros) and, for gates deciding from the layer input alone (router, static), in
         the Q/K/V projections. Off = only the attention core skips heads.
+    compact_heads: where all four projections are skipped, run the whole block as one call that,
+        whenever the gate's budget bounds a call's kept heads below the head count (batch-shared
+        gates, static gates, batches of one), gathers the kept heads' weights and runs dense
+        GEMMs and attention on those heads only (dhp_fx.compact_block). Exact either way.
     """
 
     keep_ratio: float = 1.0
@@ -64,6 +68,7 @@ class DHPConfig:
     prune_kv_groups: bool = False
     union_cap: Optional[float] = None
     skip_projections: bool = True
+    compact_heads: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0,
@@ -72,6 +77,7 @@ class DHPConfig:
                "min_heads", self.min_heads, "an int >= 1")
         _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
         _check(isinstance(self.skip_projections, bool), "skip_projections", self.skip_projections, "a bool")
+        _check(isinstance(self.compact_heads, bool), "compact_heads", self.compact_heads, "a bool")
         _check(self.compiler in COMPILERS, "compiler", self.compiler, f"one of {COMPILERS}")
         _check(self.dynamic in (None, True, False), "dynamic", self.dynamic, "None, True or False")
         _check(isinstance(self.fullgraph, bool), "fullgraph", self.fullgraph, "a bool")

@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .kernels.entropy import attention_log_probs
 
+from .compact_block import CompactBlock
 from .config import DHPConfig
 from .passes import AttentionSite
 
@@ -113,8 +114,10 @@ class HeadGate(nn.Module):
         self._tap_work: Optional[dict] = None
         # unregistered: the tap holds the gate, and the gate's module tree stays what it was
         object.__setattr__(self, "tap_module", GateTap(self))
+        object.__setattr__(self, "block_module", CompactBlock(self))
         # Not persistent: an explicit mask is a run-time choice, not model state.
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
+        self._fixed_plan: Optional[tuple[int, bool]] = None  # (heads in the mask's union, rows equal)
         self._init_stats()
 
     # ------------------------------------------------------------------ budget
@@ -141,6 +144,7 @@ class HeadGate(nn.Module):
         """Pin the gate: bool [H] (every row) or [B, H] (one row per sample); None unpins."""
         if mask is None:
             self.fixed_keep = torch.ones(0, dtype=torch.bool, device=self.fixed_keep.device)
+            self._fixed_plan = None
             return
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or mask.dim() not in (1, 2) or mask.shape[-1] != self.num_heads:
@@ -149,6 +153,9 @@ class HeadGate(nn.Module):
                 f"[batch, {self.num_heads}], got {mask.dtype} {tuple(mask.shape)}"
             )
         self.fixed_keep = mask.clone()
+        # counted once here, on the host, so that compact_plan never waits for the device
+        rows = mask.reshape(-1, self.num_heads)
+        self._fixed_plan = (int(rows.any(0).sum()), bool((rows == rows[:1]).all()))
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         """Importance per (batch, head), higher = keep. Scoring strategies override this."""
@@ -178,6 +185,31 @@ class HeadGate(nn.Module):
             union_cap=None if self.union_cap is None else int(round(self.union_cap * n_units)),
         )
         return keep.repeat_interleave(group, dim=-1) if group > 1 else keep
+
+    def per_row_bound(self) -> int:
+        """The most heads ``decide`` keeps in one row under the budget (threshold or not)."""
+        return min(self.num_heads, max(int(round(self.keep_ratio * self.num_heads)), self.min_heads))
+
+    def compact_plan(self, batch: int) -> Optional[tuple[int, bool]]:
+        """(cap, rows_shared) for this gate's last decision on a batch of ``batch`` rows: no row
+        keeps a head outside a set of at most ``cap`` heads, and rows_shared says every row keeps
+        the same ones. None when the call must compute every head: the gate left tap work that
+        reads q, k, v of every head, a budget that keeps all, or KV groups (GQA).
+
+        Read by the block module (dhp_fx.compact_block) after the gate ran; host state only."""
+        H = self.num_heads
+        if self._tap_work is not None or self.num_kv_heads != H:
+            return None
+        if self.fixed_keep.numel():
+            union, equal = self._fixed_plan
+            return max(union, 1), equal or batch == 1 or self.fixed_keep.dim() == 1
+        if self.recording or (self.score_threshold is None and self.n_keep >= H):
+            return None
+        per_row = self.per_row_bound()
+        if self.granularity == "batch":
+            union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
+            return min(union, batch * per_row), True
+        return min(H, batch * per_row), batch == 1
 
     def decides_from_hidden(self) -> bool:
         """True when ``score`` needs only the layer input (``hidden``), never q, k or v."""

@@ -146,6 +146,12 @@ class StaticGate(ScoringGate):
     def decides_from_hidden(self) -> bool:
         return True
 
+    def compact_plan(self, batch: int) -> Optional[tuple[int, bool]]:
+        plan = super().compact_plan(batch)
+        if plan is None or self.fixed_keep.numel() or self.recording:
+            return plan
+        return min(plan[0], self.per_row_bound()), True  # one decision, handed to every row
+
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         self._last_entropy = None
         ref = q if q is not None else hidden

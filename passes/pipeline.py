@@ -22,6 +22,7 @@ from .projections import find_projections
 from .rewrite import rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
+from .compact_heads import compact_site
 from .skip_projections import prove_head_layouts, skip_site_projections
 
 GateFactory = Callable[[AttentionSite], nn.Module]
@@ -120,6 +121,7 @@ def rewrite_attention(
     make_gate: Optional[GateFactory] = None,
     taken_names: Optional[set[str]] = None,
     skip_projections: bool = False,
+    compact_heads: bool = False,
 ) -> PassResult:
     """Rewrite every attention core of ``gm`` in place; returns the sites and what was skipped.
 
@@ -128,6 +130,8 @@ def rewrite_attention(
     ``taken_names`` lets several graphs of one model (graph breaks, recompiles) share a namespace.
     ``skip_projections`` also routes each site's projections through the head-skipping ops where
     that is provably exact (``skip_projections.py``); ``site.skipped_projections`` says where.
+    ``compact_heads`` then hands each site whose four projections were all replaced, in the
+    standard layout, to its gate's block module (``compact_heads.py``; ``site.compact_block``).
     """
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
@@ -164,9 +168,13 @@ def rewrite_attention(
         out = rewrite_match(gm, match, site.num_heads, site.scale, gate_target, hidden=provisional.hidden)
         gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
         site.head_major = prove_head_layouts(gm, gated, site, provisional)
+        compacted = False
         if skip_projections:
-            site.skipped_projections = skip_site_projections(gm, gated, site, provisional, gate_target, result)
-        if gate_target is not None:
+            state = skip_site_projections(gm, gated, site, provisional, gate_target, result)
+            site.skipped_projections = state.roles()
+            if compact_heads:
+                compacted = site.compact_block = compact_site(gm, state, gate_target)
+        if gate_target is not None and not compacted:  # a block module calls the tap itself
             insert_tap(gm, gated, gate_target)
         result.sites.append(site)
         result.bump(f"rewritten_{match.pattern}")

@@ -53,6 +53,9 @@ class AttentionSite:
     # features [h*D, (h+1)*D) of the projection's range. None = not analysed (a site built by
     # hand). Static pruning cuts only proven projections.
     head_major: Optional[tuple[str, ...]] = None
+    # The whole block (projections, core, output projection) is one call of the gate's block
+    # module, which can run the kept heads alone (see compact_heads).
+    compact_block: bool = False
 
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:

@@ -104,7 +104,7 @@ def _leading_dims(linear: fx.Node) -> Optional[list[list["hl.Atom"]]]:
     return None
 
 
-def _replace_linear(graph: fx.Graph, node: fx.Node, op_name: str, heads_keep: fx.Node, unit: int) -> None:
+def _replace_linear(graph: fx.Graph, node: fx.Node, op_name: str, heads_keep: fx.Node, unit: int) -> fx.Node:
     x, weight, bias, in_out = _linear_parts(node)
     with graph.inserting_before(node):
         new = insert_node(graph, "call_function", _op(op_name), (x, weight, bias, heads_keep, unit, in_out), meta_like=node)
@@ -112,6 +112,7 @@ def _replace_linear(graph: fx.Graph, node: fx.Node, op_name: str, heads_keep: fx
         new.meta["example_value"] = node.meta["example_value"]  # same shape; keep has no fake value
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return new
 
 
 class _Site:
@@ -125,12 +126,17 @@ class _Site:
         self.heads_any: Optional[fx.Node] = None
         self.flag_nodes: list[fx.Node] = []  # helper reductions this pass inserted, in order
         self.done: list[str] = []
+        self.replaced: dict[str, fx.Node] = {}  # role -> the head op that took its projection's place
+        self.out_lead: list[hl.Atom] = []  # atoms of the dims before the features, entering W_o
         self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
             if isinstance(n, fx.Node) and example_value(n) is None:
                 val = _meta_value(n.op, n.target, n.args, n.kwargs)
                 if val is not None:
                     n.meta["example_value"] = val
+
+    def roles(self) -> tuple[str, ...]:
+        return tuple(r for r in ("q", "k", "v", "out") if r in self.done)
 
     def decline(self, what: str, reason: str) -> None:
         self.result.bump(f"no_skip_{what}_proj:{reason}")
@@ -306,7 +312,8 @@ class _Site:
                 for r in rs:
                     self.decline(r, "fused_layout")
                 continue
-            _replace_linear(self.graph, linear, "head_linear_out", keep_units, unit)
+            new = _replace_linear(self.graph, linear, "head_linear_out", keep_units, unit)
+            self.replaced.update((r, new) for r in rs)
             self.done += rs
         if "q" in self.done:
             self.result.bump("skip_q_proj")
@@ -371,6 +378,7 @@ class _Site:
                 if not _head_major(lay, heads, dv):
                     return None, "layout"
                 lead = lay.dims[0] if lay.dims else []
+                self.out_lead = [a for d in lay.dims[:-1] for a in d]
                 self.out_batch_leads = len(lead) == 1 and lead[0].kind == "other" and lead[0].source_dim == 0
                 return node, ""
             if not hl.is_shape_op(user):
@@ -390,7 +398,8 @@ class _Site:
         flags = self.keep if self.out_batch_leads else self.any_heads()
         if self.out_batch_leads:
             self.result.bump("per_sample_proj")
-        _replace_linear(self.graph, self.proj.nodes["out"], "head_linear_in", flags, self.site.value_head_dim)
+        self.replaced["out"] = _replace_linear(self.graph, self.proj.nodes["out"], "head_linear_in", flags,
+                                               self.site.value_head_dim)
         self.done.append("out")
         self.result.bump("skip_out_proj")
 
@@ -447,10 +456,11 @@ def prove_head_layouts(gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, 
 
 
 def skip_site_projections(gm: fx.GraphModule, gated: fx.Node, site: AttentionSite, proj: Projections,
-                          gate_target: Optional[str], result: PassResult) -> tuple[str, ...]:
-    """Replace what can be proven exact around one rewritten site; returns the roles skipped."""
+                          gate_target: Optional[str], result: PassResult) -> "_Site":
+    """Replace what can be proven exact around one rewritten site; ``.roles()`` of the returned
+    state are the roles skipped, and ``compact_heads`` reads the rest of it."""
     state = _Site(gm, gated, site, proj, gate_target, result)
     state.skip_inputs()
     state.skip_output()
     state.drop_unused_flags()
-    return tuple(r for r in ("q", "k", "v", "out") if r in state.done)
+    return state

@@ -1,0 +1,198 @@
+"""An attention block run on its kept heads only: gathered weights, dense GEMMs, dense attention.
+
+The head-skipping ops (``head_linear``, the gated core) keep every tensor H heads wide and write
+zeros for pruned heads; at BERT-like sizes their GEMMs trail cuBLAS and the zeros cost a write.
+When the host knows that a call keeps at most ``cap`` heads (from the gate's budget: no device
+sync), the block can instead gather the kept heads' rows of W_q/W_k/W_v and columns of W_o by a
+device-side index of length ``cap`` and run ordinary GEMMs and attention on [B, L, cap, D].
+The index lists the kept heads first and then, to fill it up to ``cap``, pruned ones: those
+filler heads are computed and then zeroed before the output projection, so the result is exact
+whether the call keeps ``cap`` heads or fewer.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class HeadProjection(NamedTuple):
+    """One role's projection: ``x @ weight`` restricted to features [start, start + heads * dim).
+
+    ``in_out``: weight is [d_in, d_out] (an HF Conv1D addmm), else [d_out, d_in] (F.linear)."""
+
+    x: torch.Tensor  # [B, L, d_in]
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    in_out: bool
+    start: int
+
+
+def kept_first(union: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [cap], valid [cap]): the heads of the bool [H] mask ``union`` in ascending order,
+    then pruned heads as filler; valid says which entries are kept heads."""
+    # A stable sort of 0 (kept) / 1 (pruned): sort-free alternatives (nonzero) need the count on
+    # the host, which is a device sync.
+    idx = torch.sort((~union).to(torch.int32), stable=True).indices[:cap]
+    return idx, union.index_select(0, idx)
+
+
+def _head_rows(weight, bias, start, in_out, idx, valid, heads: int, dim: int):
+    """Rows of heads ``idx`` as [len(idx) * dim, d_in] (F.linear's layout) and their bias, zero
+    for filler entries (valid False): one index_select over a [heads, dim, ...] view each."""
+    n = idx.numel() * dim
+    if in_out:
+        w = weight.narrow(1, start, heads * dim).unflatten(1, (heads, dim)).index_select(1, idx)
+        w = torch.where(valid[None, :, None], w, w.new_zeros(())).reshape(-1, n).t()
+    else:
+        w = weight.narrow(0, start, heads * dim).unflatten(0, (heads, dim)).index_select(0, idx)
+        w = torch.where(valid[:, None, None], w, w.new_zeros(())).reshape(n, -1)
+    b = None
+    if bias is not None:
+        b = bias.narrow(0, start, heads * dim).view(heads, dim).index_select(0, idx)
+        b = torch.where(valid[:, None], b, b.new_zeros(())).reshape(n)
+    return w, b
+
+
+def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool,
+                       head_dim: int, v_head_dim: int):
+    """(idx, valid, w_qkv [cap*(2D+Dv), d_in], b_qkv or None, w_o [d_out, cap*Dv]) in torch ops
+    (differentiable: the weights' gradients flow back to the kept heads' rows)."""
+    H = keep.shape[1]
+    idx, valid = kept_first(keep.any(0), cap)
+    parts = [_head_rows(w, b, st, io, idx, valid, H, dim)
+             for w, b, st, io, dim in zip(weights, biases, starts, in_out, (head_dim, head_dim, v_head_dim))]
+    w_qkv = torch.cat([w for w, _ in parts])
+    b_qkv = None if any(b is None for _, b in parts) else torch.cat([b for _, b in parts])
+    if out_in_out:
+        w_o = out_weight.unflatten(0, (H, v_head_dim)).index_select(0, idx)
+        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * v_head_dim, -1).t()
+    else:
+        w_o = out_weight.unflatten(1, (H, v_head_dim)).index_select(1, idx)
+        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * v_head_dim)
+    return idx, valid, w_qkv, b_qkv, w_o
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_gather():
+    """The one-launch Triton gather, or None (triton missing)."""
+    try:
+        from . import triton_gather_heads
+    except ImportError:
+        return None
+    return triton_gather_heads
+
+
+@torch.library.custom_op("dhp::gather_heads", mutates_args=())
+def gather_heads(keep: torch.Tensor, cap: int, wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor,
+                 bk: Optional[torch.Tensor], wv: torch.Tensor, bv: Optional[torch.Tensor], wo: torch.Tensor,
+                 starts: list[int], in_out: list[int], out_in_out: bool, head_dim: int,
+                 v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compact block's gather as one op (one launch on CUDA). Inference only: no autograd.
+
+    Returns (idx, valid, w_qkv, b_qkv, w_o); b_qkv is zeros when the projections have no bias."""
+    weights, biases, flags = (wq, wk, wv), (bq, bk, bv), [bool(f) for f in in_out]
+    from .triton_attention import triton_available
+
+    triton = _triton_gather() if keep.is_cuda and triton_available(keep.device) else None
+    if triton is not None and (keep.shape[1] > triton.MAX_HEADS or wq.dtype not in _TRITON_DTYPES
+                               or any(t is not None and t.dtype != wq.dtype for t in (wk, wv, wo, bq, bk, bv))):
+        triton = None
+    impl = triton.gather_heads_triton if triton is not None else gather_heads_torch
+    idx, valid, w_qkv, b_qkv, w_o = impl(keep, cap, weights, biases, starts, flags, wo, out_in_out, head_dim, v_head_dim)
+    if b_qkv is None:
+        b_qkv = w_qkv.new_zeros(w_qkv.shape[0])
+    # custom ops may not return views of their inputs or of each other
+    return idx, valid, w_qkv, b_qkv, w_o if w_o.is_contiguous() and w_o._base is None else w_o.contiguous()
+
+
+@gather_heads.register_fake
+def _(keep, cap, wq, bq, wk, bk, wv, bv, wo, starts, in_out, out_in_out, head_dim, v_head_dim):
+    d_in = wq.shape[0] if in_out[0] else wq.shape[1]
+    d_out = wo.shape[1] if out_in_out else wo.shape[0]
+    rows = cap * (2 * head_dim + v_head_dim)
+    return (keep.new_empty(cap, dtype=torch.int64), keep.new_empty(cap, dtype=torch.bool), wq.new_empty(rows, d_in),
+            wq.new_empty(rows), wq.new_empty(d_out, cap * v_head_dim))
+
+
+def _heads_of_mask(attn_mask: Optional[torch.Tensor], heads: int, idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask restricted to the gathered heads when it has a head dim (a T5-style bias)."""
+    if attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1 or heads == 1:
+        return attn_mask
+    return attn_mask.index_select(attn_mask.dim() - 3, idx)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def compact_attention_block(
+    q_proj: HeadProjection,
+    k_proj: HeadProjection,
+    v_proj: HeadProjection,
+    out_weight: torch.Tensor,
+    out_bias: Optional[torch.Tensor],
+    out_in_out: bool,
+    keep: torch.Tensor,
+    cap: int,
+    head_dim: int,
+    v_head_dim: int,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    rows_shared: bool = False,
+) -> torch.Tensor:
+    """The block's output [B, Lq, d_out], computing at most ``cap`` heads.
+
+    keep: bool [B, H]; the caller guarantees that at most ``cap`` heads are kept by any row, in
+    union (the union is what gets computed). rows_shared: every row keeps the same heads (one
+    row, a batch-shared gate): then dense attention runs on the gathered heads; otherwise the
+    gated op zeroes each row's own pruned heads among them. Filler heads get zero weights, so
+    they add nothing (a query row that masks every key is NaN in every head, as in SDPA).
+    """
+    B, H = keep.shape
+    if not 0 < cap <= H:
+        raise ValueError(f"compact_attention_block: cap must be in [1, {H}], got {cap}")
+    projs = (q_proj, k_proj, v_proj)
+    weights, biases = [p.weight for p in projs], [p.bias for p in projs]
+    starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
+    if _needs_grad(*weights, *biases, out_weight, *(p.x for p in projs)):
+        idx, valid, w_qkv, b_qkv, w_o = gather_heads_torch(keep, cap, weights, biases, starts, in_out, out_weight,
+                                                           out_in_out, head_dim, v_head_dim)
+    else:
+        idx, valid, w_qkv, b_qkv, w_o = torch.ops.dhp.gather_heads(
+            keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts, [int(f) for f in in_out],
+            out_in_out, head_dim, v_head_dim)
+    q, k, v = _project(projs, w_qkv, b_qkv, [cap * head_dim, cap * head_dim, cap * v_head_dim])
+    Lq, Lk = q_proj.x.shape[1], k_proj.x.shape[1]
+    q = q.view(B, Lq, cap, head_dim).transpose(1, 2)
+    k = k.view(B, Lk, cap, head_dim).transpose(1, 2)
+    v = v.view(B, Lk, cap, v_head_dim).transpose(1, 2)
+    mask = _heads_of_mask(attn_mask, H, idx)
+    if rows_shared:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    else:
+        rows = keep.index_select(1, idx) & valid
+        o = torch.ops.dhp.gated_attention(q, k, v, rows, mask, dropout_p, is_causal, scale)
+    return F.linear(o.transpose(1, 2).reshape(B, Lq, cap * v_head_dim), w_o, out_bias)
+
+
+def _project(projs, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
+    """q, k, v features [B, L, width] from the gathered rows; roles reading one input share a GEMM
+    (their rows are adjacent in w_qkv)."""
+    bounds = [0, widths[0], widths[0] + widths[1], sum(widths)]
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < 3:
+        j = i + 1
+        while j < 3 and projs[j].x is projs[i].x:
+            j += 1
+        lo, hi = bounds[i], bounds[j]
+        y = F.linear(projs[i].x, w_qkv[lo:hi], None if b_qkv is None else b_qkv[lo:hi])
+        out += list(y.split(widths[i:j], dim=-1)) if j - i > 1 else [y]
+        i = j
+    return out

@@ -1,0 +1,152 @@
+"""The compact block's weight gather in one launch: kept-head index, Q/K/V rows, biases, W_o columns.
+
+As torch ops the gather is a sort, an index per weight and bias, a concatenation and a fill: on
+an H200 that was ~60 µs per BERT-base layer replayed from a CUDA graph (session 10), more than the
+heads it let the block skip. Here one grid does all of it; every program derives the index from
+the keep mask itself (a [B, H] read, tiny) instead of waiting for a separate launch.
+
+Grid (blocks, 4): axis 1 is the role (q, k, v rows; 3 = the output projection's columns). A
+role-q/k/v program copies BLOCK_R rows of ``[cap * dim, d_in]``; a role-3 program copies BLOCK_R
+rows of W_o's ``[d_out, cap * Dv]``. Filler slots (index entries past the kept heads) are written
+as zeros, so a filler head computes nothing and adds nothing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import next_pow2
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by the interpreter tests' loader
+BLOCK_R = 32
+# Every program ranks the heads with [heads, heads] compares in registers: at 128 heads that
+# spilled under triton 3.9 for sm_90. Sites with more heads keep the torch gather.
+MAX_HEADS = 64
+BLOCK_K = 128
+
+
+@triton.jit
+def _slot_heads(Keep, B, H, stride_kb, stride_kh, slots, HP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(head, valid) for each entry of ``slots``: kept heads ascending, then pruned ones."""
+    offs_h = tl.arange(0, HP)
+    h_ok = offs_h < H
+    union = tl.zeros([HP], dtype=tl.int32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        k = tl.load(Keep + offs_b[:, None] * stride_kb + offs_h[None, :] * stride_kh,
+                    mask=(offs_b[:, None] < B) & h_ok[None, :], other=0)
+        union = tl.maximum(union, tl.max((k != 0).to(tl.int32), axis=0))
+    before = offs_h[None, :] < offs_h[:, None]  # [h, h'] : h' < h
+    kept_before = tl.sum(tl.where(before, union[None, :], 0), axis=1)
+    pruned_before = tl.sum(tl.where(before & h_ok[None, :], 1 - union[None, :], 0), axis=1)
+    n_kept = tl.sum(union, axis=0)
+    pos = tl.where(union != 0, kept_before, n_kept + pruned_before)
+    pos = tl.where(h_ok, pos, -1)
+    hit = pos[None, :] == slots[:, None]
+    head = tl.sum(tl.where(hit, offs_h[None, :], 0), axis=1)
+    return head, slots < n_kept
+
+
+@triton.jit
+def _copy_rows(Keep, B, H, stride_kb, stride_kh, W, Bias, start, s_f, s_i, row0, dim, WQKV, BQKV, d_in, cap, pid,
+               HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Rows [pid * BLOCK_R, ...) of one role's [cap * dim, d_in] slab, and its bias."""
+    rows = cap * dim
+    if pid * BLOCK_R < rows:
+        offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        r_ok = offs_r < rows
+        head, valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, offs_r // dim, HP, BLOCK_B)
+        valid = valid & r_ok
+        feat = (start + head * dim + offs_r % dim).to(tl.int64)
+        dst = (row0 + offs_r).to(tl.int64)
+        for k0 in range(0, d_in, BLOCK_K):
+            cols = k0 + offs_k
+            c_ok = cols < d_in
+            w = tl.load(W + feat[:, None] * s_f + cols[None, :] * s_i, mask=valid[:, None] & c_ok[None, :], other=0.0)
+            tl.store(WQKV + dst[:, None] * d_in + cols[None, :], w, mask=r_ok[:, None] & c_ok[None, :])
+        if HAS_BIAS:
+            bias = tl.load(Bias + feat, mask=valid, other=0.0)
+            tl.store(BQKV + dst, bias, mask=r_ok)
+
+
+@triton.jit
+def _gather_heads_kernel(
+    Keep, B, H, stride_kb, stride_kh,
+    Wq, Bq, Wk, Bk, Wv, Bv, Wo,
+    start_q, start_k, start_v,
+    sq_f, sq_i, sk_f, sk_i, sv_f, sv_i, so_o, so_f,
+    Idx, Valid, WQKV, BQKV, WO,
+    d_in, d_out, cap, D, Dv,
+    HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    role = tl.program_id(1)
+    if role == 0:
+        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wq, Bq, start_q, sq_f, sq_i, 0, D, WQKV, BQKV, d_in, cap, pid,
+                   HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
+        if pid == 0:
+            offs_s = tl.arange(0, HP)
+            s_head, s_valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, offs_s, HP, BLOCK_B)
+            tl.store(Idx + offs_s, s_head.to(tl.int64), mask=offs_s < cap)
+            tl.store(Valid + offs_s, s_valid.to(tl.int8), mask=offs_s < cap)
+    elif role == 1:
+        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wk, Bk, start_k, sk_f, sk_i, cap * D, D, WQKV, BQKV, d_in, cap,
+                   pid, HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
+    elif role == 2:
+        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wv, Bv, start_v, sv_f, sv_i, 2 * cap * D, Dv, WQKV, BQKV, d_in,
+                   cap, pid, HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
+    else:
+        if pid * BLOCK_R < d_out:
+            offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+            offs_k = tl.arange(0, BLOCK_K)
+            r_ok = offs_r < d_out
+            width = cap * Dv
+            for c0 in range(0, width, BLOCK_K):
+                cols = c0 + offs_k
+                c_ok = cols < width
+                head, valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, cols // Dv, HP, BLOCK_B)
+                feat = (head * Dv + cols % Dv).to(tl.int64)
+                ok = r_ok[:, None] & (c_ok & valid)[None, :]
+                w = tl.load(Wo + offs_r[:, None].to(tl.int64) * so_o + feat[None, :] * so_f, mask=ok, other=0.0)
+                tl.store(WO + offs_r[:, None].to(tl.int64) * width + cols[None, :], w,
+                         mask=r_ok[:, None] & c_ok[None, :])
+
+
+def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, out_in_out, head_dim, v_head_dim):
+    """(idx [cap] int64, valid [cap] bool, w_qkv [cap*(2D+Dv), d_in], b_qkv or None, w_o [d_out, cap*Dv]).
+
+    weights/biases/starts/in_out: q, k, v in that order, each weight as the model stores it."""
+    B, H = keep.shape
+    wq = weights[0]
+    d_in = wq.shape[0] if in_out[0] else wq.shape[1]
+    d_out = out_weight.shape[1] if out_in_out else out_weight.shape[0]
+    dev, dtype = wq.device, wq.dtype
+    rows = cap * (2 * head_dim + v_head_dim)
+    w_qkv = torch.empty(rows, d_in, device=dev, dtype=dtype)
+    has_bias = all(b is not None for b in biases)
+    b_qkv = torch.empty(rows, device=dev, dtype=dtype) if has_bias else w_qkv
+    w_o = torch.empty(d_out, cap * v_head_dim, device=dev, dtype=dtype)
+    idx = torch.empty(cap, device=dev, dtype=torch.int64)
+    valid = torch.empty(cap, device=dev, dtype=torch.int8)
+    strides = []
+    for w, io in zip(weights, in_out):
+        strides += [w.stride(1), w.stride(0)] if io else [w.stride(0), w.stride(1)]
+    so = [out_weight.stride(1), out_weight.stride(0)] if out_in_out else [out_weight.stride(0), out_weight.stride(1)]
+    keep_i8 = keep.view(torch.int8) if keep.dtype == torch.bool else keep
+    blocks = max(triton.cdiv(cap * max(head_dim, v_head_dim), BLOCK_R), triton.cdiv(d_out, BLOCK_R))
+    bq, bk, bv = biases if has_bias else (w_qkv, w_qkv, w_qkv)
+    _gather_heads_kernel[(blocks, 4)](
+        keep_i8, B, H, keep_i8.stride(0), keep_i8.stride(1),
+        weights[0], bq, weights[1], bk, weights[2], bv, out_weight,
+        starts[0], starts[1], starts[2], *strides, *so,
+        idx, valid, w_qkv, b_qkv, w_o,
+        d_in, d_out, cap, head_dim, v_head_dim,
+        HAS_BIAS=has_bias, HP=next_pow2(max(H, cap, 2)), BLOCK_B=min(next_pow2(max(B, 1)), 16),
+        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+    )
+    return idx, valid.view(torch.bool), w_qkv, (b_qkv if has_bias else None), w_o

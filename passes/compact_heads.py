@@ -1,0 +1,111 @@
+"""Hand a whole attention block to one call that can run its kept heads only.
+
+After ``skip_projections`` has routed all four projections of a site through the head ops and
+moved the gate in front of them, the layouts it proved say what the block computes: q is the Q
+projection's features [start + h*D, start + (h+1)*D) viewed [B, H, L, D], likewise k and v, and
+the output projection reads head h's output at features [h*Dv, (h+1)*Dv). When the batch and
+sequence dims of each projection's input reach the op in order (the standard
+``view(B, L, H, D).transpose(1, 2)``), the block is determined by its inputs, its weights and the
+keep mask. It is then replaced by the gate's ``block_module``, which chooses per call between
+gathering the kept heads' weights (dense GEMMs and attention on the kept heads only) and the
+head ops the graph held before.
+
+The gate's tap is not inserted for such a site: the block module calls it itself whenever the
+gate left work that needs every head's q, k, v (calibration, attention maps, training).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from . import head_layout as hl
+from .graph_utils import example_value
+from .rewrite import erase_dead
+from .skip_projections import ROLES, _Site
+
+_VIEWS = ("view", "reshape")
+
+
+def _in_order(dims: list[list[hl.Atom]], sizes: tuple, want: list[tuple[int, int]]) -> bool:
+    """dims[i] is source dim j of the projection input, whole, for each (i, j) of want; a dim of
+    size 1 leaves no atom (``head_layout.initial`` drops them)."""
+    for i, j in want:
+        atoms = dims[i]
+        if atoms == [] and hl.known_eq(sizes[j], 1):
+            continue
+        if len(atoms) != 1 or atoms[0].kind != "other" or atoms[0].source_dim != j:
+            return False
+    return True
+
+
+def _block_input(state: _Site, role: str) -> Optional[fx.Node]:
+    """The [B, L, d_in] tensor whose features reach the op as [B, H, L, D] in the standard way."""
+    node, lay = state.replaced.get(role), state.layouts.get(role)
+    if node is None or lay is None:
+        return None
+    x = node.args[0]
+    if node.args[5]:  # HF Conv1D: addmm on x.view(-1, d_in); the layouts name the 3-D source's dims
+        x = x.args[0] if isinstance(x, fx.Node) and x.op == "call_method" and x.target in _VIEWS else None
+    val = example_value(x)
+    if val is None or val.dim() != 3:
+        return None
+    _, dim = state.role_geometry(role)
+    within = lay.dims[3]
+    if not (len(within) == 1 and within[0].kind == "raw" and within[0].stride == 1 and hl.known_eq(within[0].size, dim)):
+        return None
+    return x if _in_order(lay.dims, tuple(val.shape), [(0, 0), (2, 1)]) else None
+
+
+def _output_in_order(state: _Site) -> bool:
+    """The output projection reads rows in (batch, query) order of the op's output."""
+    q = example_value(state.gated.args[0])
+    lead = state.out_lead
+    want = [j for j in (0, 2) if not hl.known_eq(q.shape[j], 1)]
+    return len(lead) == len(want) and all(a.kind == "other" and a.source_dim == j for a, j in zip(lead, want))
+
+
+def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -> bool:
+    """Replace the site's block by its gate's block module when the proofs allow; True if done."""
+    site = state.site
+    if set(state.roles()) != {"q", "k", "v", "out"}:
+        state.result.bump("no_compact_block:projections_not_all_skipped")
+        return False
+    block = getattr(gm.get_submodule(gate_target), "block_module", None) if gate_target else None
+    if not isinstance(block, nn.Module):
+        state.result.bump("no_compact_block:gate_has_no_block")
+        return False
+    if site.num_kv_heads != site.num_heads or site.num_heads < 2:
+        state.result.bump("no_compact_block:" + ("gqa" if site.num_kv_heads != site.num_heads else "one_head"))
+        return False
+    inputs = {role: _block_input(state, role) for role in ROLES}
+    if any(x is None for x in inputs.values()) or not _output_in_order(state):
+        state.result.bump("no_compact_block:layout")
+        return False
+
+    nodes: list[fx.Node] = []
+    for role in ROLES:
+        if state.replaced[role] not in nodes:
+            nodes.append(state.replaced[role])
+    projections = tuple((*n.args[:6], inputs[next(r for r in ROLES if state.replaced[r] is n)]) for n in nodes)
+    roles = tuple((nodes.index(state.replaced[r]), (state.proj.features.get(r) or (0,))[0]) for r in ROLES)
+    out = state.replaced["out"]
+    out_val = example_value(out)
+    flat = out_val is not None and out_val.dim() == 2
+    _x, w_o, b_o, flags_o, unit_o, in_out_o = out.args[:6]
+    keep, mask, dropout_p, is_causal, scale = state.gated.args[3:8]
+
+    target = gate_target.replace("dhp_gate_", "dhp_block_", 1)
+    gm.add_submodule(target, block)
+    with gm.graph.inserting_before(out):
+        call = gm.graph.call_module(target, (keep, mask, dropout_p, is_causal, scale), dict(
+            projections=projections, roles=roles, out_projection=(w_o, b_o, flags_o, unit_o, in_out_o, flat),
+            geometry=(site.num_heads, site.head_dim, site.value_head_dim)))
+    for key in ("example_value", "nn_module_stack", "source_fn_stack", "stack_trace"):
+        if key in out.meta:
+            call.meta[key] = out.meta[key]
+    out.replace_all_uses_with(call)
+    erase_dead(out)
+    state.result.bump("compact_block")
+    return True
