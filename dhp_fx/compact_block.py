@@ -19,8 +19,8 @@ class CompactBlock(nn.Module):
     out_projection=..., geometry=...)``.
 
     projections: per head op the graph held, (x as that op read it, weight, bias, flags, unit,
-    in_out, x as [B, L, d_in]); roles: (projection index, first feature) of q, k and v;
-    out_projection: (weight, bias, flags, unit, in_out, flat) with flat = rows arrive as [B*L, .];
+    in_out, x as [B, L, d_in]), flags being "keep", "any" (keep.any(0)) or a tensor; roles: (projection index, first feature) of q, k and v;
+    out_projection: (weight, bias, flags, unit, in_out, flat), flags as above, with flat = rows arrive as [B*L, .];
     geometry: (heads, head dim, value head dim). Holds its gate without registering it.
     """
 
@@ -47,7 +47,19 @@ class CompactBlock(nn.Module):
         """What the graph computed before the block replaced it: the head ops, H heads wide."""
         heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
-        features = [torch.ops.dhp.head_linear_out(*p[:6]) for p in projections]
+        union = None
+
+        def flags(spec):
+            nonlocal union
+            if isinstance(spec, torch.Tensor):
+                return spec
+            if spec == "keep":
+                return keep
+            if union is None:
+                union = keep.any(0)
+            return union
+
+        features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
 
         def role(index: int, dim: int):
             i, start = roles[index]
@@ -61,4 +73,4 @@ class CompactBlock(nn.Module):
         o = self.gate.tap_module(o, q, k, v, attn_mask)
         B, _, L, _ = o.shape
         o = o.transpose(1, 2).reshape(B, L, heads * v_head_dim)
-        return torch.ops.dhp.head_linear_in(o.flatten(0, 1) if flat else o, w_o, b_o, flags_o, unit_o, in_out_o)
+        return torch.ops.dhp.head_linear_in(o.flatten(0, 1) if flat else o, w_o, b_o, flags(flags_o), unit_o, in_out_o)

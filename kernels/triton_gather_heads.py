@@ -5,9 +5,9 @@ an H200 that was ~60 µs per BERT-base layer replayed from a CUDA graph (session
 heads it let the block skip. Here one grid does all of it; every program derives the index from
 the keep mask itself (a [B, H] read, tiny) instead of waiting for a separate launch.
 
-Grid (blocks, 4): axis 1 is the role (q, k, v rows; 3 = the output projection's columns). A
-role-q/k/v program copies BLOCK_R rows of ``[cap * dim, d_in]``; a role-3 program copies BLOCK_R
-rows of W_o's ``[d_out, cap * Dv]``. Filler slots (index entries past the kept heads) are written
+Grid (row tiles, column tiles, 4): axis 2 is the role (q, k, v rows; 3 = the output projection's
+columns). A role-q/k/v program copies one [BLOCK_R, BLOCK_K] tile of ``[cap * dim, d_in]``; a
+role-3 program one tile of W_o's ``[d_out, cap * Dv]``; programs past their role's extent exit. Filler slots (index entries past the kept heads) are written
 as zeros, so a filler head computes nothing and adds nothing.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ BLOCK_K = 128
 
 
 @triton.jit
-def _slot_heads(Keep, B, H, stride_kb, stride_kh, slots, HP: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(head, valid) for each entry of ``slots``: kept heads ascending, then pruned ones."""
+def _ranks(Keep, B, H, stride_kb, stride_kh, HP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(slot of each head [HP], kept count): kept heads ascending take slots 0.., pruned ones follow."""
     offs_h = tl.arange(0, HP)
     h_ok = offs_h < H
     union = tl.zeros([HP], dtype=tl.int32)
@@ -44,34 +44,37 @@ def _slot_heads(Keep, B, H, stride_kb, stride_kh, slots, HP: tl.constexpr, BLOCK
     pruned_before = tl.sum(tl.where(before & h_ok[None, :], 1 - union[None, :], 0), axis=1)
     n_kept = tl.sum(union, axis=0)
     pos = tl.where(union != 0, kept_before, n_kept + pruned_before)
-    pos = tl.where(h_ok, pos, -1)
-    hit = pos[None, :] == slots[:, None]
-    head = tl.sum(tl.where(hit, offs_h[None, :], 0), axis=1)
+    return tl.where(h_ok, pos, -1), n_kept
+
+
+@triton.jit
+def _heads_at(pos, n_kept, slots, HP: tl.constexpr):
+    """(head, valid) of each entry of ``slots``, from ``_ranks``."""
+    offs_h = tl.arange(0, HP)
+    head = tl.sum(tl.where(pos[None, :] == slots[:, None], offs_h[None, :], 0), axis=1)
     return head, slots < n_kept
 
 
 @triton.jit
-def _copy_rows(Keep, B, H, stride_kb, stride_kh, W, Bias, start, s_f, s_i, row0, dim, WQKV, BQKV, d_in, cap, pid,
-               HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """Rows [pid * BLOCK_R, ...) of one role's [cap * dim, d_in] slab, and its bias."""
+def _copy_rows(pos, n_kept, W, Bias, start, s_f, s_i, row0, dim, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+               HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile (pid_r, pid_c) of one role's [cap * dim, d_in] slab, and (first column tile) its bias."""
     rows = cap * dim
-    if pid * BLOCK_R < rows:
-        offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_k = tl.arange(0, BLOCK_K)
+    if (pid_r * BLOCK_R < rows) & (pid_c * BLOCK_K < d_in):
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rows
-        head, valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, offs_r // dim, HP, BLOCK_B)
+        head, valid = _heads_at(pos, n_kept, offs_r // dim, HP)
         valid = valid & r_ok
         feat = (start + head * dim + offs_r % dim).to(tl.int64)
         dst = (row0 + offs_r).to(tl.int64)
-        for k0 in range(0, d_in, BLOCK_K):
-            cols = k0 + offs_k
-            c_ok = cols < d_in
-            w = tl.load(W + feat[:, None] * s_f + cols[None, :] * s_i, mask=valid[:, None] & c_ok[None, :], other=0.0)
-            tl.store(WQKV + dst[:, None] * d_in + cols[None, :], w, mask=r_ok[:, None] & c_ok[None, :])
+        cols = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_ok = cols < d_in
+        w = tl.load(W + feat[:, None] * s_f + cols[None, :] * s_i, mask=valid[:, None] & c_ok[None, :], other=0.0)
+        tl.store(WQKV + dst[:, None] * d_in + cols[None, :], w, mask=r_ok[:, None] & c_ok[None, :])
         if HAS_BIAS:
-            bias = tl.load(Bias + feat, mask=valid, other=0.0)
-            tl.store(BQKV + dst, bias, mask=r_ok)
+            if pid_c == 0:
+                bias = tl.load(Bias + feat, mask=valid, other=0.0)
+                tl.store(BQKV + dst, bias, mask=r_ok)
 
 
 @triton.jit
@@ -84,37 +87,38 @@ def _gather_heads_kernel(
     d_in, d_out, cap, D, Dv,
     HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    role = tl.program_id(1)
+    # One tile per program, no loop over the rows' width: the copies are small, so latency (one
+    # load and store in flight per program) rather than bandwidth sets the time.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    role = tl.program_id(2)
+    pos, n_kept = _ranks(Keep, B, H, stride_kb, stride_kh, HP, BLOCK_B)
     if role == 0:
-        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wq, Bq, start_q, sq_f, sq_i, 0, D, WQKV, BQKV, d_in, cap, pid,
-                   HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
-        if pid == 0:
+        _copy_rows(pos, n_kept, Wq, Bq, start_q, sq_f, sq_i, 0, D, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+                   HAS_BIAS, HP, BLOCK_R, BLOCK_K)
+        if (pid_r == 0) & (pid_c == 0):
             offs_s = tl.arange(0, HP)
-            s_head, s_valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, offs_s, HP, BLOCK_B)
+            s_head, s_valid = _heads_at(pos, n_kept, offs_s, HP)
             tl.store(Idx + offs_s, s_head.to(tl.int64), mask=offs_s < cap)
             tl.store(Valid + offs_s, s_valid.to(tl.int8), mask=offs_s < cap)
     elif role == 1:
-        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wk, Bk, start_k, sk_f, sk_i, cap * D, D, WQKV, BQKV, d_in, cap,
-                   pid, HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
+        _copy_rows(pos, n_kept, Wk, Bk, start_k, sk_f, sk_i, cap * D, D, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+                   HAS_BIAS, HP, BLOCK_R, BLOCK_K)
     elif role == 2:
-        _copy_rows(Keep, B, H, stride_kb, stride_kh, Wv, Bv, start_v, sv_f, sv_i, 2 * cap * D, Dv, WQKV, BQKV, d_in,
-                   cap, pid, HAS_BIAS, HP, BLOCK_B, BLOCK_R, BLOCK_K)
+        _copy_rows(pos, n_kept, Wv, Bv, start_v, sv_f, sv_i, 2 * cap * D, Dv, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+                   HAS_BIAS, HP, BLOCK_R, BLOCK_K)
     else:
-        if pid * BLOCK_R < d_out:
-            offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-            offs_k = tl.arange(0, BLOCK_K)
+        width = cap * Dv
+        if (pid_r * BLOCK_R < d_out) & (pid_c * BLOCK_K < width):
+            offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
             r_ok = offs_r < d_out
-            width = cap * Dv
-            for c0 in range(0, width, BLOCK_K):
-                cols = c0 + offs_k
-                c_ok = cols < width
-                head, valid = _slot_heads(Keep, B, H, stride_kb, stride_kh, cols // Dv, HP, BLOCK_B)
-                feat = (head * Dv + cols % Dv).to(tl.int64)
-                ok = r_ok[:, None] & (c_ok & valid)[None, :]
-                w = tl.load(Wo + offs_r[:, None].to(tl.int64) * so_o + feat[None, :] * so_f, mask=ok, other=0.0)
-                tl.store(WO + offs_r[:, None].to(tl.int64) * width + cols[None, :], w,
-                         mask=r_ok[:, None] & c_ok[None, :])
+            cols = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+            c_ok = cols < width
+            head, valid = _heads_at(pos, n_kept, cols // Dv, HP)
+            feat = (head * Dv + cols % Dv).to(tl.int64)
+            ok = r_ok[:, None] & (c_ok & valid)[None, :]
+            w = tl.load(Wo + offs_r[:, None].to(tl.int64) * so_o + feat[None, :] * so_f, mask=ok, other=0.0)
+            tl.store(WO + offs_r[:, None].to(tl.int64) * width + cols[None, :], w, mask=r_ok[:, None] & c_ok[None, :])
 
 
 def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, out_in_out, head_dim, v_head_dim):
@@ -138,9 +142,10 @@ def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, 
         strides += [w.stride(1), w.stride(0)] if io else [w.stride(0), w.stride(1)]
     so = [out_weight.stride(1), out_weight.stride(0)] if out_in_out else [out_weight.stride(0), out_weight.stride(1)]
     keep_i8 = keep.view(torch.int8) if keep.dtype == torch.bool else keep
-    blocks = max(triton.cdiv(cap * max(head_dim, v_head_dim), BLOCK_R), triton.cdiv(d_out, BLOCK_R))
+    row_blocks = max(triton.cdiv(cap * max(head_dim, v_head_dim), BLOCK_R), triton.cdiv(d_out, BLOCK_R))
+    col_blocks = max(triton.cdiv(d_in, BLOCK_K), triton.cdiv(cap * v_head_dim, BLOCK_K))
     bq, bk, bv = biases if has_bias else (w_qkv, w_qkv, w_qkv)
-    _gather_heads_kernel[(blocks, 4)](
+    _gather_heads_kernel[(row_blocks, col_blocks, 4)](
         keep_i8, B, H, keep_i8.stride(0), keep_i8.stride(1),
         weights[0], bq, weights[1], bk, weights[2], bv, out_weight,
         starts[0], starts[1], starts[2], *strides, *so,

@@ -95,6 +95,29 @@ def test_masked_mean_matches_torch(B, L, d, padding, dtype, model_layout, seed):
 
 
 @interpreted
+@pytest.mark.parametrize("split_below", [0, 10**6], ids=["one_chunk", "split_tokens"])
+def test_masked_mean_split_and_unsplit(split_below):
+    """Both pooling paths, whatever the shapes the Hypothesis test happens to draw: one chunk per
+    (sample, feature block), and the tokens split over programs with the ordered finish."""
+    saved = tr.POOL_SPLIT_BELOW
+    tr.POOL_SPLIT_BELOW = split_below
+    try:
+        gen = torch.Generator().manual_seed(7)
+        for B, L, d, pad in ((1, 100, 40, True), (2, 17, 33, True), (3, 40, 8, False), (1, 1, 5, False), (2, 0, 4, True)):
+            assert (tr.pool_splits(B, -(-d // 16), L, 16) > 1) == (split_below > 0 and L > 32)
+            x = torch.randn(B, L, d, generator=gen)
+            valid = torch.rand(B, L, generator=gen) > 0.4 if pad else None
+            if pad and B > 1:
+                valid[-1] = False  # padding only: mean 0
+            got = tr.masked_mean_triton(x, valid)
+            w = torch.ones(B, L, dtype=torch.float64) if valid is None else valid.double()
+            want = (x.double() * w[..., None]).sum(1) / w.sum(1).clamp_min(1.0)[:, None]
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        tr.POOL_SPLIT_BELOW = saved
+
+
+@interpreted
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 3), L=st.integers(1, 20), width=st.sampled_from([0, 8]), heads=st.integers(1, 20),
        data=st.data(), seed=st.integers(0, 2**16))
