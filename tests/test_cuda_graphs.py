@@ -102,3 +102,24 @@ def test_replays_equal_eager_calls_on_new_inputs(scoring, granularity):
         opt.set_keep_ratio(0.25)
         torch.testing.assert_close(runner(ids).last_hidden_state, opt(ids).last_hidden_state)
         assert runner.num_graphs == 1
+
+
+@cuda
+def test_compact_blocks_replay_and_follow_new_decisions():
+    """One input through a per-sample router: the blocks run the kept heads alone (the Triton
+    gather reads the keep mask on the device), so replays must follow each input's own heads."""
+    model = tiny_bert("cuda")
+    ids = torch.randint(3, 128, (1, 16), device="cuda")
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="router"), example_inputs=(ids,))
+    assert all(s.compact_block for s in opt.sites)
+    blocks = [opt.gate(s).block_module for s in opt.sites]
+    runner = opt.cuda_graphed()
+    with torch.no_grad():
+        for seed in range(3):
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            new = torch.randint(3, 128, (1, 16), device="cuda", generator=g)
+            before = sum(b.calls_compact for b in blocks)
+            want = opt(new).last_hidden_state
+            assert sum(b.calls_compact for b in blocks) - before == len(blocks)
+            torch.testing.assert_close(runner(new).last_hidden_state, want)
+        assert runner.num_graphs == 1
