@@ -141,7 +141,7 @@ def check_syncs(device) -> list[dict]:
     inputs = {"input_ids": torch.randint(3, 512, (4, 64), generator=g).to(device),
               "attention_mask": torch.ones(4, 64, dtype=torch.long, device=device)}
     rows = []
-    for scoring, granularity in (("probe", "sample"), ("static", "batch"), ("router", "sample")):
+    for scoring, granularity in (("probe", "sample"), ("static", "batch"), ("router", "sample"), ("router", "batch")):
         opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring=scoring, granularity=granularity),
                               example_inputs=inputs)
         with torch.no_grad():

@@ -346,6 +346,8 @@ def router_cases(dtype: str, head_dims):
                dict(HAS_VALID=True, SPLIT=split, BLOCK_L=32, BLOCK_C=128), 0, dict(SPLIT=split, BLOCK_C=128), 4, 1)
     yield ("router_pool_finish", tr._pool_finish_kernel, dict(Partial="fp32", Counts="fp32", Pooled="fp32"),
            dict(HAS_VALID=True, BLOCK_S=tr.POOL_MAX_SPLITS, BLOCK_C=128), 0, dict(BLOCK_S=tr.POOL_MAX_SPLITS), 4, 1)
+    yield ("router_vote", tr._batch_vote_kernel, dict(Keep="u8", Scores="fp32", Shared="u8"),
+           dict(BLOCK_B=32, BLOCK_H=tr.TOP_K_MAX_HEADS), 0, dict(BLOCK_H=tr.TOP_K_MAX_HEADS), 4, 1)
     head = dict(Pooled="fp32", LnW="fp32", LnB="fp32", W1="fp32", B1="fp32", W2="fp32", B2="fp32", Out="fp32",
                 Keep="u8")
     for width, heads in ((32, 12), (32, 128), (1024, 16), (256, 64), (0, 128)):
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*",
                     help="kernel names: fwd fwd_plain fwd_causal fwd_persistent fwd_persistent_plain bwd_dq bwd_dkdv "
                          "decode_split decode_packed proj_out proj_out_pair proj_in proj_wgrad partition "
-                         "router_pool router_pool_finish router_head gather_heads")
+                         "router_pool router_pool_finish router_vote router_head gather_heads")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
     rows = survey(args.arch, args.dtype, args.head_dims, args.only)

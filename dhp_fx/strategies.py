@@ -273,10 +273,10 @@ class RouterGate(ScoringGate):
     @torch.no_grad()
     def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         """Per-sample top-k of the router's scores in the router's own launches where the budget
-        is that simple (no threshold, no batch vote, heads as units); otherwise the general path."""
+        is that simple (no threshold, heads as units), and a batch-shared decision's vote in one
+        more; otherwise the general path."""
         if (hidden is not None and self.router is not None and not self.fixed_keep.numel() and not self.recording
-                and self.score_threshold is None and self.granularity != "batch" and not self.prune_kv_groups
-                and self.n_keep < self.num_heads):
+                and self.score_threshold is None and not self.prune_kv_groups and self.n_keep < self.num_heads):
             batch = hidden.shape[0] if q is None else q.shape[0]
             x = hidden.reshape(batch, -1, hidden.shape[-1])
             fused = self._fused(x)
@@ -284,7 +284,12 @@ class RouterGate(ScoringGate):
                 kernels, args = fused
                 valid = None if self.site.cross_attention else query_padding(attn_mask, batch, x.shape[1], x.shape[1])
                 self._last_entropy = None
-                return kernels.router_keep_triton(x, valid, self.n_keep, *args)[0]
+                keep, scores = kernels.router_keep_triton(x, valid, self.n_keep, *args)
+                if self.granularity != "batch":
+                    return keep
+                H, min_keep = self.num_heads, min(self.num_heads, self.min_heads)
+                cap = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), min_keep))
+                return kernels.batch_vote_triton(keep, scores, cap, min_keep).expand(batch, H)
         return super().decide_eager(q, k, v, attn_mask, hidden)
 
     def _fused(self, x: torch.Tensor):

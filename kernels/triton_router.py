@@ -301,3 +301,45 @@ def _router(x, valid, ln_weight, ln_bias, eps, w1, b1, w2=None, b2=None, act=ACT
         HAS_B2=b2 is not None, HIDDEN=w2 is not None, ACT=int(act), TOP_K=n_keep is not None,
         BLOCK_K=block_k, BLOCK_N1=block_n1, BLOCK_N2=block_n2, num_warps=warps)
     return keep, out
+
+
+@triton.jit
+def _batch_vote_kernel(Keep, Scores, Shared, B, H, cap, min_keep, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program: the batch's shared keep row from the rows' own keeps and scores (the rule of
+    ``dhp_fx.gates.decide_keep`` with batch_shared): heads ranked by votes, then mean score; the
+    voted heads among the ``cap`` best, and the ``min_keep`` best in any case."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    votes = tl.zeros([BLOCK_H], dtype=tl.float32)
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ok = (offs_b[:, None] < B) & h_ok[None, :]
+        k = tl.load(Keep + offs_b[:, None] * H + offs_h[None, :], mask=ok, other=0)
+        votes += tl.sum((k != 0).to(tl.float32), axis=0)
+        total += tl.sum(tl.load(Scores + offs_b[:, None] * H + offs_h[None, :], mask=ok, other=0.0), axis=0)
+    mean = tl.minimum(tl.maximum(total / B, 0.0), 1.0)
+    # votes are integers and 0.5 * mean < 1: the rank orders by votes, then by score
+    rank = tl.where(h_ok, votes + 0.5 * mean, -1.0)
+    ahead = (rank[None, :] > rank[:, None]) | ((rank[None, :] == rank[:, None]) & (offs_h[None, :] < offs_h[:, None]))
+    pos = tl.sum(ahead.to(tl.int32), axis=1)
+    shared = ((votes > 0) & (pos < cap)) | (pos < min_keep)
+    tl.store(Shared + offs_h, shared.to(tl.uint8), mask=h_ok)
+
+
+def batch_vote_triton(keep: torch.Tensor, scores: torch.Tensor, cap: int, min_keep: int) -> torch.Tensor:
+    """bool [H]: the heads a batch shares, from each row's keep [B, H] and scores [B, H] (float32,
+    contiguous), in one launch instead of the dozen torch ops of ``decide_keep``'s vote. ``cap``
+    and ``min_keep`` as there (already clipped to [0, H]). Up to TOP_K_MAX_HEADS heads."""
+    B, H = keep.shape
+    if H > TOP_K_MAX_HEADS or scores.shape != keep.shape:
+        raise ValueError(f"batch_vote_triton: keep {tuple(keep.shape)} and scores {tuple(scores.shape)} must match "
+                         f"and have at most {TOP_K_MAX_HEADS} heads")
+    shared = torch.empty(H, device=keep.device, dtype=torch.bool)
+    if H == 0 or B == 0:
+        return shared.zero_()
+    keep_u8 = keep.contiguous().view(torch.uint8)
+    _batch_vote_kernel[(1,)](keep_u8, scores.float().contiguous(), shared.view(torch.uint8), B, H, int(cap),
+                             int(min_keep), BLOCK_B=16 if _INTERPRET else 32, BLOCK_H=next_pow2(max(H, 2)),
+                             num_warps=4)
+    return shared

@@ -37,7 +37,7 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
     kernels = {line.split("|")[1].strip() for line in rows}
     assert kernels == {"fwd", "fwd_plain", "fwd_causal", "fwd_persistent", "fwd_persistent_plain", "bwd_dq",
                        "bwd_dkdv", "decode_split", "decode_packed", "proj_out", "proj_out_pair", "proj_in",
-                       "proj_wgrad", "partition", "router_pool", "router_pool_finish", "router_head",
+                       "proj_wgrad", "partition", "router_pool", "router_pool_finish", "router_vote", "router_head",
                        "gather_heads"}, run.stdout + run.stderr
     assert run.returncode == 0, "configs that spill or overflow shared memory:\n" + "\n".join(
         line for line in rows if "SPILLS" in line or "SHARED" in line) + run.stderr[-2000:]

@@ -152,10 +152,11 @@ def test_fused_top_k_breaks_ties_by_head_index():
 
 
 @interpreted
-@pytest.mark.parametrize("budget", ["top_k", "min_heads", "threshold", "batch"])
+@pytest.mark.parametrize("budget", ["top_k", "min_heads", "threshold", "batch", "batch_capped"])
 def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, budget):
     """RouterGate.decide_eager: a per-sample top-k budget comes from the router's own launch and
-    equals the torch decision; thresholds and batch votes take the general path."""
+    equals the torch decision, and so does a batch-shared one with its vote in one more launch;
+    thresholds take the general path."""
     import dhp_fx.strategies as strategies
     from dhp_fx import DHPConfig
     from dhp_fx.passes import AttentionSite
@@ -168,12 +169,14 @@ def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, b
         gate.set_keep_ratio(0.25, min_heads=3)
     if budget == "threshold":
         gate.set_score_threshold(0.5)
-    if budget == "batch":
+    if budget.startswith("batch"):
         gate.granularity = "batch"
+        gate.union_cap = 0.5 if budget == "batch_capped" else None
     calls = []
     fake_module = type("M", (), {
         "router_keep_triton": staticmethod(lambda *a: calls.append("keep") or tr.router_keep_triton(*a)),
         "router_scores_triton": staticmethod(lambda *a: calls.append("scores") or tr.router_scores_triton(*a)),
+        "batch_vote_triton": staticmethod(lambda *a: calls.append("vote") or tr.batch_vote_triton(*a)),
         "head_blocks": staticmethod(tr.head_blocks), "fuses_top_k": staticmethod(tr.fuses_top_k)})
     hidden = torch.randn(3, 11, 32)
     mask = torch.zeros(3, 1, 11, 11)
@@ -182,10 +185,33 @@ def test_gate_decides_in_the_router_launch_only_for_a_plain_top_k(monkeypatch, b
     want = gate.decide_eager(None, None, None, mask, hidden)
     monkeypatch.setattr(strategies, "_router_kernels", lambda x: fake_module)
     got = gate.decide_eager(None, None, None, mask, hidden)
-    assert calls == (["keep"] if budget in ("top_k", "min_heads") else ["scores"])
+    assert calls == {"top_k": ["keep"], "min_heads": ["keep"], "threshold": ["scores"]}.get(budget, ["keep", "vote"])
     assert torch.equal(got, want)
+    if budget.startswith("batch"):
+        assert (got == got[:1]).all()
     if budget == "min_heads":
         assert (got.sum(-1) == 3).all()
+
+
+@interpreted
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 40), heads=st.integers(1, 20), data=st.data(), seed=st.integers(0, 2**16))
+def test_batch_vote_is_decide_keeps_vote(B, heads, data, seed):
+    """batch_vote_triton against decide_keep(batch_shared=True) on the same scores: scores in
+    sixteenths (their mean is exact in any summation order, so equal ranks tie in both and the
+    tie rule is tested too), per-row keeps of any size, any union cap and floor."""
+    from dhp_fx.gates import decide_keep, keep_top
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 17, (B, heads), generator=gen).float() / 16
+    n_keep = data.draw(st.integers(0, heads))
+    min_keep = data.draw(st.integers(0, n_keep))
+    union_cap = data.draw(st.one_of(st.none(), st.integers(0, heads)))
+    want = decide_keep(scores, n_keep, min_keep, batch_shared=True, union_cap=union_cap)[0]
+    rows = keep_top(scores, max(n_keep, min_keep))
+    cap = heads if union_cap is None else min(heads, max(union_cap, min_keep))
+    got = tr.batch_vote_triton(rows, scores, cap, min(heads, min_keep))
+    assert got.dtype == torch.bool and torch.equal(got, want), (got, want)
 
 
 @interpreted
