@@ -18,10 +18,14 @@ class CompactBlock(nn.Module):
     """``out = block(keep, attn_mask, dropout_p, is_causal, scale, projections=..., roles=...,
     out_projection=..., geometry=...)``.
 
-    projections: per head op the graph held, (x as that op read it, weight, bias, flags, unit,
-    in_out, x as [B, L, d_in]), flags being "keep", "any" (keep.any(0)) or a tensor; roles: (projection index, first feature) of q, k and v;
-    out_projection: (weight, bias, flags, unit, in_out, flat), flags as above, with flat = rows arrive as [B*L, .];
-    geometry: (heads, head dim, value head dim). Holds its gate without registering it.
+    - projections: per head op the graph held, (x as that op read it, weight, bias, flags, unit,
+      in_out, x as [B, L, d_in]); flags are "keep" (the gate's mask), "any" (its union over the
+      batch) or a tensor;
+    - roles: (projection index, first feature) of q, k and v;
+    - out_projection: (weight, bias, flags, unit, in_out, flat), flat = rows arrive as [B*L, .];
+    - geometry: (heads, head dim, value head dim).
+
+    Holds its gate without registering it (the gate owns the block, as it owns its tap).
     """
 
     def __init__(self, gate: nn.Module):

@@ -21,16 +21,25 @@ def sites_table(sites: list[AttentionSite], skipped: list[SkippedSite]) -> str:
         return "dhp_fx: no attention found; the model runs unchanged."
     rows = [
         [s.name, s.module_type, s.num_heads, s.num_kv_heads, s.head_dim, s.pattern,
-         s.mask_kind, "yes" if s.is_causal else "no", "cross" if s.cross_attention else "self"]
+         s.mask_kind, "yes" if s.is_causal else "no", "cross" if s.cross_attention else "self", _skips(s)]
         for s in sites
     ]
     out = [f"dhp_fx: {len(sites)} attention site(s) rewritten into dhp::gated_attention"]
     if rows:
-        out.append(_table(["site", "module", "heads", "kv heads", "head dim", "pattern", "mask", "causal", "kind"], rows))
+        out.append(_table(["site", "module", "heads", "kv heads", "head dim", "pattern", "mask", "causal", "kind",
+                           "pruned heads skip"], rows))
     if skipped:
         out.append(f"\n{len(skipped)} candidate(s) left unchanged:")
         out.append(_table(["module", "pattern", "reason"], [[s.module_path or "<root>", s.pattern, s.reason] for s in skipped]))
     return "\n".join(out)
+
+
+def _skips(site: AttentionSite) -> str:
+    """Where a pruned head's work is skipped: the core always; which projections; or the whole
+    block computed on the kept heads alone (compact, when the budget bounds them)."""
+    if site.compact_block:
+        return "whole block (compact)"
+    return "+".join(["core", *site.skipped_projections])
 
 
 # ---------------------------------------------------------------------------- FLOPs

@@ -120,6 +120,7 @@ def test_report_lists_sites_and_skips():
     optimized = dhp_fx.optimize(module, example_inputs=inputs)
     report = optimized.report()
     assert "1 attention site" in report and "sdpa" in report
+    assert "pruned heads skip" in report and "core+out" in report  # the probe reads q: only out is skipped
 
 
 def test_backend_by_name_with_options_and_downstream_compilers():

@@ -206,6 +206,7 @@ def test_zoo_blocks_compacted_and_exact(name):
     inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert opt.sites and all(s.compact_block for s in opt.sites), opt.report()
+    assert opt.report().count("whole block (compact)") == len(opt.sites)
     blocks = [opt.gate(s).block_module for s in opt.sites]
     for shared in (True, False):
         before = sum(b.calls_compact for b in blocks)
