@@ -89,7 +89,7 @@ def check_exactness(device, dtypes, batch, seq) -> list[dict]:
             ok = open_err <= TOL[dtype] and mask_err <= TOL[dtype] and bool(torch.isfinite(got).all())
             row = {"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
                    "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err}
-            if name != "llama-gqa":  # GQA blocks are not compacted
+            if name != "llama-gqa":  # RoPE sits between Llama's projections and the op: not compacted
                 errs = _compact_errors(dhp_fx, heads_zeroed, model, {**inputs, "use_cache": False}, g, device)
                 row.update(errs)
                 ok = ok and all(e <= TOL[dtype] for e in errs.values())

@@ -1,8 +1,9 @@
 """The module a rewritten graph calls in place of a whole attention block (see passes/compact_heads).
 
-Per call it asks the gate how many heads the call can keep at most (``HeadGate.compact_plan``: a
-host-side bound from the budget and the batch size, never a device sync). Below the head count,
-the block runs on the kept heads alone (``kernels/compact_heads.py``); otherwise, or when the gate
+Per call it asks the gate in how many KV groups (heads, for MHA) the call's kept heads lie at
+most (``HeadGate.compact_plan``: a host-side bound from the budget and the batch size, never a
+device sync). Below the group count, the block runs on those groups alone
+(``kernels/compact_heads.py``); otherwise, or when the gate
 left work that needs every head's q, k and v (calibration, attention maps, straight-through
 training), it runs the head ops the graph held before and calls the gate's tap.
 """
@@ -23,7 +24,7 @@ class CompactBlock(nn.Module):
       batch) or a tensor;
     - roles: (projection index, first feature) of q, k and v;
     - out_projection: (weight, bias, flags, unit, in_out, flat), flat = rows arrive as [B*L, .];
-    - geometry: (heads, head dim, value head dim).
+    - geometry: (heads, KV heads, head dim, value head dim).
 
     Holds its gate without registering it (the gate owns the block, as it owns its tap).
     """
@@ -34,22 +35,22 @@ class CompactBlock(nn.Module):
         self.calls_compact = 0  # how many calls ran the kept heads alone (reports, tests)
 
     def forward(self, keep, attn_mask, dropout_p, is_causal, scale, *, projections, roles, out_projection, geometry):
-        heads, head_dim, v_head_dim = geometry
+        heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         plan = self.gate.compact_plan(keep.shape[0])
-        if plan is not None and plan[0] < heads:
+        if plan is not None and plan[0] < kv_heads:
             cap, rows_shared = plan
             q, k, v = (HeadProjection(projections[i][6], projections[i][1], projections[i][2], projections[i][5], start)
                        for i, start in roles)
             out = compact_attention_block(q, k, v, w_o, b_o, in_out_o, keep, cap, head_dim, v_head_dim,
-                                          attn_mask, dropout_p, is_causal, scale, rows_shared)
+                                          attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads)
             self.calls_compact += 1
             return out.flatten(0, 1) if flat else out
         return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry)
 
     def _every_head(self, keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry):
         """What the graph computed before the block replaced it: the head ops, H heads wide."""
-        heads, head_dim, v_head_dim = geometry
+        heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         union = None
 
@@ -65,14 +66,14 @@ class CompactBlock(nn.Module):
 
         features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
 
-        def role(index: int, dim: int):
+        def role(index: int, n: int, dim: int):
             i, start = roles[index]
             x3 = projections[i][6]
             B, L = x3.shape[:2]
-            y = features[i].view(B, L, -1)[..., start:start + heads * dim]
-            return y.view(B, L, heads, dim).transpose(1, 2)
+            y = features[i].view(B, L, -1)[..., start:start + n * dim]
+            return y.view(B, L, n, dim).transpose(1, 2)
 
-        q, k, v = role(0, head_dim), role(1, head_dim), role(2, v_head_dim)
+        q, k, v = role(0, heads, head_dim), role(1, kv_heads, head_dim), role(2, kv_heads, v_head_dim)
         o = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         o = self.gate.tap_module(o, q, k, v, attn_mask)
         B, _, L, _ = o.shape

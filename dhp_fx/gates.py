@@ -153,9 +153,12 @@ class HeadGate(nn.Module):
                 f"[batch, {self.num_heads}], got {mask.dtype} {tuple(mask.shape)}"
             )
         self.fixed_keep = mask.clone()
-        # counted once here, on the host, so that compact_plan never waits for the device
-        rows = mask.reshape(-1, self.num_heads)
-        self._fixed_plan = (int(rows.any(0).sum()), bool((rows == rows[:1]).all()))
+        # counted once here, on the host, so that compact_plan never waits for the device: the KV
+        # groups the rows touch, and whether the rows are equal and keep whole groups
+        rows = mask.reshape(-1, self.num_kv_heads, self.num_heads // self.num_kv_heads)
+        groups = rows.any(-1)
+        whole = bool((rows == groups[..., None]).all())
+        self._fixed_plan = (int(groups.any(0).sum()), whole and bool((rows == rows[:1]).all()))
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         """Importance per (batch, head), higher = keep. Scoring strategies override this."""
@@ -190,27 +193,41 @@ class HeadGate(nn.Module):
         """The most heads ``decide`` keeps in one row under the budget (threshold or not)."""
         return min(self.num_heads, max(int(round(self.keep_ratio * self.num_heads)), self.min_heads))
 
+    def _group_bounds(self) -> tuple[int, int, bool]:
+        """(KV groups one row keeps at most, groups the batch vote keeps at most, whether rows keep
+        whole groups), under the budget. Heads are the units for MHA (groups of one); with
+        ``prune_kv_groups`` the budget counts groups; otherwise a row's kept heads fall in at
+        most as many groups as there are heads."""
+        H, kv = self.num_heads, self.num_kv_heads
+        group = H // kv
+        if self.prune_kv_groups:
+            min_units = math.ceil(self.min_heads / group)
+            per_row = min(kv, max(int(round(self.keep_ratio * kv)), min_units))
+            union = kv if self.union_cap is None else min(kv, max(int(round(self.union_cap * kv)), min_units))
+            return per_row, union, True
+        per_row = self.per_row_bound()
+        union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
+        return min(kv, per_row), min(kv, union), group == 1
+
     def compact_plan(self, batch: int) -> Optional[tuple[int, bool]]:
-        """(cap, rows_shared) for this gate's last decision on a batch of ``batch`` rows: no row
-        keeps a head outside a set of at most ``cap`` heads, and rows_shared says every row keeps
-        the same ones. None when the call must compute every head: the gate left tap work that
-        reads q, k, v of every head, a budget that keeps all, or KV groups (GQA).
+        """(cap, rows_shared) for this gate's last decision on a batch of ``batch`` rows: the kept
+        heads of every row lie, together, in at most ``cap`` KV groups (heads, for MHA), and
+        rows_shared says every row keeps the same, whole groups. None when the call must compute
+        every head: the gate left tap work that reads q, k, v of every head, or a budget that
+        keeps all.
 
         Read by the block module (dhp_fx.compact_block) after the gate ran; host state only."""
-        H = self.num_heads
-        if self._tap_work is not None or self.num_kv_heads != H:
+        if self._tap_work is not None:
             return None
         if self.fixed_keep.numel():
-            union, equal = self._fixed_plan
-            return max(union, 1), equal or batch == 1 or self.fixed_keep.dim() == 1
-        if self.recording or (self.score_threshold is None and self.n_keep >= H):
+            union, shared = self._fixed_plan
+            return max(union, 1), shared
+        if self.recording or (self.score_threshold is None and self.n_keep >= self.num_heads):
             return None
-        per_row = self.per_row_bound()
+        per_row, union, whole = self._group_bounds()
         if self.granularity == "batch":
-            union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
-            return min(union, batch * per_row), True
-        return min(H, batch * per_row), batch == 1
-
+            return min(union, batch * per_row), whole
+        return min(self.num_kv_heads, batch * per_row), whole and batch == 1
     def decides_from_hidden(self) -> bool:
         """True when ``score`` needs only the layer input (``hidden``), never q, k or v."""
         return False

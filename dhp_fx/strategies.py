@@ -150,7 +150,8 @@ class StaticGate(ScoringGate):
         plan = super().compact_plan(batch)
         if plan is None or self.fixed_keep.numel() or self.recording:
             return plan
-        return min(plan[0], self.per_row_bound()), True  # one decision, handed to every row
+        per_row, _, whole = self._group_bounds()
+        return min(plan[0], per_row), whole  # one decision, handed to every row
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         self._last_entropy = None

@@ -59,22 +59,25 @@ def _head_rows(weight, bias, start, in_out, idx, valid, heads: int, dim: int):
     return w, b
 
 
-def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool,
-                       head_dim: int, v_head_dim: int):
-    """(idx, valid, w_qkv [cap*(2D+Dv), d_in], b_qkv or None, w_o [d_out, cap*Dv]) in torch ops
-    (differentiable: the weights' gradients flow back to the kept heads' rows)."""
-    H = keep.shape[1]
+def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims):
+    """(idx, valid, w_qkv [cap * (dq + dk + dv), d_in], b_qkv or None, w_o [d_out, cap * do]) in
+    torch ops (differentiable: the weights' gradients flow back to the kept slots' rows).
+
+    keep: bool [B, S] over slots (heads, or KV groups under GQA); dims: (dq, dk, dv, do), each
+    role's features per slot (a KV group's q features are its heads' q features, adjacent)."""
+    S = keep.shape[1]
     idx, valid = kept_first(keep.any(0), cap)
-    parts = [_head_rows(w, b, st, io, idx, valid, H, dim)
-             for w, b, st, io, dim in zip(weights, biases, starts, in_out, (head_dim, head_dim, v_head_dim))]
+    parts = [_head_rows(w, b, st, io, idx, valid, S, dim)
+             for w, b, st, io, dim in zip(weights, biases, starts, in_out, dims[:3])]
     w_qkv = torch.cat([w for w, _ in parts])
     b_qkv = None if any(b is None for _, b in parts) else torch.cat([b for _, b in parts])
+    d_o = dims[3]
     if out_in_out:
-        w_o = out_weight.unflatten(0, (H, v_head_dim)).index_select(0, idx)
-        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * v_head_dim, -1).t()
+        w_o = out_weight.unflatten(0, (S, d_o)).index_select(0, idx)
+        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * d_o, -1).t()
     else:
-        w_o = out_weight.unflatten(1, (H, v_head_dim)).index_select(1, idx)
-        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * v_head_dim)
+        w_o = out_weight.unflatten(1, (S, d_o)).index_select(1, idx)
+        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * d_o)
     return idx, valid, w_qkv, b_qkv, w_o
 
 
@@ -93,11 +96,12 @@ def _triton_gather():
 @torch.library.custom_op("dhp::gather_heads", mutates_args=())
 def gather_heads(keep: torch.Tensor, cap: int, wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor,
                  bk: Optional[torch.Tensor], wv: torch.Tensor, bv: Optional[torch.Tensor], wo: torch.Tensor,
-                 starts: list[int], in_out: list[int], out_in_out: bool, head_dim: int,
-                 v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 starts: list[int], in_out: list[int], out_in_out: bool,
+                 dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compact block's gather as one op (one launch on CUDA). Inference only: no autograd.
 
-    Returns (idx, valid, w_qkv, b_qkv, w_o); b_qkv is zeros when the projections have no bias."""
+    Returns (idx, valid, w_qkv, b_qkv, w_o) as :func:`gather_heads_torch`; b_qkv is zeros when
+    the projections have no bias."""
     weights, biases, flags = (wq, wk, wv), (bq, bk, bv), [bool(f) for f in in_out]
     from .triton_attention import triton_available
 
@@ -106,7 +110,7 @@ def gather_heads(keep: torch.Tensor, cap: int, wq: torch.Tensor, bq: Optional[to
                                or any(t is not None and t.dtype != wq.dtype for t in (wk, wv, wo, bq, bk, bv))):
         triton = None
     impl = triton.gather_heads_triton if triton is not None else gather_heads_torch
-    idx, valid, w_qkv, b_qkv, w_o = impl(keep, cap, weights, biases, starts, flags, wo, out_in_out, head_dim, v_head_dim)
+    idx, valid, w_qkv, b_qkv, w_o = impl(keep, cap, weights, biases, starts, flags, wo, out_in_out, dims)
     if b_qkv is None:
         b_qkv = w_qkv.new_zeros(w_qkv.shape[0])
     # custom ops may not return views of their inputs or of each other
@@ -114,19 +118,30 @@ def gather_heads(keep: torch.Tensor, cap: int, wq: torch.Tensor, bq: Optional[to
 
 
 @gather_heads.register_fake
-def _(keep, cap, wq, bq, wk, bk, wv, bv, wo, starts, in_out, out_in_out, head_dim, v_head_dim):
+def _(keep, cap, wq, bq, wk, bk, wv, bv, wo, starts, in_out, out_in_out, dims):
     d_in = wq.shape[0] if in_out[0] else wq.shape[1]
     d_out = wo.shape[1] if out_in_out else wo.shape[0]
-    rows = cap * (2 * head_dim + v_head_dim)
+    rows = cap * (dims[0] + dims[1] + dims[2])
     return (keep.new_empty(cap, dtype=torch.int64), keep.new_empty(cap, dtype=torch.bool), wq.new_empty(rows, d_in),
-            wq.new_empty(rows), wq.new_empty(d_out, cap * v_head_dim))
+            wq.new_empty(rows), wq.new_empty(d_out, cap * dims[3]))
 
 
-def _heads_of_mask(attn_mask: Optional[torch.Tensor], heads: int, idx: torch.Tensor) -> Optional[torch.Tensor]:
-    """The mask restricted to the gathered heads when it has a head dim (a T5-style bias)."""
+def _heads_of_mask(attn_mask: Optional[torch.Tensor], heads: int, q_heads: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask restricted to the gathered query heads when it has a head dim (a T5-style bias)."""
     if attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1 or heads == 1:
         return attn_mask
-    return attn_mask.index_select(attn_mask.dim() - 3, idx)
+    return attn_mask.index_select(attn_mask.dim() - 3, q_heads)
+
+
+def _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
+    """SDPA on the gathered heads; k and v hold one head per ``group`` query heads."""
+    if group > 1:
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=scale, enable_gqa=True)
+        except TypeError:  # torch < 2.5: no enable_gqa
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -149,40 +164,50 @@ def compact_attention_block(
     is_causal: bool = False,
     scale: Optional[float] = None,
     rows_shared: bool = False,
+    kv_heads: Optional[int] = None,
 ) -> torch.Tensor:
-    """The block's output [B, Lq, d_out], computing at most ``cap`` heads.
+    """The block's output [B, Lq, d_out], computing at most ``cap`` KV groups (heads, for MHA).
 
-    keep: bool [B, H]; the caller guarantees that at most ``cap`` heads are kept by any row, in
-    union (the union is what gets computed). rows_shared: every row keeps the same heads (one
-    row, a batch-shared gate): then dense attention runs on the gathered heads; otherwise the
-    gated op zeroes each row's own pruned heads among them. Filler heads get zero weights, so
-    they add nothing (a query row that masks every key is NaN in every head, as in SDPA).
+    keep: bool [B, H] over query heads; kv_heads: K/V heads (H when None), each serving
+    H / kv_heads query heads. The caller guarantees that the rows' kept heads lie, in union, in
+    at most ``cap`` KV groups (the groups are what gets computed). rows_shared: every row keeps
+    the same heads and whole groups (one row, a batch-shared gate over groups): dense attention
+    runs on the gathered heads; otherwise the gated op zeroes each row's own pruned heads among
+    them. Filler groups get zero weights, so they add nothing (a query row that masks every key
+    is NaN in every head, as in SDPA).
     """
     B, H = keep.shape
-    if not 0 < cap <= H:
-        raise ValueError(f"compact_attention_block: cap must be in [1, {H}], got {cap}")
+    kv = H if kv_heads is None else kv_heads
+    if kv <= 0 or H % kv:
+        raise ValueError(f"compact_attention_block: {H} query heads are not a multiple of {kv} kv heads")
+    if not 0 < cap <= kv:
+        raise ValueError(f"compact_attention_block: cap must be in [1, {kv}], got {cap}")
+    group = H // kv
+    groups_keep = keep if group == 1 else keep.view(B, kv, group).any(-1)
     projs = (q_proj, k_proj, v_proj)
     weights, biases = [p.weight for p in projs], [p.bias for p in projs]
     starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
+    dims = [group * head_dim, head_dim, v_head_dim, group * v_head_dim]
     if _needs_grad(*weights, *biases, out_weight, *(p.x for p in projs)):
-        idx, valid, w_qkv, b_qkv, w_o = gather_heads_torch(keep, cap, weights, biases, starts, in_out, out_weight,
-                                                           out_in_out, head_dim, v_head_dim)
+        idx, valid, w_qkv, b_qkv, w_o = gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out,
+                                                           out_weight, out_in_out, dims)
     else:
         idx, valid, w_qkv, b_qkv, w_o = torch.ops.dhp.gather_heads(
-            keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts, [int(f) for f in in_out],
-            out_in_out, head_dim, v_head_dim)
-    q, k, v = _project(projs, w_qkv, b_qkv, [cap * head_dim, cap * head_dim, cap * v_head_dim])
+            groups_keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts,
+            [int(f) for f in in_out], out_in_out, dims)
+    q, k, v = _project(projs, w_qkv, b_qkv, [cap * d for d in dims[:3]])
     Lq, Lk = q_proj.x.shape[1], k_proj.x.shape[1]
-    q = q.view(B, Lq, cap, head_dim).transpose(1, 2)
+    q = q.view(B, Lq, cap * group, head_dim).transpose(1, 2)
     k = k.view(B, Lk, cap, head_dim).transpose(1, 2)
     v = v.view(B, Lk, cap, v_head_dim).transpose(1, 2)
-    mask = _heads_of_mask(attn_mask, H, idx)
+    q_heads = idx if group == 1 else (idx[:, None] * group + torch.arange(group, device=idx.device)).flatten()
+    mask = _heads_of_mask(attn_mask, H, q_heads)
     if rows_shared:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        o = _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group)
     else:
-        rows = keep.index_select(1, idx) & valid
+        rows = keep.index_select(1, q_heads) & (valid if group == 1 else valid.repeat_interleave(group))
         o = torch.ops.dhp.gated_attention(q, k, v, rows, mask, dropout_p, is_causal, scale)
-    return F.linear(o.transpose(1, 2).reshape(B, Lq, cap * v_head_dim), w_o, out_bias)
+    return F.linear(o.transpose(1, 2).reshape(B, Lq, cap * group * v_head_dim), w_o, out_bias)
 
 
 def _project(projs, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:

@@ -84,7 +84,7 @@ def _gather_heads_kernel(
     start_q, start_k, start_v,
     sq_f, sq_i, sk_f, sk_i, sv_f, sv_i, so_o, so_f,
     Idx, Valid, WQKV, BQKV, WO,
-    d_in, d_out, cap, D, Dv,
+    d_in, d_out, cap, Dq, Dk, Dv, Do,
     HAS_BIAS: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One tile per program, no loop over the rows' width: the copies are small, so latency (one
@@ -94,7 +94,7 @@ def _gather_heads_kernel(
     role = tl.program_id(2)
     pos, n_kept = _ranks(Keep, B, H, stride_kb, stride_kh, HP, BLOCK_B)
     if role == 0:
-        _copy_rows(pos, n_kept, Wq, Bq, start_q, sq_f, sq_i, 0, D, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+        _copy_rows(pos, n_kept, Wq, Bq, start_q, sq_f, sq_i, 0, Dq, WQKV, BQKV, d_in, cap, pid_r, pid_c,
                    HAS_BIAS, HP, BLOCK_R, BLOCK_K)
         if (pid_r == 0) & (pid_c == 0):
             offs_s = tl.arange(0, HP)
@@ -102,39 +102,42 @@ def _gather_heads_kernel(
             tl.store(Idx + offs_s, s_head.to(tl.int64), mask=offs_s < cap)
             tl.store(Valid + offs_s, s_valid.to(tl.int8), mask=offs_s < cap)
     elif role == 1:
-        _copy_rows(pos, n_kept, Wk, Bk, start_k, sk_f, sk_i, cap * D, D, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+        _copy_rows(pos, n_kept, Wk, Bk, start_k, sk_f, sk_i, cap * Dq, Dk, WQKV, BQKV, d_in, cap, pid_r, pid_c,
                    HAS_BIAS, HP, BLOCK_R, BLOCK_K)
     elif role == 2:
-        _copy_rows(pos, n_kept, Wv, Bv, start_v, sv_f, sv_i, 2 * cap * D, Dv, WQKV, BQKV, d_in, cap, pid_r, pid_c,
+        _copy_rows(pos, n_kept, Wv, Bv, start_v, sv_f, sv_i, cap * (Dq + Dk), Dv, WQKV, BQKV, d_in, cap, pid_r, pid_c,
                    HAS_BIAS, HP, BLOCK_R, BLOCK_K)
     else:
-        width = cap * Dv
+        width = cap * Do
         if (pid_r * BLOCK_R < d_out) & (pid_c * BLOCK_K < width):
             offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
             r_ok = offs_r < d_out
             cols = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
             c_ok = cols < width
-            head, valid = _heads_at(pos, n_kept, cols // Dv, HP)
-            feat = (head * Dv + cols % Dv).to(tl.int64)
+            head, valid = _heads_at(pos, n_kept, cols // Do, HP)
+            feat = (head * Do + cols % Do).to(tl.int64)
             ok = r_ok[:, None] & (c_ok & valid)[None, :]
             w = tl.load(Wo + offs_r[:, None].to(tl.int64) * so_o + feat[None, :] * so_f, mask=ok, other=0.0)
             tl.store(WO + offs_r[:, None].to(tl.int64) * width + cols[None, :], w, mask=r_ok[:, None] & c_ok[None, :])
 
 
-def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, out_in_out, head_dim, v_head_dim):
-    """(idx [cap] int64, valid [cap] bool, w_qkv [cap*(2D+Dv), d_in], b_qkv or None, w_o [d_out, cap*Dv]).
+def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, out_in_out, dims):
+    """:func:`dhp_fx.kernels.compact_heads.gather_heads_torch` in one launch: (idx [cap] int64,
+    valid [cap] bool, w_qkv [cap * (dq + dk + dv), d_in], b_qkv or None, w_o [d_out, cap * do]).
 
-    weights/biases/starts/in_out: q, k, v in that order, each weight as the model stores it."""
-    B, H = keep.shape
+    keep: bool [B, S] over slots (heads or KV groups); weights/biases/starts/in_out: q, k, v in
+    that order, each weight as the model stores it; dims: (dq, dk, dv, do) features per slot."""
+    B, S = keep.shape
+    dq, dk, dv, do = dims
     wq = weights[0]
     d_in = wq.shape[0] if in_out[0] else wq.shape[1]
     d_out = out_weight.shape[1] if out_in_out else out_weight.shape[0]
     dev, dtype = wq.device, wq.dtype
-    rows = cap * (2 * head_dim + v_head_dim)
+    rows = cap * (dq + dk + dv)
     w_qkv = torch.empty(rows, d_in, device=dev, dtype=dtype)
     has_bias = all(b is not None for b in biases)
     b_qkv = torch.empty(rows, device=dev, dtype=dtype) if has_bias else w_qkv
-    w_o = torch.empty(d_out, cap * v_head_dim, device=dev, dtype=dtype)
+    w_o = torch.empty(d_out, cap * do, device=dev, dtype=dtype)
     idx = torch.empty(cap, device=dev, dtype=torch.int64)
     valid = torch.empty(cap, device=dev, dtype=torch.int8)
     strides = []
@@ -142,16 +145,16 @@ def gather_heads_triton(keep, cap, weights, biases, starts, in_out, out_weight, 
         strides += [w.stride(1), w.stride(0)] if io else [w.stride(0), w.stride(1)]
     so = [out_weight.stride(1), out_weight.stride(0)] if out_in_out else [out_weight.stride(0), out_weight.stride(1)]
     keep_i8 = keep.view(torch.int8) if keep.dtype == torch.bool else keep
-    row_blocks = max(triton.cdiv(cap * max(head_dim, v_head_dim), BLOCK_R), triton.cdiv(d_out, BLOCK_R))
-    col_blocks = max(triton.cdiv(d_in, BLOCK_K), triton.cdiv(cap * v_head_dim, BLOCK_K))
+    row_blocks = max(triton.cdiv(cap * max(dq, dk, dv), BLOCK_R), triton.cdiv(d_out, BLOCK_R))
+    col_blocks = max(triton.cdiv(d_in, BLOCK_K), triton.cdiv(cap * do, BLOCK_K))
     bq, bk, bv = biases if has_bias else (w_qkv, w_qkv, w_qkv)
     _gather_heads_kernel[(row_blocks, col_blocks, 4)](
-        keep_i8, B, H, keep_i8.stride(0), keep_i8.stride(1),
+        keep_i8, B, S, keep_i8.stride(0), keep_i8.stride(1),
         weights[0], bq, weights[1], bk, weights[2], bv, out_weight,
         starts[0], starts[1], starts[2], *strides, *so,
         idx, valid, w_qkv, b_qkv, w_o,
-        d_in, d_out, cap, head_dim, v_head_dim,
-        HAS_BIAS=has_bias, HP=next_pow2(max(H, cap, 2)), BLOCK_B=min(next_pow2(max(B, 1)), 16),
+        d_in, d_out, cap, dq, dk, dv, do,
+        HAS_BIAS=has_bias, HP=next_pow2(max(S, cap, 2)), BLOCK_B=min(next_pow2(max(B, 1)), 16),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
     )
     return idx, valid.view(torch.bool), w_qkv, (b_qkv if has_bias else None), w_o

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import head_layout as hl
-from .graph_utils import example_value
+from .graph_utils import example_value, is_call, is_method
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -40,10 +41,24 @@ def _in_order(dims: list[list[hl.Atom]], sizes: tuple, want: list[tuple[int, int
     return True
 
 
+def _moves_only(path: list[fx.Node]) -> bool:
+    """Every node after the projection moves elements and keeps their dtype: views, transposes,
+    splits, selections. An elementwise op (RoPE, a scaling) or a cast computes values the block,
+    which recomputes the op's input from the projection alone, would not."""
+    want = example_value(path[0])
+    for node in path[1:]:
+        if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
+            return False
+        val = example_value(node)
+        if isinstance(val, torch.Tensor) and want is not None and val.dtype != want.dtype:
+            return False
+    return True
+
+
 def _block_input(state: _Site, role: str) -> Optional[fx.Node]:
     """The [B, L, d_in] tensor whose features reach the op as [B, H, L, D] in the standard way."""
-    node, lay = state.replaced.get(role), state.layouts.get(role)
-    if node is None or lay is None:
+    node, lay, path = state.replaced.get(role), state.layouts.get(role), state.paths.get(role)
+    if node is None or lay is None or path is None or not _moves_only(path):
         return None
     x = node.args[0]
     if node.args[5]:  # HF Conv1D: addmm on x.view(-1, d_in); the layouts name the 3-D source's dims
@@ -88,8 +103,8 @@ def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -
     if not isinstance(block, nn.Module):
         state.result.bump("no_compact_block:gate_has_no_block")
         return False
-    if site.num_kv_heads != site.num_heads or site.num_heads < 2:
-        state.result.bump("no_compact_block:" + ("gqa" if site.num_kv_heads != site.num_heads else "one_head"))
+    if site.num_kv_heads < 2:  # one KV group: nothing to leave out (MQA, a single head)
+        state.result.bump("no_compact_block:one_kv_head")
         return False
     inputs = {role: _block_input(state, role) for role in ROLES}
     if any(x is None for x in inputs.values()) or not _output_in_order(state):
@@ -116,7 +131,7 @@ def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -
     with gm.graph.inserting_before(out):
         call = gm.graph.call_module(target, (keep, mask, dropout_p, is_causal, scale), dict(
             projections=projections, roles=roles, out_projection=(w_o, b_o, flags_o, unit_o, in_out_o, flat),
-            geometry=(site.num_heads, site.head_dim, site.value_head_dim)))
+            geometry=(site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim)))
     for key in ("example_value", "nn_module_stack", "source_fn_stack", "stack_trace"):
         if key in out.meta:
             call.meta[key] = out.meta[key]

@@ -129,6 +129,7 @@ class _Site:
         self.replaced: dict[str, fx.Node] = {}  # role -> the head op that took its projection's place
         self.out_lead: list[hl.Atom] = []  # atoms of the dims before the features, entering W_o
         self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
+        self.paths: dict[str, list[fx.Node]] = {}  # projection -> op input, per proven role
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
             if isinstance(n, fx.Node) and example_value(n) is None:
                 val = _meta_value(n.op, n.target, n.args, n.kwargs)
@@ -194,6 +195,7 @@ class _Site:
         if not (ok_head and others_within and final.offset == start):
             return None, "layout"
         self.layouts[role] = final
+        self.paths[role] = path
         return path, ""
 
     def batch_leads_hidden(self, hidden: fx.Node) -> bool:

@@ -47,7 +47,8 @@ def gather_cases(draw):
         keep[B - 1, torch.randint(H, (1,), generator=g)] = True
     union = int(keep.any(0).sum())
     cap = draw(st.integers(max(union, 1), H))
-    return dict(keep=keep, cap=cap, H=H, D=draw(st.sampled_from([2, 4, 8])), Dv=draw(st.sampled_from([2, 4])),
+    return dict(keep=keep, cap=cap, H=H, G=draw(st.sampled_from([1, 1, 2, 3])), D=draw(st.sampled_from([2, 4, 8])),
+                Dv=draw(st.sampled_from([2, 4])),
                 d_in=draw(st.integers(1, 140)), d_out=draw(st.integers(1, 40)), in_out=draw(st.booleans()),
                 fused=draw(st.booleans()), bias=draw(st.booleans()), seed=seed,
                 dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])))
@@ -63,7 +64,9 @@ def _poison_pruned(w: torch.Tensor, keep: torch.Tensor, start: int, dim: int, fe
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(gather_cases())
 def test_triton_gather_equals_torch_gather(case):
-    keep, cap, H, D, Dv = case["keep"], case["cap"], case["H"], case["D"], case["Dv"]
+    # H slots (heads, or KV groups of G query heads): q and W_o hold G heads' features per slot
+    keep, cap, H, D, Dv, G = case["keep"], case["cap"], case["H"], case["D"], case["Dv"], case["G"]
+    dims = (G * D, D, Dv, G * Dv)
     g = torch.Generator().manual_seed(case["seed"])
     dt, io = case["dtype"], case["in_out"]
 
@@ -73,19 +76,19 @@ def test_triton_gather_equals_torch_gather(case):
 
     feature_dim = 1 if io else 0
     if case["fused"]:  # one [q | k | v] weight, roles at their offsets
-        w_all = weight(H * (2 * D + Dv))
-        weights, starts = [w_all] * 3, [0, H * D, 2 * H * D]
+        w_all = weight(H * (dims[0] + dims[1] + dims[2]))
+        weights, starts = [w_all] * 3, [0, H * dims[0], H * (dims[0] + dims[1])]
     else:
-        weights, starts = [weight(H * D), weight(H * D), weight(H * Dv)], [0, 0, 0]
-    for w, st_, dim in zip(weights, starts, (D, D, Dv)):
+        weights, starts = [weight(H * d) for d in dims[:3]], [0, 0, 0]
+    for w, st_, dim in zip(weights, starts, dims[:3]):
         _poison_pruned(w, keep, st_, dim, feature_dim)
     biases = [torch.randn(w.shape[feature_dim], generator=g).to(dt) if case["bias"] else None for w in weights]
-    out_w = torch.randn(case["d_out"], H * Dv, generator=g).to(dt)
-    _poison_pruned(out_w, keep, 0, Dv, 1)
+    out_w = torch.randn(case["d_out"], H * dims[3], generator=g).to(dt)
+    _poison_pruned(out_w, keep, 0, dims[3], 1)
     if io:
         out_w = out_w.t().contiguous()
 
-    args = (keep, cap, weights, biases, starts, [io] * 3, out_w, io, D, Dv)
+    args = (keep, cap, weights, biases, starts, [io] * 3, out_w, io, dims)
     want = gather_heads_torch(*args)
     got = tg.gather_heads_triton(*args)
     names = ("idx", "valid", "w_qkv", "b_qkv", "w_o")
