@@ -13,6 +13,10 @@
 # Session 9 (after its runs) added the A/B of the persistent compacted grid: "triton, persistent
 # grid" under each core row and "block ops/row persistent" (table), and the heads-removed
 # deployment (static_prune) in the encoder table.
+# Session 10 (H200, session-7+9 cache carried): checks 157 s, encoder 89 s (now with the compact
+# A/B and the batch-of-one rows), table at two shapes 184 s; on a fresh machine with session 10's
+# cache: exact 54 s, table at 32,12,512,64 32 s, encoder 60 s. .device_carry holds session 10's
+# cache (23 MB).
 # Step limits add up to 595 s (checks 240, table 200, encoder 120, decode 35; "profile" adds 40):
 # call with timeout_s=600, or drop steps. The checks got 240 s once the backward check went in
 # (session 9, after its runs: not yet timed on a card). A cold table compiles roughly 90 kernel
