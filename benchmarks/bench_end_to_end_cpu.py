@@ -10,6 +10,9 @@ Rows: the unmodified model, then optimize() with the built-in gates at keep p:
   router/sample per-input router, every row its own heads (projections skip heads no row keeps);
   probe/sample  entropy probe on 1/16 of the query rows, then the gated core; only the output
                 projection skips heads (the probe needs Q and K of every head).
+Where every projection is skipped (static, router) and a call's kept heads are bounded below the
+head count (static decisions; any gate at batch 1), the block runs compact: the kept heads'
+weights gathered, dense GEMMs and SDPA on those heads (``--head-ops`` adds the A/B).
 Times are medians of ``--reps`` calls after two warm-ups, variants interleaved.
 """
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("--diverse-routers", action="store_true",
                         help="random router weights, so every sample keeps its own heads; adds a row with "
                              "the per-sample GEMM off (union of the rows' heads)")
+    parser.add_argument("--head-ops", action="store_true",
+                        help="adds static/batch and router/sample with compact_heads=False: the head-skipping "
+                             "ops instead of compact blocks (the A/B of session 10)")
     args = parser.parse_args()
 
     import dhp_fx
@@ -50,17 +56,20 @@ def main() -> None:
     inputs = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),
               "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
     variants = {"dense": model}
+    configs = [("static", "batch", True), ("router", "sample", True), ("probe", "sample", True)]
+    if args.head_ops:
+        configs += [("static", "batch", False), ("router", "sample", False)]
     for p in args.p:
-        for scoring, granularity in (("static", "batch"), ("router", "sample"), ("probe", "sample")):
-            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity),
-                                  example_inputs=inputs)
+        for scoring, granularity, compact in configs:
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity,
+                                                          compact_heads=compact), example_inputs=inputs)
             if scoring == "static" and p < 1.0:
                 dhp_fx.calibrate(opt, [inputs], measure_flops=False)
             if scoring == "router" and args.diverse_routers:
                 with torch.no_grad():
                     for gate in opt.gates.values():
                         torch.nn.init.normal_(gate.router[-1].weight, std=1.0)
-            variants[f"{scoring}/{granularity} p={p:g}"] = opt
+            variants[f"{scoring}/{granularity}{'' if compact else ' head ops'} p={p:g}"] = opt
     from dhp_fx.kernels import head_linear
 
     runs = [(name, m, True) for name, m in variants.items()]
