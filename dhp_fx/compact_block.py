@@ -9,10 +9,12 @@ training), it runs the head ops the graph held before and calls the gate's tap.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from .kernels.compact_heads import HeadProjection, compact_attention_block
+from .kernels.compact_heads import HeadProjection, compact_attention_block, gather_block_weights
 
 
 class CompactBlock(nn.Module):
@@ -33,6 +35,8 @@ class CompactBlock(nn.Module):
         super().__init__()
         object.__setattr__(self, "gate", gate)
         self.calls_compact = 0  # how many calls ran the kept heads alone (reports, tests)
+        self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
+        self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
     def forward(self, keep, attn_mask, dropout_p, is_causal, scale, *, projections, roles, out_projection, geometry):
         heads, kv_heads, head_dim, v_head_dim = geometry
@@ -42,11 +46,35 @@ class CompactBlock(nn.Module):
             cap, rows_shared = plan
             q, k, v = (HeadProjection(projections[i][6], projections[i][1], projections[i][2], projections[i][5], start)
                        for i, start in roles)
+            gathered = self._gathered(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
             out = compact_attention_block(q, k, v, w_o, b_o, in_out_o, keep, cap, head_dim, v_head_dim,
-                                          attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads)
+                                          attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads, gathered)
             self.calls_compact += 1
             return out.flatten(0, 1) if flat else out
         return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry)
+
+    def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads):
+        """The gathered weights: the last call's when the decision and the weights are the same
+        tensors, unmodified. A static decision is one tensor handed to every call, so eager calls
+        skip the gather (on CPU most of a compact block's host time); a per-input decision is a
+        new tensor each call and gathers each time. Never reused under autograd (the gather must
+        be differentiated) nor captured into a CUDA graph (a replay must read live weights)."""
+        weights = [t for t in (q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, w_o) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
+            return None
+        if keep.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._last = None
+            return None  # the graph gathers at every replay, from the weights as they are then
+        decision = keep if keep._base is None else keep._base
+        tensors = (decision, *weights)
+        values = (cap, decision._version, *((t._version, t.data_ptr()) for t in weights))
+        last = self._last
+        if last is not None and last[1] == values and all(a is b for a, b in zip(last[0], tensors)):
+            return last[2]
+        gathered = gather_block_weights(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
+        self.gathers += 1
+        self._last = (tensors, values, gathered)
+        return gathered
 
     def _every_head(self, keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry):
         """What the graph computed before the block replaced it: the head ops, H heads wide."""

@@ -148,6 +148,48 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+class GatheredHeads(NamedTuple):
+    """What a compact block computes with: slot index and filler flags, the kept slots' Q/K/V rows
+    (and biases) in one [rows, d_in] weight, and W_o's columns. Reusable while the keep decision
+    and the weights are unchanged (``dhp_fx.compact_block`` caches it for static decisions)."""
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: Optional[torch.Tensor]
+    w_o: torch.Tensor
+
+
+def _geometry(keep: torch.Tensor, cap: int, kv_heads: Optional[int]) -> tuple[int, int]:
+    """(kv heads, query heads per kv head) after checking keep, cap and kv_heads agree."""
+    H = keep.shape[1]
+    kv = H if kv_heads is None else kv_heads
+    if kv <= 0 or H % kv:
+        raise ValueError(f"compact_attention_block: {H} query heads are not a multiple of {kv} kv heads")
+    if not 0 < cap <= kv:
+        raise ValueError(f"compact_attention_block: cap must be in [1, {kv}], got {cap}")
+    return kv, H // kv
+
+
+def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: HeadProjection,
+                         out_weight: torch.Tensor, out_in_out: bool, keep: torch.Tensor, cap: int, head_dim: int,
+                         v_head_dim: int, kv_heads: Optional[int] = None) -> GatheredHeads:
+    """The gather of :func:`compact_attention_block`: one ``dhp::gather_heads`` launch, or torch
+    ops when gradients must reach the weights."""
+    kv, group = _geometry(keep, cap, kv_heads)
+    groups_keep = keep if group == 1 else keep.view(keep.shape[0], kv, group).any(-1)
+    projs = (q_proj, k_proj, v_proj)
+    weights, biases = [p.weight for p in projs], [p.bias for p in projs]
+    starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
+    dims = [group * head_dim, head_dim, v_head_dim, group * v_head_dim]
+    if _needs_grad(*weights, *biases, out_weight):
+        return GatheredHeads(*gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out, out_weight,
+                                                 out_in_out, dims))
+    return GatheredHeads(*torch.ops.dhp.gather_heads(
+        groups_keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts,
+        [int(f) for f in in_out], out_in_out, dims))
+
+
 def compact_attention_block(
     q_proj: HeadProjection,
     k_proj: HeadProjection,
@@ -165,6 +207,7 @@ def compact_attention_block(
     scale: Optional[float] = None,
     rows_shared: bool = False,
     kv_heads: Optional[int] = None,
+    gathered: Optional[GatheredHeads] = None,
 ) -> torch.Tensor:
     """The block's output [B, Lq, d_out], computing at most ``cap`` KV groups (heads, for MHA).
 
@@ -174,28 +217,17 @@ def compact_attention_block(
     the same heads and whole groups (one row, a batch-shared gate over groups): dense attention
     runs on the gathered heads; otherwise the gated op zeroes each row's own pruned heads among
     them. Filler groups get zero weights, so they add nothing (a query row that masks every key
-    is NaN in every head, as in SDPA).
+    is NaN in every head, as in SDPA). gathered: :func:`gather_block_weights` of this keep and
+    these weights, when the caller kept it from an earlier call.
     """
     B, H = keep.shape
-    kv = H if kv_heads is None else kv_heads
-    if kv <= 0 or H % kv:
-        raise ValueError(f"compact_attention_block: {H} query heads are not a multiple of {kv} kv heads")
-    if not 0 < cap <= kv:
-        raise ValueError(f"compact_attention_block: cap must be in [1, {kv}], got {cap}")
-    group = H // kv
-    groups_keep = keep if group == 1 else keep.view(B, kv, group).any(-1)
-    projs = (q_proj, k_proj, v_proj)
-    weights, biases = [p.weight for p in projs], [p.bias for p in projs]
-    starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
-    dims = [group * head_dim, head_dim, v_head_dim, group * v_head_dim]
-    if _needs_grad(*weights, *biases, out_weight, *(p.x for p in projs)):
-        idx, valid, w_qkv, b_qkv, w_o = gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out,
-                                                           out_weight, out_in_out, dims)
-    else:
-        idx, valid, w_qkv, b_qkv, w_o = torch.ops.dhp.gather_heads(
-            groups_keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts,
-            [int(f) for f in in_out], out_in_out, dims)
-    q, k, v = _project(projs, w_qkv, b_qkv, [cap * d for d in dims[:3]])
+    _, group = _geometry(keep, cap, kv_heads)
+    if gathered is None:
+        gathered = gather_block_weights(q_proj, k_proj, v_proj, out_weight, out_in_out, keep, cap, head_dim,
+                                        v_head_dim, kv_heads)
+    idx, valid, w_qkv, b_qkv, w_o = gathered
+    widths = [cap * group * head_dim, cap * head_dim, cap * v_head_dim]
+    q, k, v = _project((q_proj, k_proj, v_proj), w_qkv, b_qkv, widths)
     Lq, Lk = q_proj.x.shape[1], k_proj.x.shape[1]
     q = q.view(B, Lq, cap * group, head_dim).transpose(1, 2)
     k = k.view(B, Lk, cap, head_dim).transpose(1, 2)

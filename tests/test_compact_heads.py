@@ -323,3 +323,43 @@ def test_compact_graph_computes_no_fallback_flags():
     batch = {"input_ids": entry.inputs()["input_ids"][:1].repeat(3, 1)}
     ops = kernel_ops(lambda: opt(**batch))
     assert "dhp::gather_heads" not in ops and ops["dhp::head_linear_in"] == len(opt.sites), ops
+
+
+def test_static_decisions_reuse_the_gather_until_weights_or_decision_change():
+    """A static decision is one tensor for every call: eager calls reuse the gathered weights.
+    An in-place weight update, a new decision or a new budget gathers again; a per-input router
+    gathers at every call. Outputs always equal the head ops' (compact_heads=False)."""
+    entry = ENTRIES["bert-sdpa"]
+    model = entry.build()
+    inputs = entry.inputs()
+    compact = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    heads = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
+                            example_inputs=inputs)
+    blocks = [compact.gate(s).block_module for s in compact.sites]
+
+    def check(*gathered_now: bool):
+        before = [(b.gathers, b.calls_compact) for b in blocks]
+        with torch.no_grad():
+            assert_outputs_close(compact(**inputs), heads(**inputs), what="compact vs head ops")
+        for b, (g, c), now in zip(blocks, before, gathered_now):
+            assert b.calls_compact == c + 1 and b.gathers == g + int(now)
+
+    assert len(blocks) == 2
+    check(False, False)  # optimize's own call gathered already
+    check(False, False)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.value.weight.mul_(1.5)  # in place: a new version
+    check(True, False)
+    check(False, False)
+    for opt in (compact, heads):
+        opt.set_keep_ratio(0.25)
+    check(True, True)
+
+    router = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="router"),
+                             example_inputs={"input_ids": inputs["input_ids"][:1]})
+    block = router.gate(router.sites[0]).block_module
+    with torch.no_grad():
+        for _ in range(2):
+            before = block.gathers
+            router(input_ids=inputs["input_ids"][:1])
+            assert block.gathers == before + 1

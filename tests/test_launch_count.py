@@ -65,12 +65,13 @@ def test_gated_forward_adds_no_kernels_per_layer_beyond_its_own_ops(bert, scorin
     layers = 2
     mask_building = 10  # once per forward, whatever the depth
     if keep < 1.0 and all(s.compact_block for s in opt.sites):
-        # a static decision is shared by every row: each block gathers its kept heads' weights
-        # (one op), runs one Q/K/V GEMM, dense attention and the output GEMM: fewer launches
-        # than the dense block's three projections, attention and output projection
-        assert gated["dhp::gather_heads"] == layers and not {"dhp::head_linear_out", "dhp::gated_attention"} & set(gated)
+        # a static decision is shared by every row: each block runs one Q/K/V GEMM on its kept
+        # heads' weights, dense attention and the output GEMM; the weights were gathered by an
+        # earlier call of the same decision (eager calls reuse them): fewer launches than the
+        # dense block's three projections, attention and output projection
+        assert "dhp::gather_heads" not in gated and not {"dhp::head_linear_out", "dhp::gated_attention"} & set(gated)
         assert gated["aten::scaled_dot_product_attention"] == layers, gated
-        assert sum(gated.values()) <= sum(dense.values()) - layers + mask_building, (gated - dense, dense - gated)
+        assert sum(gated.values()) <= sum(dense.values()) - 2 * layers + mask_building, (gated - dense, dense - gated)
         return
     # gates deciding from the layer input skip the q/k/v projections too; the probe reads q
     qkv = 0 if scoring == "probe" else 3 * layers
