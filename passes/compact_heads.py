@@ -74,8 +74,12 @@ def _block_input(state: _Site, role: str) -> Optional[fx.Node]:
 
 
 def _output_in_order(state: _Site) -> bool:
-    """The output projection reads rows in (batch, query) order of the op's output."""
-    q = example_value(state.gated.args[0])
+    """The output projection reads rows in (batch, query) order of the op's output, in its dtype
+    (a cast on the way would change what the block's output GEMM computes)."""
+    q = example_value(state.gated.args[0])  # the op's output has q's dtype
+    entering = example_value(state.out_input) if state.out_input is not None else None
+    if q is None or entering is None or entering.dtype != q.dtype:
+        return False
     lead = state.out_lead
     want = [j for j in (0, 2) if not hl.known_eq(q.shape[j], 1)]
     return len(lead) == len(want) and all(a.kind == "other" and a.source_dim == j for a, j in zip(lead, want))

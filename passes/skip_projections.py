@@ -128,6 +128,7 @@ class _Site:
         self.done: list[str] = []
         self.replaced: dict[str, fx.Node] = {}  # role -> the head op that took its projection's place
         self.out_lead: list[hl.Atom] = []  # atoms of the dims before the features, entering W_o
+        self.out_input: Optional[fx.Node] = None  # the op's value where it enters W_o
         self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
         self.paths: dict[str, list[fx.Node]] = {}  # projection -> op input, per proven role
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
@@ -381,6 +382,7 @@ class _Site:
                     return None, "layout"
                 lead = lay.dims[0] if lay.dims else []
                 self.out_lead = [a for d in lay.dims[:-1] for a in d]
+                self.out_input = node
                 self.out_batch_leads = len(lead) == 1 and lead[0].kind == "other" and lead[0].source_dim == 0
                 return node, ""
             if not hl.is_shape_op(user):

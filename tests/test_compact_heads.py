@@ -363,3 +363,33 @@ def test_static_decisions_reuse_the_gather_until_weights_or_decision_change():
             before = block.gathers
             router(input_ids=inputs["input_ids"][:1])
             assert block.gathers == before + 1
+
+
+class _CastBeforeOutput(torch.nn.Module):
+    """Attention whose output is upcast before a float64 output projection: a block that fed its
+    output GEMM the op's dtype would compute something else, so no block may be compacted."""
+
+    def __init__(self, cast: bool):
+        super().__init__()
+        self.cast = cast
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+        self.o_proj = torch.nn.Linear(16, 16).double() if cast else torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = (p(x).view(x.shape[0], x.shape[1], 4, 4).transpose(1, 2) for p in self.qkv)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 16)
+        return self.o_proj(o.double() if self.cast else o)
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_a_cast_before_the_output_projection_is_not_compacted(cast):
+    module, x = _CastBeforeOutput(cast).eval(), torch.randn(1, 5, 16)
+    opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=(x,))
+    (site,) = opt.sites
+    assert site.compact_block == (not cast), opt.report()
+    if cast:
+        opt.set_keep_ratio(1.0)
+        with torch.no_grad():
+            assert_outputs_close(opt(x), module(x), what="gates open")
+    else:
+        check_keep_mask(module, opt, (x,), torch.tensor([True, False, False, True]))
