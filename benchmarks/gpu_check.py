@@ -89,20 +89,21 @@ def check_exactness(device, dtypes, batch, seq) -> list[dict]:
             ok = open_err <= TOL[dtype] and mask_err <= TOL[dtype] and bool(torch.isfinite(got).all())
             row = {"model": name, "dtype": str(dtype).split(".")[-1], "sites": len(opt.sites),
                    "gates_open_rel_err": open_err, "keep_mask_rel_err": mask_err}
-            if name != "llama-gqa":  # RoPE sits between Llama's projections and the op: not compacted
-                errs = _compact_errors(dhp_fx, heads_zeroed, model, {**inputs, "use_cache": False}, g, device)
-                row.update(errs)
-                ok = ok and all(e <= TOL[dtype] for e in errs.values())
+            # every model compacts: BERT and GPT-2 whole, Llama (RoPE, GQA) as a chain
+            errs = _compact_errors(dhp_fx, heads_zeroed, model, {**inputs, "use_cache": False}, g, device)
+            row.update(errs)
+            ok = ok and all(e <= TOL[dtype] for e in errs.values())
             rows.append({**row, "ok": ok})
     return rows
 
 
 def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
-    """The compact block (static gates: every block compacted) with half the heads in the union,
-    shared by the rows (cuBLAS + SDPA on the kept heads) and per row inside it (the gated op on
-    the kept heads), against the zeroed-head reference. Raises if a block ran every head."""
+    """Compact blocks (static gates: every block compacted, whole or as a chain) with half the KV
+    groups in the union, shared by the rows (cuBLAS + SDPA on the kept heads) and per row inside it
+    (the gated op on the kept heads), against the zeroed-head reference. Raises if a block ran
+    every head."""
     opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
-    blocks = [opt.gate(s).block_module for s in opt.sites]
+    blocks = [m for s in opt.sites for m in (opt.gate(s).block_module, opt.gate(s).chain_module)]
     if not opt.sites or not all(s.compact_block for s in opt.sites):
         raise AssertionError(f"not every block compacted: {[s.compact_block for s in opt.sites]}")
     batch = inputs["input_ids"].shape[0]
@@ -110,7 +111,9 @@ def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
     for label in ("shared", "rows"):
         keep = {}
         for s in opt.sites:
-            union = torch.randperm(s.num_heads, generator=g)[: s.num_heads // 2]
+            group = s.num_heads // s.num_kv_heads  # half the KV groups, every head of each
+            groups = torch.randperm(s.num_kv_heads, generator=g)[: s.num_kv_heads // 2]
+            union = (groups[:, None] * group + torch.arange(group)).flatten()
             k = torch.zeros(batch, s.num_heads, dtype=torch.bool)
             k[:, union] = True
             if label == "rows":
@@ -124,7 +127,7 @@ def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
             opt.set_keep_mask(None)
             with heads_zeroed(model, opt.sites, keep):
                 want = _out(model(**inputs))
-        if sum(b.calls_compact for b in blocks) - before != len(blocks):
+        if sum(b.calls_compact for b in blocks) - before != len(opt.sites):
             raise AssertionError(f"compact {label}: a block ran every head")
         errs[f"compact_{label}_rel_err"] = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("inf")
     return errs

@@ -14,7 +14,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .kernels.compact_heads import HeadProjection, compact_attention_block, gather_block_weights
+import torch.nn.functional as F
+
+from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, gather_block_weights,
+                                    role_widths)
 
 
 class CompactBlock(nn.Module):
@@ -107,3 +110,63 @@ class CompactBlock(nn.Module):
         B, _, L, _ = o.shape
         o = o.transpose(1, 2).reshape(B, L, heads * v_head_dim)
         return torch.ops.dhp.head_linear_in(o.flatten(0, 1) if flat else o, w_o, b_o, flags(flags_o), unit_o, in_out_o)
+
+
+class CompactChain(CompactBlock):
+    """The calls ``passes/compact_chain.py`` puts in place of a block's head ops when the graph's
+    own ops (RoPE) stay between projections and attention. One module, four kinds of call:
+
+    - ``chain(keep, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
+      (cap, rows_shared, gathered) when this call runs its kept KV groups alone, else None;
+    - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
+      role's features, [B, L, cap · group · D] from the gathered rows, or the head op's;
+    - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
+    - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
+    """
+
+    def forward(self, *args, kind: str, **kwargs):
+        return getattr(self, "_" + kind)(*args, **kwargs)
+
+    def _plan(self, keep, *, weights, starts, geometry):
+        heads, kv_heads, head_dim, v_head_dim = geometry
+        plan = self.gate.compact_plan(keep.shape[0])
+        if plan is None or plan[0] >= kv_heads:
+            return None
+        cap, rows_shared = plan
+        wq, bq, wk, bk, wv, bv, wo = weights
+        q, k, v = (HeadProjection(None, w, b, False, start) for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
+        gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+        if gathered is None:  # under autograd: gathered by torch ops, every call
+            gathered = gather_block_weights(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+        self.calls_compact += 1
+        return cap, rows_shared, gathered
+
+    def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
+        if plan is None:
+            return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
+        heads, kv_heads, head_dim, v_head_dim = geometry
+        cap, _, gathered = plan
+        widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
+        lo = sum(widths[:role])
+        rows = slice(lo, lo + widths[role])
+        return F.linear(x, gathered.w_qkv[rows], None if gathered.b_qkv is None else gathered.b_qkv[rows])
+
+    def _core(self, q, k, v, keep, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, plan, geometry):
+        if plan is None:
+            return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
+        heads, kv_heads, _, _ = geometry
+        cap, rows_shared, gathered = plan
+        return compact_core(q, k, v, keep, gathered, heads // kv_heads, attn_mask, dropout_p, is_causal, scale,
+                            rows_shared)
+
+    def _out(self, keep, o, w, b, flags, unit, in_out, *, plan, role, geometry):
+        if plan is None:
+            return torch.ops.dhp.head_linear_in(o, w, b, _flags(flags, keep), unit, in_out)
+        return F.linear(o, plan[2].w_o, b)
+
+
+def _flags(spec, keep):
+    """A head op's flags from the pass's name for them (see passes/compact_heads._flags_spec)."""
+    if isinstance(spec, torch.Tensor):
+        return spec
+    return keep if spec == "keep" else keep.any(0)

@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .kernels.entropy import attention_log_probs
 
-from .compact_block import CompactBlock
+from .compact_block import CompactBlock, CompactChain
 from .config import DHPConfig
 from .passes import AttentionSite
 
@@ -115,6 +115,7 @@ class HeadGate(nn.Module):
         # unregistered: the tap holds the gate, and the gate's module tree stays what it was
         object.__setattr__(self, "tap_module", GateTap(self))
         object.__setattr__(self, "block_module", CompactBlock(self))
+        object.__setattr__(self, "chain_module", CompactChain(self))
         # Not persistent: an explicit mask is a run-time choice, not model state.
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
         self._fixed_plan: Optional[tuple[int, bool]] = None  # (heads in the mask's union, rows equal)

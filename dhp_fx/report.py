@@ -35,10 +35,11 @@ def sites_table(sites: list[AttentionSite], skipped: list[SkippedSite]) -> str:
 
 
 def _skips(site: AttentionSite) -> str:
-    """Where a pruned head's work is skipped: the core always; which projections; or the whole
-    block computed on the kept heads alone (compact, when the budget bounds them)."""
+    """Where a pruned head's work is skipped: the core always; which projections; or the block
+    computed on the kept heads alone (compact, when the budget bounds them: whole, or as a chain
+    around RoPE)."""
     if site.compact_block:
-        return "whole block (compact)"
+        return "kept heads only (compact)"
     return "+".join(["core", *site.skipped_projections])
 
 

@@ -225,21 +225,34 @@ def compact_attention_block(
     if gathered is None:
         gathered = gather_block_weights(q_proj, k_proj, v_proj, out_weight, out_in_out, keep, cap, head_dim,
                                         v_head_dim, kv_heads)
-    idx, valid, w_qkv, b_qkv, w_o = gathered
-    widths = [cap * group * head_dim, cap * head_dim, cap * v_head_dim]
+    w_qkv, b_qkv = gathered.w_qkv, gathered.b_qkv
+    widths = role_widths(cap, group, head_dim, v_head_dim)
     q, k, v = _project((q_proj, k_proj, v_proj), w_qkv, b_qkv, widths)
     Lq, Lk = q_proj.x.shape[1], k_proj.x.shape[1]
     q = q.view(B, Lq, cap * group, head_dim).transpose(1, 2)
     k = k.view(B, Lk, cap, head_dim).transpose(1, 2)
     v = v.view(B, Lk, cap, v_head_dim).transpose(1, 2)
+    o = compact_core(q, k, v, keep, gathered, group, attn_mask, dropout_p, is_causal, scale, rows_shared)
+    return F.linear(o.transpose(1, 2).reshape(B, Lq, cap * group * v_head_dim), gathered.w_o, out_bias)
+
+
+def role_widths(cap: int, group: int, head_dim: int, v_head_dim: int) -> list[int]:
+    """Features of q, k and v for ``cap`` kept KV groups: their rows' extents in ``w_qkv``."""
+    return [cap * group * head_dim, cap * head_dim, cap * v_head_dim]
+
+
+def compact_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_mask, dropout_p, is_causal, scale,
+                 rows_shared: bool) -> torch.Tensor:
+    """Attention over the gathered heads: q [B, cap * group, Lq, D], k and v [B, cap, Lk, .]
+    (from the gathered weights, any layout); keep [B, H] over the site's query heads."""
+    idx, valid = gathered.idx, gathered.valid
+    H = keep.shape[1]
     q_heads = idx if group == 1 else (idx[:, None] * group + torch.arange(group, device=idx.device)).flatten()
     mask = _heads_of_mask(attn_mask, H, q_heads)
     if rows_shared:
-        o = _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group)
-    else:
-        rows = keep.index_select(1, q_heads) & (valid if group == 1 else valid.repeat_interleave(group))
-        o = torch.ops.dhp.gated_attention(q, k, v, rows, mask, dropout_p, is_causal, scale)
-    return F.linear(o.transpose(1, 2).reshape(B, Lq, cap * group * v_head_dim), w_o, out_bias)
+        return _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group)
+    rows = keep.index_select(1, q_heads) & (valid if group == 1 else valid.repeat_interleave(group))
+    return torch.ops.dhp.gated_attention(q, k, v, rows, mask, dropout_p, is_causal, scale)
 
 
 def _project(projs, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:

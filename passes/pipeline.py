@@ -22,6 +22,7 @@ from .projections import find_projections
 from .rewrite import rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
+from .compact_chain import compact_chain_site
 from .compact_heads import compact_site
 from .skip_projections import prove_head_layouts, skip_site_projections
 
@@ -174,6 +175,10 @@ def rewrite_attention(
             site.skipped_projections = state.roles()
             if compact_heads:
                 compacted = site.compact_block = compact_site(gm, state, gate_target)
+                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
+                    core = compact_chain_site(gm, state, gate_target)
+                    if core is not None:
+                        gated, site.compact_block = core, True
         if gate_target is not None and not compacted:  # a block module calls the tap itself
             insert_tap(gm, gated, gate_target)
         result.sites.append(site)

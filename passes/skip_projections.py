@@ -131,6 +131,8 @@ class _Site:
         self.out_input: Optional[fx.Node] = None  # the op's value where it enters W_o
         self.layouts: dict[str, hl.Layout] = {}  # of the op's q/k/v inputs, per proven role
         self.paths: dict[str, list[fx.Node]] = {}  # projection -> op input, per proven role
+        self.node_layouts: dict[str, dict[fx.Node, hl.Layout]] = {}  # every path node's layout, per role
+        self.out_chain: list[tuple[fx.Node, hl.Layout]] = []  # op -> W_o input, each node's layout
         for n in gated.args[:3]:  # the unflatten nodes the rewrite adds for bmm-style sites
             if isinstance(n, fx.Node) and example_value(n) is None:
                 val = _meta_value(n.op, n.target, n.args, n.kwargs)
@@ -197,6 +199,7 @@ class _Site:
             return None, "layout"
         self.layouts[role] = final
         self.paths[role] = path
+        self.node_layouts[role] = lay
         return path, ""
 
     def batch_leads_hidden(self, hidden: fx.Node) -> bool:
@@ -370,6 +373,7 @@ class _Site:
         lay = hl.initial((*q.shape[:3], dv), [hl.Atom("within", dv)])
         lay.dims[1] = [] if heads == 1 else [hl.Atom("head", heads)]
         node = self.gated
+        self.out_chain = []
         for _ in range(16):
             if len(node.users) != 1:
                 break
@@ -391,6 +395,7 @@ class _Site:
             if lay is None:
                 break
             node = user
+            self.out_chain.append((node, lay))
         return None, "not_reached"
 
     def skip_output(self) -> None:

@@ -210,7 +210,7 @@ def test_zoo_blocks_compacted_and_exact(name):
     inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert opt.sites and all(s.compact_block for s in opt.sites), opt.report()
-    assert opt.report().count("whole block (compact)") == len(opt.sites)
+    assert opt.report().count("kept heads only (compact)") == len(opt.sites)
     blocks = [opt.gate(s).block_module for s in opt.sites]
     for shared in (True, False):
         before = sum(b.calls_compact for b in blocks)
@@ -267,18 +267,67 @@ def test_gqa_blocks_compact_by_kv_group(style):
     assert opt.gate(site).block_module.calls_compact >= 1
 
 
-def test_compaction_off_and_rope_declined():
-    """Llama applies RoPE between the projections and the op: the block cannot recompute q and k
-    from the projections alone, so it stays with the head ops."""
-    llama = ENTRIES["llama-sdpa"]
-    opt = dhp_fx.optimize(llama.build(), DHPConfig(keep_ratio=0.5, scoring="static"),
-                          example_inputs={**llama.inputs(), "use_cache": False})
-    assert not any(s.compact_block for s in opt.sites)
-    assert opt._compiler.counters.get("no_compact_block:layout") == len(opt.sites)
-    bert = ENTRIES["bert-sdpa"]
-    off = dhp_fx.optimize(bert.build(), DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
-                          example_inputs=bert.inputs())
-    assert not any(s.compact_block for s in off.sites) and all(s.skipped_projections for s in off.sites)
+@pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager"])
+def test_rope_blocks_compact_as_a_chain(name):
+    """Llama applies RoPE between the projections and the op: the block keeps the graph's own
+    ops (views with -1 heads, cos/sin broadcast over heads) and only the head ops become chain
+    calls, fed the kept KV groups. Exact against the zeroed reference, shared and per-row."""
+    entry = ENTRIES[name]
+    model, inputs = entry.build(), {**entry.inputs(), "use_cache": False}
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    assert all(s.compact_block for s in opt.sites), opt.report()
+    assert opt._compiler.counters.get("compact_chain") == len(opt.sites)
+    chains = [opt.gate(s).chain_module for s in opt.sites]
+    group = entry.heads // entry.kv_heads
+    for shared in (True, False):
+        keep = torch.zeros(entry.batch, entry.heads, dtype=torch.bool)
+        keep[:, group:2 * group] = True  # the second KV group only
+        if not shared:
+            keep[0, group] = False
+        before = sum(c.calls_compact for c in chains)
+        check_keep_mask(model, opt, inputs, keep)
+        assert sum(c.calls_compact for c in chains) - before == len(chains)
+    opt.set_keep_ratio(1.0)
+    with torch.no_grad():
+        assert_outputs_close(opt(**inputs), model(**inputs), what="gates open")
+
+
+class _RotaryAttention(torch.nn.Module):
+    """A RoPE-like block: ``variant`` "ok" (views with -1 heads, cos broadcast over heads),
+    "per_head" (a per-head scale on q), or "fixed_view" (a view naming the head count)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.register_buffer("cos", torch.rand(5, 4))
+        self.register_buffer("head_scale", torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        heads = 4 if self.variant == "fixed_view" else -1
+        q, k, v = (p(x).view(B, L, heads, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q = q * self.cos[:L]
+        k = k * self.cos[:L]
+        if self.variant == "per_head":
+            q = q * self.head_scale
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
+        return self.o(o)
+
+
+@pytest.mark.parametrize("variant,why", [("ok", None), ("per_head", "per_head_operand"),
+                                         ("fixed_view", "head_count_in_view")])
+def test_chain_needs_head_count_free_ops(variant, why):
+    module, x = _RotaryAttention(variant).eval(), torch.randn(2, 5, 16)
+    opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=(x,))
+    (site,) = opt.sites
+    assert site.compact_block == (why is None), opt._compiler.counters
+    if why is not None:
+        assert opt._compiler.counters.get(f"no_compact_chain:{why}") == 1, opt._compiler.counters
+    chain = opt.gate(site).chain_module
+    before = chain.calls_compact
+    check_keep_mask(module, opt, (x,), torch.tensor([[False, True, True, False], [False, True, False, False]]))
+    assert chain.calls_compact - before == (1 if why is None else 0)
 
 
 @pytest.mark.parametrize("scoring", ["static", "router"])

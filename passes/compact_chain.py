@@ -1,0 +1,166 @@
+"""Compact blocks whose q/k path computes (RoPE): keep the graph's own ops, feed them kept heads.
+
+``compact_heads`` replaces a block by one call that recomputes q, k, v from the projections, which
+is only right when nothing but element moves lies in between. Rotary embeddings (Llama, Qwen,
+Mistral) multiply and add on that path. They are head-agnostic, though: cos and sin broadcast
+over the head dim. So here the graph between the projections and the output projection stays as
+it is, and only four kinds of node change, each into a call of the gate's ``chain_module``:
+
+- ``plan = chain(keep, kind="plan", ...)``, before the first projection: the call's kept KV groups
+  and their gathered weights, or None (every head: the head ops run as before);
+- each Q/K/V head op: ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan=..., role=...)``
+  gives [B, L, cap · dim] features;
+- the gated op: ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan=...)``
+  (its first five arguments stay the op's, so the gate's tap is inserted as for the op);
+- the output head op: ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan=...)``.
+
+That is exact only if every op in between works for any head count. Proven per node, from the
+layouts ``skip_projections`` tracked: views and reshapes give the head dim as -1; elementwise
+operands other than the path broadcast over the head dim; selections and concatenations act on
+the last dim only. Anything else declines (``no_compact_chain:<reason>``).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import head_layout as hl
+from .compact_heads import _flags_spec
+from .graph_utils import example_value, is_call, is_method
+from .rewrite import erase_dead
+from .skip_projections import ROLES, _Site
+
+_VIEWS = ("view", "reshape")
+
+
+def _head_dims(lay: hl.Layout, dim: int) -> list[int]:
+    """Dims of a layout that hold the head index: a "head" atom, or a digit of the projection's
+    features worth a whole head (``dim`` features) or more."""
+    return [i for i, d in enumerate(lay.dims)
+            if any(a.kind == "head" or (a.kind == "raw" and a.stride >= dim) for a in d)]
+
+
+def _shape_args(node: fx.Node) -> Optional[list]:
+    args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return args
+
+
+def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[str]:
+    """None when ``node`` works unchanged on fewer heads; else why not."""
+    heads = _head_dims(lay, dim)
+    if len(heads) > 1:
+        return "heads_split"
+    if is_method(node, *_VIEWS) or is_call(node, torch.reshape):
+        shape = _shape_args(node)
+        if shape is None or len(shape) != len(lay.dims) or any(shape[i] != -1 for i in heads):
+            return "head_count_in_view"
+        return None
+    if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
+        out_dims = len(lay.dims)
+        for other in node.all_input_nodes:
+            if other in on_path:
+                continue
+            val = example_value(other)
+            if not isinstance(val, torch.Tensor):
+                continue
+            for i in heads:
+                j = i - (out_dims - val.dim())
+                if j >= 0 and not hl.known_eq(val.shape[j], 1):
+                    return "per_head_operand"
+        return None
+    if is_call(node, operator.getitem):
+        index = node.args[1]
+        if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice):
+            return None
+        return "selection"
+    if is_call(node, torch.cat):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return None if dim in (-1, len(lay.dims) - 1) else "concatenation"
+    if is_method(node, "transpose", "permute", *hl.IDENTITY_METHODS) or is_call(node, torch.transpose, torch.permute):
+        return None
+    return "op"
+
+
+def _paths_ok(state: _Site) -> Optional[str]:
+    for role in ROLES:
+        layouts, path = state.node_layouts.get(role), state.paths.get(role)
+        if layouts is None or path is None:
+            return "layout"
+        on_path = set(path)
+        dim = state.role_geometry(role)[1]
+        for node in path[1:]:
+            why = _node_ok(node, layouts[node], on_path, dim)
+            if why is not None:
+                return why
+    chain = {node for node, _ in state.out_chain} | {state.gated}
+    for node, lay in state.out_chain:
+        why = _node_ok(node, lay, chain, state.site.value_head_dim)
+        if why is not None:
+            return why
+    return None
+
+
+def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -> Optional[fx.Node]:
+    """Rewrite the site's head ops into chain calls when the proofs allow; returns the node that
+    took the gated op's place (the tap goes after it), or None."""
+    site = state.site
+    chain_module = getattr(gm.get_submodule(gate_target), "chain_module", None) if gate_target else None
+    nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
+    why = None
+    if not isinstance(chain_module, nn.Module):
+        why = "gate_has_no_chain"
+    elif any(n is None for n in nodes) or len(set(nodes)) != 4:
+        why = "projections_not_separate"  # a fused Q/K/V projection splits by constant widths
+    elif any(n.args[5] for n in nodes):
+        why = "conv1d_layout"
+    elif site.num_kv_heads < 2:
+        why = "one_kv_head"
+    else:
+        why = _paths_ok(state)
+    if why is not None:
+        state.result.bump(f"no_compact_chain:{why}")
+        return None
+
+    graph = gm.graph
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(nodes[:3], key=index.__getitem__)
+    weights = tuple(t for n in nodes for t in n.args[1:3])  # wq, bq, wk, bk, wv, bv, wo, bo
+    if any(isinstance(t, fx.Node) and index[t] > index[first] for t in weights):
+        state.result.bump("no_compact_chain:weights_after_projection")
+        return None
+    keep = state.gated.args[3]
+    old_flags = [n.args[3] for n in nodes]
+
+    target = gate_target.replace("dhp_gate_", "dhp_chain_", 1)
+    gm.add_submodule(target, chain_module)
+    geometry = (site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim)
+    starts = tuple((state.proj.features.get(r) or (0,))[0] for r in ROLES)
+    with graph.inserting_before(first):
+        plan = graph.call_module(target, (keep,), dict(kind="plan", weights=weights[:6] + weights[6:7],
+                                                          starts=starts, geometry=geometry))
+    for role_index, node in enumerate(nodes):
+        x, w, b, flags, unit, in_out = node.args[:6]
+        kind = "proj" if role_index < 3 else "out"
+        with graph.inserting_before(node):
+            new = graph.call_module(target, (keep, x, w, b, _flags_spec(flags, keep), unit, in_out),
+                                    dict(kind=kind, plan=plan, role=role_index, geometry=geometry))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    gated = state.gated
+    with graph.inserting_before(gated):
+        core = graph.call_module(target, tuple(gated.args[:8]), dict(kind="core", plan=plan, geometry=geometry))
+    core.meta.update({k: v for k, v in gated.meta.items() if k != "example_value"})
+    gated.replace_all_uses_with(core)
+    graph.erase_node(gated)
+    for flag in old_flags:
+        if isinstance(flag, fx.Node) and flag.graph is not None:
+            erase_dead(flag)  # a union the chain names instead of reading
+    state.result.bump("compact_chain")
+    return core
