@@ -593,7 +593,8 @@ def run_exactness(device, dtypes, batch, seq, report) -> bool:
         if "error" in r:
             print(f"| exactness check raised {r['error']} | | | | | | | NO |", flush=True)
             continue
-        compact = " | ".join(f"{r[k]:.2e}" if k in r else "-" for k in ("compact_shared_rel_err", "compact_rows_rel_err"))
+        compact = " | ".join(f"{r[k]:.2e}" if k in r else "-"
+                             for k in ("compact_shared_rel_err", "compact_rows_rel_err"))
         print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
               f"{r['keep_mask_rel_err']:.2e} | {compact} | {'yes' if r['ok'] else 'NO'} |", flush=True)
     return all(r["ok"] for r in report["exactness"])
@@ -672,7 +673,8 @@ def main(argv=None) -> int:
         m_batch, m_seq, reps = (2, 32, 3) if args.quick else (32, 128, 20)
         report["encoder"] = time_encoder(args.device, m_dtype, m_batch, m_seq, reps, small=args.quick)
         if args.device == "cuda" and not args.quick:
-            report["encoder"] += _guarded("single input", lambda d: time_single_input(d, m_dtype, 512, reps), args.device)
+            report["encoder"] += _guarded("single input", lambda d: time_single_input(d, m_dtype, 512, reps),
+                                          args.device)
             report["encoder"] += _guarded("llama prefill", lambda d: time_llama_prefill(d, m_dtype, 1024, reps),
                                           args.device)
         print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, "

@@ -54,7 +54,8 @@ class CompactBlock(nn.Module):
                                           attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads, gathered)
             self.calls_compact += 1
             return out.flatten(0, 1) if flat else out
-        return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry)
+        return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection,
+                                geometry)
 
     def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads):
         """The gathered weights: the last call's when the decision and the weights are the same
@@ -134,7 +135,8 @@ class CompactChain(CompactBlock):
             return None
         cap, rows_shared = plan
         wq, bq, wk, bk, wv, bv, wo = weights
-        q, k, v = (HeadProjection(None, w, b, False, start) for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
+        q, k, v = (HeadProjection(None, w, b, False, start)
+                   for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
         gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
         if gathered is None:  # under autograd: gathered by torch ops, every call
             gathered = gather_block_weights(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)

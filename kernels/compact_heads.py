@@ -141,7 +141,8 @@ def _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
                                                   scale=scale, enable_gqa=True)
         except TypeError:  # torch < 2.5: no enable_gqa
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale)
 
 
 def _needs_grad(*tensors) -> bool:

@@ -7,7 +7,8 @@ the keep mask itself (a [B, H] read, tiny) instead of waiting for a separate lau
 
 Grid (row tiles, column tiles, 4): axis 2 is the role (q, k, v rows; 3 = the output projection's
 columns). A role-q/k/v program copies one [BLOCK_R, BLOCK_K] tile of ``[cap * dim, d_in]``; a
-role-3 program one tile of W_o's ``[d_out, cap * Dv]``; programs past their role's extent exit. Filler slots (index entries past the kept heads) are written
+role-3 program one tile of W_o's ``[d_out, cap * Dv]``; programs past their role's extent exit.
+Filler slots (index entries past the kept heads) are written
 as zeros, so a filler head computes nothing and adds nothing.
 """
 from __future__ import annotations

@@ -68,7 +68,8 @@ def _block_input(state: _Site, role: str) -> Optional[fx.Node]:
         return None
     _, dim = state.role_geometry(role)
     within = lay.dims[3]
-    if not (len(within) == 1 and within[0].kind == "raw" and within[0].stride == 1 and hl.known_eq(within[0].size, dim)):
+    one_digit = len(within) == 1 and within[0].kind == "raw" and within[0].stride == 1
+    if not (one_digit and hl.known_eq(within[0].size, dim)):
         return None
     return x if _in_order(lay.dims, tuple(val.shape), [(0, 0), (2, 1)]) else None
 

@@ -135,7 +135,8 @@ def _site(heads: int) -> AttentionSite:
 @given(st.integers(1, 6), st.integers(2, 12), st.floats(0.05, 1.0), st.integers(1, 4),
        st.sampled_from([None, 0.3, 0.6]), st.sampled_from(["sample", "batch"]), st.sampled_from([None, 0.25, 0.5, 1.0]),
        st.integers(0, 2**31 - 1))
-def test_decisions_never_exceed_the_compact_plan(batch, heads, ratio, min_heads, threshold, granularity, union_cap, seed):
+def test_decisions_never_exceed_the_compact_plan(batch, heads, ratio, min_heads, threshold, granularity, union_cap,
+                                                 seed):
     config = DHPConfig(keep_ratio=ratio, min_heads=min_heads, score_threshold=threshold, granularity=granularity,
                        union_cap=union_cap)
     gate = HeadGate(_site(heads), config)

@@ -103,7 +103,8 @@ def test_masked_mean_split_and_unsplit(split_below):
     tr.POOL_SPLIT_BELOW = split_below
     try:
         gen = torch.Generator().manual_seed(7)
-        for B, L, d, pad in ((1, 100, 40, True), (2, 17, 33, True), (3, 40, 8, False), (1, 1, 5, False), (2, 0, 4, True)):
+        shapes = ((1, 100, 40, True), (2, 17, 33, True), (3, 40, 8, False), (1, 1, 5, False), (2, 0, 4, True))
+        for B, L, d, pad in shapes:
             assert (tr.pool_splits(B, -(-d // 16), L, 16) > 1) == (split_below > 0 and L > 32)
             x = torch.randn(B, L, d, generator=gen)
             valid = torch.rand(B, L, generator=gen) > 0.4 if pad else None
