@@ -190,18 +190,6 @@ def with_settings(settings: dict, fn):
     return run
 
 
-def persistent(fn):
-    """fn with the forward on the persistent compacted grid (PERSISTENT_COMPACT) at every shape
-    (COMPACT_MIN_WORK = 0): one program per resident slot walking the tiles, against a program
-    per tile. Short shapes otherwise take the early-exit grid, whose exiting programs are the same
-    question. (Session 9 timed the previous A/B, pruned programs storing their own zeros, on an
-    H200: see RESULTS.md.)"""
-    from dhp_fx.kernels import triton_attention
-
-    return with_settings({(triton_attention, "PERSISTENT_COMPACT"): True,
-                          (triton_attention, "COMPACT_MIN_WORK"): 0}, fn)
-
-
 def core_target_ms(p: float, t_sdpa: float) -> float:
     """Issue 3's bound on the gated core: T(1) <= 1.15 T_SDPA, T(p) <= 1.1 p T_SDPA + 0.01 ms."""
     return 1.15 * t_sdpa if p >= 1.0 else 1.1 * p * t_sdpa + 0.01
@@ -463,8 +451,7 @@ def block_variants(torch, F, s: Shape, keep_shared, dtype) -> dict:
     return {"block dense": dense, "block gated/row": gated_rows, "block gated/shared": gated_shared,
             "block compact/shared": compact_shared,
             "block ops/shared": gated_ops(keep_shared, keep_rows),
-            "block ops/row": gated_ops(keep_random, keep_random),
-            "block ops/row persistent": persistent(gated_ops(keep_random, keep_random))}
+            "block ops/row": gated_ops(keep_random, keep_random)}
 
 
 def graph_replay(torch, fn):
@@ -591,9 +578,6 @@ def main(argv=None) -> int:
             print(f"{str(s):28s} {p:5.2f} {cells}", flush=True)
             if p == args.p[0]:  # before --block's own launches replace the tuning record
                 print(f"  triton config: {chosen_config()}")
-            t_persistent = bench(persistent(methods["triton"]))
-            print(f"  triton, persistent grid: {t_persistent:.3f} ms ({t_persistent / times['triton']:.2f}x a "
-                  f"program per tile)")
             if args.block:
                 shared = keep[0]
                 blocks = time_block(torch, F, s, shared, bench, dtype, args.graphs)

@@ -10,9 +10,8 @@
 # Session 9 (H200): DEVICE_STEPS="checks table encoder decode", two table shapes, CHECK_S=90, took
 # 326 s with the session-7 Triton cache carried in, but the checks need 200 s (run alone: 184 s,
 # every check): the default now.
-# Session 9 (after its runs) added the A/B of the persistent compacted grid: "triton, persistent
-# grid" under each core row and "block ops/row persistent" (table), and the heads-removed
-# deployment (static_prune) in the encoder table.
+# Session 9 (after its runs) added the heads-removed deployment (static_prune) to the encoder
+# table, and an A/B of a persistent compacted grid that session 10 timed (slower) and removed.
 # Session 10 (H200, session-7+9 cache carried): checks 157 s, encoder 89 s (now with the compact
 # A/B and the batch-of-one rows), table at two shapes 184 s; on a fresh machine with session 10's
 # cache: exact 54 s, table at 32,12,512,64 32 s, encoder 60 s. .device_carry holds session 10's

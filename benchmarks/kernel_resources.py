@@ -214,14 +214,6 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
         ("fwd_causal", fwd._gated_attn_fwd, fwd_pointers,
          dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
               IS_CAUSAL=True, ZERO_SHARE=fwd.PRUNED_TILES_PER_KEPT)),
-        # The persistent compacted grid (PERSISTENT_COMPACT): the same tile in a loop over tiles,
-        # which keeps more registers live. The heaviest launch, and the plain one (its own configs).
-        ("fwd_persistent", fwd._gated_attn_fwd, fwd_pointers,
-         dict(ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, ZERO_SHARE=0,
-              PERSISTENT=True)),
-        ("fwd_persistent_plain", fwd._gated_attn_fwd, fwd_pointers,
-         dict(ENTROPY=False, STORE_LSE=False, COMPUTE_PV=True, COMPACT=True, FOLD_SCALE=True, MASK_KIND=0,
-              IS_CAUSAL=False, ZERO_SHARE=0, PERSISTENT=True)),
         ("bwd_dq", bwd._bwd_dq, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DQ=t,
                                      DMask="fp32", Pairs="i32", NKept="i32"), dict(STORE_DS=False)),
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
@@ -396,7 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(_TORCH_TO_TRITON))
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--only", nargs="*",
-                    help="kernel names: fwd fwd_plain fwd_causal fwd_persistent fwd_persistent_plain bwd_dq bwd_dkdv "
+                    help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv "
                          "decode_split decode_packed proj_out proj_out_pair proj_in proj_wgrad partition "
                          "router_pool router_pool_finish router_vote router_head gather_heads")
     args = ap.parse_args(argv)

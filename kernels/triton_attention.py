@@ -1,7 +1,7 @@
 """Triton forward of gated attention: FA2-style online softmax that launches no work for pruned heads.
 
-Grid: (query blocks, B*Hq slots), or for the persistent variant one program per resident slot.
-Three ways to map slots to (batch, head) pairs, none syncing with the host:
+Grid: (query blocks, B*Hq slots). Two ways to map slots to (batch, head) pairs, neither syncing
+with the host:
 * compacted: slot s reads pair ``pairs[s]`` of a device-side list sorted kept-first; slots at or
   past ``n_kept`` belong to pruned pairs. A kept program also stores the zeros of up to
   ``PRUNED_TILES_PER_KEPT`` pruned pairs' tiles (slots n_kept + s, 2 n_kept + s, ...) before its
@@ -9,16 +9,15 @@ Three ways to map slots to (batch, head) pairs, none syncing with the host:
   cover exit without a store; only the pruned slots left over (fewer than 1 in
   1 + PRUNED_TILES_PER_KEPT heads kept) store their own. Building the list costs one small
   launch, which pays at long sequences only.
-* compacted, persistent (``PERSISTENT_COMPACT``, off until timed on a card): one program per
-  resident slot (``persistent_programs``), each walking tiles t = pid, pid + G, ... of the
-  device-side count: the kept pairs' tiles first (heaviest causal query blocks first), then the
-  pruned pairs' zero tiles. No program is launched only to exit.
 * early exit: slot s is pair s, and a pruned pair's programs store zeros and return. No
   preparation at all, so it serves pairs of fewer than ``COMPACT_MIN_WORK`` query-key products
   unless the caller passes a list (the backward passes the forward's).
 Pruned tiles get their zeros from programs of this launch rather than a memset over the whole
 output first: a memset writes every element, then kept programs write theirs again, i.e. up to
 twice the output traffic, while this way every element is written exactly once.
+A persistent compacted grid (one program per resident slot walking the device-counted tiles, so
+no program launches only to exit) was built in session 9 and timed on an H200 in session 10: 1.15-
+1.21x the time of a program per tile at every keep ratio (benchmarks/RESULTS.md). It was removed.
 
 Two inner loops over the full (unmasked-edge) key blocks, both in every autotune list:
 * plain: Q@K^T, softmax, P@V per block. On sm_90 the softmax waits for Q@K^T and P@V for the
@@ -91,7 +90,6 @@ class ConfigLimits(NamedTuple):
     max_block_d: Optional[int] = None  # largest padded head dim served without spills (None: any)
     plain_only: bool = False  # only for launches without mask, entropy, lse or causal test
     light_only: bool = False  # only for launches without mask, entropy or lse (causal allowed)
-    tiles_only: bool = False  # not on the persistent grid (PERSISTENT_COMPACT), where it spills
 
 
 # Kept beside the configs, not on them: triton's autotune disk cache (TRITON_CACHE_AUTOTUNING=1)
@@ -146,11 +144,6 @@ def _fwd_configs():
         # list longer than one, even once pruned to one, and the interpreter cannot time.
         return make_configs(pointer_shapes, pre_hook=_tma_block_shapes)
     pointer = make_configs(pointer_shapes, extra={"USE_TMA": False, "PV_BEHIND": False})
-    # The persistent grid keeps more addresses live across its tile loop: 64 x 128 with mask,
-    # entropy and lse spilled 8 B at D = 64 there (sm_90, triton 3.6).
-    for c in pointer:
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128):
-            set_config_limits(c, max_block_d=config_limits(c).max_block_d, tiles_only=True)
     # Hopper's copy engine (TMA) moves whole tiles without per-thread address math or predicates,
     # which frees the registers that let larger key tiles run. Query blocks of 64+ only: decode
     # shapes have their own kernel and too little work to repay the descriptor setup.
@@ -179,8 +172,7 @@ def _fwd_configs():
                  + make_configs([(128, 128, 8, 3), (128, 128, 8, 2)], pruned_by_query_len=False,
                                 extra={"USE_TMA": True, "PV_BEHIND": False}, pre_hook=_tma_block_shapes))
         for c in plain:
-            # (persistent, the pointer one spilled 16 B at D = 128 under triton 3.9)
-            set_config_limits(c, plain_only=True, tiles_only=not c.kwargs["USE_TMA"])
+            set_config_limits(c, plain_only=True)
     return pointer + tma + behind + plain
 
 
@@ -206,12 +198,10 @@ def is_plain_launch(kwargs) -> bool:
 
 
 def launch_allows(config, kwargs) -> bool:
-    """Whether a launch with these constexprs may run the config (its plain/light-only and
-    tiles-only limits)."""
+    """Whether a launch with these constexprs may run the config (its plain/light-only limits)."""
     limits = config_limits(config)
     return not ((limits.plain_only and not is_plain_launch(kwargs))
-                or (limits.light_only and not is_light_launch(kwargs))
-                or (limits.tiles_only and kwargs.get("PERSISTENT", False)))
+                or (limits.light_only and not is_light_launch(kwargs)))
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -533,34 +523,33 @@ def _store_pruned_tile(Out, Ent, Lse, pair, offs_m, offs_dv, n_rows, Hq, Lq, str
         tl.store(Lse + pair * Lq + offs_m, tl.full([BLOCK_M], float("inf"), dtype=tl.float32), mask=rows)
 
 
-@triton.jit
-def _store_out(Out, out, b, h, offs_m, offs_dv, row_ok, stride_ob, stride_oh, stride_om, stride_od,
-               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    if BLOCK_DV == HEAD_DV:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-
-
-@triton.jit
-def _fwd_tile(
-    pid_m, slot, n_slots,
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE",
+         "PV_MODE"],
+    prune_configs_by={"early_config_prune": prune_fwd_configs},
+)
+# Autotune keys only: specialising them (== 1, % 16) would compile extra copies of the kernel.
+@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY", "TMA_MODE", "PV_MODE"])
+def _gated_attn_fwd(
     Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride,
+    Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride, LQ_KEY, LK_KEY, TMA_MODE, PV_MODE,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    PV_BEHIND: tl.constexpr, ZERO_SHARE: tl.constexpr, PERSISTENT: tl.constexpr,
+    PV_BEHIND: tl.constexpr = False, ZERO_SHARE: tl.constexpr = 0,
 ):
-    """Query block pid_m of grid slot ``slot`` (of ``n_slots``): a kept pair's attention, or a
-    pruned pair's zeros."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Last query blocks see the most keys: schedule them first so the tail wave is short.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    slot = tl.program_id(1)
     if COMPACT:
         pair = tl.load(Pairs + slot).to(tl.int64)
         n_kept = tl.load(NKept)
@@ -587,6 +576,7 @@ def _fwd_tile(
 
     if COMPACT and BLOCK_M >= SHARE_MIN_BLOCK_M:
         if kept:
+            n_slots = tl.num_programs(1)
             for j in tl.static_range(ZERO_SHARE):
                 z = n_kept * (j + 1) + slot
                 z_pair = tl.load(Pairs + tl.minimum(z, n_slots - 1)).to(tl.int64)
@@ -642,85 +632,31 @@ def _fwd_tile(
         if COMPUTE_PV:
             out = acc / l_safe[:, None]
             if USE_TMA:
-                if PERSISTENT:
-                    # A TMA store stages the tile in shared memory of its own, which a loop over
-                    # tiles cannot alias with the key pipeline's buffers (+16 KiB at 64 x 128:
-                    # one resident program per sm_90 SM instead of two).
-                    _store_out(Out, out, b, h, offs_m, offs_dv, row_ok, stride_ob, stride_oh, stride_om, stride_od,
-                               HEAD_DV, BLOCK_DV)
+                # The copy engine clips rows past Lq and head-dim padding on the way out.
+                DescO.store([b32, h32, start_m, 0], out.to(DescO.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
+            else:
+                o_ptrs = (Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                          + offs_dv[None, :] * stride_od)
+                if BLOCK_DV == HEAD_DV:
+                    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
                 else:
-                    # The copy engine clips rows past Lq and head-dim padding on the way out.
-                    DescO.store([b32, h32, start_m, 0], out.to(DescO.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
-            else:
-                _store_out(Out, out, b, h, offs_m, offs_dv, row_ok, stride_ob, stride_oh, stride_om, stride_od,
-                           HEAD_DV, BLOCK_DV)
+                    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+                             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
         _store_row_stats(Ent, Lse, pair * Lq + offs_m, row_ok, l_ok, l_safe, m_i, s_i, ENTROPY, STORE_LSE)
-
-
-@triton.autotune(
-    configs=_fwd_configs(),
-    key=["LQ_KEY", "LK_KEY", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIND", "ENTROPY", "COMPUTE_PV", "TMA_MODE",
-         "PV_MODE", "PERSISTENT"],
-    prune_configs_by={"early_config_prune": prune_fwd_configs},
-)
-# Autotune keys only: specialising them (== 1, % 16) would compile extra copies of the kernel.
-@triton.jit(do_not_specialize=["LQ_KEY", "LK_KEY", "TMA_MODE", "PV_MODE"])
-def _gated_attn_fwd(
-    Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride, NSlots, LQ_KEY, LK_KEY, TMA_MODE, PV_MODE,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
-    COMPUTE_PV: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, COMPACT: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    PV_BEHIND: tl.constexpr = False, ZERO_SHARE: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
-):
-    if PERSISTENT:
-        # One program per resident slot walks tiles t = pid, pid + G, ...: first the kept pairs'
-        # (query block major, heaviest causal blocks first, so each program's share mixes heavy
-        # and light), then the pruned pairs' zero tiles. No program launches only to exit.
-        n_m = tl.cdiv(Lq, BLOCK_M)
-        n_kept = tl.load(NKept)
-        work = n_kept * n_m
-        for t in range(tl.program_id(0), NSlots * n_m, tl.num_programs(0)):
-            if t < work:
-                rank = t // n_kept
-                slot = t - rank * n_kept
-                pid_m = (n_m - 1 - rank) if IS_CAUSAL else rank
-            else:
-                n_pruned = NSlots - n_kept
-                u = t - work
-                pid_m = u // n_pruned
-                slot = n_kept + u - pid_m * n_pruned
-            _fwd_tile(pid_m, slot, NSlots,
-                      Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
-                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                      stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-                      stride_ob, stride_oh, stride_om, stride_od, Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride,
-                      HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY, STORE_LSE, COMPUTE_PV,
-                      DOT_F32, DOT_PRECISION, COMPACT, FOLD_SCALE, BLOCK_M, BLOCK_N, USE_TMA, PV_BEHIND, ZERO_SHARE,
-                      PERSISTENT)
-    else:
-        pid_m = tl.program_id(0)
-        if IS_CAUSAL:
-            # Last query blocks see the most keys: schedule them first so the tail wave is short.
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        _fwd_tile(pid_m, tl.program_id(1), NSlots,
-                  Q, K, V, Mask, Out, Ent, Lse, Pairs, NKept, DescQ, DescK, DescV, DescO,
-                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
-                  stride_ob, stride_oh, stride_om, stride_od, Hq, GROUP, Lq, Lk, scale_log2, keep_row_stride,
-                  HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY, STORE_LSE, COMPUTE_PV,
-                  DOT_F32, DOT_PRECISION, COMPACT, FOLD_SCALE, BLOCK_M, BLOCK_N, USE_TMA, PV_BEHIND, ZERO_SHARE,
-                  PERSISTENT)
 
 
 # ----------------------------------------------------------------------------------------------
 # host side
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch sizing asks per call: cached)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def triton_available(device) -> bool:
@@ -744,38 +680,6 @@ PRUNED_TILES_PER_KEPT = 3
 # (The interpreter's one config has 16-row tiles: there the threshold drops so tests reach the path.)
 _SHARE_MIN_BLOCK_M = 16 if _INTERPRET else 64
 SHARE_MIN_BLOCK_M = tl.constexpr(_SHARE_MIN_BLOCK_M)
-
-
-# The compacted grid launches a program for every (query block, pair) tile, since how many pairs
-# are kept is on the device: at p = 0.25, three quarters of its programs only store zeros or exit,
-# and each still takes a launch slot (8 x 32 x 2048 x 128: 6,144 of 8,192). With PERSISTENT_COMPACT
-# the launch is one program per resident slot instead (persistent_programs), each walking the
-# tiles the device-side count asks for. Off until a card has timed it against the full grid
-# (bench_attention.py prints the A/B under each core row).
-PERSISTENT_COMPACT = False
-# Resident programs per SM the persistent grid sizes itself for: two of the 64-row forward tiles
-# fit an sm_90 SM's shared memory; the interpreter's pretend GPU has a few SMs so that tests
-# walk several tiles per program.
-_PERSISTENT_PER_SM = 2
-_INTERPRET_PERSISTENT_SMS = 2
-
-
-def persistent_programs(device) -> int:
-    """Programs of a persistent forward launch on ``device``."""
-    device = torch.device(device)
-    if _INTERPRET or device.type != "cuda":
-        return _INTERPRET_PERSISTENT_SMS * _PERSISTENT_PER_SM
-    return sm_count(device) * _PERSISTENT_PER_SM
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (launch sizing asks per call: cached)."""
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # Per (batch, head) pair: below this many query-key products the compacted grid's list costs more
@@ -984,23 +888,18 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
             pair_idx, n_kept = kept_pairs(keep) if pairs is None else pairs
         else:
             pair_idx = n_kept = mask_bytes(keep)
-        persistent = compact and PERSISTENT_COMPACT
-        if persistent:
-            programs = persistent_programs(q.device)
-            grid = lambda meta: (min(cdiv(Lq, meta["BLOCK_M"]) * B * Hq, programs),)  # noqa: E731
-        else:
-            grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * Hq)
         _gated_attn_fwd[grid](
             q, k, v, mask_t, o_arg, ent_rows if ent_rows is not None else q, lse if lse is not None else q,
             pair_idx, n_kept, *(descs or (q, k, v, o_arg)),
             *q.stride(), *k.stride(), *v.stride(), *mstr, *o_strides,
-            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, 0 if compact else pair_idx.stride(0), B * Hq,
+            Hq, Hq // Hkv, Lq, Lk, scale * 1.4426950408889634, 0 if compact else pair_idx.stride(0),
             _bucket(Lq), _bucket(Lk), tma_mode, pv_mode,
             HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=bool(return_entropy),
             STORE_LSE=bool(return_lse), COMPUTE_PV=bool(compute_out),
             DOT_F32=dot_f32, DOT_PRECISION=precision, COMPACT=compact, FOLD_SCALE=scale > 0,
-            ZERO_SHARE=PRUNED_TILES_PER_KEPT if compact and not persistent else 0, PERSISTENT=persistent,
+            ZERO_SHARE=PRUNED_TILES_PER_KEPT if compact else 0,
             **({"USE_TMA": tma_mode == TMA_ONLY, "PV_BEHIND": pv_mode == PV_ONLY} if _INTERPRET else {}),
         )
     extras = []

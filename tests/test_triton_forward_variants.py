@@ -32,14 +32,14 @@ def test_forward_variants_suite_in_interpreter_subprocess():
 
 @contextlib.contextmanager
 def launches():
-    """Records (TMA_MODE, USE_TMA, COMPACT, PV_BEHIND, PERSISTENT) of each forward launch. Under
-    the interpreter the caller passes USE_TMA and PV_BEHIND (one config: see _fwd_configs)."""
+    """Records (TMA_MODE, USE_TMA, COMPACT, PV_BEHIND) of each forward launch. Under the
+    interpreter the caller passes USE_TMA and PV_BEHIND (one config: see _fwd_configs)."""
     fwd = tk._ta._gated_attn_fwd
     seen, original = [], fwd.run
 
     def spy(*args, **kwargs):
         seen.append((args[fwd.arg_names.index("TMA_MODE")], kwargs.get("USE_TMA"), kwargs["COMPACT"],
-                     kwargs.get("PV_BEHIND"), kwargs.get("PERSISTENT")))
+                     kwargs.get("PV_BEHIND")))
         return original(*args, **kwargs)
 
     fwd.run = spy
@@ -297,8 +297,6 @@ def test_default_on_hopper_offers_tma_only_for_bhld_storage(monkeypatch):
        tma=st.booleans(), seed=st.integers(0, 2**16))
 def test_compacted_and_early_exit_grids_agree_exactly(B, Hkv, group, Lq, Lk, D, dtype, mask_kind, is_causal,
                                                       keep_pattern, tma, seed):
-    """Early exit, the compacted grid and the persistent compacted grid (a few programs walking
-    every tile, see persistent_programs): same numbers, every element written."""
     ta = tk._ta
     gen = torch.Generator().manual_seed(seed)
     Hq = Hkv * group
@@ -307,42 +305,25 @@ def test_compacted_and_early_exit_grids_agree_exactly(B, Hkv, group, Lq, Lk, D, 
     mask = make_mask(mask_kind, "pad", B, Hq, Lq, Lk, dtype, gen)
     results = []
     with launches() as seen:
-        for pairs, persistent in ((None, False), (ta.kept_pairs(keep), False), (ta.kept_pairs(keep), True)):
+        for pairs in (None, ta.kept_pairs(keep)):
             out = torch.full((B, Hq, Lq, D), float("nan"), dtype=dtype)  # every element must be written
-            with persistent_grid(persistent):
-                results.append(ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
-                                                         return_lse=True, out=out, pairs=pairs, tma=tma))
-    assert [x[2] for x in seen] == [False, True, True], "small shapes exit early unless a pair list is passed"
-    assert [x[4] for x in seen] == [False, False, True]
-    for early, *compacted in zip(*results):
+            results.append(ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
+                                                     return_lse=True, out=out, pairs=pairs, tma=tma))
+    assert [x[2] for x in seen] == [False, True], "small shapes exit early unless a pair list is passed"
+    for early, compacted in zip(*results):
         assert not torch.isnan(early).any()
-        for other in compacted:
-            torch.testing.assert_close(early, other, atol=0, rtol=0)
+        torch.testing.assert_close(early, compacted, atol=0, rtol=0)
     assert torch.equal(results[0][0][~keep], torch.zeros_like(results[0][0][~keep]))
-
-
-@contextlib.contextmanager
-def persistent_grid(on: bool):
-    # Not monkeypatch: Hypothesis tests reuse one function-scoped fixture across examples.
-    ta = tk._ta
-    before = ta.PERSISTENT_COMPACT
-    ta.PERSISTENT_COMPACT = on
-    try:
-        yield
-    finally:
-        ta.PERSISTENT_COMPACT = before
 
 
 @interpreted
 @pytest.mark.parametrize("n_kept", [0, 1, 2, 3, 5, 12])
-@pytest.mark.parametrize("share", [0, 1, 3, "persistent"])
+@pytest.mark.parametrize("share", [0, 1, 3])
 def test_kept_programs_store_the_pruned_tiles_they_cover(monkeypatch, n_kept, share):
-    """Every pruned tile gets its zeros (output 0, entropy 0, lse +inf), whether a kept program
-    stores it or the pruned program itself (shares running out, none kept, all kept), or, on the
-    persistent grid, the program whose walk reaches it."""
+    """Every pruned tile gets its zeros (output 0, entropy 0, lse +inf) exactly once, whether a
+    kept program stores it or the pruned program itself (shares running out, none kept, all kept)."""
     ta = tk._ta
-    monkeypatch.setattr(ta, "PRUNED_TILES_PER_KEPT", 3 if share == "persistent" else share)
-    monkeypatch.setattr(ta, "PERSISTENT_COMPACT", share == "persistent")
+    monkeypatch.setattr(ta, "PRUNED_TILES_PER_KEPT", share)
     monkeypatch.setattr(ta, "torch", tk.NanEmpty())
     gen = torch.Generator().manual_seed(n_kept)
     B, Hq, L, D = 3, 4, 20, 16
