@@ -12,7 +12,9 @@ Rows: the unmodified model, then optimize() with the built-in gates at keep p:
                 projection skips heads (the probe needs Q and K of every head).
 Where every projection is skipped (static, router) and a call's kept heads are bounded below the
 head count (static decisions; any gate at batch 1), the block runs compact: the kept heads'
-weights gathered, dense GEMMs and SDPA on those heads (``--head-ops`` adds the A/B).
+weights gathered, dense GEMMs and SDPA on those heads. Per-sample decisions on a larger batch run
+each row's own heads (per-row gathered weights, batched GEMMs; kernels/compact_rows.py).
+``--head-ops`` adds the A/B against the head-skipping ops.
 Times are medians of ``--reps`` calls after two warm-ups, variants interleaved.
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def main() -> None:
                              "the per-sample GEMM off (union of the rows' heads)")
     parser.add_argument("--head-ops", action="store_true",
                         help="adds static/batch and router/sample with compact_heads=False: the head-skipping "
-                             "ops instead of compact blocks (the A/B of session 10)")
+                             "ops instead of compact blocks (the A/B of session 10); at batch > 1 also the "
+                             "router model itself with per-row blocks switched off call by call")
     args = parser.parse_args()
 
     import dhp_fx
@@ -70,23 +73,32 @@ def main() -> None:
                     for gate in opt.gates.values():
                         torch.nn.init.normal_(gate.router[-1].weight, std=1.0)
             variants[f"{scoring}/{granularity}{'' if compact else ' head ops'} p={p:g}"] = opt
+    from dhp_fx import compact_block
     from dhp_fx.kernels import head_linear
 
-    runs = [(name, m, True) for name, m in variants.items()]
+    rows_on = compact_block.ROWS_DEVICES
+    # (name, model, per-sample GEMM in the head ops, devices whose blocks run each row's own heads)
+    runs = [(name, m, True, rows_on) for name, m in variants.items()]
+    routers = [(name, m) for name, m in variants.items() if name.startswith("router/sample p=")]
     if args.diverse_routers:
-        runs += [(name + " (union GEMM)", m, False) for name, m in variants.items() if name.startswith("router")]
-    times = {name: [] for name, _, _ in runs}
+        runs += [(name + " (union GEMM)", m, False, ()) for name, m in routers]
+    if args.head_ops and args.batch > 1:
+        # the same model and router with per-row blocks off: the A/B of compact_rows, call by call
+        runs += [(name + " (rows off: head ops)", m, True, ()) for name, m in routers]
+    times = {run[0]: [] for run in runs}
     with torch.no_grad():
         for _ in range(2):
-            for _, m, _ in runs:
+            for _, m, _, _ in runs:
                 m(**inputs)
         for _ in range(args.reps):
-            for name, m, per_sample in runs:
+            for name, m, per_sample, rows in runs:
                 head_linear.PER_SAMPLE_GEMM = per_sample
+                compact_block.ROWS_DEVICES = rows
                 start = time.perf_counter()
                 m(**inputs)
                 times[name].append(time.perf_counter() - start)
         head_linear.PER_SAMPLE_GEMM = True
+        compact_block.ROWS_DEVICES = rows_on
     dense = statistics.median(times["dense"])
     print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

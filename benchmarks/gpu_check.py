@@ -106,27 +106,38 @@ def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
     blocks = [m for s in opt.sites for m in (opt.gate(s).block_module, opt.gate(s).chain_module)]
     if not opt.sites or not all(s.compact_block for s in opt.sites):
         raise AssertionError(f"not every block compacted: {[s.compact_block for s in opt.sites]}")
+    from dhp_fx import compact_block
+
     batch = inputs["input_ids"].shape[0]
     errs = {}
-    for label in ("shared", "rows"):
+    for label in ("shared", "rows", "apart"):
         keep = {}
         for s in opt.sites:
             group = s.num_heads // s.num_kv_heads  # half the KV groups, every head of each
-            groups = torch.randperm(s.num_kv_heads, generator=g)[: s.num_kv_heads // 2]
-            union = (groups[:, None] * group + torch.arange(group)).flatten()
+            perm = torch.randperm(s.num_kv_heads, generator=g)
+            halves = [perm[: s.num_kv_heads // 2], perm[s.num_kv_heads // 2:]]
             k = torch.zeros(batch, s.num_heads, dtype=torch.bool)
-            k[:, union] = True
+            for b in range(batch):
+                # "apart": each row its own half, so only per-row compaction (compact_rows) leaves heads out
+                groups = halves[b % 2] if label == "apart" else halves[0]
+                k[b, (groups[:, None] * group + torch.arange(group)).flatten()] = True
             if label == "rows":
+                union = k[0].clone()
                 k &= torch.rand(batch, s.num_heads, generator=g) < 0.7
-                k[0, union] = True
+                k[0] = union
             keep[s.name] = k.to(device)
         before = sum(b.calls_compact for b in blocks)
-        with torch.no_grad():
-            opt.set_keep_mask(keep)
-            got = _out(opt(**inputs))
-            opt.set_keep_mask(None)
-            with heads_zeroed(model, opt.sites, keep):
-                want = _out(model(**inputs))
+        saved = compact_block.ROWS_DEVICES
+        compact_block.ROWS_DEVICES = saved + ((device,) if label == "apart" else ())
+        try:
+            with torch.no_grad():
+                opt.set_keep_mask(keep)
+                got = _out(opt(**inputs))
+                opt.set_keep_mask(None)
+                with heads_zeroed(model, opt.sites, keep):
+                    want = _out(model(**inputs))
+        finally:
+            compact_block.ROWS_DEVICES = saved
         if sum(b.calls_compact for b in blocks) - before != len(opt.sites):
             raise AssertionError(f"compact {label}: a block ran every head")
         errs[f"compact_{label}_rel_err"] = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("inf")
@@ -254,9 +265,30 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                         ms = _median_ms(lambda: runner(**inputs), reps, device)
                     rows.append({"variant": "router/sample, torch-op router + cuda graphs", "p": p, "ms": ms,
                                  "vs_dense": ms / dense})
+                if graphs and scoring == "router" and not extra and p in (0.5, 0.25):
+                    rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device))
         if graphs:
             rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
     return rows
+
+
+def _time_rows_on_gpu(opt, inputs, p, dense, reps, device) -> dict:
+    """Per-sample router decisions through each row's own heads (kernels/compact_rows), which
+    dhp_fx.compact_block takes on CPU only: per-row weight gathers against the head ops, graphed."""
+    from dhp_fx import compact_block
+
+    saved = compact_block.ROWS_DEVICES
+    compact_block.ROWS_DEVICES = saved + (device,)
+    try:
+        blocks = [opt.gate(s).block_module for s in opt.sites]
+        before = sum(b.calls_rows for b in blocks)
+        runner = opt.cuda_graphed()
+        ms = _median_ms(lambda: runner(**inputs), reps, device)
+        ran = sum(b.calls_rows for b in blocks) > before
+    finally:
+        compact_block.ROWS_DEVICES = saved
+    return {"variant": "router/sample, each row's own heads (compact_rows) + cuda graphs", "p": p, "ms": ms,
+            "vs_dense": ms / dense, "rows_ran": ran}
 
 
 def _time_head_ops(dhp_fx, model, inputs, p, dense, reps, device) -> dict:
@@ -587,14 +619,14 @@ def _guarded(part: str, check, device) -> list[dict]:
 def run_exactness(device, dtypes, batch, seq, report) -> bool:
     """Part 1 (gates open, keep masks, compact blocks) into ``report`` and printed; True if it passed."""
     report["exactness"] = _guarded("exactness", lambda d: check_exactness(d, dtypes, batch, seq), device)
-    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | compact shared | compact rows | ok |"
-          "\n|---|---|---|---|---|---|---|---|")
+    print("\n| model | dtype | sites | gates-open rel err | keep-mask rel err | compact shared | compact rows | "
+          "rows apart | ok |\n|---|---|---|---|---|---|---|---|---|")
     for r in report["exactness"]:
         if "error" in r:
-            print(f"| exactness check raised {r['error']} | | | | | | | NO |", flush=True)
+            print(f"| exactness check raised {r['error']} | | | | | | | | NO |", flush=True)
             continue
         compact = " | ".join(f"{r[k]:.2e}" if k in r else "-"
-                             for k in ("compact_shared_rel_err", "compact_rows_rel_err"))
+                             for k in ("compact_shared_rel_err", "compact_rows_rel_err", "compact_apart_rel_err"))
         print(f"| {r['model']} | {r['dtype']} | {r['sites']} | {r['gates_open_rel_err']:.2e} | "
               f"{r['keep_mask_rel_err']:.2e} | {compact} | {'yes' if r['ok'] else 'NO'} |", flush=True)
     return all(r["ok"] for r in report["exactness"])

@@ -18,6 +18,13 @@ import torch.nn.functional as F
 
 from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, gather_block_weights,
                                     role_widths)
+from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
+
+# Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
+# rather than the head ops: each row gathers its own weights, small next to a CPU's GEMMs but,
+# at large batch, a GPU's whole budget (BERT-base, 32 rows, p = .5: 75 MB a layer). Untimed on
+# a GPU; there per-sample decisions keep the union compaction and the head ops.
+ROWS_DEVICES = ("cpu",)
 
 
 class CompactBlock(nn.Module):
@@ -38,6 +45,7 @@ class CompactBlock(nn.Module):
         super().__init__()
         object.__setattr__(self, "gate", gate)
         self.calls_compact = 0  # how many calls ran the kept heads alone (reports, tests)
+        self.calls_rows = 0  # how many of them ran each row's own kept heads (compact_rows)
         self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
         self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
@@ -45,19 +53,41 @@ class CompactBlock(nn.Module):
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         plan = self.gate.compact_plan(keep.shape[0])
-        if plan is not None and plan[0] < kv_heads:
-            cap, rows_shared = plan
+        row_plan = self._row_plan(keep, plan, kv_heads)
+        if row_plan is not None or (plan is not None and plan[0] < kv_heads):
             q, k, v = (HeadProjection(projections[i][6], projections[i][1], projections[i][2], projections[i][5], start)
                        for i, start in roles)
-            gathered = self._gathered(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
-            out = compact_attention_block(q, k, v, w_o, b_o, in_out_o, keep, cap, head_dim, v_head_dim,
-                                          attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads, gathered)
+            if row_plan is not None:
+                cap, whole = row_plan
+                gathered = self._gathered(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads,
+                                          gather_rows)
+                out = compact_rows_block(q, k, v, w_o, b_o, in_out_o, keep, cap, head_dim, v_head_dim, attn_mask,
+                                         dropout_p, is_causal, scale, whole, kv_heads, gathered)
+                self.calls_rows += 1
+            else:
+                cap, rows_shared = plan
+                gathered = self._gathered(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
+                out = compact_attention_block(q, k, v, w_o, b_o, in_out_o, keep, cap, head_dim, v_head_dim,
+                                              attn_mask, dropout_p, is_causal, scale, rows_shared, kv_heads, gathered)
             self.calls_compact += 1
             return out.flatten(0, 1) if flat else out
         return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection,
                                 geometry)
 
-    def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads):
+    def _row_plan(self, keep: torch.Tensor, plan, kv_heads: int):
+        """(cap, whole) when each row should compute its own kept groups (kernels/compact_rows):
+        rows decide apart, a row keeps fewer groups than the union bound would compute for every
+        row, and the block runs on a device in ROWS_DEVICES."""
+        if keep.shape[0] < 2 or keep.device.type not in ROWS_DEVICES or (plan is not None and plan[1]):
+            return None
+        row_plan = self.gate.compact_row_plan()
+        union = kv_heads if plan is None else min(plan[0], kv_heads)
+        if row_plan is None or row_plan[0] >= union:
+            return None
+        return row_plan
+
+    def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads,
+                  gather=gather_block_weights):
         """The gathered weights: the last call's when the decision and the weights are the same
         tensors, unmodified. A static decision is one tensor handed to every call, so eager calls
         skip the gather (on CPU most of a compact block's host time); a per-input decision is a
@@ -71,11 +101,11 @@ class CompactBlock(nn.Module):
             return None  # the graph gathers at every replay, from the weights as they are then
         decision = keep if keep._base is None else keep._base
         tensors = (decision, *weights)
-        values = (cap, decision._version, *((t._version, t.data_ptr()) for t in weights))
+        values = (gather, cap, decision._version, *((t._version, t.data_ptr()) for t in weights))
         last = self._last
         if last is not None and last[1] == values and all(a is b for a, b in zip(last[0], tensors)):
             return last[2]
-        gathered = gather_block_weights(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
+        gathered = gather(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
         self.gathers += 1
         self._last = (tensors, values, gathered)
         return gathered
@@ -118,7 +148,8 @@ class CompactChain(CompactBlock):
     own ops (RoPE) stay between projections and attention. One module, four kinds of call:
 
     - ``chain(keep, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
-      (cap, rows_shared, gathered) when this call runs its kept KV groups alone, else None;
+      (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
+      (per_row: each row its own, kernels/compact_rows), else None;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's;
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
@@ -131,25 +162,31 @@ class CompactChain(CompactBlock):
     def _plan(self, keep, *, weights, starts, geometry):
         heads, kv_heads, head_dim, v_head_dim = geometry
         plan = self.gate.compact_plan(keep.shape[0])
-        if plan is None or plan[0] >= kv_heads:
+        row_plan = self._row_plan(keep, plan, kv_heads)
+        if row_plan is None and (plan is None or plan[0] >= kv_heads):
             return None
-        cap, rows_shared = plan
+        cap, shared_or_whole = row_plan if row_plan is not None else plan
+        gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
         q, k, v = (HeadProjection(None, w, b, False, start)
                    for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
-        gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+        gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads, gather)
         if gathered is None:  # under autograd: gathered by torch ops, every call
-            gathered = gather_block_weights(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+            gathered = gather(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
         self.calls_compact += 1
-        return cap, rows_shared, gathered
+        self.calls_rows += row_plan is not None
+        return cap, shared_or_whole, gathered, row_plan is not None
 
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
         heads, kv_heads, head_dim, v_head_dim = geometry
-        cap, _, gathered = plan
+        cap, _, gathered, per_row = plan
         widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
         lo = sum(widths[:role])
+        if per_row:
+            return _per_row(x, keep.shape[0],
+                            lambda x3: project_rows(x3, gathered.weights[role], gathered.biases[role]))
         rows = slice(lo, lo + widths[role])
         return F.linear(x, gathered.w_qkv[rows], None if gathered.b_qkv is None else gathered.b_qkv[rows])
 
@@ -157,14 +194,27 @@ class CompactChain(CompactBlock):
         if plan is None:
             return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         heads, kv_heads, _, _ = geometry
-        cap, rows_shared, gathered = plan
-        return compact_core(q, k, v, keep, gathered, heads // kv_heads, attn_mask, dropout_p, is_causal, scale,
-                            rows_shared)
+        cap, shared_or_whole, gathered, per_row = plan
+        core = rows_core if per_row else compact_core
+        return core(q, k, v, keep, gathered, heads // kv_heads, attn_mask, dropout_p, is_causal, scale,
+                    shared_or_whole)
 
     def _out(self, keep, o, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_in(o, w, b, _flags(flags, keep), unit, in_out)
-        return F.linear(o, plan[2].w_o, b)
+        w_o = plan[2].w_o
+        if plan[3]:
+            out = _per_row(o, keep.shape[0], lambda o3: torch.bmm(o3, w_o))
+            return out if b is None else out + b
+        return F.linear(o, w_o, b)
+
+
+def _per_row(x: torch.Tensor, batch: int, fn) -> torch.Tensor:
+    """fn on x as [batch, L, features] (rows may arrive flattened to [batch * L, features])."""
+    if x.dim() == 3:
+        return fn(x)
+    y = fn(x.reshape(batch, -1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _flags(spec, keep):

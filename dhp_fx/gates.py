@@ -119,6 +119,7 @@ class HeadGate(nn.Module):
         # Not persistent: an explicit mask is a run-time choice, not model state.
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
         self._fixed_plan: Optional[tuple[int, bool]] = None  # (heads in the mask's union, rows equal)
+        self._fixed_row_plan: Optional[tuple[int, bool]] = None  # (most groups of one row, whole groups)
         self._init_stats()
 
     # ------------------------------------------------------------------ budget
@@ -145,7 +146,7 @@ class HeadGate(nn.Module):
         """Pin the gate: bool [H] (every row) or [B, H] (one row per sample); None unpins."""
         if mask is None:
             self.fixed_keep = torch.ones(0, dtype=torch.bool, device=self.fixed_keep.device)
-            self._fixed_plan = None
+            self._fixed_plan = self._fixed_row_plan = None
             return
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or mask.dim() not in (1, 2) or mask.shape[-1] != self.num_heads:
@@ -160,6 +161,7 @@ class HeadGate(nn.Module):
         groups = rows.any(-1)
         whole = bool((rows == groups[..., None]).all())
         self._fixed_plan = (int(groups.any(0).sum()), whole and bool((rows == rows[:1]).all()))
+        self._fixed_row_plan = (max(int(groups.sum(-1).max()), 1), whole)
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         """Importance per (batch, head), higher = keep. Scoring strategies override this."""
@@ -229,6 +231,22 @@ class HeadGate(nn.Module):
         if self.granularity == "batch":
             return min(union, batch * per_row), whole
         return min(self.num_kv_heads, batch * per_row), whole and batch == 1
+
+    def compact_row_plan(self) -> Optional[tuple[int, bool]]:
+        """(cap, whole) for a per-row compaction of this gate's last decision: no row's kept
+        heads lie in more than ``cap`` KV groups, and whole says rows keep whole groups. None
+        when the call must compute every head (as for :meth:`compact_plan`), or when rows share
+        one decision (granularity "batch": a row keeps the batch's union, not its own budget).
+        Host state only."""
+        if self._tap_work is not None or (self.granularity == "batch" and not self.fixed_keep.numel()):
+            return None
+        if self.fixed_keep.numel():
+            return self._fixed_row_plan
+        if self.recording or (self.score_threshold is None and self.n_keep >= self.num_heads):
+            return None
+        per_row, _, whole = self._group_bounds()
+        return per_row, whole
+
     def decides_from_hidden(self) -> bool:
         """True when ``score`` needs only the layer input (``hidden``), never q, k or v."""
         return False

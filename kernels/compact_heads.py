@@ -133,7 +133,7 @@ def _heads_of_mask(attn_mask: Optional[torch.Tensor], heads: int, q_heads: torch
     return attn_mask.index_select(attn_mask.dim() - 3, q_heads)
 
 
-def _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
+def dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
     """SDPA on the gathered heads; k and v hold one head per ``group`` query heads."""
     if group > 1:
         try:
@@ -161,14 +161,15 @@ class GatheredHeads(NamedTuple):
     w_o: torch.Tensor
 
 
-def _geometry(keep: torch.Tensor, cap: int, kv_heads: Optional[int]) -> tuple[int, int]:
+def block_geometry(keep: torch.Tensor, cap: int, kv_heads: Optional[int],
+                   what: str = "compact_attention_block") -> tuple[int, int]:
     """(kv heads, query heads per kv head) after checking keep, cap and kv_heads agree."""
     H = keep.shape[1]
     kv = H if kv_heads is None else kv_heads
     if kv <= 0 or H % kv:
-        raise ValueError(f"compact_attention_block: {H} query heads are not a multiple of {kv} kv heads")
+        raise ValueError(f"{what}: {H} query heads are not a multiple of {kv} kv heads")
     if not 0 < cap <= kv:
-        raise ValueError(f"compact_attention_block: cap must be in [1, {kv}], got {cap}")
+        raise ValueError(f"{what}: cap must be in [1, {kv}], got {cap}")
     return kv, H // kv
 
 
@@ -177,7 +178,7 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
                          v_head_dim: int, kv_heads: Optional[int] = None) -> GatheredHeads:
     """The gather of :func:`compact_attention_block`: one ``dhp::gather_heads`` launch, or torch
     ops when gradients must reach the weights."""
-    kv, group = _geometry(keep, cap, kv_heads)
+    kv, group = block_geometry(keep, cap, kv_heads)
     groups_keep = keep if group == 1 else keep.view(keep.shape[0], kv, group).any(-1)
     projs = (q_proj, k_proj, v_proj)
     weights, biases = [p.weight for p in projs], [p.bias for p in projs]
@@ -222,7 +223,7 @@ def compact_attention_block(
     these weights, when the caller kept it from an earlier call.
     """
     B, H = keep.shape
-    _, group = _geometry(keep, cap, kv_heads)
+    _, group = block_geometry(keep, cap, kv_heads)
     if gathered is None:
         gathered = gather_block_weights(q_proj, k_proj, v_proj, out_weight, out_in_out, keep, cap, head_dim,
                                         v_head_dim, kv_heads)
@@ -251,7 +252,7 @@ def compact_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_mask, 
     q_heads = idx if group == 1 else (idx[:, None] * group + torch.arange(group, device=idx.device)).flatten()
     mask = _heads_of_mask(attn_mask, H, q_heads)
     if rows_shared:
-        return _dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group)
+        return dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group)
     rows = keep.index_select(1, q_heads) & (valid if group == 1 else valid.repeat_interleave(group))
     return torch.ops.dhp.gated_attention(q, k, v, rows, mask, dropout_p, is_causal, scale)
 

@@ -357,7 +357,7 @@ def test_batch_of_one_runs_compact_and_matches_the_head_ops(scoring):
         assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
 
 
-def test_compact_graph_computes_no_fallback_flags():
+def test_compact_graph_computes_no_fallback_flags(monkeypatch):
     """The head ops' flags (the keep mask's union) are computed by the block only when it falls
     back to them: a compact call launches the gather, two GEMMs and attention per layer, no
     reduction (on an H200 two unions per layer cost 13 µs at batch 1, session 10)."""
@@ -369,8 +369,13 @@ def test_compact_graph_computes_no_fallback_flags():
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="router"), example_inputs=inputs)
     ops = kernel_ops(lambda: opt(**inputs))
     assert ops["dhp::gather_heads"] == len(opt.sites) and "aten::any" not in ops, ops
-    # and the fallback still finds its flags: a batch of 3 keeps up to every head
+    # a batch of 3 keeps up to every head in union: on CPU each row runs its own (compact_rows)
     batch = {"input_ids": entry.inputs()["input_ids"][:1].repeat(3, 1)}
+    ops = kernel_ops(lambda: opt(**batch))
+    batched = ops["aten::bmm"] + ops["aten::baddbmm"]  # per-row projections: four batched GEMMs a block
+    assert "dhp::head_linear_in" not in ops and "aten::any" not in ops and batched == 4 * len(opt.sites), ops
+    # where rows are not compacted (GPUs), the fallback still finds its flags
+    monkeypatch.setattr("dhp_fx.compact_block.ROWS_DEVICES", ())
     ops = kernel_ops(lambda: opt(**batch))
     assert "dhp::gather_heads" not in ops and ops["dhp::head_linear_in"] == len(opt.sites), ops
 

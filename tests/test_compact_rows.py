@@ -1,0 +1,207 @@
+"""Per-row compact blocks (kernels/compact_rows.py): each row computes its own kept heads only.
+
+Against the float64 zeroed-head reference of test_compact_heads over Hypothesis shapes, GQA
+groups, cross-attention, fused and Conv1D weights, masks with a head dim, causal, any cap at
+or above each row's own group count, rows keeping whole groups or not; gradients reach only
+the kept heads' weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dhp_fx.kernels.compact_heads import HeadProjection
+from dhp_fx.kernels.compact_rows import compact_rows_block, gather_rows, kept_first_rows
+from dhp_fx.testing import assert_outputs_close
+
+from test_compact_heads import _reference
+
+
+@st.composite
+def rows_cases(draw):
+    B = draw(st.integers(1, 4))
+    G = draw(st.sampled_from([1, 1, 2]))
+    KV = draw(st.integers(1 if G > 1 else 2, 4))
+    H = KV * G
+    d = draw(st.sampled_from([4, 8]))
+    dv = draw(st.sampled_from([d, 4]))
+    Lq = draw(st.integers(1, 6))
+    cross = draw(st.booleans())
+    Lk = draw(st.integers(1, 6)) if cross else Lq
+    whole = G == 1 or draw(st.booleans())
+    keep = []
+    for _ in range(B):
+        groups = draw(st.lists(st.booleans(), min_size=KV, max_size=KV))
+        keep.append([groups[h // G] and (whole or draw(st.booleans())) for h in range(H)])
+    most = max(sum(any(r[g * G:(g + 1) * G]) for g in range(KV)) for r in keep)
+    cap = draw(st.integers(max(most, 1), KV))
+    mask_kind = draw(st.sampled_from(["none", "padding", "head_bias", "row_head_bias"]))
+    causal = draw(st.booleans()) and mask_kind == "none"
+    return dict(B=B, H=H, KV=KV, d=d, dv=dv, Lq=Lq, Lk=Lk, cross=cross, whole=whole, keep=keep, cap=cap,
+                mask_kind=mask_kind, causal=causal, in_out=draw(st.booleans()), fused=draw(st.booleans()),
+                bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])), out_in_out=draw(st.booleans()))
+
+
+def _block_inputs(case, dtype, requires_grad=False):
+    g = torch.Generator().manual_seed(case["B"] * 100 + case["H"] * 10 + case["Lq"])
+    B, H, KV, d, dv, Lq, Lk = (case[k] for k in ("B", "H", "KV", "d", "dv", "Lq", "Lk"))
+    E, E_out = 12, 10
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x_q = rnd(B, Lq, E)
+    x_kv = rnd(B, Lk, E) if case["cross"] else x_q
+    w = [rnd(H * d, E), rnd(KV * d, E), rnd(KV * dv, E)]
+    b = [rnd(H * d), rnd(KV * d), rnd(KV * dv)] if case["bias"] else [None] * 3
+    w_o, b_o = rnd(E_out, H * dv), rnd(E_out)
+    mask = None
+    if case["mask_kind"] == "padding":
+        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        mask[-1, ..., Lk // 2:] = False
+        mask[..., 0] = True
+    elif case["mask_kind"] == "head_bias":
+        mask = rnd(1, H, Lq, Lk)
+    elif case["mask_kind"] == "row_head_bias":
+        mask = rnd(B, H, Lq, Lk)
+    ref = (x_q, x_kv, w, b, w_o, b_o, mask)
+    params = []
+
+    def leaf(t):
+        t = t.to(dtype).detach().requires_grad_(requires_grad)
+        params.append(t)
+        return t
+
+    def proj(x, i):
+        weight, bias, start = w[i], b[i], 0
+        if case["fused"] and not case["cross"]:
+            starts = [0, H * d, H * d + KV * d]
+            weight, bias, start = torch.cat(w), (None if b[0] is None else torch.cat(b)), starts[i]
+        weight = weight.t().contiguous() if case["in_out"] else weight
+        return HeadProjection(x, leaf(weight), None if bias is None else leaf(bias), case["in_out"], start)
+
+    x_q_ = x_q.to(dtype)
+    x_kv_ = x_kv.to(dtype) if case["cross"] else x_q_
+    projs = (proj(x_q_, 0), proj(x_kv_, 1), proj(x_kv_, 2))
+    w_o_ = leaf(w_o.t().contiguous() if case["out_in_out"] else w_o)
+    m = None if mask is None else mask.to(dtype) if mask.is_floating_point() else mask
+    return ref, projs, w_o_, b_o.to(dtype), m, params
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_cases(), st.sampled_from([torch.float32, torch.float64]))
+def test_rows_block_matches_zeroed_dense_block(case, dtype):
+    ref, projs, w_o, b_o, mask, _ = _block_inputs(case, dtype)
+    x_q, x_kv, w, b, w_o64, b_o64, mask64 = ref
+    keep = torch.tensor(case["keep"], dtype=torch.bool)
+    want = _reference(x_q, x_kv, w, b, w_o64, b_o64, keep, case["H"], case["KV"], case["d"], case["dv"], mask64,
+                      case["causal"], case["scale"])
+    got = compact_rows_block(*projs, w_o, b_o, case["out_in_out"], keep, case["cap"], case["d"], case["dv"], mask,
+                             0.0, case["causal"], case["scale"], case["whole"], kv_heads=case["KV"])
+    assert got.shape == want.shape
+    assert_outputs_close(got, want.to(dtype), what="per-row compact block")
+
+
+def test_rows_block_gradients_reach_kept_heads_only():
+    """Row 0 keeps heads {0, 2}, row 1 keeps {2}: heads 1 and 3 get zero weight gradients, the
+    kept heads' gradients equal those of the zeroed reference (float64)."""
+    case = dict(B=2, H=4, KV=4, d=4, dv=4, Lq=3, Lk=3, cross=False, whole=True, cap=2, mask_kind="none",
+                causal=False, in_out=False, fused=False, bias=True, scale=None, out_in_out=False,
+                keep=[[True, False, True, False], [False, False, True, False]])
+    ref, projs, w_o, b_o, mask, params = _block_inputs(case, torch.float64, requires_grad=True)
+    keep = torch.tensor(case["keep"])
+    out = compact_rows_block(*projs, w_o, b_o, False, keep, 2, 4, 4, kv_heads=4)
+    x_q, x_kv, w, b, w_o64, b_o64, _ = ref
+    ref_params = [t.clone().requires_grad_(True) for t in (*w, *b, w_o64)]
+    want = _reference(x_q, x_kv, ref_params[:3], ref_params[3:6], ref_params[6], b_o64, keep, 4, 4, 4, 4, None,
+                      False, None)
+    seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got_grads = torch.autograd.grad((out * seed).sum(), [p for p in params])
+    want_grads = torch.autograd.grad((want * seed).sum(), ref_params)
+    # params: wq, bq, wk, bk, wv, bv, w_o (the order _block_inputs creates them)
+    by_name = dict(zip(["wq", "bq", "wk", "bk", "wv", "bv", "wo"], got_grads))
+    ref_by_name = dict(zip(["wq", "wk", "wv", "bq", "bk", "bv", "wo"], want_grads))
+    for name, g in by_name.items():
+        torch.testing.assert_close(g, ref_by_name[name], msg=name)
+    pruned = torch.tensor([False, True, False, True]).repeat_interleave(4)
+    assert by_name["wq"][pruned].abs().max() == 0 and by_name["wo"][:, pruned].abs().max() == 0
+
+
+def test_kept_first_rows_lists_each_rows_kept_heads_then_filler():
+    keep = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    idx, valid = kept_first_rows(keep, 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]]
+    assert valid.tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_rows_block_refuses_a_bad_cap():
+    x = torch.randn(2, 3, 4)
+    p = HeadProjection(x, torch.randn(4, 4), None, False, 0)
+    keep = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="compact_rows_block: cap must be in"):
+        gather_rows(p, p, p, torch.randn(3, 4), False, keep, 3, 2, 2)
+
+
+# ---------------------------------------------------------------------------- models
+import dhp_fx  # noqa: E402
+from dhp_fx.config import DHPConfig  # noqa: E402
+from dhp_fx.testing import check_keep_mask  # noqa: E402
+
+from test_compact_heads import COMPACTED, ENTRIES, _NO_CACHE  # noqa: E402
+
+
+def _rows_apart(entry, whole: bool) -> torch.Tensor:
+    """Each row keeps its own half of the KV groups, so the rows' union is every head while no
+    row keeps more than half; whole=False also drops one head inside a kept group (GQA)."""
+    H, group = entry.heads, entry.heads // entry.kv_heads
+    keep = torch.zeros(entry.batch, H, dtype=torch.bool)
+    half = (entry.kv_heads // 2) * group
+    keep[0, :half] = True
+    keep[1:, half:2 * half] = True
+    if not whole:
+        keep[0, 0] = False
+    return keep
+
+
+@pytest.mark.parametrize("name", [n for n in COMPACTED + ["llama-sdpa", "llama-eager"] if n in ENTRIES])
+def test_zoo_blocks_run_each_rows_own_heads_exactly(name):
+    entry = ENTRIES[name]
+    model, inputs = entry.build(), entry.inputs()
+    inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    assert entry.batch >= 2 and all(s.compact_block for s in opt.sites), opt.report()
+    modules = [opt.gate(s).chain_module if name.startswith("llama") else opt.gate(s).block_module for s in opt.sites]
+    for whole in ((True, False) if entry.kv_heads < entry.heads else (True,)):
+        before = sum(m.calls_rows for m in modules)
+        check_keep_mask(model, opt, inputs, _rows_apart(entry, whole))
+        assert sum(m.calls_rows for m in modules) - before == len(modules)
+
+
+@pytest.mark.parametrize("name", ["bert-sdpa", "llama-sdpa"])
+def test_router_batches_run_rows_and_match_the_head_ops(name):
+    """Per-sample router decisions on a batch of 3: each row's own heads (compact_rows) give the
+    output and the weight gradients of the head ops (compact_heads=False)."""
+    entry = ENTRIES[name]
+    model = entry.build()
+    ids = entry.inputs()["input_ids"][:1]
+    ids = torch.cat([ids, ids.flip(1), ids.roll(2, 1)])
+    inputs = {"input_ids": ids, **_NO_CACHE.get(name.split("-")[0], {})}
+    results = []
+    for compact in (True, False):
+        opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.25, scoring="router", compact_heads=compact),
+                              example_inputs=inputs)
+        gates = [opt.gate(s) for s in opt.sites]
+        modules = [g.chain_module if name.startswith("llama") else g.block_module for g in gates]
+        model.zero_grad()
+        before = sum(m.calls_rows for m in modules)
+        result = opt(**inputs)
+        out = result.logits if hasattr(result, "logits") else result.last_hidden_state
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                 if p.grad is not None and ("attn" in n or "attention" in n)}
+        results.append((out.detach(), grads, sum(m.calls_rows for m in modules) - before))
+    (out_r, grads_r, rows_r), (out_h, grads_h, rows_h) = results
+    assert rows_r == len(opt.sites) and rows_h == 0
+    assert_outputs_close(out_r, out_h, what="rows vs head ops")
+    assert grads_r.keys() == grads_h.keys() and grads_r
+    for n in grads_r:
+        assert_outputs_close(grads_r[n], grads_h[n], what=f"grad {n}")
