@@ -50,6 +50,8 @@ def main() -> None:
                         help="adds static/batch and router/sample with compact_heads=False: the head-skipping "
                              "ops instead of compact blocks (the A/B of session 10); at batch > 1 also the "
                              "router model itself with per-row blocks switched off call by call")
+    parser.add_argument("--only", nargs="+", metavar="SCORING", choices=["static", "router", "probe"],
+                        help="time only these gates (and dense): a tighter A/B on a noisy machine")
     args = parser.parse_args()
 
     import dhp_fx
@@ -62,6 +64,8 @@ def main() -> None:
     configs = [("static", "batch", True), ("router", "sample", True), ("probe", "sample", True)]
     if args.head_ops:
         configs += [("static", "batch", False), ("router", "sample", False)]
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only]
     for p in args.p:
         for scoring, granularity, compact in configs:
             opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity,

@@ -5,7 +5,9 @@ most (``HeadGate.compact_plan``: a host-side bound from the budget and the batch
 device sync). Below the group count, the block runs on those groups alone
 (``kernels/compact_heads.py``); otherwise, or when the gate
 left work that needs every head's q, k and v (calibration, attention maps, straight-through
-training), it runs the head ops the graph held before and calls the gate's tap.
+training), it runs the head ops the graph held before and calls the gate's tap; when the gate
+kept every head (host state: the budget, the straight-through estimator), the dense originals
+(F.linear, SDPA) instead, which compute the same faster.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, gather_block_weights,
-                                    role_widths)
+from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, dense_attention,
+                                    gather_block_weights, role_widths)
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
 
 # Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
@@ -115,6 +117,7 @@ class CompactBlock(nn.Module):
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         union = None
+        dense = self.gate.keeps_every_head()
 
         def flags(spec):
             nonlocal union
@@ -126,7 +129,10 @@ class CompactBlock(nn.Module):
                 union = keep.any(0)
             return union
 
-        features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
+        if dense:  # every head kept: the original GEMMs and attention, not their gated forms
+            features = [_linear(p[0], p[1], p[2], p[5]) for p in projections]
+        else:
+            features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
 
         def role(index: int, n: int, dim: int):
             i, start = roles[index]
@@ -136,11 +142,17 @@ class CompactBlock(nn.Module):
             return y.view(B, L, n, dim).transpose(1, 2)
 
         q, k, v = role(0, heads, head_dim), role(1, kv_heads, head_dim), role(2, kv_heads, v_head_dim)
-        o = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
+        if dense:
+            o = dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
+        else:
+            o = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         o = self.gate.tap_module(o, q, k, v, attn_mask)
         B, _, L, _ = o.shape
         o = o.transpose(1, 2).reshape(B, L, heads * v_head_dim)
-        return torch.ops.dhp.head_linear_in(o.flatten(0, 1) if flat else o, w_o, b_o, flags(flags_o), unit_o, in_out_o)
+        o = o.flatten(0, 1) if flat else o
+        if dense:
+            return _linear(o, w_o, b_o, in_out_o)
+        return torch.ops.dhp.head_linear_in(o, w_o, b_o, flags(flags_o), unit_o, in_out_o)
 
 
 class CompactChain(CompactBlock):
@@ -164,7 +176,7 @@ class CompactChain(CompactBlock):
         plan = self.gate.compact_plan(keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads)
         if row_plan is None and (plan is None or plan[0] >= kv_heads):
-            return None
+            return DENSE if self.gate.keeps_every_head() else None
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
@@ -180,6 +192,8 @@ class CompactChain(CompactBlock):
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
+        if plan is DENSE:
+            return _linear(x, w, b, in_out)
         heads, kv_heads, head_dim, v_head_dim = geometry
         cap, _, gathered, per_row = plan
         widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
@@ -194,6 +208,8 @@ class CompactChain(CompactBlock):
         if plan is None:
             return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         heads, kv_heads, _, _ = geometry
+        if plan is DENSE:
+            return dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
         cap, shared_or_whole, gathered, per_row = plan
         core = rows_core if per_row else compact_core
         return core(q, k, v, keep, gathered, heads // kv_heads, attn_mask, dropout_p, is_causal, scale,
@@ -202,11 +218,23 @@ class CompactChain(CompactBlock):
     def _out(self, keep, o, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_in(o, w, b, _flags(flags, keep), unit, in_out)
+        if plan is DENSE:
+            return _linear(o, w, b, in_out)
         w_o = plan[2].w_o
         if plan[3]:
             out = _per_row(o, keep.shape[0], lambda o3: torch.bmm(o3, w_o))
             return out if b is None else out + b
         return F.linear(o, w_o, b)
+
+
+# The chain's plan when the gate kept every head: each call runs its dense original.
+DENSE = "dense"
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_out: bool) -> torch.Tensor:
+    """The projection a head op stands for, every head computed: weight [out, in], or [in, out]
+    for an HF Conv1D (in_out)."""
+    return F.linear(x, weight.t() if in_out else weight, bias)
 
 
 def _per_row(x: torch.Tensor, batch: int, fn) -> torch.Tensor:

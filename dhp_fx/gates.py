@@ -162,6 +162,7 @@ class HeadGate(nn.Module):
         whole = bool((rows == groups[..., None]).all())
         self._fixed_plan = (int(groups.any(0).sum()), whole and bool((rows == rows[:1]).all()))
         self._fixed_row_plan = (max(int(groups.sum(-1).max()), 1), whole)
+        self._fixed_all = bool(mask.all())
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         """Importance per (batch, head), higher = keep. Scoring strategies override this."""
@@ -246,6 +247,20 @@ class HeadGate(nn.Module):
             return None
         per_row, _, whole = self._group_bounds()
         return per_row, whole
+
+    def keeps_every_head(self) -> bool:
+        """Whether this gate's last decision kept every head of every row, from host state: a
+        budget that keeps all (and no threshold), an all-true pinned mask, the straight-through
+        estimator (every head runs; the tap weights them) or calibration recording before the
+        projections. Then the head ops would compute exactly the dense block, only slower."""
+        work = self._tap_work
+        if work is not None and "ste" in work:
+            return True
+        if self.fixed_keep.numel():
+            return self._fixed_all
+        if self.recording:
+            return bool(work is not None and work.get("record"))
+        return self.score_threshold is None and self.n_keep >= self.num_heads
 
     def decides_from_hidden(self) -> bool:
         """True when ``score`` needs only the layer input (``hidden``), never q, k or v."""

@@ -205,3 +205,30 @@ def test_router_batches_run_rows_and_match_the_head_ops(name):
     assert grads_r.keys() == grads_h.keys() and grads_r
     for n in grads_r:
         assert_outputs_close(grads_r[n], grads_h[n], what=f"grad {n}")
+
+
+@pytest.mark.parametrize("name", ["bert-sdpa", "gpt2-sdpa", "llama-sdpa"])
+def test_every_head_kept_runs_the_dense_originals(name):
+    """Gates open (a budget keeping every head): the block or chain runs F.linear and SDPA, not the
+    gated ops, and matches the original model; a budget below every head goes back to them."""
+    from test_launch_count import kernel_ops
+
+    entry = ENTRIES[name]
+    model, inputs = entry.build(), entry.inputs()
+    inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=1.0, scoring="router"), example_inputs=inputs)
+    assert all(s.compact_block for s in opt.sites), opt.report()
+    ops = kernel_ops(lambda: opt(**inputs))
+    assert not any(op.startswith("dhp::") for op in ops), ops
+    with torch.no_grad():
+        assert_outputs_close(opt(**inputs), model(**inputs), what="gates open")
+    opt.set_keep_ratio(0.5)
+    from dhp_fx import compact_block
+
+    saved = compact_block.ROWS_DEVICES
+    compact_block.ROWS_DEVICES = ()  # per-sample decisions on 2 rows: the head ops (as on a GPU)
+    try:
+        ops = kernel_ops(lambda: opt(**inputs))
+    finally:
+        compact_block.ROWS_DEVICES = saved
+    assert ops["dhp::gated_attention"] == len(opt.sites), ops
