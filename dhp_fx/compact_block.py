@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, dense_attention,
                                     gather_block_weights, role_widths)
+from .cuda_graphs import freeze_for_capture, tensor_state
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
 
 # Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
@@ -94,18 +95,26 @@ class CompactBlock(nn.Module):
         tensors, unmodified. A static decision is one tensor handed to every call, so eager calls
         skip the gather (on CPU most of a compact block's host time); a per-input decision is a
         new tensor each call and gathers each time. Never reused under autograd (the gather must
-        be differentiated) nor captured into a CUDA graph (a replay must read live weights)."""
+        be differentiated). Inside a CUDA-graph capture the graph reads the warm-up's gather only
+        under a :class:`~dhp_fx.cuda_graphs.CUDAGraphRunner`, which checks the weights before each
+        replay and captures again when one changed; otherwise it gathers at every replay."""
         weights = [t for t in (q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, w_o) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
             return None
-        if keep.is_cuda and torch.cuda.is_current_stream_capturing():
-            self._last = None
-            return None  # the graph gathers at every replay, from the weights as they are then
         decision = keep if keep._base is None else keep._base
         tensors = (decision, *weights)
-        values = (gather, cap, decision._version, *((t._version, t.data_ptr()) for t in weights))
+        values = (gather, cap, tensor_state(tensors))
         last = self._last
-        if last is not None and last[1] == values and all(a is b for a, b in zip(last[0], tensors)):
+        hit = last is not None and last[1] == values and all(a is b for a, b in zip(last[0], tensors))
+        if _capturing(keep):
+            # A static decision was gathered by the warm-up calls: the graph may read that copy
+            # if its runner re-checks the weights before each replay; otherwise (a per-input
+            # decision, a capture outside a runner) the graph gathers at every replay.
+            if hit and freeze_for_capture(tensors, last[2]):
+                return last[2]
+            self._last = None
+            return None
+        if hit:
             return last[2]
         gathered = gather(q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads)
         self.gathers += 1
@@ -225,6 +234,10 @@ class CompactChain(CompactBlock):
             out = _per_row(o, keep.shape[0], lambda o3: torch.bmm(o3, w_o))
             return out if b is None else out + b
         return F.linear(o, w_o, b)
+
+
+def _capturing(keep: torch.Tensor) -> bool:
+    return keep.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # The chain's plan when the gate kept every head: each call runs its dense original.

@@ -10,12 +10,16 @@ the host, which is what makes the forward capturable at all.
 Inference only: under autograd, on CPU tensors, or when the capture fails (an op that synchronises,
 say), the call runs as it would without graphs, with a warning for the failure. Captured graphs
 hold the gate configuration of their capture: :class:`DHPModel` drops them when its gates change.
+A capture may also read copies made before it (a static decision's gathered weights,
+:func:`freeze_for_capture`); each replay first checks their source tensors and captures again
+when one changed.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,6 +33,36 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     inputs: list  # static copies of the call's tensor leaves, in flatten order
     output: Any
+    frozen: list = field(default_factory=list)  # (tensors, their state, what the graph reads instead)
+
+
+# Copies a capture may read in place of the tensors they were made from (a static decision's
+# gathered weights: dhp_fx.compact_block), noted while a runner captures. A replay first checks
+# that those tensors are unchanged (version counter and storage), else captures again: without the
+# check a graph would go on reading weights from before an in-place update.
+_capture_notes = threading.local()
+
+
+def tensor_state(tensors) -> tuple:
+    """What an in-place update or a new storage changes: (version, data pointer) per tensor.
+    (Writes through ``.data`` bypass the version counter, as they bypass autograd's checks.)"""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
+def freeze_for_capture(tensors: tuple, derived: Any) -> bool:
+    """Called during a capture by code that wants the graph to read ``derived`` (made from
+    ``tensors``) rather than recompute it: True when a runner's capture is under way and will
+    check ``tensors`` before each replay (and hold ``derived`` alive), False otherwise (then the
+    caller must recompute inside the graph)."""
+    notes = getattr(_capture_notes, "items", None)
+    if notes is None:
+        return False
+    notes.append((tensors, tensor_state(tensors), derived))
+    return True
+
+
+def _frozen_unchanged(frozen: list) -> bool:
+    return all(tensor_state(tensors) == state for tensors, state, _ in frozen)
 
 
 def _signature(leaves) -> Optional[tuple]:
@@ -91,6 +125,9 @@ class CUDAGraphRunner:
         if sig is None or key in self._failed:
             return self.fn(*args, **kwargs)
         captured = self._graphs.get(key)
+        if captured is not None and not _frozen_unchanged(captured.frozen):
+            del self._graphs[key]  # a tensor the graph read a copy of has changed: capture again
+            captured = None
         if captured is None:
             if len(self._graphs) >= self.max_graphs:
                 if not self._failed:
@@ -119,15 +156,19 @@ class CUDAGraphRunner:
                     self.fn(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = self.fn(*args, **kwargs)
+            _capture_notes.items = frozen = []
+            try:
+                with torch.cuda.graph(graph):
+                    output = self.fn(*args, **kwargs)
+            finally:
+                _capture_notes.items = None
         except Exception as e:  # a synchronising op, a CPU fallback path, ...: run uncaptured
             torch.cuda.synchronize()
             self._failed.add(key)
             warnings.warn(f"dhp_fx: CUDA graph capture failed, running this input signature without graphs "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
             return None
-        captured = _Captured(graph, [t for t in static_leaves if isinstance(t, torch.Tensor)], output)
+        captured = _Captured(graph, [t for t in static_leaves if isinstance(t, torch.Tensor)], output, frozen)
         self._graphs[key] = captured
         log.info("dhp_fx: captured a CUDA graph (%d held)", len(self._graphs))
         return captured

@@ -123,3 +123,66 @@ def test_compact_blocks_replay_and_follow_new_decisions():
             assert sum(b.calls_compact for b in blocks) - before == len(blocks)
             torch.testing.assert_close(runner(new).last_hidden_state, want)
         assert runner.num_graphs == 1
+
+
+def test_a_capture_reads_frozen_copies_only_under_a_runner_that_checks_them():
+    """freeze_for_capture: refused outside a runner's capture; inside one, noted with the state of
+    its source tensors, which an in-place update or a new storage changes."""
+    from dhp_fx import cuda_graphs
+
+    w = torch.randn(4, 4)
+    assert not cuda_graphs.freeze_for_capture((w,), w.t().contiguous())
+    cuda_graphs._capture_notes.items = notes = []
+    try:
+        assert cuda_graphs.freeze_for_capture((w,), w.t().contiguous())
+    finally:
+        cuda_graphs._capture_notes.items = None
+    assert len(notes) == 1 and cuda_graphs._frozen_unchanged(notes)
+    with torch.no_grad():
+        w.mul_(2.0)
+    assert not cuda_graphs._frozen_unchanged(notes)
+    notes[0] = ((w,), cuda_graphs.tensor_state((w,)), None)
+    w.data = torch.randn(4, 4)  # a new storage
+    assert not cuda_graphs._frozen_unchanged(notes)
+
+
+def test_static_compact_blocks_freeze_their_gather_only_for_a_checking_capture(monkeypatch):
+    """A static decision's block, "capturing" (simulated on CPU): with a runner's notes it hands
+    the graph the warm-up's gather and notes the weights; without, it gathers in the graph."""
+    from dhp_fx import compact_block, cuda_graphs
+
+    model = tiny_bert()
+    ids = torch.randint(3, 128, (2, 16))
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=(ids,))
+    blocks = [opt.gate(s).block_module for s in opt.sites]
+    with torch.no_grad():
+        want = opt(ids).last_hidden_state  # the warm-up: gathers, or reuses optimize()'s gather
+        gathers = [b.gathers for b in blocks]
+        monkeypatch.setattr(compact_block, "_capturing", lambda keep: True)
+        cuda_graphs._capture_notes.items = notes = []
+        try:
+            got = opt(ids).last_hidden_state
+        finally:
+            cuda_graphs._capture_notes.items = None
+        assert [b.gathers for b in blocks] == gathers and len(notes) == len(blocks)
+        torch.testing.assert_close(got, want)
+        got = opt(ids).last_hidden_state  # a capture outside a runner: gathers in the graph
+        assert [b.gathers for b in blocks] == gathers and all(b._last is None for b in blocks)
+        torch.testing.assert_close(got, want)
+
+
+@cuda
+def test_static_compact_replays_follow_in_place_weight_updates():
+    """A static decision's graph reads the gathered weights of its warm-up; an in-place update of
+    a weight makes the next call capture again, so a replay never computes with old weights."""
+    model = tiny_bert("cuda")
+    ids = torch.randint(3, 128, (2, 16), device="cuda")
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=(ids,))
+    assert all(s.compact_block for s in opt.sites)
+    runner = opt.cuda_graphed()
+    with torch.no_grad():
+        torch.testing.assert_close(runner(ids).last_hidden_state, opt(ids).last_hidden_state)
+        assert runner.num_graphs == 1 and all(c.frozen for c in runner._graphs.values())
+        model.encoder.layer[0].attention.self.value.weight.mul_(1.5)
+        torch.testing.assert_close(runner(ids).last_hidden_state, opt(ids).last_hidden_state)
+        assert runner.num_graphs == 1
