@@ -57,6 +57,32 @@ def test_demo_runs_on_the_real_and_tiny_models(capsys):
     assert len(gates_open) == 4 and max(gates_open) < 1e-4
 
 
+def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
+    """The GPU-only A/B of per-row blocks (graphed on a card), run on CPU here: it must take the
+    per-row path and leave compact_block.ROWS_DEVICES as it found it."""
+    import importlib.util
+
+    from dhp_fx import compact_block
+    from transformers import BertConfig, BertModel
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    inputs = {"input_ids": torch.randint(3, 64, (3, 8))}
+    opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.25, scoring="router"), example_inputs=inputs)
+    saved = compact_block.ROWS_DEVICES
+    compact_block.ROWS_DEVICES = ()  # as on a GPU: the A/B must switch the path on itself
+    try:
+        with torch.no_grad():
+            row = module._time_rows_on_gpu(opt, inputs, 0.25, 1.0, 1, "cpu")
+        assert row["rows_ran"] and row["ms"] > 0 and compact_block.ROWS_DEVICES == ()
+    finally:
+        compact_block.ROWS_DEVICES = saved
+
+
 def test_gpu_check_script_runs_small_on_cpu(capsys):
     """The prepared device script must not waste a GPU lease on a Python error: run it small here."""
     import importlib.util
