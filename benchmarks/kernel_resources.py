@@ -351,15 +351,18 @@ def router_cases(dtype: str, head_dims):
 
 
 def gather_cases(dtype: str, head_dims):
-    """The compact block's weight gather, with and without biases (not per head dim: D is a
-    runtime size), at BERT-base's 12 heads and at the most heads it takes."""
+    """The compact block's weight gathers (the batch's union, each row's own), with and without
+    biases (not per head dim: D is a runtime size), at BERT-base's 12 heads and at the most heads
+    they take."""
     from dhp_fx.kernels import triton_gather_heads as tg
 
     t = _TORCH_TO_TRITON[dtype]
     ptrs = dict(Keep="i8", Wq=t, Bq=t, Wk=t, Bk=t, Wv=t, Bv=t, Wo=t, Idx="i64", Valid="i8", WQKV=t, BQKV=t, WO=t)
-    for bias, hp in ((True, 16), (False, tg.MAX_HEADS)):
+    for bias, hp, hp_rows in ((True, 16, 16), (False, tg.MAX_HEADS, tg.ROWS_MAX_HEADS)):
         consts = dict(HAS_BIAS=bias, HP=hp, BLOCK_B=16, BLOCK_R=tg.BLOCK_R, BLOCK_K=tg.BLOCK_K)
         yield ("gather_heads", tg._gather_heads_kernel, ptrs, consts, 0, dict(HP=hp, BIAS=bias), 4, 1)
+        consts = dict(HAS_BIAS=bias, HP=hp_rows, BLOCK_R=tg.BLOCK_R, BLOCK_K=tg.BLOCK_K)
+        yield ("gather_rows", tg._gather_rows_kernel, ptrs, consts, 0, dict(HP=hp_rows, BIAS=bias), 4, 1)
 
 
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):

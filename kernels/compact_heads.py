@@ -84,11 +84,24 @@ def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weig
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_gather():
-    """The one-launch Triton gather, or None (triton missing)."""
+def triton_gather_for(keep: torch.Tensor, tensors, per_row: bool = False) -> Optional[object]:
+    """The one-launch Triton gather module where it serves these weights (CUDA, triton present,
+    ``keep`` [B, slots] within its MAX_HEADS, or ROWS_MAX_HEADS per row, one float dtype
+    throughout), else None."""
+    if not keep.is_cuda:
+        return None
+    from .triton_attention import triton_available
+
+    if not triton_available(keep.device):
+        return None
     try:
         from . import triton_gather_heads
     except ImportError:
+        return None
+    dtype = tensors[0].dtype
+    most = triton_gather_heads.ROWS_MAX_HEADS if per_row else triton_gather_heads.MAX_HEADS
+    if (keep.shape[1] > most or dtype not in _TRITON_DTYPES
+            or any(t is not None and t.dtype != dtype for t in tensors)):
         return None
     return triton_gather_heads
 
@@ -103,12 +116,7 @@ def gather_heads(keep: torch.Tensor, cap: int, wq: torch.Tensor, bq: Optional[to
     Returns (idx, valid, w_qkv, b_qkv, w_o) as :func:`gather_heads_torch`; b_qkv is zeros when
     the projections have no bias."""
     weights, biases, flags = (wq, wk, wv), (bq, bk, bv), [bool(f) for f in in_out]
-    from .triton_attention import triton_available
-
-    triton = _triton_gather() if keep.is_cuda and triton_available(keep.device) else None
-    if triton is not None and (keep.shape[1] > triton.MAX_HEADS or wq.dtype not in _TRITON_DTYPES
-                               or any(t is not None and t.dtype != wq.dtype for t in (wk, wv, wo, bq, bk, bv))):
-        triton = None
+    triton = triton_gather_for(keep, (wq, wk, wv, wo, bq, bk, bv))
     impl = triton.gather_heads_triton if triton is not None else gather_heads_torch
     idx, valid, w_qkv, b_qkv, w_o = impl(keep, cap, weights, biases, starts, flags, wo, out_in_out, dims)
     if b_qkv is None:
@@ -145,7 +153,7 @@ def dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
                                           scale=scale)
 
 
-def _needs_grad(*tensors) -> bool:
+def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -184,7 +192,7 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
     weights, biases = [p.weight for p in projs], [p.bias for p in projs]
     starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
     dims = [group * head_dim, head_dim, v_head_dim, group * v_head_dim]
-    if _needs_grad(*weights, *biases, out_weight):
+    if needs_grad(*weights, *biases, out_weight):
         return GatheredHeads(*gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out, out_weight,
                                                  out_in_out, dims))
     return GatheredHeads(*torch.ops.dhp.gather_heads(

@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .compact_heads import HeadProjection, block_geometry, dense_attention
+from .compact_heads import (HeadProjection, block_geometry, dense_attention, needs_grad, role_widths,
+                            triton_gather_for)
 
 
 class RowGathered(NamedTuple):
@@ -78,6 +79,14 @@ def gather_rows(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: HeadProj
     B = keep.shape[0]
     kv, group = block_geometry(keep, cap, kv_heads, "compact_rows_block")
     groups_keep = keep if group == 1 else keep.view(B, kv, group).any(-1)
+    projs = (q_proj, k_proj, v_proj)
+    tensors = (*(t for p in projs for t in (p.weight, p.bias)), out_weight)
+    triton = None if needs_grad(*tensors) else triton_gather_for(groups_keep, tensors, per_row=True)
+    if triton is not None:
+        return _from_triton(triton.gather_rows_triton(
+            groups_keep, cap, [p.weight for p in projs], [p.bias for p in projs], [p.start for p in projs],
+            [p.in_out for p in projs], out_weight, out_in_out,
+            (group * head_dim, head_dim, v_head_dim, group * v_head_dim)), cap, group, head_dim, v_head_dim)
     idx, valid = kept_first_rows(groups_keep, cap)
     dims = (group * head_dim, head_dim, v_head_dim)
     parts = [_role_rows(p, idx, valid, kv, dim, role == 2)
@@ -89,6 +98,16 @@ def gather_rows(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: HeadProj
     else:  # [d_out, heads * dv]: [d_out, B * cap, do], viewed per row
         w_o = out_weight.unflatten(1, (kv, d_o)).index_select(1, flat).reshape(-1, B, cap * d_o).permute(1, 2, 0)
     return RowGathered(idx, valid, tuple(w for w, _ in parts), tuple(b for _, b in parts), w_o)
+
+
+def _from_triton(gathered, cap: int, group: int, head_dim: int, v_head_dim: int) -> RowGathered:
+    """RowGathered views of ``gather_rows_triton``'s [B, rows, d_in] and [B, d_out, cap * do]."""
+    idx, valid, w_qkv, b_qkv, w_o = gathered
+    widths = role_widths(cap, group, head_dim, v_head_dim)
+    bounds = [0, widths[0], widths[0] + widths[1], sum(widths)]
+    roles = [slice(bounds[i], bounds[i + 1]) for i in range(3)]
+    return RowGathered(idx, valid, tuple(w_qkv[:, r].transpose(1, 2) for r in roles),
+                       tuple(None if b_qkv is None else b_qkv[:, r] for r in roles), w_o.transpose(1, 2))
 
 
 def project_rows(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

@@ -89,8 +89,15 @@ def test_triton_gather_equals_torch_gather(case):
         out_w = out_w.t().contiguous()
 
     args = (keep, cap, weights, biases, starts, [io] * 3, out_w, io, dims)
-    want = gather_heads_torch(*args)
-    got = tg.gather_heads_triton(*args)
+    _assert_same(tg.gather_heads_triton(*args), gather_heads_torch(*args))
+    # per row (compact_rows): row b's slab is the gather of its own keep row
+    rows = tg.gather_rows_triton(*args)
+    for b in range(keep.shape[0]):
+        want = gather_heads_torch(keep[b:b + 1], *args[1:])
+        _assert_same([None if t is None else t[b] for t in rows], want)
+
+
+def _assert_same(got, want) -> None:
     names = ("idx", "valid", "w_qkv", "b_qkv", "w_o")
     for name, a, b in zip(names, got, want):
         if b is None:

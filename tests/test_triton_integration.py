@@ -61,6 +61,10 @@ def test_models_through_interpreted_triton_kernels_match_references(monkeypatch)
     monkeypatch.setattr(ta, "triton_gated_attention", counted(ta.triton_gated_attention, "attention"))
     for name in ("head_linear_out_triton", "head_linear_in_triton"):
         monkeypatch.setattr(thl, name, counted(getattr(thl, name), "projection"))
+    tg = importlib.import_module("dhp_fx.kernels.triton_gather_heads")
+    calls.update(gather=0, gather_rows=0)
+    monkeypatch.setattr(tg, "gather_heads_triton", counted(tg.gather_heads_triton, "gather"))
+    monkeypatch.setattr(tg, "gather_rows_triton", counted(tg.gather_rows_triton, "gather_rows"))
     _triton_path(monkeypatch)
 
     gpu_check = _gpu_check()
@@ -70,6 +74,8 @@ def test_models_through_interpreted_triton_kernels_match_references(monkeypatch)
         assert r["ok"], r
     # every site's attention and its head-skipping projections ran on the kernels
     assert calls["attention"] >= 3 * 2 * 2 and calls["projection"] >= 3 * 2, calls
+    # compact blocks (BERT, GPT-2) and chains (Llama) gathered through the kernels, per row too
+    assert calls["gather"] >= 3 * 2 and calls["gather_rows"] >= 3 * 2, calls
 
 
 def _torch_path(monkeypatch):
@@ -86,6 +92,11 @@ def _triton_path(monkeypatch):
     hl = importlib.import_module("dhp_fx.kernels.head_linear")
     monkeypatch.setattr(op, "_triton_path", lambda q, v, dropout_p: ta if dropout_p == 0.0 else None)
     monkeypatch.setattr(hl, "_triton_module", lambda x, weight, bias, head_dim: thl)
+    # compact blocks' weight gathers, union and per row (inference only: under autograd they stay torch)
+    tg = importlib.import_module("dhp_fx.kernels.triton_gather_heads")
+    for name in ("compact_heads", "compact_rows"):
+        monkeypatch.setattr(importlib.import_module(f"dhp_fx.kernels.{name}"), "triton_gather_for",
+                            lambda keep, tensors, per_row=False: tg)
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
