@@ -69,9 +69,10 @@ def compact_cases(draw):
                 bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])))
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(compact_cases(), st.sampled_from([torch.float32, torch.float64]))
-def test_compact_block_matches_zeroed_dense_block(case, dtype):
+def block_inputs(case, dtype, requires_grad=False):
+    """A drawn case's block in float64 for the reference, ``ref`` = (x_q, x_kv, [wq, wk, wv],
+    [bq, bk, bv], w_o, b_o, mask), and in ``dtype`` for the block under test: (ref, (q, k, v)
+    HeadProjections, w_o as stored (``out_in_out``: [in, out]), b_o, mask, leaf parameters)."""
     g = torch.Generator().manual_seed(case["B"] * 100 + case["H"] * 10 + case["Lq"])
     B, H, KV, d, dv, Lq, Lk = (case[k] for k in ("B", "H", "KV", "d", "dv", "Lq", "Lk"))
     E, E_out = 12, 10
@@ -83,7 +84,6 @@ def test_compact_block_matches_zeroed_dense_block(case, dtype):
     w = [rnd(H * d, E) * E ** -0.5, rnd(KV * d, E) * E ** -0.5, rnd(KV * dv, E) * E ** -0.5]
     b = [rnd(H * d), rnd(KV * d), rnd(KV * dv)] if case["bias"] else [None] * 3
     w_o, b_o = rnd(E_out, H * dv) * (H * dv) ** -0.5, rnd(E_out)
-    keep = torch.tensor(case["keep"], dtype=torch.bool)
     mask = None
     if case["mask_kind"] == "padding":
         mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
@@ -91,23 +91,43 @@ def test_compact_block_matches_zeroed_dense_block(case, dtype):
         mask[..., 0] = True  # no fully masked row: SDPA's NaN there is the reference's too, but noisy
     elif case["mask_kind"] == "head_bias":
         mask = rnd(1, H, Lq, Lk)
-    want = _reference(x_q, x_kv, w, b, w_o, b_o, keep, H, KV, d, dv, mask, case["causal"], case["scale"])
+    elif case["mask_kind"] == "row_head_bias":
+        mask = rnd(B, H, Lq, Lk)
+    ref = (x_q, x_kv, w, b, w_o, b_o, mask)
+    params = []
+
+    def leaf(t):
+        t = t.to(dtype).detach().requires_grad_(requires_grad)
+        params.append(t)
+        return t
 
     def proj(x, i):
         weight, bias, start = w[i], b[i], 0
-        if case["fused"] and not case["cross"]:  # one [q | k | v] weight, roles by feature offset
+        if case["fused"] and not case["cross"]:
             starts = [0, H * d, H * d + KV * d]
             weight, bias, start = torch.cat(w), (None if b[0] is None else torch.cat(b)), starts[i]
         weight = weight.t().contiguous() if case["in_out"] else weight
-        return HeadProjection(x, weight.to(dtype), None if bias is None else bias.to(dtype), case["in_out"], start)
+        return HeadProjection(x, leaf(weight), None if bias is None else leaf(bias), case["in_out"], start)
 
     x_q_ = x_q.to(dtype)
     x_kv_ = x_kv.to(dtype) if case["cross"] else x_q_
-    q_p, k_p, v_p = proj(x_q_, 0), proj(x_kv_, 1), proj(x_kv_, 2)
-    got = compact_attention_block(q_p, k_p, v_p, w_o.to(dtype), b_o.to(dtype), False, keep, case["cap"], d, dv,
-                                  None if mask is None else mask.to(dtype) if mask.is_floating_point() else mask,
-                                  0.0, case["causal"], case["scale"], case["shared"], kv_heads=KV)
-    assert got.shape == (B, Lq, E_out)
+    projs = (proj(x_q_, 0), proj(x_kv_, 1), proj(x_kv_, 2))
+    w_o_ = leaf(w_o.t().contiguous() if case.get("out_in_out") else w_o)
+    m = None if mask is None else mask.to(dtype) if mask.is_floating_point() else mask
+    return ref, projs, w_o_, b_o.to(dtype), m, params
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compact_cases(), st.sampled_from([torch.float32, torch.float64]))
+def test_compact_block_matches_zeroed_dense_block(case, dtype):
+    ref, projs, w_o, b_o, mask, _ = block_inputs(case, dtype)
+    x_q, x_kv, w, b, w_o64, b_o64, mask64 = ref
+    keep = torch.tensor(case["keep"], dtype=torch.bool)
+    want = _reference(x_q, x_kv, w, b, w_o64, b_o64, keep, case["H"], case["KV"], case["d"], case["dv"], mask64,
+                      case["causal"], case["scale"])
+    got = compact_attention_block(*projs, w_o, b_o, False, keep, case["cap"], case["d"], case["dv"], mask, 0.0,
+                                  case["causal"], case["scale"], case["shared"], kv_heads=case["KV"])
+    assert got.shape == want.shape
     assert_outputs_close(got, want.to(dtype), what="compact block")
 
 

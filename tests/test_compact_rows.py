@@ -16,7 +16,7 @@ from dhp_fx.kernels.compact_heads import HeadProjection
 from dhp_fx.kernels.compact_rows import compact_rows_block, gather_rows, kept_first_rows
 from dhp_fx.testing import assert_outputs_close
 
-from test_compact_heads import _reference
+from test_compact_heads import _reference, block_inputs
 
 
 @st.composite
@@ -44,55 +44,10 @@ def rows_cases(draw):
                 bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])), out_in_out=draw(st.booleans()))
 
 
-def _block_inputs(case, dtype, requires_grad=False):
-    g = torch.Generator().manual_seed(case["B"] * 100 + case["H"] * 10 + case["Lq"])
-    B, H, KV, d, dv, Lq, Lk = (case[k] for k in ("B", "H", "KV", "d", "dv", "Lq", "Lk"))
-    E, E_out = 12, 10
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x_q = rnd(B, Lq, E)
-    x_kv = rnd(B, Lk, E) if case["cross"] else x_q
-    # weights scaled as initialisers scale them: unscaled, fp32 rounding of peaked softmaxes
-    # reached 5.6e-5 against the float64 reference (a Hypothesis case, session 11)
-    w = [rnd(H * d, E) * E ** -0.5, rnd(KV * d, E) * E ** -0.5, rnd(KV * dv, E) * E ** -0.5]
-    b = [rnd(H * d), rnd(KV * d), rnd(KV * dv)] if case["bias"] else [None] * 3
-    w_o, b_o = rnd(E_out, H * dv) * (H * dv) ** -0.5, rnd(E_out)
-    mask = None
-    if case["mask_kind"] == "padding":
-        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
-        mask[-1, ..., Lk // 2:] = False
-        mask[..., 0] = True
-    elif case["mask_kind"] == "head_bias":
-        mask = rnd(1, H, Lq, Lk)
-    elif case["mask_kind"] == "row_head_bias":
-        mask = rnd(B, H, Lq, Lk)
-    ref = (x_q, x_kv, w, b, w_o, b_o, mask)
-    params = []
-
-    def leaf(t):
-        t = t.to(dtype).detach().requires_grad_(requires_grad)
-        params.append(t)
-        return t
-
-    def proj(x, i):
-        weight, bias, start = w[i], b[i], 0
-        if case["fused"] and not case["cross"]:
-            starts = [0, H * d, H * d + KV * d]
-            weight, bias, start = torch.cat(w), (None if b[0] is None else torch.cat(b)), starts[i]
-        weight = weight.t().contiguous() if case["in_out"] else weight
-        return HeadProjection(x, leaf(weight), None if bias is None else leaf(bias), case["in_out"], start)
-
-    x_q_ = x_q.to(dtype)
-    x_kv_ = x_kv.to(dtype) if case["cross"] else x_q_
-    projs = (proj(x_q_, 0), proj(x_kv_, 1), proj(x_kv_, 2))
-    w_o_ = leaf(w_o.t().contiguous() if case["out_in_out"] else w_o)
-    m = None if mask is None else mask.to(dtype) if mask.is_floating_point() else mask
-    return ref, projs, w_o_, b_o.to(dtype), m, params
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows_cases(), st.sampled_from([torch.float32, torch.float64]))
 def test_rows_block_matches_zeroed_dense_block(case, dtype):
-    ref, projs, w_o, b_o, mask, _ = _block_inputs(case, dtype)
+    ref, projs, w_o, b_o, mask, _ = block_inputs(case, dtype)
     x_q, x_kv, w, b, w_o64, b_o64, mask64 = ref
     keep = torch.tensor(case["keep"], dtype=torch.bool)
     want = _reference(x_q, x_kv, w, b, w_o64, b_o64, keep, case["H"], case["KV"], case["d"], case["dv"], mask64,
@@ -109,7 +64,7 @@ def test_rows_block_gradients_reach_kept_heads_only():
     case = dict(B=2, H=4, KV=4, d=4, dv=4, Lq=3, Lk=3, cross=False, whole=True, cap=2, mask_kind="none",
                 causal=False, in_out=False, fused=False, bias=True, scale=None, out_in_out=False,
                 keep=[[True, False, True, False], [False, False, True, False]])
-    ref, projs, w_o, b_o, mask, params = _block_inputs(case, torch.float64, requires_grad=True)
+    ref, projs, w_o, b_o, mask, params = block_inputs(case, torch.float64, requires_grad=True)
     keep = torch.tensor(case["keep"])
     out = compact_rows_block(*projs, w_o, b_o, False, keep, 2, 4, 4, kv_heads=4)
     x_q, x_kv, w, b, w_o64, b_o64, _ = ref
@@ -119,7 +74,7 @@ def test_rows_block_gradients_reach_kept_heads_only():
     seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got_grads = torch.autograd.grad((out * seed).sum(), [p for p in params])
     want_grads = torch.autograd.grad((want * seed).sum(), ref_params)
-    # params: wq, bq, wk, bk, wv, bv, w_o (the order _block_inputs creates them)
+    # params: wq, bq, wk, bk, wv, bv, w_o (the order block_inputs creates them)
     by_name = dict(zip(["wq", "bq", "wk", "bk", "wv", "bv", "wo"], got_grads))
     ref_by_name = dict(zip(["wq", "wk", "wv", "bq", "bk", "bv", "wo"], want_grads))
     for name, g in by_name.items():
