@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import dhp_fx
 from dhp_fx.gates import decide_keep, keep_top
-from dhp_fx.kernels.entropy import attention_entropy, probe_rows
+from dhp_fx.kernels.entropy import _take_rows, attention_entropy, attention_log_probs, probe_rows
 from dhp_fx.passes import AttentionSite, ProjectionRef
 from dhp_fx.scoring import head_weight_norms, normalize_per_site, query_padding
 from dhp_fx.testing import AttentionSpec, build_attention
@@ -115,6 +115,29 @@ def test_entropy_matches_float64_reference(case):
     assert got.shape == (q.shape[0], q.shape[1]) and got.dtype == torch.float32
     np.testing.assert_allclose(got.double().numpy(), want, atol=2e-5, rtol=1e-4)
     assert ((got >= -1e-6) & (got <= 1 + 1e-6)).all()
+
+
+@SETTINGS
+@given(entropy_cases())
+def test_entropy_gradients_are_finite_and_match_the_plain_formula(case):
+    """Masked and causal-future keys hold log p = -inf: the entropy's gradient must not meet
+    0 * inf there. Against autograd through the plain formula (-sum p log p over allowed keys,
+    normalised, averaged over valid rows) on the same log-probabilities."""
+    q, k, mask, causal, scale, rows, valid = case
+    q32, k32 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    attention_entropy(q32, k32, mask, causal, scale, rows, valid).sum().backward()
+    assert torch.isfinite(q32.grad).all() and torch.isfinite(k32.grad).all()
+    q_ref, k_ref = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    logp, allowed, n_keys = attention_log_probs(q_ref, k_ref, mask, causal, scale, rows)
+    p = logp.exp() if allowed is None else logp.exp().masked_fill(~allowed, 0.0)
+    h = -(p * (logp if allowed is None else logp.masked_fill(~allowed, 0.0))).sum(-1)
+    row_h = torch.where(n_keys > 1, h / torch.log(n_keys.clamp_min(2.0)), torch.zeros(()))
+    weight = (n_keys > 0).float().expand_as(row_h)
+    if valid is not None:
+        weight = weight * _take_rows(valid[:, None, :, None], rows, q.shape[0])[..., 0].float()
+    ((row_h * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)).sum().backward()
+    torch.testing.assert_close(q32.grad, q_ref.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(k32.grad, k_ref.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_entropy_extremes_and_low_precision():
