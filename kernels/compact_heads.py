@@ -142,7 +142,13 @@ def _heads_of_mask(attn_mask: Optional[torch.Tensor], heads: int, q_heads: torch
 
 
 def dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
-    """SDPA on the gathered heads; k and v hold one head per ``group`` query heads."""
+    """SDPA on the gathered heads; k and v hold one head per ``group`` query heads. A mask
+    together with is_causal (which the gated op takes, top-left aligned, and SDPA refuses) has
+    causality folded into it."""
+    if mask is not None and is_causal:
+        above = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        mask = mask & ~above if mask.dtype == torch.bool else mask.masked_fill(above, float("-inf"))
+        is_causal = False
     if group > 1:
         try:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,

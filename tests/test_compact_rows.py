@@ -38,7 +38,7 @@ def rows_cases(draw):
     most = max(sum(any(r[g * G:(g + 1) * G]) for g in range(KV)) for r in keep)
     cap = draw(st.integers(max(most, 1), KV))
     mask_kind = draw(st.sampled_from(["none", "padding", "head_bias", "row_head_bias"]))
-    causal = draw(st.booleans()) and mask_kind == "none"
+    causal = draw(st.booleans())
     return dict(B=B, H=H, KV=KV, d=d, dv=dv, Lq=Lq, Lk=Lk, cross=cross, whole=whole, keep=keep, cap=cap,
                 mask_kind=mask_kind, causal=causal, in_out=draw(st.booleans()), fused=draw(st.booleans()),
                 bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])), out_in_out=draw(st.booleans()))
