@@ -49,6 +49,8 @@ class CompactBlock(nn.Module):
         object.__setattr__(self, "gate", gate)
         self.calls_compact = 0  # how many calls ran the kept heads alone (reports, tests)
         self.calls_rows = 0  # how many of them ran each row's own kept heads (compact_rows)
+        self.calls_every_head = 0  # how many calls ran every head: the head ops, or ...
+        self.calls_dense = 0  # ... the dense originals, the gate having kept every head
         self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
         self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
@@ -127,6 +129,8 @@ class CompactBlock(nn.Module):
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         union = None
         dense = self.gate.keeps_every_head()
+        self.calls_every_head += 1
+        self.calls_dense += dense
 
         def flags(spec):
             nonlocal union
@@ -185,7 +189,10 @@ class CompactChain(CompactBlock):
         plan = self.gate.compact_plan(keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads)
         if row_plan is None and (plan is None or plan[0] >= kv_heads):
-            return DENSE if self.gate.keeps_every_head() else None
+            dense = self.gate.keeps_every_head()
+            self.calls_every_head += 1
+            self.calls_dense += dense
+            return DENSE if dense else None
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights

@@ -173,12 +173,34 @@ def _fmt_change(before, after) -> str:
     return f"{before:,} -> {after:,} ({pct:+.1f}%)"
 
 
+def block_paths(model) -> str:
+    """What the compact sites' blocks ran so far, summed over sites, or "" before any call: a
+    decision is per call, so the sites table alone cannot say it."""
+    blocks = []
+    for site in model.sites:
+        if site.compact_block:
+            gate = model.gate(site)
+            blocks += [m for m in (getattr(gate, "block_module", None), getattr(gate, "chain_module", None))
+                       if m is not None]
+    compact = sum(b.calls_compact for b in blocks)
+    every = sum(b.calls_every_head for b in blocks)
+    if not compact and not every:
+        return ""
+    rows = sum(b.calls_rows for b in blocks)
+    dense = sum(b.calls_dense for b in blocks)
+    return (f"\nblock calls so far: {compact} on kept heads only ({rows} of them each row its own), "
+            f"{every} on every head ({dense} of them dense, the gate having kept every head)")
+
+
 def model_report(model, stats=None, max_keep_freq: float = 0.01) -> str:
     """sites table, then (after calibration) keep frequencies, FLOPs before/after on the first
     calibration batch, and parameters before/after static pruning at ``max_keep_freq``."""
     from .static_prune import parameter_count, prune_plan, removed_parameter_count
 
     out = [sites_table(model.sites, model.skipped)]
+    paths = block_paths(model)
+    if paths:
+        out.append(paths)
     stats = stats if stats is not None else getattr(model, "calibration_stats", None)
     if stats is None:
         out.append("\n(no calibration yet: dhp_fx.calibrate(model, batches) adds keep frequencies, FLOPs and params)")

@@ -189,3 +189,27 @@ def test_every_head_kept_runs_the_dense_originals(name):
     finally:
         compact_block.ROWS_DEVICES = saved
     assert ops["dhp::gated_attention"] == len(opt.sites), ops
+
+
+def test_report_counts_what_the_blocks_ran():
+    """The sites table says where blocks compact; which path each call took is per call, and the
+    report sums it: kept heads only (per row or not), every head (dense or head ops)."""
+    entry = ENTRIES["bert-sdpa"]
+    model = entry.build()
+    ids = entry.inputs()["input_ids"]
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="router"), example_inputs={"input_ids": ids[:1]})
+    layers = len(opt.sites)
+    base = opt.report()
+    with torch.no_grad():
+        opt(input_ids=ids[:1])  # batch 1: the budget bounds the union, compact
+        opt(input_ids=ids[:1].repeat(3, 1))  # batch 3, rows apart on CPU
+        opt.set_keep_ratio(1.0)
+        opt(input_ids=ids[:1])  # every head kept: the dense originals
+    report = opt.report()
+    line = [ln for ln in report.splitlines() if ln.startswith("block calls so far")]
+    assert len(line) == 1, report
+    calls = [int(t) for t in line[0].replace("(", " ").split() if t.isdigit()]
+    before = [int(t) for ln in base.splitlines() if ln.startswith("block calls so far")
+              for t in ln.replace("(", " ").split() if t.isdigit()]
+    got = [a - b for a, b in zip(calls, before or [0, 0, 0, 0])]
+    assert got == [2 * layers, layers, layers, layers], (got, report)
