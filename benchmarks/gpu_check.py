@@ -334,6 +334,35 @@ def time_single_input(device, dtype, seq, reps) -> list[dict]:
     return rows
 
 
+def time_small_batch_rows(device, dtype, batch, seq, reps) -> list[dict]:
+    """BERT-base, a few inputs (batch 4 x 128): per-sample router decisions, whose union soon
+    holds every head, through the head ops (the GPU default) against each row's own heads
+    (compact_rows, one Triton gather), graphed: where on the batch axis per-row blocks pay."""
+    import dhp_fx
+    from transformers import BertConfig, BertModel
+    from dhp_fx.cuda_graphs import CUDAGraphRunner
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(7)
+    inputs = {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g).to(device),
+              "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+    rows = []
+    with torch.no_grad():
+        runner = CUDAGraphRunner(model)
+        dense = _median_ms(lambda: runner(**inputs), reps, device)
+        rows.append({"variant": f"dense, {batch} x {seq} + cuda graphs", "p": 1.0, "ms": dense, "vs_dense": 1.0})
+        for p in (0.5, 0.25):
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="router"), example_inputs=inputs)
+            runner = opt.cuda_graphed()
+            ms = _median_ms(lambda: runner(**inputs), reps, device)
+            rows.append({"variant": f"router/sample, {batch} x {seq} + cuda graphs", "p": p, "ms": ms,
+                         "vs_dense": ms / dense})
+            rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device))
+            rows[-1]["variant"] += f", {batch} x {seq}"
+    return rows
+
+
 def time_llama_prefill(device, dtype, seq, reps) -> list[dict]:
     """A Llama-shaped decoder (1024 wide, 8 layers, 16 heads over 4 KV heads, RoPE; random
     weights) on one prompt without a cache: static gates' blocks compact as chains (RoPE stays
@@ -709,6 +738,8 @@ def main(argv=None) -> int:
                                           args.device)
             report["encoder"] += _guarded("llama prefill", lambda d: time_llama_prefill(d, m_dtype, 1024, reps),
                                           args.device)
+            report["encoder"] += _guarded("small batch rows",
+                                          lambda d: time_small_batch_rows(d, m_dtype, 4, 128, reps), args.device)
         print(f"\nBERT-{'tiny' if args.quick else 'base'} encoder {str(m_dtype).split('.')[-1]}, "
               f"batch {m_batch} x {m_seq}\n| variant | p | ms | vs dense |\n|---|---|---|---|")
         for r in report["encoder"]:
