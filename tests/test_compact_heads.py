@@ -392,8 +392,12 @@ def test_compact_graph_computes_no_fallback_flags(monkeypatch):
     model = entry.build()
     inputs = {"input_ids": entry.inputs()["input_ids"][:1]}
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="router"), example_inputs=inputs)
+    blocks = [opt.gate(s).block_module for s in opt.sites]
+    before = sum(b.calls_every_head for b in blocks)
     ops = kernel_ops(lambda: opt(**inputs))
-    assert ops["dhp::gather_heads"] == len(opt.sites) and "aten::any" not in ops, ops
+    # compact, gathering (on CPU as plain index_selects, not the custom op), and no flag union
+    assert sum(b.calls_every_head for b in blocks) == before and ops["aten::scaled_dot_product_attention"], ops
+    assert ops["aten::index_select"] >= 4 * len(opt.sites) and "aten::any" not in ops, ops
     # a batch of 3 keeps up to every head in union: on CPU each row runs its own (compact_rows)
     batch = {"input_ids": entry.inputs()["input_ids"][:1].repeat(3, 1)}
     ops = kernel_ops(lambda: opt(**batch))
@@ -473,3 +477,50 @@ def test_a_cast_before_the_output_projection_is_not_compacted(cast):
             assert_outputs_close(opt(x), module(x), what="gates open")
     else:
         check_keep_mask(module, opt, (x,), torch.tensor([True, False, False, True]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.sampled_from([1, 2]), st.sampled_from([2, 4]), st.booleans(),
+       st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_inference_gather_equals_the_torch_gather_on_what_it_promises(B, S, G, D, in_out, out_in_out, bias, fused,
+                                                                      seed):
+    """gather_heads_inference (CPU, no autograd) against gather_heads_torch: the same slots, the
+    kept slots' rows, biases and W_o columns, and zero V rows and bias for the filler."""
+    from dhp_fx.kernels.compact_heads import gather_heads_inference, gather_heads_torch
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, S, generator=g) < 0.5
+    cap = int(torch.randint(max(int(keep.any(0).sum()), 1), S + 1, (1,), generator=g))
+    dims = [G * D, D, D, G * D]
+    d_in, d_out = 6, 5
+
+    def weight(rows):
+        w = torch.randn(rows, d_in, generator=g)
+        return w.t().contiguous() if in_out else w
+
+    if fused:
+        w_all = weight(S * sum(dims[:3]))
+        weights, starts = [w_all] * 3, [0, S * dims[0], S * (dims[0] + dims[1])]
+    else:
+        weights, starts = [weight(S * d) for d in dims[:3]], [0, 0, 0]
+    feature_dim = 1 if in_out else 0
+    biases = [torch.randn(w.shape[feature_dim], generator=g) if bias else None for w in weights]
+    out_w = torch.randn(d_out, S * dims[3], generator=g)
+    out_w = out_w.t().contiguous() if out_in_out else out_w
+    args = (keep, cap, weights, biases, starts, [in_out] * 3, out_w, out_in_out, dims)
+    idx, valid, w_qkv, b_qkv, w_o = gather_heads_inference(*args)
+    idx_t, valid_t, w_qkv_t, b_qkv_t, w_o_t = gather_heads_torch(*args)
+    assert torch.equal(idx, idx_t) and torch.equal(valid, valid_t)
+    lo = 0
+    for role, dim in enumerate(dims[:3]):
+        got, want = w_qkv[lo:lo + cap * dim].view(cap, dim, d_in), w_qkv_t[lo:lo + cap * dim].view(cap, dim, d_in)
+        assert torch.equal(got[valid], want[valid]), role
+        if role == 2:
+            assert not got[~valid].any()
+        if bias:
+            got_b, want_b = b_qkv[lo:lo + cap * dim].view(cap, dim), b_qkv_t[lo:lo + cap * dim].view(cap, dim)
+            assert torch.equal(got_b[valid], want_b[valid]) and (role != 2 or not got_b[~valid].any())
+        lo += cap * dim
+    assert (b_qkv is None) == (not bias)
+    cols = valid.repeat_interleave(dims[3])
+    assert torch.equal(w_o[:, cols], w_o_t[:, cols])
