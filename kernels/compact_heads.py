@@ -227,7 +227,8 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
                          out_weight: torch.Tensor, out_in_out: bool, keep: torch.Tensor, cap: int, head_dim: int,
                          v_head_dim: int, kv_heads: Optional[int] = None) -> GatheredHeads:
     """The gather of :func:`compact_attention_block`: torch ops when gradients must reach the
-    weights, :func:`gather_heads_inference` on CPU, else one ``dhp::gather_heads`` launch."""
+    weights, :func:`gather_heads_inference` on CPU (where no Triton gather serves), else one
+    ``dhp::gather_heads`` launch."""
     kv, group = block_geometry(keep, cap, kv_heads)
     groups_keep = keep if group == 1 else keep.view(keep.shape[0], kv, group).any(-1)
     projs = (q_proj, k_proj, v_proj)
@@ -237,7 +238,7 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
     if needs_grad(*weights, *biases, out_weight):
         return GatheredHeads(*gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out, out_weight,
                                                  out_in_out, dims))
-    if not keep.is_cuda:
+    if triton_gather_for(groups_keep, (*weights, *biases, out_weight)) is None and not keep.is_cuda:
         return GatheredHeads(*gather_heads_inference(groups_keep, cap, weights, biases, starts, in_out, out_weight,
                                                      out_in_out, dims))
     return GatheredHeads(*torch.ops.dhp.gather_heads(
