@@ -6,11 +6,13 @@ When the host knows that a call keeps at most ``cap`` heads (from the gate's bud
 sync), the block can instead gather the kept heads' rows of W_q/W_k/W_v and columns of W_o by a
 device-side index of length ``cap`` and run ordinary GEMMs and attention on [B, L, cap, D].
 The index lists the kept heads first and then, to fill it up to ``cap``, pruned ones: those
-filler heads get zero Q/K/V rows, biases and W_o columns, so they add nothing and the result is
-exact whether the call keeps ``cap`` heads or fewer.
+filler heads get zero V rows and biases (the CUDA and autograd gathers zero their Q/K rows and
+W_o columns too), so they add nothing and the result is exact whether the call keeps ``cap``
+heads or fewer.
 
 ``dhp::gather_heads`` does the gathering in one op (one Triton launch on CUDA,
-``triton_gather_heads.py``) for inference; under autograd the same gather runs as torch ops, so
+``triton_gather_heads.py``) for inference; on CPU :func:`gather_heads_inference` index_selects
+into one buffer without the op's dispatch; under autograd the gather runs as torch ops, so
 gradients reach the kept heads' weights.
 """
 from __future__ import annotations
