@@ -302,24 +302,32 @@ def _time_head_ops(dhp_fx, model, inputs, p, dense, reps, device) -> dict:
             "vs_dense": ms / dense}
 
 
-def time_single_input(device, dtype, seq, reps) -> list[dict]:
-    """BERT-base on one input (the paper's per-input setting): a per-sample router's blocks run
-    the kept heads alone (compact_heads), against dense and against the head ops. Graphed only:
-    at batch 1 an eager forward measures the host."""
-    import dhp_fx
+def _bert_base_graphed(device, dtype, batch, seq, reps, seed):
+    """(BERT-base with random weights, random inputs batch x seq, [its dense row, graphed])."""
     from transformers import BertConfig, BertModel
     from dhp_fx.cuda_graphs import CUDAGraphRunner
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=30522, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
-    g = torch.Generator().manual_seed(5)
-    inputs = {"input_ids": torch.randint(1000, 20000, (1, seq), generator=g).to(device),
-              "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device)}
-    rows = []
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g).to(device),
+              "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
     with torch.no_grad():
         runner = CUDAGraphRunner(model)
         dense = _median_ms(lambda: runner(**inputs), reps, device)
-        rows.append({"variant": f"dense, 1 x {seq} + cuda graphs", "p": 1.0, "ms": dense, "vs_dense": 1.0})
+    return model, inputs, [{"variant": f"dense, {batch} x {seq} + cuda graphs", "p": 1.0, "ms": dense,
+                            "vs_dense": 1.0}]
+
+
+def time_single_input(device, dtype, seq, reps) -> list[dict]:
+    """BERT-base on one input (the paper's per-input setting): a per-sample router's blocks run
+    the kept heads alone (compact_heads), against dense and against the head ops. Graphed only:
+    at batch 1 an eager forward measures the host."""
+    import dhp_fx
+
+    model, inputs, rows = _bert_base_graphed(device, dtype, 1, seq, reps, seed=5)
+    dense = rows[0]["ms"]
+    with torch.no_grad():
         for p, compact in ((0.5, True), (0.5, False), (0.25, True)):
             opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="router", compact_heads=compact),
                                   example_inputs=inputs)
@@ -339,19 +347,10 @@ def time_small_batch_rows(device, dtype, batch, seq, reps) -> list[dict]:
     holds every head, through the head ops (the GPU default) against each row's own heads
     (compact_rows, one Triton gather), graphed: where on the batch axis per-row blocks pay."""
     import dhp_fx
-    from transformers import BertConfig, BertModel
-    from dhp_fx.cuda_graphs import CUDAGraphRunner
 
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=30522, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
-    g = torch.Generator().manual_seed(7)
-    inputs = {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g).to(device),
-              "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
-    rows = []
+    model, inputs, rows = _bert_base_graphed(device, dtype, batch, seq, reps, seed=7)
+    dense = rows[0]["ms"]
     with torch.no_grad():
-        runner = CUDAGraphRunner(model)
-        dense = _median_ms(lambda: runner(**inputs), reps, device)
-        rows.append({"variant": f"dense, {batch} x {seq} + cuda graphs", "p": 1.0, "ms": dense, "vs_dense": 1.0})
         for p in (0.5, 0.25):
             opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="router"), example_inputs=inputs)
             runner = opt.cuda_graphed()

@@ -240,7 +240,7 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
     if needs_grad(*weights, *biases, out_weight):
         return GatheredHeads(*gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out, out_weight,
                                                  out_in_out, dims))
-    if triton_gather_for(groups_keep, (*weights, *biases, out_weight)) is None and not keep.is_cuda:
+    if not keep.is_cuda and triton_gather_for(groups_keep, (*weights, *biases, out_weight)) is None:
         return GatheredHeads(*gather_heads_inference(groups_keep, cap, weights, biases, starts, in_out, out_weight,
                                                      out_in_out, dims))
     return GatheredHeads(*torch.ops.dhp.gather_heads(

@@ -45,17 +45,29 @@ def _reference(x_q, x_kv, w, b, w_o, b_o, keep, heads, kv_heads, d, dv, mask, ca
     return F.linear(o.transpose(1, 2).reshape(B, Lq, heads * dv), w_o, b_o)
 
 
-@st.composite
-def compact_cases(draw):
-    B = draw(st.integers(1, 3))
-    G = draw(st.sampled_from([1, 1, 2]))  # query heads per KV head
+def draw_geometry(draw, max_batch: int) -> dict:
+    """A block's sizes: batch, query heads per KV head (G), KV heads, heads, head dims, lengths."""
+    G = draw(st.sampled_from([1, 1, 2]))
     KV = draw(st.integers(1 if G > 1 else 2, 4))
-    H = KV * G
     d = draw(st.sampled_from([4, 8]))
-    dv = draw(st.sampled_from([d, 4]))
     Lq = draw(st.integers(1, 6))
     cross = draw(st.booleans())
-    Lk = draw(st.integers(1, 6)) if cross else Lq
+    return dict(B=draw(st.integers(1, max_batch)), G=G, KV=KV, H=KV * G, d=d, dv=draw(st.sampled_from([d, 4])),
+                Lq=Lq, Lk=draw(st.integers(1, 6)) if cross else Lq, cross=cross)
+
+
+def zeroed_reference(case, ref) -> torch.Tensor:
+    """The float64 reference of a drawn case (``block_inputs``' ref), with its keep pattern."""
+    x_q, x_kv, w, b, w_o, b_o, mask = ref
+    keep = torch.tensor(case["keep"], dtype=torch.bool)
+    return _reference(x_q, x_kv, w, b, w_o, b_o, keep, case["H"], case["KV"], case["d"], case["dv"], mask,
+                      case["causal"], case["scale"])
+
+
+@st.composite
+def compact_cases(draw):
+    geo = draw_geometry(draw, max_batch=3)
+    B, G, KV, H = geo["B"], geo["G"], geo["KV"], geo["H"]
     shared = draw(st.booleans())
     groups = draw(st.lists(st.booleans(), min_size=KV, max_size=KV))
     if shared:  # every row the same whole groups: the dense-attention route
@@ -67,7 +79,7 @@ def compact_cases(draw):
     cap = draw(st.integers(max(union, 1), KV))
     mask_kind = draw(st.sampled_from(["none", "padding", "head_bias"]))
     causal = draw(st.booleans())
-    return dict(B=B, H=H, KV=KV, d=d, dv=dv, Lq=Lq, Lk=Lk, cross=cross, shared=shared, keep=keep, cap=cap,
+    return dict(**geo, shared=shared, keep=keep, cap=cap,
                 mask_kind=mask_kind, causal=causal, in_out=draw(st.booleans()), fused=draw(st.booleans()),
                 bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])))
 
@@ -124,10 +136,8 @@ def block_inputs(case, dtype, requires_grad=False):
 @given(compact_cases(), st.sampled_from([torch.float32, torch.float64]))
 def test_compact_block_matches_zeroed_dense_block(case, dtype):
     ref, projs, w_o, b_o, mask, _ = block_inputs(case, dtype)
-    x_q, x_kv, w, b, w_o64, b_o64, mask64 = ref
+    want = zeroed_reference(case, ref)
     keep = torch.tensor(case["keep"], dtype=torch.bool)
-    want = _reference(x_q, x_kv, w, b, w_o64, b_o64, keep, case["H"], case["KV"], case["d"], case["dv"], mask64,
-                      case["causal"], case["scale"])
     got = compact_attention_block(*projs, w_o, b_o, False, keep, case["cap"], case["d"], case["dv"], mask, 0.0,
                                   case["causal"], case["scale"], case["shared"], kv_heads=case["KV"])
     assert got.shape == want.shape

@@ -16,20 +16,13 @@ from dhp_fx.kernels.compact_heads import HeadProjection
 from dhp_fx.kernels.compact_rows import compact_rows_block, gather_rows, kept_first_rows
 from dhp_fx.testing import assert_outputs_close
 
-from test_compact_heads import _reference, block_inputs
+from test_compact_heads import _reference, block_inputs, draw_geometry, zeroed_reference
 
 
 @st.composite
 def rows_cases(draw):
-    B = draw(st.integers(1, 4))
-    G = draw(st.sampled_from([1, 1, 2]))
-    KV = draw(st.integers(1 if G > 1 else 2, 4))
-    H = KV * G
-    d = draw(st.sampled_from([4, 8]))
-    dv = draw(st.sampled_from([d, 4]))
-    Lq = draw(st.integers(1, 6))
-    cross = draw(st.booleans())
-    Lk = draw(st.integers(1, 6)) if cross else Lq
+    geo = draw_geometry(draw, max_batch=4)
+    B, G, KV, H = geo["B"], geo["G"], geo["KV"], geo["H"]
     whole = G == 1 or draw(st.booleans())
     keep = []
     for _ in range(B):
@@ -39,7 +32,7 @@ def rows_cases(draw):
     cap = draw(st.integers(max(most, 1), KV))
     mask_kind = draw(st.sampled_from(["none", "padding", "head_bias", "row_head_bias"]))
     causal = draw(st.booleans())
-    return dict(B=B, H=H, KV=KV, d=d, dv=dv, Lq=Lq, Lk=Lk, cross=cross, whole=whole, keep=keep, cap=cap,
+    return dict(**geo, whole=whole, keep=keep, cap=cap,
                 mask_kind=mask_kind, causal=causal, in_out=draw(st.booleans()), fused=draw(st.booleans()),
                 bias=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])), out_in_out=draw(st.booleans()))
 
@@ -48,10 +41,8 @@ def rows_cases(draw):
 @given(rows_cases(), st.sampled_from([torch.float32, torch.float64]))
 def test_rows_block_matches_zeroed_dense_block(case, dtype):
     ref, projs, w_o, b_o, mask, _ = block_inputs(case, dtype)
-    x_q, x_kv, w, b, w_o64, b_o64, mask64 = ref
+    want = zeroed_reference(case, ref)
     keep = torch.tensor(case["keep"], dtype=torch.bool)
-    want = _reference(x_q, x_kv, w, b, w_o64, b_o64, keep, case["H"], case["KV"], case["d"], case["dv"], mask64,
-                      case["causal"], case["scale"])
     got = compact_rows_block(*projs, w_o, b_o, case["out_in_out"], keep, case["cap"], case["d"], case["dv"], mask,
                              0.0, case["causal"], case["scale"], case["whole"], kv_heads=case["KV"])
     assert got.shape == want.shape
