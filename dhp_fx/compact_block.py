@@ -39,7 +39,10 @@ class CompactBlock(nn.Module):
       batch) or a tensor;
     - roles: (projection index, first feature) of q, k and v;
     - out_projection: (weight, bias, flags, unit, in_out, flat), flat = rows arrive as [B*L, .];
-    - geometry: (heads, KV heads, head dim, value head dim).
+    - geometry: (heads, KV heads, head dim, value head dim);
+    - qk_factors: constant factors the graph applied to q and k between projection and attention
+      (OPT and Whisper scale q): folded into the attention scale on the kept heads, applied to
+      q and k where every head runs (the gate's tap reads them).
 
     Holds its gate without registering it (the gate owns the block, as it owns its tap).
     """
@@ -54,12 +57,16 @@ class CompactBlock(nn.Module):
         self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
         self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
-    def forward(self, keep, attn_mask, dropout_p, is_causal, scale, *, projections, roles, out_projection, geometry):
+    def forward(self, keep, attn_mask, dropout_p, is_causal, scale, *, projections, roles, out_projection, geometry,
+                qk_factors=(1.0, 1.0)):
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         plan = self.gate.compact_plan(keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads)
         if row_plan is not None or (plan is not None and plan[0] < kv_heads):
+            factor = qk_factors[0] * qk_factors[1]
+            if factor != 1.0:
+                scale = (head_dim ** -0.5 if scale is None else scale) * factor
             q, k, v = (HeadProjection(projections[i][6], projections[i][1], projections[i][2], projections[i][5], start)
                        for i, start in roles)
             if row_plan is not None:
@@ -77,7 +84,7 @@ class CompactBlock(nn.Module):
             self.calls_compact += 1
             return out.flatten(0, 1) if flat else out
         return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection,
-                                geometry)
+                                geometry, qk_factors)
 
     def _row_plan(self, keep: torch.Tensor, plan, kv_heads: int):
         """(cap, whole) when each row should compute its own kept groups (kernels/compact_rows):
@@ -123,7 +130,8 @@ class CompactBlock(nn.Module):
         self._last = (tensors, values, gathered)
         return gathered
 
-    def _every_head(self, keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry):
+    def _every_head(self, keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection, geometry,
+                    qk_factors=(1.0, 1.0)):
         """What the graph computed before the block replaced it: the head ops, H heads wide."""
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
@@ -155,6 +163,7 @@ class CompactBlock(nn.Module):
             return y.view(B, L, n, dim).transpose(1, 2)
 
         q, k, v = role(0, heads, head_dim), role(1, kv_heads, head_dim), role(2, kv_heads, v_head_dim)
+        q, k = (t if f == 1.0 else t * f for t, f in zip((q, k), qk_factors))
         if dense:
             o = dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
         else:

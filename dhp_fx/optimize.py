@@ -212,6 +212,9 @@ def optimize(
                 optimized(**example_inputs)
             else:
                 optimized(*example_inputs)
-        if not optimized.sites:
+        if not optimized.sites and optimized.skipped:
+            log.warning("dhp_fx rewrote none of the %d attention core(s) it found in %s (see report()); it runs "
+                        "unchanged", len(optimized.skipped), type(model).__name__)
+        elif not optimized.sites:
             log.warning("dhp_fx found no attention in %s; it runs unchanged", type(model).__name__)
     return optimized

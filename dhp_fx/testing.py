@@ -279,28 +279,56 @@ def heads_zeroed(model: nn.Module, sites, masks: dict[str, torch.Tensor]) -> Ite
     """Within the block, ``model``'s pruned heads contribute nothing: the plain-PyTorch reference.
 
     Works for any model whose output projection is a module call (nn.Linear, HF Conv1D) reading
-    heads in head-major order: a pre-hook zeroes each pruned head's slice of its input.
+    heads in head-major order: a pre-hook zeroes each pruned head's slice of its input. Sites
+    that share one output projection (ALBERT's shared layers) are told apart by call order: the
+    i-th call of the module is the i-th of its sites, in graph order. Leaving the block raises
+    when a hooked projection was never called as a module (nn.MultiheadAttention hands its
+    weight to a functional call) or called out of step with its sites: the reference would
+    otherwise zero nothing and prove nothing.
     """
-    handles = []
     modules = dict(model.named_modules())
+    hooked = {_out_owner(site, modules) for site in sites if site.name in masks}
+    ordered: dict[str, list] = {}
+    for site in sites:  # every site calling a hooked module, masked or not, in graph order
+        owner = site.out_proj.weight.rsplit(".", 1)[0] if site.out_proj is not None else None
+        if owner in hooked:
+            ordered.setdefault(owner, []).append(site)
+    calls = {owner: [0] for owner in ordered}
+    handles = []
     try:
-        for site in sites:
-            if site.name not in masks:
-                continue
-            if site.out_proj is None:
-                raise ValueError(f"site {site.name!r} has no known output projection to zero heads at")
-            owner = site.out_proj.weight.rsplit(".", 1)[0]
-            if owner not in modules:
-                raise ValueError(f"output projection {owner!r} of site {site.name!r} is not a module of the model")
-            handles.append(modules[owner].register_forward_pre_hook(_zero_heads_hook(site, masks[site.name])))
+        for owner, owned in ordered.items():
+            hook = _zero_heads_hook([(site, masks.get(site.name)) for site in owned], calls[owner])
+            handles.append(modules[owner].register_forward_pre_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
+    for owner, owned in ordered.items():
+        n = calls[owner][0]
+        if n == 0:
+            raise ValueError(f"output projection {owner!r} of site {owned[0].name!r} was never called as a module "
+                             f"(its weight is read by a functional call): no zeroed-head reference for it")
+        if n % len(owned):
+            raise ValueError(f"output projection {owner!r} is shared by {len(owned)} sites but ran {n} times: "
+                             f"its calls cannot be matched to sites")
 
 
-def _zero_heads_hook(site, keep: torch.Tensor) -> Callable:
+def _out_owner(site, modules: dict) -> str:
+    if site.out_proj is None:
+        raise ValueError(f"site {site.name!r} has no known output projection to zero heads at")
+    owner = site.out_proj.weight.rsplit(".", 1)[0]
+    if owner not in modules:
+        raise ValueError(f"output projection {owner!r} of site {site.name!r} is not a module of the model")
+    return owner
+
+
+def _zero_heads_hook(owned: list, calls: list) -> Callable:
+    """owned: (site, keep or None) per site calling this module, in call order."""
     def hook(module, args):
+        site, keep = owned[calls[0] % len(owned)]
+        calls[0] += 1
+        if keep is None:
+            return None
         x = args[0]
         start, stop = site.out_proj.features or (0, x.shape[-1])
         width = site.value_head_dim

@@ -84,6 +84,8 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[
         return None if dim in (-1, len(lay.dims) - 1) else "concatenation"
     if is_method(node, "transpose", "permute", *hl.IDENTITY_METHODS) or is_call(node, torch.transpose, torch.permute):
         return None
+    if is_method(node, *hl.LAST_DIM_REDUCTIONS) or is_call(node, torch.mean, torch.sum):
+        return None  # head_layout proved it reduces within one head (a per-head q/k norm)
     return "op"
 
 

@@ -15,6 +15,7 @@ gate left work that needs every head's q, k, v (calibration, attention maps, tra
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -41,24 +42,44 @@ def _in_order(dims: list[list[hl.Atom]], sizes: tuple, want: list[tuple[int, int
     return True
 
 
-def _moves_only(path: list[fx.Node]) -> bool:
-    """Every node after the projection moves elements and keeps their dtype: views, transposes,
-    splits, selections. An elementwise op (RoPE, a scaling) or a cast computes values the block,
-    which recomputes the op's input from the projection alone, would not."""
+def _scalar_factor(node: fx.Node) -> Optional[float]:
+    """c for ``x * c``, ``c * x`` or ``x / c`` with c a Python number, else None."""
+    if len(node.all_input_nodes) != 1 or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if is_call(node, operator.mul, torch.mul) or is_method(node, "mul"):
+        c = b if isinstance(a, fx.Node) else a
+        return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+    if (is_call(node, operator.truediv, torch.div) or is_method(node, "div")) and isinstance(a, fx.Node):
+        return 1.0 / b if isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0 else None
+    return None
+
+
+def _path_factor(path: list[fx.Node]) -> Optional[float]:
+    """The product of constant factors on a path that otherwise only moves elements and keeps
+    their dtype (views, transposes, splits, selections); None when anything else computes: an
+    elementwise op with a tensor operand (RoPE) or a cast computes values the block, which
+    recomputes the op's input from the projection alone, would not. OPT and Whisper scale q by a
+    constant before the head split; the block folds that into the attention scale."""
     want = example_value(path[0])
+    factor = 1.0
     for node in path[1:]:
         if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
-            return False
+            c = _scalar_factor(node)
+            if c is None:
+                return None
+            factor *= c
+            continue
         val = example_value(node)
         if isinstance(val, torch.Tensor) and want is not None and val.dtype != want.dtype:
-            return False
-    return True
+            return None
+    return factor
 
 
 def _block_input(state: _Site, role: str) -> Optional[fx.Node]:
     """The [B, L, d_in] tensor whose features reach the op as [B, H, L, D] in the standard way."""
     node, lay, path = state.replaced.get(role), state.layouts.get(role), state.paths.get(role)
-    if node is None or lay is None or path is None or not _moves_only(path):
+    if node is None or lay is None or path is None or _path_factor(path) is None:
         return None
     x = node.args[0]
     if node.args[5]:  # HF Conv1D: addmm on x.view(-1, d_in); the layouts name the 3-D source's dims
@@ -130,13 +151,18 @@ def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -
     _x, w_o, b_o, flags_o, unit_o, in_out_o = out.args[:6]
     flags_o = _flags_spec(flags_o, keep)
     mask, dropout_p, is_causal, scale = state.gated.args[4:8]
+    factors = tuple(_path_factor(state.paths[r]) for r in ROLES)
+    if factors[2] != 1.0 or (factors[:2] != (1.0, 1.0) and isinstance(scale, fx.Node)):
+        state.result.bump("no_compact_block:scaled_v_or_runtime_scale")  # nothing to fold v's factor into
+        return False
 
     target = gate_target.replace("dhp_gate_", "dhp_block_", 1)
     gm.add_submodule(target, block)
     with gm.graph.inserting_before(out):
         call = gm.graph.call_module(target, (keep, mask, dropout_p, is_causal, scale), dict(
             projections=projections, roles=roles, out_projection=(w_o, b_o, flags_o, unit_o, in_out_o, flat),
-            geometry=(site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim)))
+            geometry=(site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim),
+            qk_factors=factors[:2]))
     for key in ("example_value", "nn_module_stack", "source_fn_stack", "stack_trace"):
         if key in out.meta:
             call.meta[key] = out.meta[key]

@@ -37,6 +37,11 @@ _INPLACE_TO_PURE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", 
 # underflows exp() like -inf does, so small "mask" values are refused.
 _MIN_FILL = -1e4
 _MAX_CHAIN = 24
+# Elementwise ops the gated op cannot express between scores and softmax (Gemma 2's logit
+# softcapping is tanh(s / c) * c): a core behind them is reported as skipped, not passed over.
+_UNEXPRESSIBLE_FUNCS = (torch.tanh, torch.sigmoid, torch.clamp, torch.clip, torch.abs, torch.neg, torch.exp,
+                        torch.log, torch.erf, torch.relu, F.relu, F.gelu, F.silu, F.softplus, F.hardtanh)
+_UNEXPRESSIBLE_METHODS = ("tanh", "sigmoid", "clamp", "clip", "abs", "neg", "exp", "log", "erf", "relu")
 
 
 class _Skip(Exception):
@@ -93,7 +98,7 @@ def _mm_operands(node: fx.Node) -> tuple:
     if is_call(node, torch.einsum):
         return _einsum_operands(node)
     if is_call(node, torch.baddbmm) or is_method(node, "baddbmm"):
-        return node.args[1], node.args[2]
+        return arg(node, 1, "batch1"), arg(node, 2, "batch2")  # BLOOM names them
     return node.args[0], node.args[1]
 
 
@@ -148,20 +153,34 @@ def _scores_operands(node: fx.Node, kind: str) -> list:
     return [node.args[0]]
 
 
-def _walk_scores(start: Any, probe: bool = False) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """(first matmul, chain nodes after it in forward order) behind a softmax input, or None."""
+def _is_unexpressible(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (is_call(node, *_UNEXPRESSIBLE_FUNCS)
+                                          or is_method(node, *_UNEXPRESSIBLE_METHODS))
+
+
+def _walk_scores(start: Any, probe: bool = False,
+                 passed: Optional[list] = None) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(first matmul, chain nodes after it in forward order) behind a softmax input, or None.
+
+    passed: walk through the elementwise ops the op cannot express too, listing them there
+    (only to tell a core they hide from a softmax with no attention behind it)."""
     chain: list[fx.Node] = []
     node = start
     for _ in range(_MAX_CHAIN):
         if _is_first_mm(node):
             return node, chain[::-1]
         kind = _kind(node)
+        if kind is None and passed is not None and _is_unexpressible(node):
+            passed.append(node)
+            chain.append(node)
+            node = node.args[0]
+            continue
         if kind is None:
             return None
         candidates = [c for c in _scores_operands(node, kind) if _is_tensor_node(c)]
         if len(candidates) > 1:
             # Both operands are tensors: the scores are the one a batched matmul produced.
-            candidates = [c for c in candidates if _walk_scores(c, probe=True) is not None]
+            candidates = [c for c in candidates if _walk_scores(c, True, None if passed is None else []) is not None]
             if len(candidates) > 1:
                 if probe:
                     return None
@@ -252,7 +271,7 @@ def _read_chain(mm1: fx.Node, chain: list[fx.Node]) -> _Chain:
             raise _Skip("baddbmm beta/alpha are not constants")
         st.rescale(alpha, mm1.name)
         if beta != 0.0:  # beta == 0 ignores the input entirely, NaNs included
-            st.terms.append(_Term("add", mm1.args[0], mult=beta, frame=example_value(mm1).dim()))
+            st.terms.append(_Term("add", arg(mm1, 0, "input"), mult=beta, frame=example_value(mm1).dim()))
     prev = mm1
     for node in chain:
         kind = _kind(node)
@@ -445,14 +464,24 @@ def _functionalize(x: fx.Node) -> bool:
     return fresh and functionalize_writes(x, _INPLACE_TO_PURE)
 
 
+def _batched(mm1: fx.Node) -> bool:
+    vals = [example_value(x) for x in _mm_operands(mm1)]
+    return all(v is not None and v.dim() >= 3 for v in vals)
+
+
 def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
     found = _walk_scores(softmax.args[0])
     if found is None:
+        passed: list[fx.Node] = []
+        hidden = _walk_scores(softmax.args[0], passed=passed)
+        if hidden is not None and passed and _batched(hidden[0]):
+            ops = ", ".join(sorted({str(getattr(n.target, "__name__", n.target)) for n in passed}))
+            raise _Skip(f"{ops} between the attention scores and the softmax (logit softcapping?): "
+                        f"the gated op has no such term")
         return None
     mm1, chain = found
     q_kt = _mm_operands(mm1)
-    vals = [example_value(x) for x in q_kt]
-    if any(v is None or v.dim() < 3 for v in vals):
+    if not _batched(mm1):
         return None  # not batched: a classifier or some other projection, not attention
 
     for node in [mm1] + chain:

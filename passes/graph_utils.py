@@ -63,6 +63,8 @@ def normalize_source_path(path: str) -> str:
     # (L['args'][0]) when a decorated forward is the compiled frame.
     path = re.sub(r"^L\['args'\](?:\[0\]|\.0)\.?", "", path)
     path = re.sub(r"^L\['(?:self|mod|fn|dhp_fx_root)'\]\.?", "", path)
+    # Dynamo may reach a child through the instance dict: "x.__dict__['_modules']['attention']"
+    path = re.sub(r"(^|\.)__dict__\[['\"](_(?:modules|parameters|buffers))['\"]\]", r"\1\2", path)
     path = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"^_(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r"\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

@@ -30,8 +30,11 @@ IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", 
 VIEW_METHODS = ("view", "reshape", "flatten", "unflatten")
 VIEW_FUNCS = (torch.reshape, torch.flatten, torch.unflatten)
 ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-               torch.add, torch.sub, torch.mul, torch.div, torch.neg)
-ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg")
+               torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.square)
+ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "square")
+# Reductions that keep their dim (size 1, broadcast back later): head-local over within-head
+# digits only. Qwen3's and Cohere's per-head q/k RMSNorm take a mean over the head dim.
+LAST_DIM_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -196,13 +199,34 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         merged = inputs[tracked[0]]
         for n in tracked:
             s = _shape(n)
-            if s is None or len(s) != len(shape) or not all(known_eq(x, y) for x, y in zip(s, shape)):
-                return None  # a tracked operand broadcast along some dim
+            if s is None or len(s) != len(shape):
+                return None
+            for i, (x, y) in enumerate(zip(s, shape)):
+                # broadcast along a dim is allowed only where the operand holds no digit there
+                # (a kept reduction); _merge then asks the other side's digits to be within-head
+                if not known_eq(x, y) and not (known_eq(x, 1) and inputs[n].dims[i] == []):
+                    return None
             merged = _merge(merged, inputs[n], shape, head_dim)
             if merged is None:
                 return None
         return merged
+    if is_method(node, *LAST_DIM_REDUCTIONS) or is_call(node, torch.mean, torch.sum):
+        return _last_dim_reduction(node, inputs.get(src), head_dim)
     return None
+
+
+def _last_dim_reduction(node: fx.Node, lay: Optional[Layout], head_dim: int) -> Optional[Layout]:
+    """x.mean(-1, keepdim=True) over digits inside one head: each result is one head's."""
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if lay is None or not isinstance(dim, int) or not node.kwargs.get("keepdim", False) or len(node.args) > 2:
+        return None
+    if dim % len(lay.dims) != len(lay.dims) - 1 or not within_only(lay.dims[-1], head_dim):
+        return None
+    if set(node.kwargs) - {"dim", "keepdim", "dtype"}:
+        return None
+    return Layout(lay.dims[:-1] + [[]], lay.offset)
 
 
 def _merge(a: Layout, b: Layout, shape: tuple, head_dim: int) -> Optional[Layout]:
@@ -214,6 +238,8 @@ def _merge(a: Layout, b: Layout, shape: tuple, head_dim: int) -> Optional[Layout
     for da, db, size in zip(a.dims, b.dims, shape):
         if Layout([da]).same(Layout([db])):
             dims.append(da)
+        elif (da == [] or db == []) and within_only(da or db, head_dim):
+            dims.append(da or db)  # a kept reduction broadcast back over one head's digits
         elif within_only(da, head_dim) and within_only(db, head_dim):
             dims.append(_cut(da, size, head_dim))
         else:

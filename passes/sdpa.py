@@ -76,7 +76,9 @@ def match_sdpa(gm: fx.GraphModule) -> list[AttentionMatch | SkippedSite]:
             skip("attn_mask carries no dtype information")
             continue
         hq, hkv = shapes[0].shape[1], shapes[1].shape[1]
-        if hq != hkv and not enable_gqa:
+        # One kv head broadcasts over the query heads (Falcon's multi-query SDPA call): the op's
+        # GQA with a single group computes exactly that.
+        if hq != hkv and not enable_gqa and hkv != 1:
             skip(f"query heads ({hq}) != kv heads ({hkv}) without enable_gqa")
             continue
         if scale_node is not None:

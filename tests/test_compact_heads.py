@@ -220,11 +220,11 @@ ENTRIES = {e.name: e for e in all_entries()}
 # MHA models whose blocks the pass must take whole (GQA, torch's fused layers and the
 # hand-written modules below are declined or have no head-major module projection)
 COMPACTED = ["bert-sdpa", "bert-eager", "gpt2-sdpa", "gpt2-eager", "t5-sdpa", "bart-sdpa", "vit-sdpa",
-             "distilbert-sdpa", "roberta-sdpa"]
+             "distilbert-sdpa", "roberta-sdpa", "opt-sdpa", "opt-eager", "albert-sdpa"]
 
 
 # a returned KV cache reads every head's k and v, so such blocks are declined (rightly)
-_NO_CACHE = {name: {"use_cache": False} for name in ("gpt2", "t5", "bart", "llama")}
+_NO_CACHE = {name: {"use_cache": False} for name in ("gpt2", "t5", "bart", "llama", "opt", "qwen3")}
 
 
 def _union_below_heads(entry, shared: bool) -> torch.Tensor:
@@ -303,11 +303,12 @@ def test_gqa_blocks_compact_by_kv_group(style):
     assert opt.gate(site).block_module.calls_compact >= 1
 
 
-@pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager"])
+@pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager", "qwen3-sdpa", "qwen3-eager"])
 def test_rope_blocks_compact_as_a_chain(name):
     """Llama applies RoPE between the projections and the op: the block keeps the graph's own
     ops (views with -1 heads, cos/sin broadcast over heads) and only the head ops become chain
-    calls, fed the kept KV groups. Exact against the zeroed reference, shared and per-row."""
+    calls, fed the kept KV groups. Exact against the zeroed reference, shared and per-row.
+    Qwen3 also normalises each head's q and k (a mean over the head dim) before RoPE."""
     entry = ENTRIES[name]
     model, inputs = entry.build(), {**entry.inputs(), "use_cache": False}
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)

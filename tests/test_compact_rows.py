@@ -110,14 +110,15 @@ def _rows_apart(entry, whole: bool) -> torch.Tensor:
     return keep
 
 
-@pytest.mark.parametrize("name", [n for n in COMPACTED + ["llama-sdpa", "llama-eager"] if n in ENTRIES])
+@pytest.mark.parametrize("name", [n for n in COMPACTED + ["llama-sdpa", "llama-eager", "qwen3-sdpa"] if n in ENTRIES])
 def test_zoo_blocks_run_each_rows_own_heads_exactly(name):
     entry = ENTRIES[name]
     model, inputs = entry.build(), entry.inputs()
     inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert entry.batch >= 2 and all(s.compact_block for s in opt.sites), opt.report()
-    modules = [opt.gate(s).chain_module if name.startswith("llama") else opt.gate(s).block_module for s in opt.sites]
+    chained = name.startswith(("llama", "qwen3"))
+    modules = [opt.gate(s).chain_module if chained else opt.gate(s).block_module for s in opt.sites]
     for whole in ((True, False) if entry.kv_heads < entry.heads else (True,)):
         before = sum(m.calls_rows for m in modules)
         check_keep_mask(model, opt, inputs, _rows_apart(entry, whole))

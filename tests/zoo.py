@@ -46,9 +46,11 @@ def _hf(config_cls, model_cls, attn, **cfg):
 
 def hf_entries(attn: str) -> list[ZooEntry]:
     from transformers import (
-        BartConfig, BartModel, BertConfig, BertModel, DistilBertConfig, DistilBertModel, GPT2Config,
-        GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig,
-        RobertaModel, T5Config, T5Model, ViTConfig, ViTModel,
+        AlbertConfig, AlbertModel, BartConfig, BartModel, BertConfig, BertModel, BloomConfig, BloomModel,
+        DistilBertConfig, DistilBertModel, FalconConfig, FalconModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+        LlamaForCausalLM, OPTConfig, OPTModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+        RobertaConfig, RobertaModel, T5Config,
+        T5Model, ViTConfig, ViTModel,
     )
 
     def text(pad=True):
@@ -87,7 +89,28 @@ def hf_entries(attn: str) -> list[ZooEntry]:
                  decoder_ffn_dim=64, max_position_embeddings=64), seq2seq, 6, 4, 4, 8),
         ZooEntry(f"vit-{attn}", _hf(ViTConfig, ViTModel, attn, image_size=16, patch_size=4, num_channels=3,
                  hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), image, 2, 4, 4, 8),
-    ]
+        # RMSNorm over each head's q and k (a mean over the head dim) before RoPE
+        ZooEntry(f"qwen3-{attn}", _hf(Qwen3Config, Qwen3ForCausalLM, attn, vocab_size=VOCAB, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0), text(), 2, 4, 2, 8),
+        # q scaled by a constant before the head split (folded into the attention scale)
+        ZooEntry(f"opt-{attn}", _hf(OPTConfig, OPTModel, attn, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32), text(),
+                 2, 4, 4, 8),
+        # one attention module shared by every layer: two sites, one output projection
+        ZooEntry(f"albert-{attn}", _hf(AlbertConfig, AlbertModel, attn, embedding_size=16, **bert_like), text(),
+                 2, 4, 4, 8),
+    ] + ([
+        # ALiBi through keyword baddbmm(batch1=, batch2=); transformers has no SDPA BLOOM
+        ZooEntry("bloom-eager", _hf(BloomConfig, BloomModel, attn, vocab_size=VOCAB, hidden_size=32, n_layer=2,
+                 n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2), text(), 2, 4, 4, 8),
+    ] if attn == "eager" else [
+        # multi-query SDPA with one kv head broadcast over the query heads, no enable_gqa; its
+        # projections are matmuls (FalconLinear), so no module to zero heads at
+        ZooEntry("falcon-mqa-sdpa", _hf(FalconConfig, FalconModel, attn, vocab_size=VOCAB, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=4, multi_query=True, new_decoder_architecture=False,
+                 alibi=False, bias=True), text(), 2, 4, 1, 8, keep_reference=False),
+    ])
 
 
 class EinsumFreeCausalSelfAttention(nn.Module):

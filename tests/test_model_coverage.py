@@ -1,0 +1,249 @@
+"""Patterns found by surveying HF architectures beyond the zoo: each was a crash, a silent miss,
+a wrong name or a reference that could not fail. The zoo (tests/zoo.py) holds OPT, ALBERT, BLOOM
+and Falcon multi-query end to end; these tests pin the specific behaviour."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dhp_fx
+from dhp_fx import DHPConfig
+from dhp_fx.passes.graph_utils import normalize_source_path
+from dhp_fx.testing import assert_outputs_close, check_gates_open, check_keep_mask, heads_zeroed
+
+from zoo import _ids
+
+
+class SoftcappedAttention(nn.Module):
+    """Gemma 2's logit softcapping: tanh(scores / c) * c before the softmax."""
+
+    def __init__(self, d=32, heads=4, cap=50.0):
+        super().__init__()
+        self.heads, self.hd, self.cap = heads, d // heads, cap
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = q @ k.transpose(-1, -2) * self.hd ** -0.5
+        s = torch.tanh(s / self.cap) * self.cap
+        return self.o((torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, L, -1))
+
+
+class TanhClassifier(nn.Module):
+    """A softmax over a tanh of a plain (2-D weight) product: not attention, ignored silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return torch.softmax(torch.tanh(x @ self.w), dim=-1)
+
+
+class _Warnings(logging.Handler):
+    """dhp_fx's warnings (the suite runs with pytest's logging plugin off)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+    def __enter__(self):
+        logging.getLogger("dhp_fx").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("dhp_fx").removeHandler(self)
+
+
+def test_softcapped_scores_are_reported_not_passed_over():
+    torch.manual_seed(0)
+    module, x = SoftcappedAttention().eval(), torch.randn(2, 5, 32)
+    with _Warnings() as warned:
+        opt = dhp_fx.optimize(module, example_inputs=(x,))
+    assert not opt.sites
+    assert len(opt.skipped) == 1 and "tanh" in opt.skipped[0].reason and "softcapping" in opt.skipped[0].reason
+    assert "rewrote none of the 1 attention core(s)" in warned.text
+    with torch.no_grad():
+        assert torch.equal(opt(x), module(x))  # runs unchanged
+
+
+def test_softmax_over_a_plain_product_stays_silent():
+    torch.manual_seed(0)
+    with _Warnings() as warned:
+        opt = dhp_fx.optimize(TanhClassifier().eval(), example_inputs=(torch.randn(3, 8),))
+    assert not opt.sites and not opt.skipped
+    assert "found no attention" in warned.text
+
+
+def test_gemma2_softcapping_reported_per_layer():
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+                          attn_logit_softcapping=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Gemma2Model(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs)
+    assert not opt.sites
+    assert len(opt.skipped) == 2 and all("softcapping" in s.reason for s in opt.skipped), opt.report()
+
+
+def test_shared_output_projection_gets_each_sites_mask_in_call_order():
+    """ALBERT calls one attention module per layer: heads_zeroed must tell its calls apart, or
+    a per-site mask comparison fails (or, worse, passes) for the wrong reason."""
+    from zoo import hf_entries
+
+    entry = next(e for e in hf_entries("sdpa") if e.name == "albert-sdpa")
+    model, inputs = entry.build(), entry.inputs()
+    opt = check_gates_open(model, inputs)
+    names = [s.name for s in opt.sites]
+    assert len(names) == 2 and len({s.out_proj.weight for s in opt.sites}) == 1
+    first = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    second = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    check_keep_mask(model, opt, inputs, {names[0]: first, names[1]: second})
+    # the masks differ, so swapping them must change the reference: the check can fail
+    opt.set_keep_mask({names[0]: first, names[1]: second})
+    try:
+        with torch.no_grad():
+            got = opt(**inputs).last_hidden_state
+    finally:
+        opt.set_keep_mask(None)
+    with torch.no_grad(), heads_zeroed(model, opt.sites, {names[0]: second, names[1]: first}):
+        swapped = model(**inputs).last_hidden_state
+    assert not torch.allclose(got, swapped, atol=1e-4)
+
+
+class FusedMHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_reference_refuses_an_output_projection_never_called_as_a_module():
+    torch.manual_seed(0)
+    module, x = FusedMHABlock().eval(), torch.randn(2, 5, 32)
+    opt = dhp_fx.optimize(module, example_inputs=(x,))
+    assert len(opt.sites) == 1
+    keep = {opt.sites[0].name: torch.tensor([True, False, True, False])}
+    with pytest.raises(ValueError, match="never called as a module"):
+        with torch.no_grad(), heads_zeroed(module, opt.sites, keep):
+            module(x)
+
+
+@pytest.mark.parametrize("source,name", [
+    ("L['self'].encoder.layers[1].blocks[0].__dict__['_modules']['attention']._modules['o_proj']._parameters['weight']",
+     "encoder.layers.1.blocks.0.attention.o_proj.weight"),
+    ("L['self'].__dict__['_modules']['encoder'].layer.0.__dict__['_parameters']['w']", "encoder.layer.0.w"),
+    ("L['self']._modules['encoder']._modules['layer'][3]", "encoder.layer.3"),
+])
+def test_source_paths_through_instance_dicts_normalise_to_parameter_names(source, name):
+    assert normalize_source_path(source) == name
+
+
+def test_swin_sites_name_real_parameters():
+    """Dynamo reaches Swin's later stages through ``__dict__['_modules']``; the sites' weights
+    must still be named as the model names them (static_prune and the reference look them up)."""
+    from transformers import SwinConfig, SwinModel
+
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 1], num_heads=[4, 8], window_size=4)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = SwinModel(config).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    opt = check_gates_open(model, inputs)
+    params = dict(model.named_parameters())
+    refs = [getattr(s, f"{r}_proj") for s in opt.sites for r in ("q", "k", "v", "out")]
+    assert len(opt.sites) == 3 and all(ref is not None and ref.weight in params for ref in refs), opt.report()
+    # per-head masks apply to every window of every image
+    keep = {s.name: torch.arange(s.num_heads) % 2 == 0 for s in opt.sites}
+    check_keep_mask(model, opt, inputs, keep)
+
+
+def test_constant_scaled_q_folds_into_the_compact_blocks_scale():
+    """OPT scales q by a constant before the head split: every projection is skipped and the
+    block runs the kept heads alone, with the factor in the attention scale."""
+    from zoo import hf_entries
+
+    entry = next(e for e in hf_entries("sdpa") if e.name == "opt-sdpa")
+    model, inputs = entry.build(), {**entry.inputs(), "use_cache": False}
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    assert all(s.compact_block for s in opt.sites), opt.report()
+    keep = torch.tensor([True, False, False, True])
+    check_keep_mask(model, opt, inputs, keep)
+    blocks = [opt.gate(s).block_module for s in opt.sites]
+    assert all(b.calls_compact for b in blocks)
+    opt.set_keep_ratio(1.0)
+    with torch.no_grad():
+        assert_outputs_close(opt(**inputs), model(**inputs), what="gates open")
+
+
+def test_broadcast_mqa_sdpa_is_rewritten_with_one_kv_head():
+    class BroadcastMQA(nn.Module):
+        def __init__(self, d=32, heads=4):
+            super().__init__()
+            self.heads, self.hd = heads, d // heads
+            self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+            self.k, self.v = nn.Linear(d, self.hd), nn.Linear(d, self.hd)
+
+        def forward(self, x):
+            B, L, _ = x.shape
+            q = self.q(x).view(B, L, self.heads, self.hd).transpose(1, 2)
+            k, v = (p(x).view(B, L, 1, self.hd).transpose(1, 2) for p in (self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+
+    torch.manual_seed(0)
+    module, x = BroadcastMQA().eval(), torch.randn(2, 5, 32)
+    for config in (DHPConfig(), DHPConfig(scoring="static")):
+        opt = check_gates_open(module, (x,), config=config)
+        assert [(s.num_heads, s.num_kv_heads) for s in opt.sites] == [(4, 1)]
+        check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False] * 4]))
+
+
+class NormedQK(nn.Module):
+    """RMSNorm of q and k either per head (Qwen3: over the head dim, head-local) or over the
+    whole projection width (OLMo 2: every head's features in one statistic)."""
+
+    def __init__(self, per_head: bool, d=32, heads=4):
+        super().__init__()
+        self.per_head, self.heads, self.hd = per_head, heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    @staticmethod
+    def _rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.per_head:
+            q, k = (t.view(B, L, -1, self.hd) for t in (q, k))  # -1 heads, as HF writes it
+            q, k = self._rms(q), self._rms(k)
+        else:
+            q, k = self._rms(q), self._rms(k)
+        q, k, v = (t.reshape(B, L, -1, self.hd).transpose(1, 2) for t in (q, k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_q_k_norms_skip_projections_only_when_head_local(per_head):
+    torch.manual_seed(0)
+    module, x = NormedQK(per_head).eval(), torch.randn(2, 5, 32)
+    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
+    skipped = set(opt.sites[0].skipped_projections)
+    if per_head:
+        assert {"q", "k", "v", "out"} <= skipped and opt.sites[0].compact_block, opt.report()
+    else:
+        assert not {"q", "k"} & skipped, opt.report()  # skipping a head's rows would change the norm
+    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
