@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, is_call, is_method, static_int
-from .projections import split_chunk
+from .projections import last_dim_slice, split_chunk
 
 IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
 VIEW_METHODS = ("view", "reshape", "flatten", "unflatten")
@@ -271,6 +271,15 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
         if example_value(src) is not None:
             return _select(lay, 0, idx)
         return None
+    if isinstance(idx, tuple) and shape is not None:
+        rng = last_dim_slice(idx, list(_shape(src) or ())) if _shape(src) else None
+        last = lay.dims[-1] if lay.dims else []
+        if rng is not None and len(last) == 1 and last[0].kind == "raw" and not within_only(last, head_dim):
+            # a range of a fused projection's features (Phi-3's qkv[..., :q_width]), as a split
+            # chunk; a range inside one head (rotate_half's halves) is a cut, below
+            start, stop = rng
+            new = [] if stop - start == 1 else [Atom("raw", stop - start, last[0].stride)]
+            return Layout(lay.dims[:-1] + [new], lay.offset + start * last[0].stride)
     if isinstance(idx, tuple) and shape is not None and all(i is Ellipsis or isinstance(i, slice) for i in idx):
         before = _shape(src)
         if before is None or len(before) != len(shape):

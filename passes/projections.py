@@ -82,6 +82,24 @@ class _Found:
     features: Optional[tuple[int, int]]
 
 
+def last_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
+    """(start, stop) when ``x[idx]`` takes a constant, step-1 range of x's last dim only."""
+    if src_sizes is None or not isinstance(idx, tuple) or not idx or static_int(src_sizes[-1]) is None:
+        return None
+    *lead, last = idx
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return None
+    if lead.count(Ellipsis) > 1 or any(i is not Ellipsis and i != slice(None) for i in lead):
+        return None
+    if Ellipsis not in lead and len(lead) != len(src_sizes) - 1:
+        return None
+    n = static_int(src_sizes[-1])
+    if not all(b is None or isinstance(b, int) for b in (last.start, last.stop)):
+        return None
+    start, stop, _ = slice(last.start, last.stop).indices(n)
+    return (start, stop) if stop > start else None
+
+
 def _split_chunk(getitem: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     """(input, feature range) when getitem picks chunk i of a split/chunk along the last dim."""
     src, i = getitem.args
@@ -204,6 +222,10 @@ class _Walker:
         if isinstance(idx, tuple) and sizes is not None and len(sizes) >= 4:
             if all(i is Ellipsis or isinstance(i, slice) for i in idx):
                 return self.walk(src, None, None, depth + 1)  # rotate_half's halves of the head dim
+        if isinstance(idx, tuple) and sizes is not None:
+            features = last_dim_slice(idx, _sizes(src))
+            if features is not None:  # Phi-3's fused qkv[..., :q_width]
+                return self.walk(src, features, None, depth + 1)
         self.unclear = True
 
     def _walk_cat(self, node: fx.Node, sizes, depth: int) -> None:

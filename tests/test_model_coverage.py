@@ -247,3 +247,31 @@ def test_q_k_norms_skip_projections_only_when_head_local(per_head):
     else:
         assert not {"q", "k"} & skipped, opt.report()  # skipping a head's rows would change the norm
     check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+
+
+@pytest.mark.parametrize("idx,sizes,expected", [
+    ((Ellipsis, slice(None, 32)), [2, 7, 64], (0, 32)),
+    ((Ellipsis, slice(32, 48)), [2, 7, 64], (32, 48)),
+    ((slice(None), slice(None), slice(48, None)), [2, 7, 64], (48, 64)),
+    ((Ellipsis, slice(None, 32, 2)), [2, 7, 64], None),  # strided: not a range of features
+    ((slice(0, 1), Ellipsis, slice(None, 32)), [2, 7, 64], None),  # also cuts the batch
+    ((Ellipsis, slice(10, 10)), [2, 7, 64], None),
+])
+def test_last_dim_slices_read_as_feature_ranges(idx, sizes, expected):
+    from dhp_fx.passes.projections import last_dim_slice
+
+    assert last_dim_slice(idx, sizes) == expected
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fused_qkv_sliced_by_ranges_skips_every_projection(attn):
+    """Phi-3 slices one qkv_proj output into q, k and v: each role is a feature range of the
+    fused weight, and its pruned heads' rows are skipped (causal LM without a returned cache)."""
+    from zoo import hf_entries
+
+    entry = next(e for e in hf_entries(attn) if e.name == f"phi3-{attn}")
+    model, inputs = entry.build(), {**entry.inputs(), "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+    assert [s.q_proj.features for s in opt.sites] == [(0, 32)] * 2
+    check_keep_mask(model, opt, inputs, torch.tensor([[True, True, False, False], [True, False, False, True]]))

@@ -48,7 +48,7 @@ def hf_entries(attn: str) -> list[ZooEntry]:
     from transformers import (
         AlbertConfig, AlbertModel, BartConfig, BartModel, BertConfig, BertModel, BloomConfig, BloomModel,
         DistilBertConfig, DistilBertModel, FalconConfig, FalconModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-        LlamaForCausalLM, OPTConfig, OPTModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+        LlamaForCausalLM, OPTConfig, OPTModel, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
         RobertaConfig, RobertaModel, T5Config,
         T5Model, ViTConfig, ViTModel,
     )
@@ -92,6 +92,10 @@ def hf_entries(attn: str) -> list[ZooEntry]:
         # RMSNorm over each head's q and k (a mean over the head dim) before RoPE
         ZooEntry(f"qwen3-{attn}", _hf(Qwen3Config, Qwen3ForCausalLM, attn, vocab_size=VOCAB, hidden_size=32,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0), text(), 2, 4, 2, 8),
+        # one fused qkv_proj sliced into q, k, v by constant last-dim ranges
+        ZooEntry(f"phi3-{attn}", _hf(Phi3Config, Phi3ForCausalLM, attn, vocab_size=VOCAB, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0), text(), 2, 4, 2, 8),
         # q scaled by a constant before the head split (folded into the attention scale)
         ZooEntry(f"opt-{attn}", _hf(OPTConfig, OPTModel, attn, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
