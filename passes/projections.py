@@ -186,7 +186,8 @@ class _Walker:
         if is_call(node, torch.cat):
             return self._walk_cat(node, sizes, depth)
         if (sizes is not None and len(sizes) < 4 and len(node.all_input_nodes) == 1
-                and (is_call(node, operator.mul, operator.truediv, torch.mul, torch.div) or is_method(node, "mul", "div"))
+                and (is_call(node, operator.mul, operator.truediv, torch.mul, torch.div)
+                     or is_method(node, "mul", "div"))
                 and all(isinstance(a, (int, float)) for a in node.args[1:])):
             # A constant factor before the head split (OPT and Whisper scale q there): feature
             # by feature, so it keeps heads apart at any rank.

@@ -48,8 +48,8 @@ def hf_entries(attn: str) -> list[ZooEntry]:
     from transformers import (
         AlbertConfig, AlbertModel, BartConfig, BartModel, BertConfig, BertModel, BloomConfig, BloomModel,
         DistilBertConfig, DistilBertModel, FalconConfig, FalconModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-        LlamaForCausalLM, OPTConfig, OPTModel, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-        RobertaConfig, RobertaModel, T5Config,
+        LlamaForCausalLM, OPTConfig, OPTModel, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel, T5Config,
         T5Model, ViTConfig, ViTModel,
     )
 
