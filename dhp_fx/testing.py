@@ -287,12 +287,19 @@ def heads_zeroed(model: nn.Module, sites, masks: dict[str, torch.Tensor]) -> Ite
     otherwise zero nothing and prove nothing.
     """
     modules = dict(model.named_modules())
-    hooked = {_out_owner(site, modules) for site in sites if site.name in masks}
+    owners = {site.name: _out_owner(site) for site in sites}
+    for site in sites:
+        if site.name in masks:
+            if owners[site.name] is None:
+                raise ValueError(f"site {site.name!r} has no known output projection to zero heads at")
+            if owners[site.name] not in modules:
+                raise ValueError(f"output projection {owners[site.name]!r} of site {site.name!r} is not a module "
+                                 f"of the model")
+    hooked = {owners[name] for name in masks if name in owners}
     ordered: dict[str, list] = {}
     for site in sites:  # every site calling a hooked module, masked or not, in graph order
-        owner = site.out_proj.weight.rsplit(".", 1)[0] if site.out_proj is not None else None
-        if owner in hooked:
-            ordered.setdefault(owner, []).append(site)
+        if owners[site.name] in hooked:
+            ordered.setdefault(owners[site.name], []).append(site)
     calls = {owner: [0] for owner in ordered}
     handles = []
     try:
@@ -313,13 +320,9 @@ def heads_zeroed(model: nn.Module, sites, masks: dict[str, torch.Tensor]) -> Ite
                              f"its calls cannot be matched to sites")
 
 
-def _out_owner(site, modules: dict) -> str:
-    if site.out_proj is None:
-        raise ValueError(f"site {site.name!r} has no known output projection to zero heads at")
-    owner = site.out_proj.weight.rsplit(".", 1)[0]
-    if owner not in modules:
-        raise ValueError(f"output projection {owner!r} of site {site.name!r} is not a module of the model")
-    return owner
+def _out_owner(site) -> Optional[str]:
+    """The module path of the site's output projection, or None when it has none we know."""
+    return None if site.out_proj is None else site.out_proj.weight.rsplit(".", 1)[0]
 
 
 def _zero_heads_hook(owned: list, calls: list) -> Callable:

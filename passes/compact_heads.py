@@ -15,7 +15,6 @@ gate left work that needs every head's q, k, v (calibration, attention maps, tra
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import head_layout as hl
-from .graph_utils import example_value, is_call, is_method
+from .graph_utils import constant_factor, example_value, is_call, is_method
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -42,19 +41,6 @@ def _in_order(dims: list[list[hl.Atom]], sizes: tuple, want: list[tuple[int, int
     return True
 
 
-def _scalar_factor(node: fx.Node) -> Optional[float]:
-    """c for ``x * c``, ``c * x`` or ``x / c`` with c a Python number, else None."""
-    if len(node.all_input_nodes) != 1 or len(node.args) != 2 or node.kwargs:
-        return None
-    a, b = node.args
-    if is_call(node, operator.mul, torch.mul) or is_method(node, "mul"):
-        c = b if isinstance(a, fx.Node) else a
-        return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None
-    if (is_call(node, operator.truediv, torch.div) or is_method(node, "div")) and isinstance(a, fx.Node):
-        return 1.0 / b if isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0 else None
-    return None
-
-
 def _path_factor(path: list[fx.Node]) -> Optional[float]:
     """The product of constant factors on a path that otherwise only moves elements and keeps
     their dtype (views, transposes, splits, selections); None when anything else computes: an
@@ -65,7 +51,7 @@ def _path_factor(path: list[fx.Node]) -> Optional[float]:
     factor = 1.0
     for node in path[1:]:
         if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
-            c = _scalar_factor(node)
+            c = constant_factor(node)
             if c is None:
                 return None
             factor *= c

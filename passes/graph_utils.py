@@ -106,6 +106,20 @@ def const_number(x: Any) -> Optional[float]:
 _SYM_NUMBERS = (torch.SymInt, torch.SymFloat)
 
 
+def constant_factor(node: Any) -> Optional[float]:
+    """c for ``x * c``, ``c * x`` or ``x / c`` with c a Python number (x a node), else None."""
+    if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1 or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    number = lambda c: isinstance(c, (int, float)) and not isinstance(c, bool)  # noqa: E731
+    if is_call(node, operator.mul, torch.mul) or is_method(node, "mul"):
+        c = b if isinstance(a, fx.Node) else a
+        return float(c) if number(c) else None
+    if (is_call(node, operator.truediv, torch.div) or is_method(node, "div")) and isinstance(a, fx.Node):
+        return 1.0 / b if number(b) and b != 0 else None
+    return None
+
+
 def scalar_value(node: Any) -> Any:
     """The Python number or SymInt/SymFloat a node yields at capture (``.item()``, size reads,
     sym arithmetic); None for tensors and for nodes without one."""

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .graph_utils import arg, example_value, is_call, is_method, parameter_name, static_int
+from .graph_utils import arg, constant_factor, example_value, is_call, is_method, parameter_name, static_int
 from .site import AttentionMatch, ProjectionRef
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
@@ -185,12 +185,9 @@ class _Walker:
             return self._walk_getitem(node, sizes, depth)
         if is_call(node, torch.cat):
             return self._walk_cat(node, sizes, depth)
-        if (sizes is not None and len(sizes) < 4 and len(node.all_input_nodes) == 1
-                and (is_call(node, operator.mul, operator.truediv, torch.mul, torch.div)
-                     or is_method(node, "mul", "div"))
-                and all(isinstance(a, (int, float)) for a in node.args[1:])):
-            # A constant factor before the head split (OPT and Whisper scale q there): feature
-            # by feature, so it keeps heads apart at any rank.
+        if sizes is not None and len(sizes) < 4 and constant_factor(node) is not None:
+            # A constant factor before the head split (OPT and Whisper scale q there; the compact
+            # block folds it into the scale): feature by feature, so it keeps heads apart.
             return nxt(node.all_input_nodes[0])
         if sizes is not None and len(sizes) >= 4 and (is_call(node, *_ELEMENTWISE) or is_method(node, *_ELEMENTWISE_METHODS)):
             # Head-level elementwise ops (RoPE, scaling): the residual stream is never 4-D,
