@@ -45,9 +45,10 @@ def head_slices(site: AttentionSite, role: str, width: int) -> Optional[tuple[in
     heads = site.num_kv_heads if role in ("k", "v") else site.num_heads
     dim = site.value_head_dim if role in ("v", "out") else site.head_dim
     start, stop = ref.features if ref.features is not None else (0, width)
-    if stop - start != heads * dim or stop > width:
+    stride = dim if ref.head_stride is None else ref.head_stride
+    if stride < dim or stop - start != (heads - 1) * stride + dim or stop > width:
         return None
-    return _feature_axis(role, ref.layout), [(start + h * dim, start + (h + 1) * dim) for h in range(heads)]
+    return _feature_axis(role, ref.layout), [(start + h * stride, start + h * stride + dim) for h in range(heads)]
 
 
 def head_weight_norms(site: AttentionSite, params: Mapping[str, torch.Tensor]) -> torch.Tensor:

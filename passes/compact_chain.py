@@ -51,6 +51,20 @@ def _shape_args(node: fx.Node) -> Optional[list]:
     return args
 
 
+def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
+    """x[..., a:b:c] or x[:, :, :, :r]: plain slices that cut no dim holding heads."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(i is Ellipsis or isinstance(i, slice) for i in index) or index.count(Ellipsis) > 1:
+        return False
+    if Ellipsis in index:
+        e = index.index(Ellipsis)
+        dims = list(range(e)) + list(range(ndim - (len(index) - e - 1), ndim))
+        index = index[:e] + index[e + 1:]
+    else:
+        dims = list(range(len(index)))
+    return all(i == slice(None) or d not in heads for d, i in zip(dims, index))
+
+
 def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[str]:
     """None when ``node`` works unchanged on fewer heads; else why not."""
     heads = _head_dims(lay, dim)
@@ -75,13 +89,12 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[
                     return "per_head_operand"
         return None
     if is_call(node, operator.getitem):
-        index = node.args[1]
-        if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice):
-            return None
-        return "selection"
-    if is_call(node, torch.cat):
+        return None if _slices_spare_heads(node.args[1], len(lay.dims), heads) else "selection"
+    if is_call(node, torch.cat, torch.stack):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return None if dim in (-1, len(lay.dims) - 1) else "concatenation"
+    if is_method(node, "flatten") or is_call(node, torch.flatten):
+        return None  # names no size, so it holds for any head count
     if is_method(node, "transpose", "permute", *hl.IDENTITY_METHODS) or is_call(node, torch.transpose, torch.permute):
         return None
     if is_method(node, *hl.LAST_DIM_REDUCTIONS) or is_call(node, torch.mean, torch.sum):
@@ -119,6 +132,8 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         why = "gate_has_no_chain"
     elif any(n is None for n in nodes) or len(set(nodes)) != 4:
         why = "projections_not_separate"  # a fused Q/K/V projection splits by constant widths
+    elif any(state.proj.head_strides.get(r) is not None for r in ROLES):
+        why = "interleaved_heads"
     elif any(n.args[5] for n in nodes):
         why = "conv1d_layout"
     elif site.num_kv_heads < 2:

@@ -111,6 +111,10 @@ def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -
     if set(state.roles()) != {"q", "k", "v", "out"}:
         state.result.bump("no_compact_block:projections_not_all_skipped")
         return False
+    if any(state.proj.head_strides.get(r) is not None for r in ROLES):
+        # The block gathers each role's heads as one contiguous range of rows.
+        state.result.bump("no_compact_block:interleaved_heads")
+        return False
     block = getattr(gm.get_submodule(gate_target), "block_module", None) if gate_target else None
     if not isinstance(block, nn.Module):
         state.result.bump("no_compact_block:gate_has_no_block")

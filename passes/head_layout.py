@@ -192,6 +192,8 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         return _getitem(node, inputs, shape, head_dim)
     if is_call(node, torch.cat):
         return _cat(node, inputs, shape, head_dim)
+    if is_call(node, torch.stack):
+        return _stack(node, inputs, shape, head_dim)
     if is_call(node, *ELEMENTWISE) or is_method(node, *ELEMENTWISE_METHODS):
         tracked = [n for n in node.all_input_nodes if n in inputs]
         if not tracked or shape is None:
@@ -311,3 +313,23 @@ def _cat(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
             return None
     cut = _cut(first.dims[-1], shape[-1], head_dim)
     return Layout(first.dims[:-1] + [cut], first.offset)
+
+
+def _stack(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
+    """stack(parts, dim=-1) of within-head slices: GPT-J's and Cohere's interleaved RoPE pair
+    each even feature with the odd one next to it, inside one head."""
+    parts = arg(node, 0, "tensors")
+    dim = arg(node, 1, "dim", 0)
+    if shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1 or not parts:
+        return None
+    if any(p not in inputs for p in parts):
+        return None  # an untracked part could hold anything, other heads included
+    first = inputs[parts[0]]
+    outer = Layout(first.dims[:-1], first.offset)
+    for p in parts:
+        lay = inputs[p]
+        if not Layout(lay.dims[:-1], lay.offset).same(outer) or not within_only(lay.dims[-1], head_dim):
+            return None
+    last = _cut(first.dims[-1], shape[-2], head_dim)
+    new = [] if known_eq(shape[-1], 1) else [Atom("within", shape[-1])]
+    return Layout(first.dims[:-1] + [last, new], first.offset)

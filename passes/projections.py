@@ -44,6 +44,7 @@ class Projections:
     # node, which differs from ProjectionRef.features when the weight is a row slice.
     nodes: dict[str, fx.Node] = field(default_factory=dict)
     features: dict[str, Optional[tuple[int, int]]] = field(default_factory=dict)
+    head_strides: dict[str, Optional[int]] = field(default_factory=dict)  # ProjectionRef.head_stride
 
 
 def _sizes(node: Any) -> Optional[list]:
@@ -80,6 +81,9 @@ def _compose(outer: Optional[tuple[int, int]], inner: Optional[tuple[int, int]])
 class _Found:
     node: fx.Node  # the linear or addmm
     features: Optional[tuple[int, int]]
+    # (stride, count) when ``features`` is one head's range of a per-head-interleaved fused
+    # projection (GPT-NeoX): head h owns features + h * stride, for count heads.
+    period: Optional[tuple[int, int]] = None
 
 
 def last_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
@@ -141,6 +145,32 @@ def split_chunk(src: Any, i: Any) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     return (x, bounds[i]) if 0 <= i < len(bounds) else None
 
 
+def _splits_heads(src: Optional[list], sizes: Optional[list], features: tuple[int, int]) -> bool:
+    """A view that splits src's last dim into (heads, period), features inside one period."""
+    if src is None or sizes is None or len(sizes) != len(src) + 1 or len(src) < 2:
+        return False
+    heads, period, width = (static_int(x) for x in (sizes[-2], sizes[-1], src[-1]))
+    if None in (heads, period, width) or heads * period != width or heads < 2:
+        return False
+    return list(sizes[:-2]) == list(src[:-1]) and 0 <= features[0] < features[1] <= period
+
+
+def _keeps_last_dim(node: fx.Node, sizes: Optional[list]) -> bool:
+    """transpose/permute that leaves the last dim where it is."""
+    if sizes is None:
+        return False
+    n = len(sizes)
+    if is_method(node, "transpose") or is_call(node, torch.transpose):
+        dims = node.args[1:3]
+        return len(dims) == 2 and all(isinstance(d, int) and d % n != n - 1 for d in dims)
+    if is_method(node, "permute") or is_call(node, torch.permute):
+        dims = node.args[1:] if is_method(node, "permute") else arg(node, 1, "dims", ())
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        return len(dims) == n and isinstance(dims[-1], int) and dims[-1] % n == n - 1
+    return False
+
+
 def _is_empty(node: Any) -> bool:
     val = example_value(node)
     return val is not None and static_int(val.numel()) == 0
@@ -153,7 +183,7 @@ class _Walker:
         self.found: set[_Found] = set()
         self.unclear = False
 
-    def walk(self, node: Any, features=None, pending=None, depth: int = 0) -> None:
+    def walk(self, node: Any, features=None, pending=None, depth: int = 0, period=None) -> None:
         if depth > _MAX_DEPTH or not isinstance(node, fx.Node):
             self.unclear = self.unclear or depth > _MAX_DEPTH
             return
@@ -162,9 +192,9 @@ class _Walker:
             if pending is not None:
                 self.unclear = True  # picked a sub-tensor we could not place in the features
                 return
-            self.found.add(_Found(node, features))
+            self.found.add(_Found(node, features, period))
             return
-        nxt = lambda n, f=features, p=pending: self.walk(n, f, p, depth + 1)  # noqa: E731
+        nxt = lambda n, f=features, p=pending: self.walk(n, f, p, depth + 1, period)  # noqa: E731
         if pending is not None:
             self._walk_pending(node, features, pending, sizes, depth)
             return
@@ -173,7 +203,13 @@ class _Walker:
                 src = _sizes(node.args[0])
                 if src is not None and sizes is not None and src[-1] == sizes[-1]:
                     return nxt(node.args[0])
-            if is_call(node, operator.getitem):
+                if period is None and _splits_heads(src, sizes, features):
+                    # view(B, L, H, 3·D) of a fused projection, chunked per head afterwards
+                    return self.walk(node.args[0], features, None, depth + 1,
+                                     (static_int(sizes[-1]), static_int(sizes[-2])))
+            if _keeps_last_dim(node, sizes):
+                return nxt(node.args[0])
+            if is_call(node, operator.getitem) and period is None:
                 chunk = _split_chunk(node)
                 if chunk is not None:
                     return nxt(chunk[0], _compose(chunk[1], features))
@@ -185,6 +221,11 @@ class _Walker:
             return self._walk_getitem(node, sizes, depth)
         if is_call(node, torch.cat):
             return self._walk_cat(node, sizes, depth)
+        if is_call(node, torch.stack) and sizes is not None and len(sizes) >= 5:
+            # Interleaved RoPE's (-x2, x1) pairs, one new dim after the head dim
+            for p in arg(node, 0, "tensors"):
+                self._branch(p, depth)
+            return
         if sizes is not None and len(sizes) < 4 and constant_factor(node) is not None:
             # A constant factor before the head split (OPT and Whisper scale q there; the compact
             # block folds it into the scale): feature by feature, so it keeps heads apart.
@@ -283,7 +324,12 @@ def _ref(found: _Found) -> Optional[ProjectionRef]:
     bias_name, _ = _param_slice(bias) if isinstance(bias, fx.Node) else (None, None)
     if rows is not None and layout != "out_in":
         return None
-    return ProjectionRef(weight=name, bias=bias_name, layout=layout, features=_compose(rows, found.features))
+    features, stride = found.features, None
+    if found.period is not None:
+        stride, count = found.period
+        features = (features[0], features[0] + (count - 1) * stride + features[1] - features[0])
+    return ProjectionRef(weight=name, bias=bias_name, layout=layout, features=_compose(rows, features),
+                         head_stride=stride)
 
 
 def _activation_input(node: fx.Node) -> Any:
@@ -297,6 +343,8 @@ def _activation_input(node: fx.Node) -> Any:
 
 
 def _out_width(found: _Found) -> Optional[int]:
+    if found.period is not None:
+        return (found.features[1] - found.features[0]) * found.period[1]
     if found.features is not None:
         return found.features[1] - found.features[0]
     val = example_value(found.node)
@@ -360,6 +408,7 @@ def find_projections(match: AttentionMatch, out_node: fx.Node) -> Projections:
             setattr(found, role, _ref(src))
             if getattr(found, role) is not None:
                 found.nodes[role], found.features[role] = src.node, src.features
+                found.head_strides[role] = None if src.period is None else src.period[0]
     out_val = example_value(out_node)
     out_width = None
     if out_val is not None:

@@ -17,13 +17,17 @@ class ProjectionRef:
     layout: "out_in" for F.linear weights [out_features, in_features]; "in_out" for HF Conv1D /
     addmm weights [in_features, out_features]. ``features`` is the half-open range of the
     projection's output features (q/k/v) or input features (out) that belong to this site,
-    head-major; None means the whole dimension.
+    head-major; None means the whole dimension. ``head_stride`` is the distance between two
+    heads' first features when they are not adjacent: GPT-NeoX's fused projection stores
+    [q_h, k_h, v_h] per head, so its q heads start 3·D apart. Head h then owns features
+    [start + h·head_stride, start + h·head_stride + D) and ``features`` spans all of them.
     """
 
     weight: str
     bias: Optional[str] = None
     layout: str = "out_in"
     features: Optional[tuple[int, int]] = None
+    head_stride: Optional[int] = None
 
 
 @dataclass

@@ -166,6 +166,11 @@ class _Site:
         heads = s.num_heads if role == "q" else s.num_kv_heads
         return heads, s.value_head_dim if role == "v" else s.head_dim
 
+    def head_stride(self, role: str) -> int:
+        """Features between two heads' starts: the head dim, or more in a per-head fused layout."""
+        stride = self.proj.head_strides.get(role)
+        return self.role_geometry(role)[1] if stride is None else stride
+
     def check_role(self, role: str, index: dict) -> tuple[Optional[list[fx.Node]], str]:
         """(path from the projection to the op, "") when the role's rows can be skipped."""
         linear = self.proj.nodes.get(role)
@@ -191,7 +196,7 @@ class _Site:
             lay[n] = out
         start = (self.proj.features.get(role) or (0, width))[0]
         final = lay[end]
-        want = [hl.Atom("raw", heads, head_dim)] if heads > 1 else []
+        want = [hl.Atom("raw", heads, self.head_stride(role))] if heads > 1 else []
         ok_head = len(final.dims) == 4 and len(final.dims[1]) == len(want) and all(
             a.same(b) for a, b in zip(final.dims[1], want))
         others_within = all(hl.within_only(d, head_dim) for i, d in enumerate(final.dims) if i != 1)
@@ -304,7 +309,8 @@ class _Site:
                 heads, head_dim = self.role_geometry(rs[0])
                 start = (self.proj.features.get(rs[0]) or (0,))[0]
                 flags = sample[0] if rs[0] == "q" else sample[1]
-                keep_units, unit = self.feature_keep(linear, [(start, heads, head_dim, flags, rs[0])], whole_only=True)
+                segment = (start, heads, head_dim, flags, rs[0], self.head_stride(rs[0]))
+                keep_units, unit = self.feature_keep(linear, [segment], whole_only=True)
                 if keep_units is not None:
                     self.result.bump("per_sample_proj")
             if keep_units is None:
@@ -312,7 +318,7 @@ class _Site:
                 for r in rs:
                     heads, head_dim = self.role_geometry(r)
                     start = (self.proj.features.get(r) or (0,))[0]
-                    segments.append((start, heads, head_dim, heads_any if r == "q" else kv_any, r))
+                    segments.append((start, heads, head_dim, heads_any if r == "q" else kv_any, r, self.head_stride(r)))
                 keep_units, unit = self.feature_keep(linear, segments)
             if keep_units is None:
                 for r in rs:
@@ -332,10 +338,12 @@ class _Site:
         whole_only: only when one role covers every feature (the flags themselves, which may then
         be per-sample [B, H]); None otherwise."""
         width = static_int(example_value(linear).shape[-1])
-        unit = math.gcd(*[hd for _, _, hd, _, _ in segments])
+        unit = math.gcd(*[hd for _, _, hd, *_ in segments])
         segments = sorted(segments, key=lambda seg: seg[0])
+        if any(stride != head_dim for _, _, head_dim, _, _, stride in segments):
+            return (None if whole_only else self.interleaved_keep(linear, segments, width, unit)), unit
         pos = 0
-        for start, heads, head_dim, _, _ in segments:
+        for start, heads, head_dim, *_ in segments:
             if start < pos or start % unit:
                 return None, unit  # overlapping or unaligned roles
             pos = start + heads * head_dim
@@ -347,7 +355,7 @@ class _Site:
             return None, unit
         graph, pieces, pos = self.graph, [], 0
         with graph.inserting_before(linear):
-            for start, heads, head_dim, flags, _ in segments + [(width, 0, unit, None, None)]:
+            for start, heads, head_dim, flags, *_ in segments + [(width, 0, unit, None, None, unit)]:
                 if start > pos:
                     pieces.append(graph.call_method("new_ones", (segments[0][3], ((start - pos) // unit,))))
                 if flags is not None:
@@ -356,6 +364,30 @@ class _Site:
                 pos = start + heads * head_dim
             cat = graph.call_function(torch.cat, (pieces,))
         return cat, unit
+
+    def interleaved_keep(self, linear: fx.Node, segments: list, width: int, unit: int) -> Optional[fx.Node]:
+        """Unit flags for roles interleaved per head (GPT-NeoX: [q_h, k_h, v_h] for each h): the
+        roles must tile one period each head, with the same head count; True outside."""
+        heads, stride = segments[0][1], segments[0][5]
+        base = segments[0][0]
+        pos = base
+        for start, h, head_dim, _, _, s in segments:
+            if h != heads or s != stride or start != pos or head_dim % unit:
+                return None
+            pos = start + head_dim
+        if pos != base + stride or base % unit or base + heads * stride > width or width % unit:
+            return None
+        graph = self.graph
+        with graph.inserting_before(linear):
+            per_head = [graph.call_method("expand", (graph.call_method("unsqueeze", (flags, -1)), -1, head_dim // unit))
+                        for _, _, head_dim, flags, _, _ in segments]
+            pieces = [graph.call_method("flatten", (graph.call_function(torch.cat, (per_head, -1)),))]
+            if base:
+                pieces.insert(0, graph.call_method("new_ones", (segments[0][3], (base // unit,))))
+            tail = width - base - heads * stride
+            if tail:
+                pieces.append(graph.call_method("new_ones", (segments[0][3], (tail // unit,))))
+            return pieces[0] if len(pieces) == 1 else graph.call_function(torch.cat, (pieces,))
 
     # ------------------------------------------------------------------ output projection
     def output_route(self) -> tuple[Optional[fx.Node], str]:

@@ -275,3 +275,112 @@ def test_fused_qkv_sliced_by_ranges_skips_every_projection(attn):
     assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
     assert [s.q_proj.features for s in opt.sites] == [(0, 32)] * 2
     check_keep_mask(model, opt, inputs, torch.tensor([[True, True, False, False], [True, False, False, True]]))
+
+
+class InterleavedRope(nn.Module):
+    """Rotary embedding over interleaved pairs (GPT-J's rotate_every_two, Cohere's rotate_half):
+    x[..., ::2] and x[..., 1::2] stacked on a new last dim and flattened back. GPT-J rotates the
+    first ``rot`` features of each head in [B, L, H, D] and concatenates the rest back.
+    ``across_heads`` pairs head 2i with head 2i+1 instead, which must not pass as head-local."""
+
+    def __init__(self, across_heads=False, d=32, heads=4, rot=4):
+        super().__init__()
+        self.across, self.heads, self.hd, self.rot = across_heads, heads, d // heads, rot
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        inv = 1.0 / (100 ** (torch.arange(0, rot, 2).float() / rot))
+        self.register_buffer("angles", torch.arange(16).float()[:, None] * inv[None, :], persistent=False)
+
+    def _rotate(self, x):
+        if self.across:
+            x1, x2 = x[:, :, ::2, :], x[:, :, 1::2, :]
+            B, L, _, D = x.shape
+            return torch.stack((-x2, x1), dim=-1).transpose(-1, -2).reshape(B, L, -1, D)
+        x1, x2 = x[:, :, :, ::2], x[:, :, :, 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+    def _rope(self, x):
+        L = x.shape[1]
+        sin = torch.repeat_interleave(self.angles[:L].sin()[None, :, None, :], 2, 3)
+        cos = torch.repeat_interleave(self.angles[:L].cos()[None, :, None, :], 2, 3)
+        if self.across:
+            return x + self._rotate(x)
+        x_rot, x_pass = x[:, :, :, :self.rot], x[:, :, :, self.rot:]
+        return torch.cat([x_rot * cos + self._rotate(x_rot) * sin, x_pass], dim=-1)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, -1, self.hd) for p in (self.q, self.k, self.v))
+        q, k = self._rope(q), self._rope(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("across_heads", [False, True])
+def test_interleaved_rope_skips_q_and_k_only_when_pairs_stay_in_one_head(across_heads):
+    torch.manual_seed(0)
+    module, x = InterleavedRope(across_heads).eval(), torch.randn(2, 5, 32)
+    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
+    skipped = set(opt.sites[0].skipped_projections)
+    if across_heads:
+        assert not {"q", "k"} & skipped and {"v", "out"} <= skipped, opt.report()
+    else:
+        assert {"q", "k", "v", "out"} <= skipped and opt.sites[0].compact_block, opt.report()
+    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere"])
+def test_hf_interleaved_rope_models_skip_every_projection(family):
+    import transformers as T
+
+    cfg = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gptj":
+        config = T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **cfg)
+        model_cls = T.GPTJForCausalLM
+    else:  # per-head q/k LayerNorm weights [H, D] on the path: skipping holds, the chain declines
+        config = T.CohereConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, use_qk_norm=True, **cfg)
+        model_cls = T.CohereForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert len(opt.sites) == 2 and all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+    assert [s.compact_block for s in opt.sites] == [family == "gptj"] * 2
+    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+
+
+def test_gpt_neox_per_head_fused_qkv_is_skipped_scored_and_statically_pruned():
+    """GPT-NeoX stores [q_h, k_h, v_h] per head in one projection: every role's heads start
+    3·D apart. Before, the projection walk stopped at the per-head view: no Q/K/V skipping,
+    weight norms from the output projection alone, and static_prune refused."""
+    import transformers as T
+
+    from dhp_fx.scoring import head_slices
+    from dhp_fx.static_prune import static_prune
+
+    config = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "partial_rotary_factor": 0.25})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = T.GPTNeoXForCausalLM(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+    site = opt.sites[0]
+    assert [getattr(site, f"{r}_proj").head_stride for r in "qkv"] == [24] * 3
+    assert head_slices(site, "k", 96) == (0, [(8, 16), (32, 40), (56, 64), (80, 88)])
+    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+
+    plan = {opt.sites[0].name: [1, 3], opt.sites[1].name: [0]}
+    pruned = static_prune(opt, plan=plan).model
+    assert pruned.gpt_neox.layers[0].attention.query_key_value.weight.shape == (48, 32)
+    kept = {opt.sites[0].name: torch.tensor([[True, False, True, False]] * 2),
+            opt.sites[1].name: torch.tensor([[False, True, True, True]] * 2)}
+    with heads_zeroed(model, opt.sites, kept):
+        expected = model(**inputs).logits
+    assert_outputs_close(pruned(**inputs).logits, expected, what="statically pruned GPT-NeoX")

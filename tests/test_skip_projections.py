@@ -177,6 +177,49 @@ def test_fused_conv1d(dynamic):
     expect(run, ("q", "k", "v", "out"), 1, 1)
 
 
+class FusedPerHead(nn.Module):
+    """GPT-NeoX's layout: one linear whose features are [q_h, k_h, v_h] for each head h, viewed as
+    [B, L, H, 3·D] and chunked on the last dim. ``leak_k`` also returns k (a KV cache would)."""
+
+    def __init__(self, E=16, H=4, leak_k=False):
+        super().__init__()
+        self.H, self.D, self.leak_k = H, E // H, leak_k
+        self.qkv, self.dense = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+    def forward(self, x):
+        B, L, E = x.shape
+        q, k, v = self.qkv(x).view(B, L, -1, 3 * self.D).transpose(1, 2).chunk(3, dim=-1)
+        o = self.dense(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, E))
+        return (o, k) if self.leak_k else o
+
+
+def test_per_head_interleaved_fused_qkv_skips_each_heads_three_blocks():
+    grads = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        module, x = FusedPerHead().eval(), torch.randn(2, 5, 16)
+        keep = torch.tensor([[False, True, True, False], [False, True, False, True]])
+        run = compile_run(module, {"x": x}, lambda site: keep, skip, grad=True)
+        run.out.square().sum().backward()
+        grads[skip] = {n: p.grad.clone() for n, p in module.named_parameters()}
+    expect(run, ("q", "k", "v", "out"), 1, 1)
+    site = run.sites[0]
+    assert (site.q_proj.features, site.k_proj.features, site.v_proj.features) == ((0, 40), (4, 44), (8, 48))
+    assert site.q_proj.head_stride == site.v_proj.head_stride == 12
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    w = grads[True]["qkv.weight"].view(4, 3, 4, -1)  # head, role, feature, input
+    assert (w[0] == 0).all() and (w[1:].abs().sum((1, 2, 3)) > 0).all()  # head 0: q, k and v rows skipped
+
+
+def test_per_head_interleaved_fused_qkv_with_k_used_elsewhere_keeps_the_projection():
+    torch.manual_seed(0)
+    run = compare(FusedPerHead(leak_k=True).eval(), {"x": torch.randn(2, 5, 16)}, masks_for(2))
+    expect(run, ("out",), 0, 1)  # q alone does not tile a head's block of the fused features
+    assert run.counters["no_skip_k_proj:used_elsewhere"] == 1
+    assert run.counters["no_skip_q_proj:fused_layout"] == 1
+
+
 def test_sequence_first_hidden_keeps_qkv_projections():
     """nn.MultiheadAttention projects [L, B, E]: a gate reading the batch size off hidden's dim 0
     would get L, so the gate stays where it is."""
