@@ -485,11 +485,19 @@ def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, 
     torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
 
 
+def _every_pair(heads_kept, shares, rows, pairs):
+    """Cases covering every pair of values of any two parameters: 24 interpreter runs where
+    every combination would take 96 (two minutes of a CI core)."""
+    return [pytest.param(share, H, n, rows[(i + j) % 2], pairs[(i // 2 + j) % 2],
+                         id=f"{H}-{n}-share{share}-rows{rows[(i + j) % 2]}-pairs{pairs[(i // 2 + j) % 2]}")
+            for i, (H, n) in enumerate(heads_kept) for j, share in enumerate(shares)]
+
+
 @interpreted
-@pytest.mark.parametrize("share", [0, 1, 3])
-@pytest.mark.parametrize("H,n_kept", [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)])
-@pytest.mark.parametrize("rows", [32, 24], ids=["blocks_in_one_sample", "blocks_straddle"])
-@pytest.mark.parametrize("pairs", ["1", "0"], ids=["two_heads", "one_head"])
+@pytest.mark.parametrize("share,H,n_kept,rows,pairs", _every_pair(
+    [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)], [0, 1, 3],
+    [32, 24],  # 32: a block of rows inside one sample; 24: blocks straddle two samples
+    ["1", "0"]))  # two heads per program, one head
 def test_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_kept, rows, pairs):
     """Pruned heads' features come out zero whether their own program stores them or a program
     with a kept head does (PRUNED_PROGRAMS_PER_KEPT), in both head_linear_out kernels; per-sample

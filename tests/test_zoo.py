@@ -29,9 +29,11 @@ def test_zoo_sites_and_gates_open(entry, optimized_cache):
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sites], ids=[e.name for e in ENTRIES if e.sites])
 def test_zoo_random_keep_mask_matches_zeroed_heads(entry, optimized_cache):
-    if entry.name not in optimized_cache:
-        pytest.skip("gates-open test did not produce an optimized model")
-    model, optimized, inputs = optimized_cache[entry.name]
+    if entry.name in optimized_cache:
+        model, optimized, inputs = optimized_cache[entry.name]
+    else:  # the gates-open test ran in another process (pytest-xdist) or failed
+        model, inputs = entry.build(), entry.inputs()
+        optimized = dhp_fx.optimize(model, example_inputs=inputs)
     gen = torch.Generator().manual_seed(3)
     keep = torch.rand(entry.batch, entry.heads, generator=gen) < 0.5
     keep[0, 0] = True
