@@ -15,6 +15,7 @@ gate left work that needs every head's q, k, v (calibration, attention maps, tra
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -41,6 +42,12 @@ def _in_order(dims: list[list[hl.Atom]], sizes: tuple, want: list[tuple[int, int
     return True
 
 
+def _moves_elements(node: fx.Node) -> bool:
+    return (hl.is_shape_op(node) or is_call(node, operator.getitem, torch.cat, torch.stack, torch.split, torch.chunk,
+                                             torch.unbind)
+            or is_method(node, "split", "chunk", "unbind"))
+
+
 def _path_factor(path: list[fx.Node]) -> Optional[float]:
     """The product of constant factors on a path that otherwise only moves elements and keeps
     their dtype (views, transposes, splits, selections); None when anything else computes: an
@@ -56,6 +63,8 @@ def _path_factor(path: list[fx.Node]) -> Optional[float]:
                 return None
             factor *= c
             continue
+        if not _moves_elements(node):
+            return None  # a per-head LayerNorm, a reduction: values the block would not compute
         val = example_value(node)
         if isinstance(val, torch.Tensor) and want is not None and val.dtype != want.dtype:
             return None

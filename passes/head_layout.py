@@ -24,11 +24,11 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, is_call, is_method, static_int
-from .projections import last_dim_slice, split_chunk
+from .projections import last_dim_slice, split_chunk, unit_split_dim
 
 IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
-VIEW_METHODS = ("view", "reshape", "flatten", "unflatten")
-VIEW_FUNCS = (torch.reshape, torch.flatten, torch.unflatten)
+VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze")
+VIEW_FUNCS = (torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze)
 ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
                torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.square)
 ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "square")
@@ -214,6 +214,16 @@ def step(node: fx.Node, inputs: dict[fx.Node, Layout], head_dim: int) -> Optiona
         return merged
     if is_method(node, *LAST_DIM_REDUCTIONS) or is_call(node, torch.mean, torch.sum):
         return _last_dim_reduction(node, inputs.get(src), head_dim)
+    if is_call(node, torch.nn.functional.layer_norm):
+        # over the last dim only, inside one head: each head normalised on its own
+        lay, normalized = inputs.get(src), arg(node, 1, "normalized_shape")
+        if lay is None or shape is None or not isinstance(normalized, (tuple, list)) or len(normalized) != 1:
+            return None
+        if not known_eq(normalized[0], shape[-1]) or not within_only(lay.dims[-1], head_dim):
+            return None
+        if any(n in inputs for n in node.all_input_nodes if n is not src):
+            return None  # a weight computed from the projection itself
+        return lay
     return None
 
 
@@ -255,6 +265,9 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
     if lay is None:
         return None
     if isinstance(idx, int):
+        dim = unit_split_dim(src)
+        if dim is not None:
+            return _fix_digit(lay, dim, idx)
         if is_method(src, "split", "chunk") or is_call(src, torch.split, torch.chunk):
             chunk = split_chunk(src, idx)
             if chunk is None or shape is None:
@@ -296,12 +309,43 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
     return None
 
 
+def _fix_digit(lay: Layout, dim: int, index: int) -> Optional[Layout]:
+    """Piece ``index`` of a dim cut into size-1 pieces: a head digit (or any one feature digit)
+    fixed at ``index``, the dim kept with size 1."""
+    atoms = lay.dims[dim]
+    if len(atoms) == 1 and atoms[0].kind == "raw":
+        return Layout(lay.dims[:dim] + [[]] + lay.dims[dim + 1:], lay.offset + index * atoms[0].stride)
+    if all(a.kind == "other" for a in atoms):
+        return Layout(lay.dims[:dim] + [[]] + lay.dims[dim + 1:], lay.offset)
+    return None
+
+
+def _restack(parts: list, inputs, dim: int) -> Optional[Layout]:
+    """cat along ``dim`` of size-1 pieces that are the digit values 0, 1, ... of one feature digit
+    in order (StableLM's heads put back together after their own LayerNorms)."""
+    lays = [inputs.get(p) for p in parts]
+    if len(parts) < 2 or any(lay is None or lay.dims[dim] != [] for lay in lays):
+        return None
+    stride = lays[1].offset - lays[0].offset
+    first = Layout(lays[0].dims[:dim] + lays[0].dims[dim + 1:])
+    for i, lay in enumerate(lays):
+        if lay.offset != lays[0].offset + i * stride or not Layout(lay.dims[:dim] + lay.dims[dim + 1:]).same(first):
+            return None
+    if stride <= 0:
+        return None
+    dims = list(lays[0].dims)
+    dims[dim] = [Atom("raw", len(parts), stride)]
+    return Layout(dims, lays[0].offset)
+
+
 def _cat(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
     parts = [p for p in node.args[0] if not (example_value(p) is not None and static_int(example_value(p).numel()) == 0)]
     tracked = [p for p in parts if p in inputs]
     if len(parts) == 1 and tracked:
         return inputs[tracked[0]]  # a cache seeded with an empty tensor
     dim = arg(node, 1, "dim", 0)
+    if shape is not None and isinstance(dim, int) and dim % len(shape) != len(shape) - 1:
+        return _restack(parts, inputs, dim % len(shape))
     if not tracked or shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
         return None
     first = inputs[tracked[0]]

@@ -156,10 +156,14 @@ def _splits_heads(src: Optional[list], sizes: Optional[list], features: tuple[in
 
 
 def _keeps_last_dim(node: fx.Node, sizes: Optional[list]) -> bool:
-    """transpose/permute that leaves the last dim where it is."""
+    """transpose/permute/unsqueeze that leaves the last dim where it is (GPTBigCode splits its
+    fused projection after an unsqueeze(1))."""
     if sizes is None:
         return False
     n = len(sizes)
+    if is_method(node, "unsqueeze") or is_call(node, torch.unsqueeze):
+        dim = arg(node, 1, "dim")
+        return isinstance(dim, int) and dim % n != n - 1
     if is_method(node, "transpose") or is_call(node, torch.transpose):
         dims = node.args[1:3]
         return len(dims) == 2 and all(isinstance(d, int) and d % n != n - 1 for d in dims)
@@ -169,6 +173,24 @@ def _keeps_last_dim(node: fx.Node, sizes: Optional[list]) -> bool:
             dims = dims[0]
         return len(dims) == n and isinstance(dims[-1], int) and dims[-1] % n == n - 1
     return False
+
+
+def unit_split_dim(src: Any) -> Optional[int]:
+    """The dim, not the last, that a split/chunk node cuts into size-1 pieces (StableLM splits q
+    and k head by head to give each head its own LayerNorm); None for anything else."""
+    if not isinstance(src, fx.Node) or not (is_method(src, "split", "chunk") or is_call(src, torch.split, torch.chunk)):
+        return None
+    sizes, dim = _sizes(src.args[0] if src.args else None), arg(src, 2, "dim", 0)
+    if sizes is None or not isinstance(dim, int) or len(sizes) < 2:
+        return None
+    dim %= len(sizes)
+    if dim == len(sizes) - 1:
+        return None
+    if is_method(src, "chunk") or is_call(src, torch.chunk):
+        unit = arg(src, 1, "chunks") == static_int(sizes[dim])
+    else:
+        unit = arg(src, 1, "split_size", src.kwargs.get("split_size_or_sections")) == 1
+    return dim if unit else None
 
 
 def _is_empty(node: Any) -> bool:
@@ -230,6 +252,8 @@ class _Walker:
             # A constant factor before the head split (OPT and Whisper scale q there; the compact
             # block folds it into the scale): feature by feature, so it keeps heads apart.
             return nxt(node.all_input_nodes[0])
+        if sizes is not None and len(sizes) >= 4 and is_call(node, torch.nn.functional.layer_norm):
+            return nxt(node.args[0])  # a per-head q/k norm; head_layout checks what it normalises
         if sizes is not None and len(sizes) >= 4 and (is_call(node, *_ELEMENTWISE) or is_method(node, *_ELEMENTWISE_METHODS)):
             # Head-level elementwise ops (RoPE, scaling): the residual stream is never 4-D,
             # so this cannot wander into earlier layers.
@@ -256,6 +280,8 @@ class _Walker:
             if is_method(src, "unbind") or is_call(src, torch.unbind):
                 dim = arg(src, 1, "dim", 0)
                 return self.walk(src.args[0], None, (dim, idx), depth + 1)
+            if sizes is not None and len(sizes) >= 4 and unit_split_dim(src) is not None:
+                return self.walk(src.args[0], None, None, depth + 1)  # one head of a head-by-head split
             if example_value(src) is not None:  # qkv[i]: select along dim 0
                 return self.walk(src, None, (0, idx), depth + 1)
         if isinstance(idx, tuple) and sizes is not None and len(sizes) >= 4:
@@ -276,7 +302,9 @@ class _Walker:
         live = [p for p in parts if not _is_empty(p)]
         if len(live) == 1:
             return self.walk(live[0], None, None, depth + 1)  # KV cache seeded with an empty tensor
-        if len(sizes) >= 4 and dim % len(sizes) == len(sizes) - 1:
+        if len(sizes) >= 4 and (dim % len(sizes) == len(sizes) - 1 or all(
+                (_sizes(p) or [0] * len(sizes))[dim] == 1 for p in live)):
+            # within-head pieces on the last dim, or per-head pieces put back together
             for p in live:
                 self._branch(p, depth)
             return

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from all_pairs import all_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -189,10 +190,8 @@ def _check_grads(got, want, dtype):
 
 
 @interpreted
-@pytest.mark.parametrize("mask", sorted(KEEPS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("in_out", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("mask,dtype,in_out,with_bias", all_pairs(  # 16 cases of the 64 combinations
+    sorted(KEEPS), [torch.float32, torch.float16], [False, True], [False, True]))
 def test_interpreted_triton_backward_matches_float64_autograd(thl, mask, dtype, in_out, with_bias):
     # 21 rows span two 16-row blocks (the second holds only the third sample); 20 input features
     # span two 16-column blocks of the weight-grad kernel; head_dim 24 is not a power of two

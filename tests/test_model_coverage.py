@@ -384,3 +384,76 @@ def test_gpt_neox_per_head_fused_qkv_is_skipped_scored_and_statically_pruned():
     with heads_zeroed(model, opt.sites, kept):
         expected = model(**inputs).logits
     assert_outputs_close(pruned(**inputs).logits, expected, what="statically pruned GPT-NeoX")
+
+
+def test_gpt_bigcode_fused_mqa_split_after_unsqueeze_skips_every_projection():
+    """GPTBigCode splits c_attn's output into q (H heads) and one k/v head after an
+    unsqueeze(1); the walk used to stop at the unsqueeze, so q, k and v were computed in full."""
+    import transformers as T
+
+    config = T.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = T.GPTBigCodeForCausalLM(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert [(s.num_kv_heads, set(s.skipped_projections)) for s in opt.sites] == [(1, {"q", "k", "v", "out"})] * 2
+    assert [opt.sites[0].k_proj.features, opt.sites[0].v_proj.features] == [(32, 40), (40, 48)]
+    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+
+
+class PerHeadNorms(nn.Module):
+    """StableLM's qk_layernorm: q and k split head by head, one LayerNorm module each, put back
+    with cat on the head dim. ``order`` puts them back in another order, which moves heads."""
+
+    def __init__(self, order=(0, 1, 2, 3), d=32, heads=4):
+        super().__init__()
+        self.order, self.heads, self.hd = order, heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q_norms = nn.ModuleList(nn.LayerNorm(self.hd) for _ in range(heads))
+        self.k_norms = nn.ModuleList(nn.LayerNorm(self.hd) for _ in range(heads))
+
+    def _norm(self, x, norms):
+        pieces = [norm(piece) for norm, piece in zip(norms, torch.split(x, 1, dim=1))]
+        return torch.cat([pieces[i] for i in self.order], dim=1)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = self._norm(q, self.q_norms), self._norm(k, self.k_norms)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (1, 0, 2, 3)], ids=["in_order", "heads_swapped"])
+def test_head_by_head_norm_modules_skip_q_and_k_only_when_heads_stay_in_place(order):
+    torch.manual_seed(0)
+    module, x = PerHeadNorms(order).eval(), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for norm in [*module.q_norms, *module.k_norms]:  # distinct per-head weights, as trained ones are
+            norm.weight.normal_(1.0, 0.5)
+            norm.bias.normal_(0.0, 0.5)
+    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
+    skipped = set(opt.sites[0].skipped_projections)
+    if order == (0, 1, 2, 3):
+        assert {"q", "k", "v", "out"} <= skipped, opt.report()
+    else:
+        assert not {"q", "k"} & skipped and {"v", "out"} <= skipped, opt.report()
+    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+
+
+def test_stablelm_qk_layernorm_skips_every_projection():
+    import transformers as T
+
+    config = T.StableLmConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                              qk_layernorm=True, use_qkv_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = T.StableLmForCausalLM(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))

@@ -66,6 +66,7 @@ interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_interpreter
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+from all_pairs import all_pairs  # noqa: E402
 from dhp_fx.kernels.reference import gated_attention_reference  # noqa: E402
 
 def load_interpreted(name: str):
@@ -485,19 +486,12 @@ def test_head_linear_kernels_match_reference(B, L, K, H, D, per_sample, in_out, 
     torch.testing.assert_close(got.double(), want, atol=tol * 4, rtol=tol)
 
 
-def _every_pair(heads_kept, shares, rows, pairs):
-    """Cases covering every pair of values of any two parameters: 24 interpreter runs where
-    every combination would take 96 (two minutes of a CI core)."""
-    return [pytest.param(share, H, n, rows[(i + j) % 2], pairs[(i // 2 + j) % 2],
-                         id=f"{H}-{n}-share{share}-rows{rows[(i + j) % 2]}-pairs{pairs[(i // 2 + j) % 2]}")
-            for i, (H, n) in enumerate(heads_kept) for j, share in enumerate(shares)]
-
-
 @interpreted
-@pytest.mark.parametrize("share,H,n_kept,rows,pairs", _every_pair(
-    [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)], [0, 1, 3],
-    [32, 24],  # 32: a block of rows inside one sample; 24: blocks straddle two samples
-    ["1", "0"]))  # two heads per program, one head
+@pytest.mark.parametrize("share,H,n_kept,rows,pairs", [
+    (share, H, n, rows, pairs) for share, (H, n), rows, pairs in all_pairs(
+        [0, 1, 3], [(2, 0), (2, 1), (5, 1), (5, 2), (6, 3), (7, 7), (8, 1), (8, 2)],
+        [32, 24],  # 32: a block of rows inside one sample; 24: blocks straddle two samples
+        ["1", "0"])])  # two heads per program, one head
 def test_projection_stores_every_pruned_head_once(monkeypatch, share, H, n_kept, rows, pairs):
     """Pruned heads' features come out zero whether their own program stores them or a program
     with a kept head does (PRUNED_PROGRAMS_PER_KEPT), in both head_linear_out kernels; per-sample
