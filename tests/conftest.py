@@ -33,6 +33,12 @@ _LONGEST_FIRST = ("test_triton_integration.py", "test_kernel_resources.py", "tes
                   "test_triton_gather_heads.py", "test_real_model.py", "test_distill.py", "test_checkpoint.py")
 
 
+def pytest_configure(config):
+    # xdist would otherwise queue files by test count, most first; ours go longest first.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
