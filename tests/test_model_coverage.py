@@ -211,6 +211,15 @@ def test_broadcast_mqa_sdpa_is_rewritten_with_one_kv_head():
         check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False] * 4]))
 
 
+_ROWS_APART = torch.tensor([[True, False, True, True], [False, True, False, False]])
+
+
+def _static_skips(module, x):
+    """Static gates on a hand-written block, after the gates-open check; (optimized, skipped roles)."""
+    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
+    return opt, set(opt.sites[0].skipped_projections)
+
+
 class NormedQK(nn.Module):
     """RMSNorm of q and k either per head (Qwen3: over the head dim, head-local) or over the
     whole projection width (OLMo 2: every head's features in one statistic)."""
@@ -240,13 +249,12 @@ class NormedQK(nn.Module):
 def test_q_k_norms_skip_projections_only_when_head_local(per_head):
     torch.manual_seed(0)
     module, x = NormedQK(per_head).eval(), torch.randn(2, 5, 32)
-    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
-    skipped = set(opt.sites[0].skipped_projections)
+    opt, skipped = _static_skips(module, x)
     if per_head:
         assert {"q", "k", "v", "out"} <= skipped and opt.sites[0].compact_block, opt.report()
     else:
         assert not {"q", "k"} & skipped, opt.report()  # skipping a head's rows would change the norm
-    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+    check_keep_mask(module, opt, (x,), _ROWS_APART)
 
 
 @pytest.mark.parametrize("idx,sizes,expected", [
@@ -275,6 +283,24 @@ def test_fused_qkv_sliced_by_ranges_skips_every_projection(attn):
     assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
     assert [s.q_proj.features for s in opt.sites] == [(0, 32)] * 2
     check_keep_mask(model, opt, inputs, torch.tensor([[True, True, False, False], [True, False, False, True]]))
+
+
+_LM = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_PINNED = torch.tensor([[True, False, True, True], [False, False, True, False]])
+
+
+def _hf_static(model_cls, config):
+    """A tiny causal LM (sdpa, no cache) optimized with static gates, after the gates-open check."""
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    return model, inputs, check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+
+
+def _skips_every_projection(opt) -> bool:
+    return bool(opt.sites) and all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites)
 
 
 class InterleavedRope(nn.Module):
@@ -319,36 +345,29 @@ class InterleavedRope(nn.Module):
 def test_interleaved_rope_skips_q_and_k_only_when_pairs_stay_in_one_head(across_heads):
     torch.manual_seed(0)
     module, x = InterleavedRope(across_heads).eval(), torch.randn(2, 5, 32)
-    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
-    skipped = set(opt.sites[0].skipped_projections)
+    opt, skipped = _static_skips(module, x)
     if across_heads:
         assert not {"q", "k"} & skipped and {"v", "out"} <= skipped, opt.report()
     else:
         assert {"q", "k", "v", "out"} <= skipped and opt.sites[0].compact_block, opt.report()
-    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+    check_keep_mask(module, opt, (x,), _ROWS_APART)
 
 
 @pytest.mark.parametrize("family", ["gptj", "cohere"])
 def test_hf_interleaved_rope_models_skip_every_projection(family):
     import transformers as T
 
-    cfg = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "gptj":
-        config = T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **cfg)
-        model_cls = T.GPTJForCausalLM
+        model_cls, config = T.GPTJForCausalLM, T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                            n_positions=64, **_LM)
     else:  # per-head q/k LayerNorm weights [H, D] on the path: skipping holds, the chain declines
-        config = T.CohereConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=64, max_position_embeddings=64, use_qk_norm=True, **cfg)
-        model_cls = T.CohereForCausalLM
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = model_cls(config).eval()
-    ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
-    assert len(opt.sites) == 2 and all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+        model_cls, config = T.CohereForCausalLM, T.CohereConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            max_position_embeddings=64, use_qk_norm=True, **_LM)
+    model, inputs, opt = _hf_static(model_cls, config)
+    assert len(opt.sites) == 2 and _skips_every_projection(opt), opt.report()
     assert [s.compact_block for s in opt.sites] == [family == "gptj"] * 2
-    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+    check_keep_mask(model, opt, inputs, _PINNED)
 
 
 def test_gpt_neox_per_head_fused_qkv_is_skipped_scored_and_statically_pruned():
@@ -360,21 +379,15 @@ def test_gpt_neox_per_head_fused_qkv_is_skipped_scored_and_statically_pruned():
     from dhp_fx.scoring import head_slices
     from dhp_fx.static_prune import static_prune
 
-    config = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                             pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                              "partial_rotary_factor": 0.25})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = T.GPTNeoXForCausalLM(config).eval()
-    ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
-    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
+    config = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                          "partial_rotary_factor": 0.25}, **_LM)
+    model, inputs, opt = _hf_static(T.GPTNeoXForCausalLM, config)
+    assert _skips_every_projection(opt), opt.report()
     site = opt.sites[0]
     assert [getattr(site, f"{r}_proj").head_stride for r in "qkv"] == [24] * 3
     assert head_slices(site, "k", 96) == (0, [(8, 16), (32, 40), (56, 64), (80, 88)])
-    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+    check_keep_mask(model, opt, inputs, _PINNED)
 
     plan = {opt.sites[0].name: [1, 3], opt.sites[1].name: [0]}
     pruned = static_prune(opt, plan=plan).model
@@ -391,17 +404,11 @@ def test_gpt_bigcode_fused_mqa_split_after_unsqueeze_skips_every_projection():
     unsqueeze(1); the walk used to stop at the unsqueeze, so q, k and v were computed in full."""
     import transformers as T
 
-    config = T.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = T.GPTBigCodeForCausalLM(config).eval()
-    ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    config = T.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, **_LM)
+    model, inputs, opt = _hf_static(T.GPTBigCodeForCausalLM, config)
     assert [(s.num_kv_heads, set(s.skipped_projections)) for s in opt.sites] == [(1, {"q", "k", "v", "out"})] * 2
     assert [opt.sites[0].k_proj.features, opt.sites[0].v_proj.features] == [(32, 40), (40, 48)]
-    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+    check_keep_mask(model, opt, inputs, _PINNED)
 
 
 class PerHeadNorms(nn.Module):
@@ -434,26 +441,19 @@ def test_head_by_head_norm_modules_skip_q_and_k_only_when_heads_stay_in_place(or
         for norm in [*module.q_norms, *module.k_norms]:  # distinct per-head weights, as trained ones are
             norm.weight.normal_(1.0, 0.5)
             norm.bias.normal_(0.0, 0.5)
-    opt = check_gates_open(module, (x,), config=DHPConfig(scoring="static"))
-    skipped = set(opt.sites[0].skipped_projections)
+    opt, skipped = _static_skips(module, x)
     if order == (0, 1, 2, 3):
         assert {"q", "k", "v", "out"} <= skipped, opt.report()
     else:
         assert not {"q", "k"} & skipped and {"v", "out"} <= skipped, opt.report()
-    check_keep_mask(module, opt, (x,), torch.tensor([[True, False, True, True], [False, True, False, False]]))
+    check_keep_mask(module, opt, (x,), _ROWS_APART)
 
 
 def test_stablelm_qk_layernorm_skips_every_projection():
     import transformers as T
 
-    config = T.StableLmConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                              qk_layernorm=True, use_qkv_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = T.StableLmForCausalLM(config).eval()
-    ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
-    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in opt.sites), opt.report()
-    check_keep_mask(model, opt, inputs, torch.tensor([[True, False, True, True], [False, False, True, False]]))
+    config = T.StableLmConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, qk_layernorm=True, use_qkv_bias=True, **_LM)
+    model, inputs, opt = _hf_static(T.StableLmForCausalLM, config)
+    assert _skips_every_projection(opt), opt.report()
+    check_keep_mask(model, opt, inputs, _PINNED)
