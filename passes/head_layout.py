@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, is_call, is_method, static_int
-from .projections import last_dim_slice, split_chunk, unit_split_dim
+from .projections import head_dim_slice, last_dim_slice, split_chunk, unit_split_dim
 
 IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
 VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze")
@@ -295,6 +295,14 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
             start, stop = rng
             new = [] if stop - start == 1 else [Atom("raw", stop - start, last[0].stride)]
             return Layout(lay.dims[:-1] + [new], lay.offset + start * last[0].stride)
+        heads = head_dim_slice(idx, list(_shape(src) or ())) if _shape(src) else None
+        row = lay.dims[-2] if len(lay.dims) >= 2 else []
+        if heads is not None and len(row) == 1 and row[0].kind == "raw":
+            # a range of one feature digit (Falcon's qkv[..., :-2, :] and [..., [-2], :] on the
+            # head-sized digit of a fused projection): its values start..stop-1, the dim kept
+            start, stop = heads
+            new = [] if stop - start == 1 else [Atom("raw", stop - start, row[0].stride)]
+            return Layout(lay.dims[:-2] + [new, lay.dims[-1]], lay.offset + start * row[0].stride)
     if isinstance(idx, tuple) and shape is not None and all(i is Ellipsis or isinstance(i, slice) for i in idx):
         before = _shape(src)
         if before is None or len(before) != len(shape):

@@ -43,11 +43,14 @@ def _matchers() -> list[tuple[str, Matcher]]:
 
 def _pre_passes() -> list[tuple[str, Callable[[fx.GraphModule], tuple[int, list[SkippedSite]]]]]:
     """Graph-wide passes run before matching; each returns (nodes changed, sites it left alone)."""
+    from .linear_forms import canonicalize_linear_forms
+
+    passes = [("linear_forms", canonicalize_linear_forms)]
     try:
         from .fused_mha import decompose_fused_mha_report
     except ImportError:  # pragma: no cover
-        return []
-    return [("decompose_fused_mha", decompose_fused_mha_report)]
+        return passes
+    return passes + [("decompose_fused_mha", decompose_fused_mha_report)]
 
 
 def _resolve_kv(match: AttentionMatch) -> None:

@@ -104,6 +104,31 @@ def last_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, i
     return (start, stop) if stop > start else None
 
 
+def head_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
+    """(start, stop) when ``x[idx]`` takes a constant, step-1 range of x's second-to-last dim
+    only: a slice, or a one-element index list (Falcon's multi-query ``qkv[..., :-2, :]`` and
+    ``qkv[..., [-2], :]`` on [B, L, H + 2, D])."""
+    if src_sizes is None or not isinstance(idx, tuple) or idx.count(Ellipsis) > 1 or len(src_sizes) < 2:
+        return None
+    n, items = len(src_sizes), list(idx)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (n - len(items) + 1)
+    items += [slice(None)] * (n - len(items))
+    heads = static_int(src_sizes[-2])
+    if len(items) != n or heads is None or any(i != slice(None) for d, i in enumerate(items) if d != n - 2):
+        return None
+    pick = items[-2]
+    if isinstance(pick, list) and len(pick) == 1 and isinstance(pick[0], int) and -heads <= pick[0] < heads:
+        return pick[0] % heads, pick[0] % heads + 1
+    if not isinstance(pick, slice) or pick.step not in (None, 1) or pick == slice(None):
+        return None
+    if not all(b is None or isinstance(b, int) for b in (pick.start, pick.stop)):
+        return None
+    start, stop, _ = pick.indices(heads)
+    return (start, stop) if stop > start else None
+
+
 def _split_chunk(getitem: fx.Node) -> Optional[tuple[fx.Node, tuple[int, int]]]:
     """(input, feature range) when getitem picks chunk i of a split/chunk along the last dim."""
     src, i = getitem.args
@@ -284,6 +309,12 @@ class _Walker:
                 return self.walk(src.args[0], None, None, depth + 1)  # one head of a head-by-head split
             if example_value(src) is not None:  # qkv[i]: select along dim 0
                 return self.walk(src, None, (0, idx), depth + 1)
+        heads = head_dim_slice(idx, _sizes(src))
+        view_in = _sizes(src.args[0]) if is_method(src, "view", "reshape") and src.args else None
+        if heads is not None and view_in is not None and _splits_heads(view_in, _sizes(src), (0, 1)):
+            # heads [a, b) of a view(..., H, D) of the projection: features [a·D, b·D) of it
+            dim = static_int(_sizes(src)[-1])
+            return self.walk(src.args[0], (heads[0] * dim, heads[1] * dim), None, depth + 1)
         if isinstance(idx, tuple) and sizes is not None and len(sizes) >= 4:
             if all(i is Ellipsis or isinstance(i, slice) for i in idx):
                 return self.walk(src, None, None, depth + 1)  # rotate_half's halves of the head dim

@@ -457,3 +457,125 @@ def test_stablelm_qk_layernorm_skips_every_projection():
     model, inputs, opt = _hf_static(T.StableLmForCausalLM, config)
     assert _skips_every_projection(opt), opt.report()
     check_keep_mask(model, opt, inputs, _PINNED)
+
+
+class MatmulFusedMQA(nn.Module):
+    """Falcon's multi-query block by hand: projections as ``x @ W.T + b`` (FalconLinear), one fused
+    weight viewed [B, L, H + 2, D] and split by head slices: q = [..., :-2, :], k = [..., [-2], :].
+    ``transposed`` views it [B, L, D, H + 2] and swaps the last two dims, so the head index is the
+    inner digit of the features: slicing heads then takes features D apart, not a block."""
+
+    def __init__(self, transposed=False, d=32, heads=4):
+        super().__init__()
+        self.transposed, self.heads, self.hd = transposed, heads, d // heads
+        self.qkv_w = nn.Parameter(torch.randn((heads + 2) * self.hd, d) / d ** 0.5)
+        self.qkv_b = nn.Parameter(torch.randn((heads + 2) * self.hd) / 10)
+        self.out_w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        fused = x @ self.qkv_w.T + self.qkv_b
+        if self.transposed:
+            fused = fused.view(B, L, self.hd, self.heads + 2).transpose(-1, -2)
+        else:
+            fused = fused.view(B, L, self.heads + 2, self.hd)
+        q, k, v = (t.transpose(1, 2) for t in (fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o.transpose(1, 2).reshape(B, L, -1) @ self.out_w.t()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["head-major", "head-inner"])
+def test_matmul_projections_and_head_slices_skip_only_head_major_features(transposed):
+    """Matmuls by a transposed parameter read as F.linear, and head slices of a fused projection
+    as feature ranges; before, these blocks skipped no projection at all."""
+    torch.manual_seed(0)
+    module, x = MatmulFusedMQA(transposed).eval(), torch.randn(2, 6, 32)
+    opt, skipped = _static_skips(module, x)
+    site = opt.sites[0]
+    assert (site.num_heads, site.num_kv_heads) == (4, 1)
+    assert site.out_proj.weight == "out_w"
+    assert skipped == ({"out"} if transposed else {"q", "k", "v", "out"})
+    if not transposed:
+        assert site.q_proj.weight == "qkv_w"
+        assert [site.q_proj.features, site.k_proj.features, site.v_proj.features] == [(0, 32), (32, 40), (40, 48)]
+    mask = torch.tensor([[True, False, True, True], [False] * 4])
+    opt.set_keep_mask(mask)
+    with torch.no_grad():
+        got = opt(x)
+        # the reference: pruned heads' outputs zeroed before the output projection
+        B, L, _ = x.shape
+        fused = x @ module.qkv_w.T + module.qkv_b
+        fused = (fused.view(B, L, 8, 6).transpose(-1, -2) if transposed else fused.view(B, L, 6, 8))
+        q, k, v = (t.transpose(1, 2) for t in (fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True) * mask[:, :, None, None]
+        want = o.transpose(1, 2).reshape(B, L, -1) @ module.out_w.t()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_forms_rewrite_only_products_with_transposed_parameters():
+    from dhp_fx.passes.linear_forms import canonicalize_linear_forms
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+            self.w2 = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x, y):
+            a = x @ self.w.T + self.b  # linear with bias
+            c = x @ self.w.t()  # linear, no bias
+            d = x @ self.w2  # not transposed: left alone
+            e = x @ y.T  # not a parameter: left alone
+            return a, c, d, e
+
+    graphs, rewritten = [], []
+
+    def backend(gm, example_inputs):
+        rewritten.append(canonicalize_linear_forms(gm)[0])
+        gm.recompile()
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    module, x, y = Mixed(), torch.randn(3, 5, 4), torch.randn(7, 4)
+    got = torch.compile(module, backend=backend, fullgraph=True)(x, y)
+    for a, b in zip(got, module(x, y)):
+        torch.testing.assert_close(a, b)
+    (gm,) = graphs
+    assert rewritten == [2]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear]
+    assert len(linears) == 2 and linears[0].args[2] is not None and linears[1].args[2] is None
+    assert sum(n.op == "call_function" and "matmul" in str(n.target) for n in gm.graph.nodes) == 2
+
+
+@pytest.mark.parametrize("idx,sizes,expected", [
+    ((Ellipsis, slice(None, -2), slice(None)), [2, 7, 6, 8], (0, 4)),
+    ((Ellipsis, [-2], slice(None)), [2, 7, 6, 8], (4, 5)),
+    ((slice(None), slice(None), [5]), [2, 7, 6, 8], (5, 6)),
+    ((Ellipsis, [0, 1], slice(None)), [2, 7, 6, 8], None),  # two heads picked: a gather, not a range
+    ((Ellipsis, slice(None, None, 2), slice(None)), [2, 7, 6, 8], None),
+    ((Ellipsis, slice(None, -2), slice(0, 4)), [2, 7, 6, 8], None),  # also cuts within the heads
+    ((Ellipsis, slice(None), slice(None)), [2, 7, 6, 8], None),  # takes everything: nothing to place
+])
+def test_head_dim_slices_read_as_head_ranges(idx, sizes, expected):
+    from dhp_fx.passes.projections import head_dim_slice
+
+    assert head_dim_slice(idx, sizes) == expected
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_falcon_multi_query_skips_every_projection(attn):
+    """FalconLinear multiplies by weight.T and the multi-query split slices heads of a view:
+    before, Falcon skipped no projection (and its keep-mask reference had no module to hook)."""
+    import transformers as T
+
+    config = T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                            new_decoder_architecture=False, alibi=False, bias=True, **_LM)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert _skips_every_projection(opt) and [s.num_kv_heads for s in opt.sites] == [1, 1]
+    check_keep_mask(model, opt, inputs, _PINNED)

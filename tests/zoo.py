@@ -110,10 +110,10 @@ def hf_entries(attn: str) -> list[ZooEntry]:
                  n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2), text(), 2, 4, 4, 8),
     ] if attn == "eager" else [
         # multi-query SDPA with one kv head broadcast over the query heads, no enable_gqa; its
-        # projections are matmuls (FalconLinear), so no module to zero heads at
+        # projections are matmuls by weight.T (FalconLinear), read as F.linear
         ZooEntry("falcon-mqa-sdpa", _hf(FalconConfig, FalconModel, attn, vocab_size=VOCAB, hidden_size=32,
                  num_hidden_layers=2, num_attention_heads=4, multi_query=True, new_decoder_architecture=False,
-                 alibi=False, bias=True), text(), 2, 4, 1, 8, keep_reference=False),
+                 alibi=False, bias=True), text(), 2, 4, 1, 8),
     ])
 
 
