@@ -38,16 +38,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def tiny_models(dtype, device):
+def tiny_models(dtype, device, width: int = 128, heads: int = 8):
+    """BERT, GPT-2 and Llama (two KV heads) of two layers; the interpreter asks for narrower ones."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     models = {
-        "bert": BertModel(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
-                                     intermediate_size=256, vocab_size=512)),
-        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=8, vocab_size=512, n_positions=256)),
-        "llama-gqa": LlamaForCausalLM(LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
-                                                  num_key_value_heads=2, intermediate_size=256, vocab_size=512)),
+        "bert": BertModel(BertConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+                                     intermediate_size=2 * width, vocab_size=512)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=2, n_head=heads, vocab_size=512, n_positions=256)),
+        "llama-gqa": LlamaForCausalLM(LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+                                                  num_key_value_heads=2, intermediate_size=2 * width,
+                                                  vocab_size=512)),
     }
     return {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
 
@@ -61,13 +63,13 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_exactness(device, dtypes, batch, seq) -> list[dict]:
+def check_exactness(device, dtypes, batch, seq, width: int = 128, heads: int = 8) -> list[dict]:
     import dhp_fx
     from dhp_fx.testing import heads_zeroed
 
     rows = []
     for dtype in dtypes:
-        for name, model in tiny_models(dtype, device).items():
+        for name, model in tiny_models(dtype, device, width, heads).items():
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(3, 512, (batch, seq), generator=g).to(device)
             mask = torch.ones_like(ids)
@@ -438,13 +440,14 @@ def env_set(name: str, value: str):
             os.environ[name] = before
 
 
-def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) -> list[dict]:
+def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256,
+                      dtypes=(torch.bfloat16, torch.float16)) -> list[dict]:
     """The head-skipping projection kernels alone, each loading kind forced (pointer loads one
     head per program, two heads per program, TMA descriptors), against float64 references: [H]
     masks and [B, H] masks whose samples (100 rows) straddle row blocks or (128 rows) do not, both
     weight layouts. Outputs land in memory just filled with NaN, so an unwritten element fails.
-    ``dims``/``lengths``/``K`` shrink it for the interpreter (lengths: one a multiple of the row
-    block, one not)."""
+    ``dims``/``lengths``/``K``/``dtypes`` shrink it for the interpreter (lengths: one a multiple of
+    the row block, one not)."""
     from dhp_fx.kernels import triton_head_linear as thl
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -452,7 +455,7 @@ def check_projections(device, dims=(64, 128), lengths=(128, 100), K: int = 256) 
              ("two heads, descriptors", True, "1")]
     masks = (("[H]", lengths[0]), ("[B,H]", lengths[0]), ("[B,H] straddling", lengths[1]))
     rows = []
-    for dtype, D, (kind, tma, pairs) in itertools.product((torch.bfloat16, torch.float16), dims, kinds):
+    for dtype, D, (kind, tma, pairs) in itertools.product(dtypes, dims, kinds):
         if pairs == "1" and D > thl.PAIR_MAX_BLOCK_D:
             continue
         for (mask, L), in_out in itertools.product(masks, (False, True)):

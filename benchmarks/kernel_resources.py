@@ -1,10 +1,13 @@
 """Registers, spills and shared memory of every dhp_fx Triton kernel config, without a GPU.
 
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64 128] [--dtype bf16] [--only fwd ...]
+                                          [--no-sass] [--each-config-once]
 
 Covers every config each autotuned kernel would try at each head dim (attention forward, dQ,
 dK/dV, head-skipping projections and their weight gradient) and the split-KV decode kernel at
 its fixed launch options (per head and GQA-packed), each specialised as a contiguous launch would be.
+``--each-config-once`` (the test suite's lighter survey) compiles each config at the widest head
+dim that runs it, in its heaviest launch and one weight layout: half the compiles.
 
 Triton compiles for a target it is told about (``GPUTarget``) and ships ptxas and cuobjdump, so
 the machine code for an H100 (sm_90) or A100 (sm_80) can be built and inspected here. Spills
@@ -45,7 +48,7 @@ class Usage:
     async_copies: int
     tma_copies: int
     wgmma: int
-    serialized: bool = False
+    serialized: bool | None = None  # None: not disassembled (--no-sass)
 
     @property
     def spills(self) -> bool:
@@ -95,14 +98,15 @@ def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_un
 
 
 def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                  num_stages: int = 3, unit_stride=attention_unit_stride, aligned=()):
+                  num_stages: int = 3, unit_stride=attention_unit_stride, aligned=(), sass: bool = True):
     """(registers, stack bytes, shared bytes, async copies, TMA copies, wgmma instructions in the PTX,
     whether ptxas serialised the wgmmas of a loop: each waits for itself, nothing overlaps)
     of one specialisation compiled for sm_<arch> (no async copies: the loads of the main loop are
     not pipelined; no wgmma on sm_90: the dots run on the older, synchronous mma.sync path);
     ``unit_stride(name)`` says which stride arguments a contiguous launch passes as 1, ``aligned``
     names the size arguments it passes as multiples of 16 (the launcher specialises on that, and
-    whether a masked load can be vectorised, hence pipelined, depends on it)."""
+    whether a masked load can be vectorised, hence pipelined, depends on it). ``sass=False`` leaves
+    the serialisation unknown (None): disassembling is about a third of a cold compile's time."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -115,8 +119,8 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     try:
         dump = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        machine_code = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                                      check=True).stdout if sass else None
     finally:
         os.unlink(f.name)
     found = re.search(r"REG:(\d+) STACK:(\d+)", dump)
@@ -126,8 +130,10 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     copies = len(re.findall(r"\bcp\.async\.", ptx))
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
     wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
-    ins = instructions(sass)
-    serial = any(serialized([t for _, t in ins[lo:hi + 1]]) for lo, hi in loops(ins))
+    serial = None
+    if machine_code is not None:
+        ins = instructions(machine_code)
+        serial = any(serialized([t for _, t in ins[lo:hi + 1]]) for lo, hi in loops(ins))
     return (int(found.group(1)), int(found.group(2)), int(kernel.metadata.shared), copies, tma, wgmma,
             serial)
 
@@ -186,8 +192,11 @@ def _configs(autotuned, block_d: int, launch: dict = None):
             if fits_head_dim(c, block_d) and launch_allows(c, launch or {})]
 
 
-def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True):
-    """(name, jitfn, pointers, constexprs, head_dim, kwargs, warps, stages) for the attention kernels."""
+def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = True, each_once: bool = False):
+    """(name, jitfn, pointers, constexprs, head_dim, kwargs, warps, stages) for the attention kernels.
+    ``each_once``: the causal light forward only in the configs reserved to light launches; the
+    others run its causal edge loop in ``fwd`` too (with the mask and entropy on top), and its
+    unmasked interior loop in ``fwd_plain``."""
     from dhp_fx.kernels import triton_attention as fwd
     from dhp_fx.kernels import triton_attention_bwd as bwd
 
@@ -219,13 +228,17 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
         ("bwd_dkdv", bwd._bwd_dkdv, dict(Q=t, K=t, V=t, Mask=t, DO=t, Lse="fp32", Delta="fp32", DK=t, DV=t,
                                          Keep="u8"), {}),
     ]
+    heaviest = dict(kernels[0][3], IS_CAUSAL=causal, MASK_KIND=mask_kind)
     for name, autotuned, pointers, extra in kernels:
         for d in head_dims:
             block = max(16, 1 << (d - 1).bit_length())
             base = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=causal,
                         MASK_KIND=mask_kind, DOT_F32=False, DOT_PRECISION=precision)
             base.update(extra)
-            for kwargs, warps, stages in _configs(autotuned, block, base):
+            configs = _configs(autotuned, block, base)
+            if each_once and name == "fwd_causal":
+                configs = [c for c in configs if c not in _configs(autotuned, block, dict(base, **heaviest))]
+            for kwargs, warps, stages in configs:
                 consts = dict(base, **kwargs)
                 ptrs = pointers(kwargs, block) if callable(pointers) else pointers
                 yield name, autotuned.fn, ptrs, consts, d, kwargs, warps, stages
@@ -272,9 +285,10 @@ def projection_unit_stride(name: str) -> bool:
     return name in ("stride_xk", "stride_wk", "stride_yn", "stride_af", "stride_bt", "stride_dwt")
 
 
-def projection_cases(dtype: str, head_dims):
-    """The head-skipping projection kernels with per-sample [B, H] masks (the heavier variant:
-    each row looks up its own sample's mask), and proj_in with [H] masks too."""
+def projection_cases(dtype: str, head_dims, each_once: bool = False):
+    """The head-skipping projection kernels with [H] and per-sample [B, H] masks (each row looks
+    up its own sample's mask). ``each_once``: descriptor configs in nn.Linear's weight layout only
+    (registers matched the [K, N] layout's in every config surveyed, 2026-11-27)."""
     from dhp_fx.kernels import triton_head_linear as hl
 
     t = _TORCH_TO_TRITON[dtype]
@@ -301,7 +315,7 @@ def projection_cases(dtype: str, head_dims):
                     continue  # descriptors serve power-of-two heads of 64+ only
                 # Descriptor configs compile for both weight layouts: each reads its tile its own way
                 # (a [K, N] weight once failed to compile on the card only).
-                for in_out in ((False, True) if tma else (False,)):
+                for in_out in ((False, True) if tma and not each_once else (False,)):
                     loading = {}
                     if tma is not None:  # the descriptor slots carry the plain tensors without TMA
                         loading = dict(W_IN_OUT=in_out)
@@ -365,24 +379,39 @@ def gather_cases(dtype: str, head_dims):
         yield ("gather_rows", tg._gather_rows_kernel, ptrs, consts, 0, dict(HP=hp_rows, BIAS=bias), 4, 1)
 
 
-def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None):
+def _widest_head_dim_only(cases: list) -> list:
+    """Each (kernel, config) at the widest head dim that runs it: the most registers in every
+    config surveyed but one (M32 N128 w8 once spilled at D = 64 only; session 3)."""
+    widest: dict = {}
+    for name, _, _, _, d, kwargs, warps, stages in cases:
+        key = (name, tuple(sorted(kwargs.items())), warps, stages)
+        widest[key] = max(widest.get(key, d), d)
+    return [c for c in cases if c[4] == widest[(c[0], tuple(sorted(c[5].items())), c[6], c[7])]]
+
+
+def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None, sass: bool = True,
+           each_once: bool = False):
     rows = []
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
-    cases = [(attention_cases(dtype, head_dims), attention_unit_stride, ()),
+    cases = [(attention_cases(dtype, head_dims, each_once=each_once), attention_unit_stride, ()),
              (decode_cases(dtype, head_dims), attention_unit_stride, ()),
-             (projection_cases(dtype, head_dims), projection_unit_stride, ("K", "N", "T")),
+             (projection_cases(dtype, head_dims, each_once), projection_unit_stride, ("K", "N", "T")),
              (partition_cases(dtype, head_dims), lambda name: False, ()),
              (router_cases(dtype, head_dims), lambda name: name in ("stride_xd", "stride_w1k", "stride_w2k"), ()),
              (gather_cases(dtype, head_dims), lambda name: name in ("sq_i", "sk_i", "sv_i", "so_f", "stride_kh"),
               ("d_in", "d_out"))]
     for generated, unit_stride, aligned in cases:
+        generated = [c for c in generated if not only or c[0] in only]
+        if each_once:
+            generated = _widest_head_dim_only(generated)
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
-            if only and name not in only:
-                continue
-            usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned)
+            usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned, sass)
             cfg = " ".join(f"{k.split('_')[-1]}{int(v)}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
             rows.append(Usage(name, d, cfg, *usage))
     return rows
+
+
+_SERIAL = {True: "SERIAL", False: "", None: "not read"}
 
 
 def main(argv=None) -> int:
@@ -394,9 +423,15 @@ def main(argv=None) -> int:
                     help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv "
                          "decode_split decode_packed proj_out proj_out_pair proj_in proj_wgrad partition "
                          "router_pool router_pool_finish router_vote router_head gather_heads")
+    ap.add_argument("--each-config-once", action="store_true",
+                    help="each config once: at the widest head dim that runs it, in its heaviest launch, "
+                         "in one weight layout (CI's survey)")
+    ap.add_argument("--no-sass", action="store_true",
+                    help="skip the disassembly, hence the serialised-wgmma column (a third of the time)")
     args = ap.parse_args(argv)
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
-    rows = survey(args.arch, args.dtype, args.head_dims, args.only)
+    rows = survey(args.arch, args.dtype, args.head_dims, args.only, sass=not args.no_sass,
+                  each_once=args.each_config_once)
     limit = SMEM_LIMIT.get(args.arch, 232448)
     bad = 0
     print(f"| kernel | D | config | registers | stack (spill) B | shared B | async copies | TMA | wgmma "
@@ -408,12 +443,14 @@ def main(argv=None) -> int:
             flag += " SHARED>LIMIT"
         bad += bool(flag)
         print(f"| {r.kernel} | {r.head_dim} | {r.config} | {r.registers} | {r.stack} | {r.shared} | "
-              f"{r.async_copies} | {r.tma_copies} | {r.wgmma} | {'SERIAL' if r.serialized else ''} | "
+              f"{r.async_copies} | {r.tma_copies} | {r.wgmma} | {_SERIAL[r.serialized]} | "
               f"{flag.strip()} |")
     print(f"{bad} of {len(rows)} configs spill or overflow shared memory", file=sys.stderr)
     # Reported, not failed: it depends on the ptxas version (see RESULTS.md, session 6), and the
     # autotuner times such a config like any other.
-    print(f"{sum(r.serialized for r in rows)} of {len(rows)} configs have serialised wgmma loops", file=sys.stderr)
+    if not args.no_sass:
+        print(f"{sum(r.serialized for r in rows)} of {len(rows)} configs have serialised wgmma loops",
+              file=sys.stderr)
     return 1 if bad else 0
 
 

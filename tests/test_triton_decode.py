@@ -216,7 +216,7 @@ def test_packed_gqa_matches_reference_unsplit_and_unpacked(case):
 
 
 @interpreted
-@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
 @given(
     group=st.sampled_from([2, 4, 8]), Hkv=st.sampled_from([1, 2]), Lq=st.sampled_from([1, 2, 5]),
     Lk=st.integers(1, 90), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),

@@ -61,7 +61,7 @@ def _poison_pruned(w: torch.Tensor, keep: torch.Tensor, start: int, dim: int, fe
 
 
 @interpreted
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(gather_cases())
 def test_triton_gather_equals_torch_gather(case):
     # H slots (heads, or KV groups of G query heads): q and W_o hold G heads' features per slot

@@ -130,7 +130,7 @@ def test_interpreter_suite_in_subprocess():
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-SLOW = settings(deadline=None, max_examples=120,
+SLOW = settings(deadline=None, max_examples=80,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
