@@ -26,8 +26,8 @@
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
 # DEVICE_STEPS picks steps (default "checks table encoder decode"; "exact" the models' exactness
 # alone, EXACT_S its limit; "profile" adds host time per
-# call, "blocks" the per-kernel block profile, two heads per program on and off), CHECK_S the
-# checks' limit.
+# call, "blocks" the per-kernel block profile, two heads per program on and off, "survey" the
+# full register survey under the card's triton), CHECK_S the checks' limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
 # (dhp_fx.kernels = kernels/, dhp_fx.passes = passes/) is reproduced with symlinks in this copy
@@ -117,9 +117,25 @@ for pairs in 1 0; do
 done
 stamp "blocks done"
 fi
+if want survey; then
+# The full sm_90 register survey under the card's triton and ptxas (CI compiles under 3.9, each
+# config once): every launch and weight layout at D = 64 and 128, one process per kernel, as many
+# at once as the machine has cores (about 280 compiles of ~2.6 s: under a minute on 16 cores).
+# SURVEY_ONLY narrows it to some kernels.
+mkdir -p "$OUT/.survey"
+printf '%s\n' ${SURVEY_ONLY:-fwd fwd_plain fwd_causal bwd_dq bwd_dkdv decode_split decode_packed proj_out proj_in \
+  proj_out_pair proj_wgrad partition router_pool router_pool_finish router_vote router_head gather_heads gather_rows} |
+  DHP_FX_TRITON_AUTOTUNE=1 timeout $(lim ${SURVEY_S:-150}) xargs -P "$(nproc)" -I{} sh -c \
+  "$PY benchmarks/kernel_resources.py --only {} > '$OUT/.survey/{}.txt' 2>&1; echo 'survey {} rc='\$? >> '$OUT/.survey/{}.txt'"
+echo "survey rc=$?" > "$OUT/kernel_resources.txt"
+cat "$OUT"/.survey/*.txt >> "$OUT/kernel_resources.txt" 2>/dev/null
+rm -rf "$OUT/.survey"
+stamp "survey done"
+fi
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ]; then
   tar -C "$TRITON_CACHE_DIR" -cf - . | xz -T0 -6 | split -b 15M -d - "$OUT/triton_cache.tar.xz."
 fi
+[ -f "$OUT/kernel_resources.txt" ] && grep -E "rc=|configs (spill|have)|SPILLS|SHARED>|SERIAL" "$OUT/kernel_resources.txt" | head -n 60
 [ -f "$OUT/gpu_check.txt" ] && grep -v "^  PASS" "$OUT/gpu_check.txt" | tail -n 22
 [ -f "$OUT/gpu_exact.txt" ] && tail -n 14 "$OUT/gpu_exact.txt"
 [ -f "$OUT/pytest_gpu.txt" ] && tail -n 4 "$OUT/pytest_gpu.txt"
