@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example_value, is_call, is_method, parameter_name
+from .graph_utils import example_value, is_call, is_method, parameter_name, static_int
 from .site import SkippedSite
 
 _MATMUL = (operator.matmul, torch.matmul)
@@ -72,7 +72,7 @@ def canonicalize_linear_forms(gm: fx.GraphModule) -> tuple[int, list[SkippedSite
         if weight is None or x_val is None or out_val is None or x_val.dim() < 2:
             continue  # a 1-D x is a matrix-vector product: F.linear would keep its shape, matmul not
         w_val = example_value(weight)
-        if x_val.shape[-1] != w_val.shape[1] or x_val.dtype != w_val.dtype:
+        if static_int(x_val.shape[-1]) != w_val.shape[1] or x_val.dtype != w_val.dtype:
             continue
         add, bias = _bias_of(node, int(w_val.shape[0]))
         if bias is not None and example_value(bias).dtype != w_val.dtype:
