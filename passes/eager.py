@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .graph_utils import (
     arg, const_number, example_value, float_scalar_node, folded_heads, functionalize_writes, insert_node, is_call,
-    is_method, module_path_of, runtime_scalar_hint,
+    is_method, module_path_of, runtime_scalar_hint, untranspose,
 )
 from .site import AttentionMatch, SkippedSite
 
@@ -401,29 +401,6 @@ def _unscale(node: Any) -> tuple[Any, float]:
     return node, factor
 
 
-def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
-    """k when kt is k with its last two dims swapped; None when kt is not such a transpose."""
-    val = example_value(kt)
-    if val is None:
-        return None
-    nd = val.dim()
-    last = {nd - 1, nd - 2}
-    if is_method(kt, "transpose") or is_call(kt, torch.transpose):
-        dims = kt.args[1:3]
-        if len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % nd for d in dims} == last:
-            return kt.args[0]
-    if is_method(kt, "permute") or is_call(kt, torch.permute):
-        dims = kt.args[1:] if is_method(kt, "permute") else kt.args[1]
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = dims[0]
-        expect = list(range(nd - 2)) + [nd - 1, nd - 2]
-        if [d % nd for d in dims if isinstance(d, int)] == expect and len(dims) == nd:
-            return kt.args[0]
-    if is_call(kt, getattr) and kt.args[1] == "mT":
-        return kt.args[0]
-    return None
-
-
 def _build_mask(graph: fx.Graph, st: _Chain, score_dtype: torch.dtype, q_dtype: torch.dtype, heads: int,
                 like: fx.Node):
     """One additive mask node, broadcastable to [B, H, Lq, Lk], equivalent to every term."""
@@ -515,7 +492,7 @@ def _match_at(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionMatch]:
     if _einsum_form(mm1) == "scores":
         k, kt = kt, None  # einsum reads k untransposed
     else:
-        k = _untranspose(kt)
+        k = untranspose(kt)
     if k is not None:
         k, k_factor = _unscale(k)
     v = _mm_operands(mm2)[1]

@@ -331,3 +331,29 @@ def folded_heads(node: Any, limit: int = 12) -> Optional[int]:
             return None
         return None
     return None
+
+
+def untranspose(node: Any) -> Optional[fx.Node]:
+    """x when node is x with its last two dims swapped (``transpose``, ``permute``, ``.mT``; for a
+    2-D x also ``.T`` and ``.t()``); None for anything else."""
+    val = example_value(node)
+    if val is None or not isinstance(node, fx.Node):
+        return None
+    nd = val.dim()
+    last = {nd - 1, nd - 2}
+    if is_method(node, "transpose") or is_call(node, torch.transpose):
+        dims = node.args[1:3]
+        if len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % nd for d in dims} == last:
+            return node.args[0]
+    if is_method(node, "permute") or is_call(node, torch.permute):
+        dims = node.args[1:] if is_method(node, "permute") else node.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        expect = list(range(nd - 2)) + [nd - 1, nd - 2]
+        if [d % nd for d in dims if isinstance(d, int)] == expect and len(dims) == nd:
+            return node.args[0]
+    if is_call(node, getattr) and node.args[1] in (("mT", "T") if nd == 2 else ("mT",)):
+        return node.args[0]
+    if nd == 2 and (is_method(node, "t") or is_call(node, torch.t)):
+        return node.args[0]
+    return None

@@ -295,7 +295,7 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
             start, stop = rng
             new = [] if stop - start == 1 else [Atom("raw", stop - start, last[0].stride)]
             return Layout(lay.dims[:-1] + [new], lay.offset + start * last[0].stride)
-        heads = head_dim_slice(idx, list(_shape(src) or ())) if _shape(src) else None
+        heads = head_dim_slice(idx, list(_shape(src) or ()))
         row = lay.dims[-2] if len(lay.dims) >= 2 else []
         if heads is not None and len(row) == 1 and row[0].kind == "raw":
             # a range of one feature digit (Falcon's qkv[..., :-2, :] and [..., [-2], :] on the

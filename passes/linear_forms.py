@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example_value, is_call, is_method, parameter_name, static_int
+from .graph_utils import example_value, is_call, parameter_name, static_int, untranspose
 from .site import SkippedSite
 
 _MATMUL = (operator.matmul, torch.matmul)
@@ -24,28 +24,17 @@ _ADD = (operator.add, torch.add)
 
 
 def _transposed_parameter(node) -> Optional[fx.Node]:
-    """The 2-D parameter P when node is P.T, P.t(), torch.t(P), P.transpose(0, 1) / (1, 0) or
-    P.permute(1, 0)."""
-    if not isinstance(node, fx.Node):
-        return None
-    source = None
-    if is_call(node, getattr) and len(node.args) == 2 and node.args[1] in ("T", "mT"):
-        source = node.args[0]
-    elif (is_method(node, "t") or is_call(node, torch.t)) and len(node.args) == 1:
-        source = node.args[0]
-    elif (is_method(node, "transpose") or is_call(node, torch.transpose)) and len(node.args) == 3 \
-            and sorted(d % 2 if isinstance(d, int) else d for d in node.args[1:]) == [0, 1]:
-        source = node.args[0]
-    elif is_method(node, "permute") and tuple(node.args[1:]) in (((1, 0),), (1, 0)):
-        source = node.args[0]
+    """The 2-D parameter P when node is P with its two dims swapped (P.T, P.t(), ...)."""
+    source = untranspose(node)
     if source is None or parameter_name(source) is None:
         return None
     val = example_value(source)
     return source if val is not None and val.dim() == 2 else None
 
 
-def _bias_of(matmul: fx.Node, out_features: int) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
-    """(the add node, the bias) when matmul's only user adds a 1-D parameter of the output width."""
+def _bias_of(matmul: fx.Node, weight: torch.Tensor) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """(the add node, the bias) when matmul's only user adds a 1-D parameter of the weight's
+    output width and dtype."""
     if len(matmul.users) != 1:
         return None, None
     (add,) = matmul.users
@@ -55,7 +44,7 @@ def _bias_of(matmul: fx.Node, out_features: int) -> tuple[Optional[fx.Node], Opt
     if other is None or parameter_name(other) is None:
         return None, None
     val = example_value(other)
-    if val is None or val.dim() != 1 or val.shape[0] != out_features:
+    if val is None or val.dim() != 1 or val.shape[0] != weight.shape[0] or val.dtype != weight.dtype:
         return None, None
     return add, other
 
@@ -74,13 +63,11 @@ def canonicalize_linear_forms(gm: fx.GraphModule) -> tuple[int, list[SkippedSite
         w_val = example_value(weight)
         if static_int(x_val.shape[-1]) != w_val.shape[1] or x_val.dtype != w_val.dtype:
             continue
-        add, bias = _bias_of(node, int(w_val.shape[0]))
-        if bias is not None and example_value(bias).dtype != w_val.dtype:
-            add, bias = None, None
+        add, bias = _bias_of(node, w_val)
         replaced = add if add is not None else node
         with gm.graph.inserting_before(replaced):
             linear = gm.graph.call_function(F.linear, (x, weight, bias))
-        linear.meta.update({k: v for k, v in replaced.meta.items()})
+        linear.meta.update(replaced.meta)
         replaced.replace_all_uses_with(linear)
         gm.graph.erase_node(replaced)
         if add is not None:

@@ -309,11 +309,12 @@ class _Walker:
                 return self.walk(src.args[0], None, None, depth + 1)  # one head of a head-by-head split
             if example_value(src) is not None:  # qkv[i]: select along dim 0
                 return self.walk(src, None, (0, idx), depth + 1)
-        heads = head_dim_slice(idx, _sizes(src))
+        src_sizes = _sizes(src)
+        heads = head_dim_slice(idx, src_sizes)
         view_in = _sizes(src.args[0]) if is_method(src, "view", "reshape") and src.args else None
-        if heads is not None and view_in is not None and _splits_heads(view_in, _sizes(src), (0, 1)):
+        if heads is not None and view_in is not None and _splits_heads(view_in, src_sizes, (0, 1)):
             # heads [a, b) of a view(..., H, D) of the projection: features [a·D, b·D) of it
-            dim = static_int(_sizes(src)[-1])
+            dim = static_int(src_sizes[-1])
             return self.walk(src.args[0], (heads[0] * dim, heads[1] * dim), None, depth + 1)
         if isinstance(idx, tuple) and sizes is not None and len(sizes) >= 4:
             if all(i is Ellipsis or isinstance(i, slice) for i in idx):
