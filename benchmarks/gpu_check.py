@@ -38,16 +38,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def tiny_models(dtype, device, width: int = 128, heads: int = 8):
-    """BERT, GPT-2 and Llama (two KV heads) of two layers; the interpreter asks for narrower ones."""
+def tiny_models(dtype, device, width: int = 128, heads: int = 8, layers: int = 2):
+    """BERT, GPT-2 and Llama (two KV heads) of two layers; the interpreter asks for narrower and
+    shallower ones."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     models = {
-        "bert": BertModel(BertConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+        "bert": BertModel(BertConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                                      intermediate_size=2 * width, vocab_size=512)),
-        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=2, n_head=heads, vocab_size=512, n_positions=256)),
-        "llama-gqa": LlamaForCausalLM(LlamaConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+        "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=heads, vocab_size=512, n_positions=256)),
+        "llama-gqa": LlamaForCausalLM(LlamaConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                                                   num_key_value_heads=2, intermediate_size=2 * width,
                                                   vocab_size=512)),
     }
@@ -63,13 +64,13 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_exactness(device, dtypes, batch, seq, width: int = 128, heads: int = 8) -> list[dict]:
+def check_exactness(device, dtypes, batch, seq, width: int = 128, heads: int = 8, layers: int = 2) -> list[dict]:
     import dhp_fx
     from dhp_fx.testing import heads_zeroed
 
     rows = []
     for dtype in dtypes:
-        for name, model in tiny_models(dtype, device, width, heads).items():
+        for name, model in tiny_models(dtype, device, width, heads, layers).items():
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(3, 512, (batch, seq), generator=g).to(device)
             mask = torch.ones_like(ids)

@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_resources.py [--arch 90] [--head-dims 64 128] [--dtype bf16] [--only fwd ...]
                                           [--no-sass] [--each-config-once]
+                                          [--ledger PATH [--recheck N] [--write-ledger]]
 
 Covers every config each autotuned kernel would try at each head dim (attention forward, dQ,
 dK/dV, head-skipping projections and their weight gradient) and the split-KV decode kernel at
@@ -20,6 +21,16 @@ main loop's loads are not software-pipelined) and whether ptxas serialised a loo
 waits for itself, C7513/C7515: correct but slow, and version-dependent); exits 1 when a config spills or overflows shared
 memory, so it can gate a change to the config lists. Numbers come from the local triton; the
 device's (3.6) may allocate a few registers differently — rerun there to confirm.
+
+A compile takes seconds (LLVM, ptxas); ``--ledger`` skips the ones already done. The ledger
+records each config's usage under Triton's own compile cache key, which hashes the kernel's
+source and every jit function it calls, the specialisation, the launch options, triton itself and
+the ptxas version: any change to any of these is a new key, and a new key is compiled. Recorded
+configs are read, except each kernel's ``--recheck`` configs with the most registers, which are
+compiled and must match their record. CI's survey reads ``benchmarks/sm90_ledger.json``; after
+changing a kernel or a config list, refresh it (only the changed configs compile):
+
+    python benchmarks/kernel_resources.py --each-config-once --ledger benchmarks/sm90_ledger.json --write-ledger
 """
 from __future__ import annotations
 
@@ -97,6 +108,38 @@ def _signature(jitfn, pointers: dict, constexprs: dict, unit_stride=attention_un
     return sig, {(names.index(k),): v for k, v in consts.items()}, attrs
 
 
+def _compile_inputs(jitfn, pointers, constexprs, arch, num_warps, num_stages, unit_stride, aligned):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs = _signature(jitfn, pointers, constexprs, unit_stride, aligned)
+    return (ASTSource(jitfn, sig, constexprs=consts, attrs=attrs), GPUTarget("cuda", arch, 32),
+            {"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_key(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3,
+                unit_stride=attention_unit_stride, aligned=()) -> str | None:
+    """Triton's own cache key for the compile ``compile_usage`` would run, or None when this
+    triton does not expose it. The key covers what decides the machine code: the kernel's source
+    and every jit function it calls, the specialisation, the options, triton's own sources and
+    libtriton, and the ptxas version. Computing it takes milliseconds; the compile takes seconds."""
+    import hashlib
+
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.cache import get_cache_key
+    except ImportError:
+        return None
+    src, target, options = _compile_inputs(jitfn, pointers, constexprs, arch, num_warps, num_stages, unit_stride,
+                                           aligned)
+    backend = make_backend(target)
+    # As triton.compile builds its key (compiler.py): the source's own options, then the backend's.
+    options = backend.parse_options(dict(options, **src.parse_options()))
+    key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
                   num_stages: int = 3, unit_stride=attention_unit_stride, aligned=(), sass: bool = True):
     """(registers, stack bytes, shared bytes, async copies, TMA copies, wgmma instructions in the PTX,
@@ -108,12 +151,10 @@ def compile_usage(jitfn, pointers: dict, constexprs: dict, arch: int = 90, num_w
     whether a masked load can be vectorised, hence pipelined, depends on it). ``sass=False`` leaves
     the serialisation unknown (None): disassembling is about a third of a cold compile's time."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    sig, consts, attrs = _signature(jitfn, pointers, constexprs, unit_stride, aligned)
-    kernel = triton.compile(ASTSource(jitfn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    src, target, options = _compile_inputs(jitfn, pointers, constexprs, arch, num_warps, num_stages, unit_stride,
+                                           aligned)
+    kernel = triton.compile(src, target=target, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     try:
@@ -394,8 +435,12 @@ def _widest_head_dim_only(cases: list) -> list:
 
 
 def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None, sass: bool = True,
-           each_once: bool = False):
-    rows = []
+           each_once: bool = False, ledger: dict | None = None, recheck: int = 1):
+    """(rows, keys, counts). ``ledger`` maps compile keys (:func:`compile_key`) to usage recorded by
+    an earlier survey: a case whose key is there is read from it, not compiled, except for the
+    ``recheck`` recorded cases of each kernel with the most registers (the nearest to spilling),
+    which are compiled and must reproduce their record. ``keys`` holds each row's compile key
+    (None when this triton does not expose one); counts: compiled, read, rechecked, mismatches."""
     # Model widths (the projections' K, N, T) are multiples of 16; sequence lengths need not be.
     cases = [(attention_cases(dtype, head_dims, each_once=each_once), attention_unit_stride, ()),
              (decode_cases(dtype, head_dims), attention_unit_stride, ()),
@@ -404,15 +449,67 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None, 
              (router_cases(dtype, head_dims), lambda name: name in ("stride_xd", "stride_w1k", "stride_w2k"), ()),
              (gather_cases(dtype, head_dims), lambda name: name in ("sq_i", "sk_i", "sv_i", "so_f", "stride_kh"),
               ("d_in", "d_out"))]
+    planned = []
     for generated, unit_stride, aligned in cases:
         generated = [c for c in generated if not only or c[0] in only]
         if each_once:
             generated = _widest_head_dim_only(generated)
         for name, jitfn, pointers, consts, d, kwargs, warps, stages in generated:
-            usage = compile_usage(jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned, sass)
             cfg = " ".join(f"{k.split('_')[-1]}{int(v)}" for k, v in kwargs.items()) + f" w{warps} s{stages}"
-            rows.append(Usage(name, d, cfg, *usage))
-    return rows
+            planned.append((name, d, cfg, (jitfn, pointers, consts, arch, warps, stages, unit_stride, aligned)))
+    keys = [compile_key(*args) if ledger is not None else None for *_, args in planned]
+    # The disassembly (serialised wgmma) is not recorded: a survey that reads it compiles everything.
+    recorded = {i: ledger[k]["usage"] for i, k in enumerate(keys) if k in (ledger or {}) and not sass}
+    checked = set()
+    for name in dict.fromkeys(p[0] for p in planned):
+        mine = sorted((i for i in recorded if planned[i][0] == name), key=lambda i: -recorded[i][0])
+        checked.update(mine[:recheck])
+    rows, counts = [], dict(compiled=0, read=0, rechecked=0, mismatches=[])
+    for i, (name, d, cfg, args) in enumerate(planned):
+        if i in recorded and i not in checked:
+            usage = (*recorded[i], None)
+            counts["read"] += 1
+        else:
+            usage = compile_usage(*args, sass=sass)
+            counts["compiled"] += 1
+            if i in checked:
+                counts["rechecked"] += 1
+                if list(usage[:6]) != list(recorded[i]):
+                    counts["mismatches"].append(f"{name} D={d} {cfg}: recorded {recorded[i]}, "
+                                                f"compiled {list(usage[:6])}")
+        rows.append(Usage(name, d, cfg, *usage))
+    return rows, keys, counts
+
+
+def read_ledger(path: str) -> dict:
+    import json
+
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["entries"]
+
+
+def write_ledger(path: str, rows, keys, arch: int, dtype: str, only=None) -> int:
+    """Record every row that has a compile key; returns how many entries the file holds. Entries
+    of the surveyed kernels that this survey did not produce are dropped (a key no current case
+    produces again is dead weight); with ``only``, other kernels' entries are kept as they were."""
+    import json
+
+    import triton
+
+    entries = {k: e for k, e in read_ledger(path).items() if only and e["kernel"] not in only}
+    entries.update({k: {"kernel": r.kernel, "D": r.head_dim, "config": r.config,
+                        "usage": [r.registers, r.stack, r.shared, r.async_copies, r.tma_copies, r.wgmma]}
+                    for r, k in zip(rows, keys) if k is not None})
+    head = {"about": f"sm_{arch} {dtype} usage [registers, stack, shared, async copies, TMA copies, wgmma] per "
+                     "triton compile key; written by benchmarks/kernel_resources.py --write-ledger, read by "
+                     "--ledger (see its docstring)", "triton": triton.__version__}
+    # One entry a line: a refresh then reads as a diff of the configs that changed.
+    lines = [f"  {json.dumps(k)}: {json.dumps(entries[k])}" for k in sorted(entries)]
+    with open(path, "w") as f:
+        f.write(json.dumps(head, indent=1)[:-2] + ',\n "entries": {\n' + ",\n".join(lines) + "\n }\n}\n")
+    return len(entries)
 
 
 _SERIAL = {True: "SERIAL", False: "", None: "not read"}
@@ -432,10 +529,22 @@ def main(argv=None) -> int:
                          "in one weight layout (CI's survey)")
     ap.add_argument("--no-sass", action="store_true",
                     help="skip the disassembly, hence the serialised-wgmma column (a third of the time)")
+    ap.add_argument("--ledger", metavar="PATH",
+                    help="read usage recorded under each compile's triton cache key from this JSON file instead "
+                         "of compiling (implies --no-sass); unknown keys are compiled")
+    ap.add_argument("--recheck", type=int, default=1, metavar="N",
+                    help="with --ledger: still compile each kernel's N recorded configs with the most registers, "
+                         "and fail when one does not reproduce its record (default 1)")
+    ap.add_argument("--write-ledger", action="store_true",
+                    help="with --ledger: rewrite PATH with this survey's rows afterwards")
     args = ap.parse_args(argv)
+    if args.write_ledger and not args.ledger:
+        ap.error("--write-ledger needs --ledger PATH")
     os.environ.setdefault("DHP_FX_TRITON_AUTOTUNE", "1")  # survey every config, not only the first
-    rows = survey(args.arch, args.dtype, args.head_dims, args.only, sass=not args.no_sass,
-                  each_once=args.each_config_once)
+    ledger = read_ledger(args.ledger) if args.ledger else None
+    rows, keys, counts = survey(args.arch, args.dtype, args.head_dims, args.only,
+                                sass=not (args.no_sass or args.ledger), each_once=args.each_config_once,
+                                ledger=ledger, recheck=args.recheck)
     limit = SMEM_LIMIT.get(args.arch, 232448)
     bad = 0
     print(f"| kernel | D | config | registers | stack (spill) B | shared B | async copies | TMA | wgmma "
@@ -450,9 +559,22 @@ def main(argv=None) -> int:
               f"{r.async_copies} | {r.tma_copies} | {r.wgmma} | {_SERIAL[r.serialized]} | "
               f"{flag.strip()} |")
     print(f"{bad} of {len(rows)} configs spill or overflow shared memory", file=sys.stderr)
+    if ledger is not None:
+        print(f"ledger: {counts['read']} configs read, {counts['compiled']} compiled "
+              f"({counts['rechecked']} of them rechecks of recorded ones)", file=sys.stderr)
+        if ledger and None in keys:
+            print("ledger: this triton exposes no compile keys; everything was compiled", file=sys.stderr)
+    if args.write_ledger:
+        print(f"ledger: {write_ledger(args.ledger, rows, keys, args.arch, args.dtype, args.only)} configs in "
+              f"{args.ledger}", file=sys.stderr)
+    if counts["mismatches"]:
+        print("ledger: compiled configs that do not reproduce their record (the ledger is wrong or compiles "
+              "are not deterministic here; rebuild it with --write-ledger):\n  " + "\n  ".join(counts["mismatches"]),
+              file=sys.stderr)
+        return 2
     # Reported, not failed: it depends on the ptxas version (see RESULTS.md, session 6), and the
     # autotuner times such a config like any other.
-    if not args.no_sass:
+    if all(r.serialized is not None for r in rows):
         print(f"{sum(r.serialized for r in rows)} of {len(rows)} configs have serialised wgmma loops",
               file=sys.stderr)
     return 1 if bad else 0

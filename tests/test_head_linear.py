@@ -227,10 +227,8 @@ def test_interpreted_triton_backward_matches_float64_autograd(thl, mask, dtype, 
 
 
 @interpreted
-@pytest.mark.parametrize("pairs", [True, False])
-@pytest.mark.parametrize("mask", ["shared", "rows"])
-@pytest.mark.parametrize("H", [3, 4])
-@pytest.mark.parametrize("L", [16, 10, 24])
+@pytest.mark.parametrize("pairs,mask,H,L", all_pairs(  # 7 cases of the 24 combinations; two pair up
+    [True, False], ["shared", "rows"], [3, 4], [16, 10, 24]))  # heads over per-row masks on straddling blocks
 def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypatch, pairs, mask, H, L):
     # Two heads per program pair up kept-head list slots (a [H] mask's list, or the sample's when
     # a 16-row block lies in one sample: L = 16); L = 10 and 24 make blocks straddle samples,
@@ -258,10 +256,8 @@ def test_interpreted_head_linear_out_one_or_two_heads_per_program(thl, monkeypat
 
 
 @interpreted
-@pytest.mark.parametrize("pairs", [True, False])
-@pytest.mark.parametrize("mask", ["shared", "rows"])
-@pytest.mark.parametrize("L", [16, 10])
-@pytest.mark.parametrize("D", [16, 32])
+@pytest.mark.parametrize("pairs,mask,L,D", all_pairs(  # 6 cases of the 16 combinations
+    [True, False], ["shared", "rows"], [16, 10], [16, 32]))
 def test_interpreted_projections_through_descriptors(thl, monkeypatch, pairs, mask, L, D):
     # tma=True: x and weight tiles through TMA descriptors (zero-filled past the rows and the
     # reduction's end instead of masked), head_linear_out one or two heads per program. L = 10

@@ -3,16 +3,23 @@ the autotuner would try (attention forward and backward, split-KV decode, head-s
 projections and their weight gradient) spills registers or exceeds shared memory, and head-dim pruning keeps the
 configs that only fit smaller heads away from D = 128. Here each config is compiled once
 (`--each-config-once`): at the widest head dim that runs it, in the heaviest launch that may run
-it, in one weight layout: 139 compiles instead of 280, which took 7–8 minutes of a 2-core CI
-machine. Register allocation is not quite monotonic in the head dim (one config once spilled at
-D = 64 only), so after changing a kernel or a config list run the full survey,
-`python benchmarks/kernel_resources.py`, which compiles every launch at both head dims."""
+it, in one weight layout: 139 configs instead of 280. Compiling even those took 4 minutes of a
+2-core CI machine, so the survey reads each config's usage from `benchmarks/sm90_ledger.json` when
+Triton's compile cache key for it is recorded there (the key changes with the kernel's source, the
+specialisation, the options, triton and ptxas). It compiles the configs it does not find and,
+per kernel, the recorded config with the most registers, which must reproduce its record.
+Register allocation is not quite monotonic in the head dim (one config once spilled at D = 64
+only), so after changing a kernel or a config list run the full survey,
+`python benchmarks/kernel_resources.py`, which compiles every launch at both head dims, and
+refresh the ledger (see that script's docstring)."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -21,6 +28,7 @@ if importlib.util.find_spec("triton") is None:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
+LEDGER = os.path.join(ROOT, "benchmarks", "sm90_ledger.json")
 
 
 def _has_nvidia_tools() -> bool:
@@ -45,11 +53,11 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
     # A fresh process: this one may hold the interpreter's kernels, which have one config only.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DHP_FX_TRITON_AUTOTUNE"] = "1"
-    # Two processes, one per core: compiling every config is most of this test's time (over
-    # ten minutes in one process on a slow 2-core machine). No disassembly: the serialised-wgmma
-    # column it feeds is reported, not asserted, and it took a third of each cold compile.
+    # Two processes, one per core: what compiles is most of this test's time. No disassembly:
+    # the serialised-wgmma column it feeds is reported, not asserted, and it took a third of
+    # each cold compile.
     procs = [subprocess.Popen([sys.executable, SCRIPT, "--arch", "90", "--head-dims", "64", "128", "--no-sass",
-                               "--each-config-once", "--only", *group],
+                               "--each-config-once", "--ledger", LEDGER, "--only", *group],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for group in _KERNEL_GROUPS]
     try:
@@ -64,6 +72,14 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
     assert kernels == {k for group in _KERNEL_GROUPS for k in group}, stdout + stderr
     assert all(p.returncode == 0 for p in procs), "configs that spill or overflow shared memory:\n" + "\n".join(
         line for line in rows if "SPILLS" in line or "SHARED" in line) + stderr[-2000:]
+    counts = [tuple(map(int, m)) for m in re.findall(r"ledger: (\d+) configs read, (\d+) compiled \((\d+) of", stderr)]
+    assert len(counts) == len(procs), stderr[-2000:]
+    read, compiled, rechecked = map(sum, zip(*counts))
+    assert read + compiled == len(rows)
+    if compiled > rechecked:
+        warnings.warn(f"{compiled - rechecked} of {len(rows)} sm_90 configs are not in {LEDGER} and were compiled "
+                      "(a kernel, a config list or triton changed); refresh the ledger as "
+                      "benchmarks/kernel_resources.py's docstring says")
     # Columns: kernel, D, config, registers, stack, shared, async copies, TMA copies, wgmma.
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in rows]
     fwd = [c for c in cells if c[0].startswith("fwd")]
@@ -74,6 +90,39 @@ def test_kernel_configs_do_not_spill_at_head_dims_64_and_128_on_sm90():
     assert all(int(c[7]) > 0 for c in tma), tma
     assert all(int(c[7]) == 0 for c in fwd if "TMA0" in c[2])
     assert all(int(c[8]) > 0 for c in fwd if int(c[2].split()[0][1:]) >= 64), fwd
+
+
+@pytest.mark.skipif(not _has_nvidia_tools(), reason="this triton ships no NVIDIA toolchain")
+def test_the_ledger_is_read_and_its_heaviest_record_must_reproduce(tmp_path):
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(ledger, *extra):
+        return subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--only", "partition", "--ledger", str(ledger),
+                               *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    # No ledger yet: both partition configs compile, and --write-ledger records them.
+    fresh = tmp_path / "fresh.json"
+    done = run(fresh, "--write-ledger")
+    assert done.returncode == 0 and "0 configs read, 2 compiled" in done.stderr, done.stderr[-2000:]
+    entries = json.loads(fresh.read_text())["entries"]
+    assert sorted(e["kernel"] for e in entries.values()) == ["partition", "partition"]
+    # Recorded: one is read, the other (more registers) compiled again and compared.
+    lighter = min(entries, key=lambda k: entries[k]["usage"][0])
+    entries[lighter]["usage"][1] = 4096  # a spill that only the record knows of
+    doctored = tmp_path / "doctored.json"
+    doctored.write_text(json.dumps({"entries": entries}))
+    read = run(doctored)
+    assert "1 configs read, 1 compiled (1 of them rechecks" in read.stderr, read.stderr[-2000:]
+    assert read.returncode == 1 and "| 4096 |" in read.stdout  # the read record is what the table reports
+    # A record that the compile contradicts fails the survey, whatever the rest says.
+    entries[lighter]["usage"][1] = 0
+    heavier = max(entries, key=lambda k: entries[k]["usage"][0])
+    entries[heavier]["usage"][0] += 1
+    doctored.write_text(json.dumps({"entries": entries}))
+    wrong = run(doctored)
+    assert wrong.returncode == 2 and "do not reproduce their record" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_head_dim_pruning_keeps_small_head_configs_off_large_heads():

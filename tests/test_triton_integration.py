@@ -68,15 +68,16 @@ def test_models_through_interpreted_triton_kernels_match_references(monkeypatch)
     _triton_path(monkeypatch)
 
     gpu_check = _gpu_check()
-    # four heads of 16 on a width of 64: every interpreted kernel call costs per tile and step
-    rows = gpu_check.check_exactness("cpu", [torch.float32], batch=2, seq=12, width=64, heads=4)
+    # one layer of four heads of 16 on a width of 64: every interpreted kernel call costs per tile
+    # and step (the device run checks two layers of wider models)
+    rows = gpu_check.check_exactness("cpu", [torch.float32], batch=2, seq=12, width=64, heads=4, layers=1)
     assert [r["model"] for r in rows] == ["bert", "gpt2", "llama-gqa"]
     for r in rows:
         assert r["ok"], r
     # every site's attention and its head-skipping projections ran on the kernels
-    assert calls["attention"] >= 3 * 2 * 2 and calls["projection"] >= 3 * 2, calls
+    assert calls["attention"] >= 3 * 2 and calls["projection"] >= 3 * 2, calls
     # compact blocks (BERT, GPT-2) and chains (Llama) gathered through the kernels, per row too
-    assert calls["gather"] >= 3 * 2 and calls["gather_rows"] >= 3 * 2, calls
+    assert calls["gather"] >= 3 and calls["gather_rows"] >= 3, calls
 
 
 def _torch_path(monkeypatch):
@@ -108,7 +109,7 @@ def test_gates_deciding_before_the_projections_match_the_torch_path_forward_and_
     the projections' Triton forward and backward against the PyTorch path, same model, same masks."""
     import dhp_fx
 
-    model = _gpu_check().tiny_models(torch.float32, "cpu", width=64, heads=4)["bert"]
+    model = _gpu_check().tiny_models(torch.float32, "cpu", width=64, heads=4, layers=1)["bert"]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 512, (2, 12), generator=g)
     mask = torch.ones_like(ids)
@@ -140,9 +141,10 @@ def test_gates_deciding_before_the_projections_match_the_torch_path_forward_and_
 
 @pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
 def test_gpu_check_projection_cases_pass_interpreted():
-    """The device run's projection check (each loading kind forced, NaN-filled memory), small and
-    in one dtype (the interpreter computes bf16 and fp16 tiles alike, in float32)."""
-    rows = _gpu_check().check_projections("cpu", dims=(16, 32), lengths=(16, 10), K=32, dtypes=(torch.float16,))
+    """The device run's projection check (each loading kind forced, NaN-filled memory), small, in
+    one dtype (the interpreter computes bf16 and fp16 tiles alike, in float32) and at one head dim
+    (test_head_linear's interpreted cases take others)."""
+    rows = _gpu_check().check_projections("cpu", dims=(32,), lengths=(16, 10), K=32, dtypes=(torch.float16,))
     kinds = {(r["loading"], r["mask"], r["in_out"]) for r in rows}
     assert len(kinds) == 4 * 3 * 2 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
 
