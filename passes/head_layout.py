@@ -274,10 +274,12 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
                 return None
             start, stop = chunk[1]
             last = lay.dims[-1]
-            if len(last) == 1 and last[0].kind == "raw":
+            if len(last) == 1 and last[0].kind == "raw" and not within_only(last, head_dim):
                 raw = last[0]
                 new = [] if stop - start == 1 else [Atom("raw", stop - start, raw.stride)]
                 return Layout(lay.dims[:-1] + [new], lay.offset + start * raw.stride)
+            # A chunk inside one head (DeepSeek's MLA splits each q head into a part with and a
+            # part without RoPE, and concatenates them again) is a cut, like a slice.
             cut = _cut(last, shape[-1], head_dim)
             return None if cut is None else Layout(lay.dims[:-1] + [cut], lay.offset)
         if is_method(src, "unbind") or is_call(src, torch.unbind):

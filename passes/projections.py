@@ -172,12 +172,15 @@ def split_chunk(src: Any, i: Any) -> Optional[tuple[fx.Node, tuple[int, int]]]:
 
 def _splits_heads(src: Optional[list], sizes: Optional[list], features: tuple[int, int]) -> bool:
     """A view that splits src's last dim into (heads, period), features inside one period."""
-    if src is None or sizes is None or len(sizes) != len(src) + 1 or len(src) < 2:
+    if src is None or sizes is None or len(sizes) < 3 or len(src) < 2:
         return False
     heads, period, width = (static_int(x) for x in (sizes[-2], sizes[-1], src[-1]))
     if None in (heads, period, width) or heads * period != width or heads < 2:
         return False
-    return list(sizes[:-2]) == list(src[:-1]) and 0 <= features[0] < features[1] <= period
+    # Leading dims equal but for size-1 dims: DeepSeek's MLA runs kv_b_proj on a [B, 1, L, r]
+    # latent and views its output [B, L, H, .].
+    lead = lambda dims: [d for d in dims if static_int(d) != 1]  # noqa: E731
+    return lead(sizes[:-2]) == lead(src[:-1]) and 0 <= features[0] < features[1] <= period
 
 
 def _keeps_last_dim(node: fx.Node, sizes: Optional[list]) -> bool:
@@ -411,12 +414,27 @@ def _out_width(found: _Found) -> Optional[int]:
     return None if val is None else static_int(val.shape[-1])
 
 
+def _whole_heads(found: set[_Found]) -> set[_Found]:
+    """Pieces of one projection that tile each head's period, as that projection whole: DeepSeek's
+    MLA splits every q head into a part without and a part with RoPE, and concatenates them back."""
+    if len(found) < 2 or len({(f.node, f.period) for f in found}) != 1:
+        return found
+    ranges = sorted(f.features for f in found)
+    period = next(iter(found)).period
+    if period is None or ranges[0][0] != 0 or ranges[-1][1] != period[0]:
+        return found
+    if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        return found
+    return {_Found(next(iter(found)).node, (0, period[0] * period[1]), None)}
+
+
 def _projection(node: fx.Node, width: Optional[int]) -> Optional[_Found]:
     walker = _Walker()
     walker.walk(node)
-    if walker.unclear or len(walker.found) != 1:
+    found = _whole_heads(walker.found)
+    if walker.unclear or len(found) != 1:
         return None
-    (found,) = walker.found
+    (found,) = found
     if width is not None and _out_width(found) != width:
         return None  # not the whole of this role's heads: some other linear
     return found
@@ -458,6 +476,29 @@ def _walk_forward(node: fx.Node, width: Optional[int], limit: int = 12) -> Optio
     return None
 
 
+def _recent_activations(node: Any, depth: int) -> set[fx.Node]:
+    """Computed nodes (not inputs or parameters) at most ``depth`` steps before node."""
+    seen, frontier = set(), [node] if isinstance(node, fx.Node) else []
+    for _ in range(depth + 1):
+        nxt = []
+        for n in frontier:
+            if n in seen or n.op in ("placeholder", "get_attr"):
+                continue
+            seen.add(n)
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return seen
+
+
+def _same_stream(kv_input: Any, q_input: Any, depth: int = _MAX_DEPTH // 2) -> bool:
+    """K/V read the sequence that q reads: the same node, or (DeepSeek's MLA, whose q and kv
+    pass through low-rank projections and norms of their own) nodes computed from one recent
+    node. Cross-attention reads another model's output, many layers away from q's input."""
+    if kv_input is q_input:
+        return True
+    return bool(_recent_activations(kv_input, depth) & _recent_activations(q_input, depth))
+
+
 def find_projections(match: AttentionMatch, out_node: fx.Node) -> Projections:
     found = Projections()
     sources: dict[str, _Found] = {}
@@ -482,5 +523,5 @@ def find_projections(match: AttentionMatch, out_node: fx.Node) -> Projections:
         found.hidden = _activation_input(sources["q"].node)
         kv = sources.get("k") or sources.get("v")
         if kv is not None:
-            found.cross_attention = _activation_input(kv.node) is not found.hidden
+            found.cross_attention = not _same_stream(_activation_input(kv.node), found.hidden)
     return found

@@ -579,3 +579,35 @@ def test_hf_falcon_multi_query_skips_every_projection(attn):
     opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
     assert _skips_every_projection(opt) and [s.num_kv_heads for s in opt.sites] == [1, 1]
     check_keep_mask(model, opt, inputs, _PINNED)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_hf_deepseek_mla_skips_the_q_and_output_projections(attn, rope_interleave):
+    """Multi-head latent attention: each q head is split into a part without and a part with
+    RoPE and concatenated again (before: q's projection was not found at all), and kv_b_proj runs
+    on a [B, 1, L, r] latent. Its k is assembled in a new_empty buffer and k_rot is shared by
+    every head, so K stays whole; v shares kv_b_proj's output with k_nope. The site stays
+    self-attention although q and k/v read different low-rank latents of the layer input."""
+    import transformers as T
+
+    config = T.DeepseekV3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                intermediate_size=64, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
+                                qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, first_k_dense_replace=2, n_group=1, topk_group=1,
+                                rope_interleave=rope_interleave, **_LM)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = T.DeepseekV3ForCausalLM(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    for scoring in ("static", "router"):
+        opt = check_gates_open(model, inputs, config=DHPConfig(scoring=scoring))
+        assert [set(s.skipped_projections) for s in opt.sites] == [{"q", "out"}] * 2, opt.report()
+        assert not any(s.cross_attention for s in opt.sites)
+        assert [(s.head_dim, s.value_head_dim) for s in opt.sites] == [(12, 8)] * 2
+        q = opt.sites[0].q_proj
+        assert q.weight.endswith("q_b_proj.weight") and q.features == (0, 48) and q.head_stride is None
+        v = opt.sites[0].v_proj  # head h's value rows: 8 + 16 h .. 16 + 16 h of kv_b_proj
+        assert v.weight.endswith("kv_b_proj.weight") and v.features == (8, 64) and v.head_stride == 16
+        check_keep_mask(model, opt, inputs, _PINNED)
