@@ -25,12 +25,13 @@ import torch.fx as fx
 
 from . import head_layout as hl
 from .graph_utils import _meta_value, arg, example_value, insert_node, is_call, static_int
-from .projections import _ADDMM, _LINEAR, Projections, _activation_input
+from .projections import _ADDMM, _LINEAR, Projections, _activation_input, split_chunk
 from .rewrite import _is_pure
 from .site import AttentionSite, PassResult
 
 ROLES = ("q", "k", "v")
-_META_METHODS = ("size", "dim", "numel", "stride", "get_device")
+# new_empty and its kin read self's dtype and device only (DeepSeek builds its k in one).
+_META_METHODS = ("size", "dim", "numel", "stride", "get_device", "new_empty", "new_zeros", "new_ones")
 _META_ATTRS = ("shape", "device", "dtype", "ndim", "is_cuda")
 _INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior)
 _MAX_HOIST = 64
@@ -38,6 +39,18 @@ _MAX_HOIST = 64
 
 def _op(name: str):
     return getattr(torch.ops.dhp, name).default
+
+
+def _other_chunk(user: fx.Node, split: fx.Node, path: list[fx.Node]) -> bool:
+    """``user`` takes another chunk of a last-dim split than the path does: features the head op
+    leaves alone, since it zeroes only the role's own (DeepSeek's kv_b_proj output holds each
+    head's k_nope beside its v)."""
+    if not (is_call(user, operator.getitem) and user.args[0] is split and isinstance(user.args[1], int)):
+        return False
+    taken = [p for p in path if is_call(p, operator.getitem) and p.args[0] is split]
+    if len(taken) != 1 or not isinstance(taken[0].args[1], int) or taken[0].args[1] == user.args[1]:
+        return False
+    return split_chunk(split, user.args[1]) is not None and split_chunk(split, taken[0].args[1]) is not None
 
 
 def _is_meta_read(node: fx.Node) -> bool:
@@ -224,7 +237,8 @@ class _Site:
         gate = self.keep if self.keep.op == "call_module" else None
         for n in paths[role]:
             for u in n.users:
-                if u not in everything and u is not self.gated and u is not gate and not _is_meta_read(u):
+                if u not in everything and u is not self.gated and u is not gate and not _is_meta_read(u) and not (
+                        _other_chunk(u, n, paths[role])):
                     return False
         return True
 
@@ -367,7 +381,9 @@ class _Site:
 
     def interleaved_keep(self, linear: fx.Node, segments: list, width: int, unit: int) -> Optional[fx.Node]:
         """Unit flags for roles interleaved per head (GPT-NeoX: [q_h, k_h, v_h] for each h): the
-        roles must tile one period each head, with the same head count; True outside."""
+        roles lie side by side in each head's period, with the same head count; True outside.
+        Features of the period the roles leave (DeepSeek's kv_b_proj: [k_nope_h, v_h], v
+        skipped alone) stay True."""
         heads, stride = segments[0][1], segments[0][5]
         base = segments[0][0]
         pos = base
@@ -375,18 +391,24 @@ class _Site:
             if h != heads or s != stride or start != pos or head_dim % unit:
                 return None
             pos = start + head_dim
-        if pos != base + stride or base % unit or base + heads * stride > width or width % unit:
+        gap = base + stride - pos  # after each head's roles, up to the next head's first
+        if gap < 0 or gap % unit or base % unit or width % unit or pos + (heads - 1) * stride > width:
             return None
         graph = self.graph
         with graph.inserting_before(linear):
             per_head = [graph.call_method("expand", (graph.call_method("unsqueeze", (flags, -1)), -1, head_dim // unit))
                         for _, _, head_dim, flags, _, _ in segments]
-            pieces = [graph.call_method("flatten", (graph.call_function(torch.cat, (per_head, -1)),))]
+            if gap:
+                per_head.append(graph.call_method("new_ones", (segments[0][3], (heads, gap // unit))))
+            flat = graph.call_method("flatten", (graph.call_function(torch.cat, (per_head, -1)),))
+            end = base + heads * stride
+            if end > width:  # the last head's gap runs past the features: it was never there
+                flat = graph.call_function(operator.getitem, (flat, slice(None, (width - base) // unit)))
+            pieces = [flat]
             if base:
                 pieces.insert(0, graph.call_method("new_ones", (segments[0][3], (base // unit,))))
-            tail = width - base - heads * stride
-            if tail:
-                pieces.append(graph.call_method("new_ones", (segments[0][3], (tail // unit,))))
+            if end < width:
+                pieces.append(graph.call_method("new_ones", (segments[0][3], ((width - end) // unit,))))
             return pieces[0] if len(pieces) == 1 else graph.call_function(torch.cat, (pieces,))
 
     # ------------------------------------------------------------------ output projection

@@ -581,14 +581,14 @@ def test_hf_falcon_multi_query_skips_every_projection(attn):
     check_keep_mask(model, opt, inputs, _PINNED)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("rope_interleave", [True, False])
-def test_hf_deepseek_mla_skips_the_q_and_output_projections(attn, rope_interleave):
+@pytest.mark.parametrize("attn,rope_interleave", [("sdpa", True), ("eager", False)])
+def test_hf_deepseek_mla_skips_the_q_v_and_output_projections(attn, rope_interleave):
     """Multi-head latent attention: each q head is split into a part without and a part with
     RoPE and concatenated again (before: q's projection was not found at all), and kv_b_proj runs
-    on a [B, 1, L, r] latent. Its k is assembled in a new_empty buffer and k_rot is shared by
-    every head, so K stays whole; v shares kv_b_proj's output with k_nope. The site stays
-    self-attention although q and k/v read different low-rank latents of the layer input."""
+    on a [B, 1, L, r] latent and holds [k_nope_h, v_h] per head: its v rows are skipped, its
+    k_nope rows (the split's other chunk) computed. Its k is assembled in a new_empty buffer
+    and k_rot is shared by every head, so K stays whole. The site stays self-attention although
+    q and k/v read different low-rank latents of the layer input."""
     import transformers as T
 
     config = T.DeepseekV3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -603,7 +603,7 @@ def test_hf_deepseek_mla_skips_the_q_and_output_projections(attn, rope_interleav
     inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     for scoring in ("static", "router"):
         opt = check_gates_open(model, inputs, config=DHPConfig(scoring=scoring))
-        assert [set(s.skipped_projections) for s in opt.sites] == [{"q", "out"}] * 2, opt.report()
+        assert [set(s.skipped_projections) for s in opt.sites] == [{"q", "v", "out"}] * 2, opt.report()
         assert not any(s.cross_attention for s in opt.sites)
         assert [(s.head_dim, s.value_head_dim) for s in opt.sites] == [(12, 8)] * 2
         q = opt.sites[0].q_proj
@@ -611,3 +611,31 @@ def test_hf_deepseek_mla_skips_the_q_and_output_projections(attn, rope_interleav
         v = opt.sites[0].v_proj  # head h's value rows: 8 + 16 h .. 16 + 16 h of kv_b_proj
         assert v.weight.endswith("kv_b_proj.weight") and v.features == (8, 64) and v.head_stride == 16
         check_keep_mask(model, opt, inputs, _PINNED)
+    # What kv_b_proj computes under the pinned mask: every k_nope_h, and v_h for heads some row
+    # keeps (head 1 is kept by none). A pruned head's k_nope would not show in the output.
+    flags = _head_linear_flags(opt, inputs, _PINNED, width=64)
+    assert flags == [[True, True, True, False, True, True, True, True]] * 2, flags
+
+
+def _head_linear_flags(opt, inputs, keep, width: int) -> list[list[bool]]:
+    """The unit flags each head_linear_out call of the given output width received."""
+    from unittest import mock
+
+    real, seen = torch.ops.dhp.head_linear_out, []
+
+    class Spy:
+        default = property(lambda self: self)
+
+        def __call__(self, x, weight, bias, flags, unit, in_out):
+            if (weight.shape[1] if in_out else weight.shape[0]) == width:
+                seen.append(flags.tolist())
+            return real(x, weight, bias, flags, unit, in_out)
+
+    opt.set_keep_mask({s.name: keep for s in opt.sites})
+    try:
+        opt(**inputs)  # any recompile happens here: the graph, not the compiler, must see the spy
+        with mock.patch.object(torch.ops.dhp, "head_linear_out", Spy()):
+            opt(**inputs)
+    finally:
+        opt.set_keep_mask(None)
+    return seen
