@@ -464,7 +464,7 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None, 
     for name in dict.fromkeys(p[0] for p in planned):
         mine = sorted((i for i in recorded if planned[i][0] == name), key=lambda i: -recorded[i][0])
         checked.update(mine[:recheck])
-    rows, counts = [], dict(compiled=0, read=0, rechecked=0, mismatches=[])
+    rows, counts = [], dict(compiled=0, read=0, rechecked=len(checked), mismatches=[])
     for i, (name, d, cfg, args) in enumerate(planned):
         if i in recorded and i not in checked:
             usage = (*recorded[i], None)
@@ -473,7 +473,6 @@ def survey(arch: int = 90, dtype: str = "bf16", head_dims=(64, 128), only=None, 
             usage = compile_usage(*args, sass=sass)
             counts["compiled"] += 1
             if i in checked:
-                counts["rechecked"] += 1
                 if list(usage[:6]) != list(recorded[i]):
                     counts["mismatches"].append(f"{name} D={d} {cfg}: recorded {recorded[i]}, "
                                                 f"compiled {list(usage[:6])}")
@@ -523,7 +522,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*",
                     help="kernel names: fwd fwd_plain fwd_causal bwd_dq bwd_dkdv "
                          "decode_split decode_packed proj_out proj_out_pair proj_in proj_wgrad partition "
-                         "router_pool router_pool_finish router_vote router_head gather_heads")
+                         "router_pool router_pool_finish router_vote router_head gather_heads gather_rows")
     ap.add_argument("--each-config-once", action="store_true",
                     help="each config once: at the widest head dim that runs it, in its heaviest launch, "
                          "in one weight layout (CI's survey)")
