@@ -19,7 +19,9 @@ Rows:
                      (dhp_fx.static_prune): a smaller dense model;
 each before and after dhp_fx.distill (KD on logits, T=2, + the task loss). FLOPs by
 torch's FlopCounter (gated ops counted for kept heads only); speed = teacher time / model
-time on held-out batches of 32 (median of 5, CPU, no_grad).
+time on held-out batches of 32 (CPU, no_grad; median of 5 ratios, the two models timed back to
+back in alternating order), for the gated models after distillation (a distilled router decides
+otherwise than an untrained one; the log line adds the speed before).
 """
 from __future__ import annotations
 
@@ -96,18 +98,28 @@ def accuracy(model, data) -> float:
     return 100.0 * right / total
 
 
-@torch.no_grad()
-def latency(model, data, reps: int = 5) -> float:
-    model.eval()
-    for b in data[:2]:
+def _pass_seconds(model, data) -> float:
+    start = time.perf_counter()
+    for b in data:
         model(**inputs_of(b))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for b in data:
-            model(**inputs_of(b))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def relative_speed(teacher, model, data, reps: int = 5) -> float:
+    """Teacher time over model time on ``data``: the median of ``reps`` ratios, each of one pass of
+    either model, back to back, in alternating order. A shared machine's speed drifts over
+    minutes; two models timed in stretches of their own would compare two machine states."""
+    for m in (teacher, model):
+        m.eval()
+        for b in data[:2]:
+            m(**inputs_of(b))
+    ratios = []
+    for rep in range(reps):
+        pair = (teacher, model) if rep % 2 == 0 else (model, teacher)
+        seconds = {id(m): _pass_seconds(m, data) for m in pair}
+        ratios.append(seconds[id(teacher)] / seconds[id(model)])
+    return statistics.median(ratios)
 
 
 def fine_tune(model: Classifier, train, epochs: int, seed: int, lr: float = 5e-5, embedding_lr: float | None = None) -> None:
@@ -153,7 +165,7 @@ def prune_plan_by_share(stats, share: float) -> dict:
 def compare_variants(teacher, held, train_epochs, args, evaluate=accuracy, speed_data=None) -> list[tuple]:
     """[(name, params, FLOPs, speed, score before distill, after)] for the teacher and the three
     pruned variants. ``evaluate(model, held)`` gives the score (accuracy here, a pair of scores in
-    math23k_accuracy.py); ``speed_data`` (default ``held``) is what latency times. ``args`` carries
+    math23k_accuracy.py); ``speed_data`` (default ``held``) is what relative_speed times. ``args`` carries
     prune, alpha, sink_weight, distill_steps and seed as parsed by main."""
     import dhp_fx
     from dhp_fx.report import count_flops
@@ -162,7 +174,6 @@ def compare_variants(teacher, held, train_epochs, args, evaluate=accuracy, speed
     speed_data = held if speed_data is None else speed_data
     base_acc = evaluate(teacher, held)
     base_params, base_flops = parameter_count(teacher), count_flops(teacher, inputs_of(held[0]))
-    base_time = latency(teacher, speed_data)
     keep = 1.0 - args.prune
     scoring_fields = {k: v for k, v in (("alpha", args.alpha), ("sink_weight", args.sink_weight)) if v is not None}
     if scoring_fields:
@@ -178,10 +189,12 @@ def compare_variants(teacher, held, train_epochs, args, evaluate=accuracy, speed
                                   example_inputs=inputs_of(held[0]))
         before = evaluate(student, held)
         flops = count_flops(student, inputs_of(held[0]))
-        speed = base_time / latency(student, speed_data)
+        speed_before = relative_speed(teacher, student, speed_data)
         dhp_fx.distill(student, teacher, distill_data, cfg)
+        # timed again: a distilled router decides differently (rows apart), and that is what runs
+        speed = relative_speed(teacher, student, speed_data)
         rows.append((f"dynamic {scoring}", 0.0, flops / base_flops - 1, speed, before, evaluate(student, held)))
-        print(rows[-1], flush=True)
+        print(rows[-1], f"speed before distillation {speed_before:.3f}", flush=True)
 
     # static: remove the heads calibration kept least often
     gated = dhp_fx.optimize(copy.deepcopy(teacher), dhp_fx.DHPConfig(keep_ratio=keep, compiler="eager", **scoring_fields),
@@ -191,7 +204,7 @@ def compare_variants(teacher, held, train_epochs, args, evaluate=accuracy, speed
     before = evaluate(pruned, held)
     params = parameter_count(pruned) / base_params - 1
     flops = count_flops(pruned, inputs_of(held[0])) / base_flops - 1
-    speed = base_time / latency(pruned, speed_data)
+    speed = relative_speed(teacher, pruned, speed_data)  # a dense model: distillation leaves its cost
     dhp_fx.distill(pruned, teacher, distill_data, cfg)
     rows.append(("static prune", params, flops, speed, before, evaluate(pruned, held)))
     print(rows[-1], flush=True)

@@ -14,7 +14,9 @@ Where every projection is skipped (static, router) and a call's kept heads are b
 head count (static decisions; any gate at batch 1), the block runs compact: the kept heads'
 weights gathered, dense GEMMs and SDPA on those heads. Per-sample decisions on a larger batch run
 each row's own heads (per-row gathered weights, batched GEMMs; kernels/compact_rows.py).
-``--head-ops`` adds the A/B against the head-skipping ops.
+``--head-ops`` adds the A/B against the head-skipping ops; ``--paths`` the A/B of what the block
+chooses between for per-sample decisions (each row its own heads, or every head computed and the
+pruned ones zeroed).
 Times are medians of ``--reps`` calls after two warm-ups, variants interleaved.
 """
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
                         help="adds static/batch and router/sample with compact_heads=False: the head-skipping "
                              "ops instead of compact blocks (the A/B of session 10); at batch > 1 also the "
                              "router model itself with per-row blocks switched off call by call")
+    parser.add_argument("--paths", action="store_true",
+                        help="at batch > 1 adds the router model with each path the block chooses between "
+                             "forced: per-row blocks, and the dense block with pruned heads zeroed")
     parser.add_argument("--only", nargs="+", metavar="SCORING", choices=["static", "router", "probe"],
                         help="time only these gates (and dense): a tighter A/B on a noisy machine")
     args = parser.parse_args()
@@ -80,29 +85,43 @@ def main() -> None:
     from dhp_fx import compact_block
     from dhp_fx.kernels import head_linear
 
-    rows_on = compact_block.ROWS_DEVICES
-    # (name, model, per-sample GEMM in the head ops, devices whose blocks run each row's own heads)
-    runs = [(name, m, True, rows_on) for name, m in variants.items()]
+    # (name, model, policy): the policy switches set around that run's calls, as module attributes
+    runs = [(name, m, {}) for name, m in variants.items()]
     routers = [(name, m) for name, m in variants.items() if name.startswith("router/sample p=")]
     if args.diverse_routers:
-        runs += [(name + " (union GEMM)", m, False, ()) for name, m in routers]
+        runs += [(name + " (union GEMM)", m, {"ROWS_DEVICES": (), "MASKED_DENSE_DEVICES": (), "PER_SAMPLE_GEMM": False})
+                 for name, m in routers]
     if args.head_ops and args.batch > 1:
         # the same model and router with per-row blocks off: the A/B of compact_rows, call by call
-        runs += [(name + " (rows off: head ops)", m, True, ()) for name, m in routers]
+        runs += [(name + " (rows off: head ops)", m, {"ROWS_DEVICES": (), "MASKED_DENSE_DEVICES": ()})
+                 for name, m in routers]
+    if args.paths and args.batch > 1:
+        # what the cost test chooses between, each forced: per-row blocks, the masked dense block
+        runs += [(name + " (rows forced)", m, {"ROWS_MIN_SAVED_FLOPS_PER_WEIGHT": 0.0}) for name, m in routers]
+        runs += [(name + " (masked dense forced)", m, {"ROWS_DEVICES": ()}) for name, m in routers]
+    homes = {"PER_SAMPLE_GEMM": head_linear}
+    defaults = {key: getattr(homes.get(key, compact_block), key)
+                for key in ("ROWS_DEVICES", "MASKED_DENSE_DEVICES", "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", "PER_SAMPLE_GEMM")}
+
+    def apply(policy):
+        for key, default in defaults.items():
+            setattr(homes.get(key, compact_block), key, policy.get(key, default))
+
     times = {run[0]: [] for run in runs}
-    with torch.no_grad():
-        for _ in range(2):
-            for _, m, _, _ in runs:
-                m(**inputs)
-        for _ in range(args.reps):
-            for name, m, per_sample, rows in runs:
-                head_linear.PER_SAMPLE_GEMM = per_sample
-                compact_block.ROWS_DEVICES = rows
-                start = time.perf_counter()
-                m(**inputs)
-                times[name].append(time.perf_counter() - start)
-        head_linear.PER_SAMPLE_GEMM = True
-        compact_block.ROWS_DEVICES = rows_on
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                for _, m, policy in runs:
+                    apply(policy)
+                    m(**inputs)
+            for _ in range(args.reps):
+                for name, m, policy in runs:
+                    apply(policy)
+                    start = time.perf_counter()
+                    m(**inputs)
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        apply({})
     dense = statistics.median(times["dense"])
     print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

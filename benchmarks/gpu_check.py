@@ -130,17 +130,14 @@ def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
                 k[0] = union
             keep[s.name] = k.to(device)
         before = sum(b.calls_compact for b in blocks)
-        saved = compact_block.ROWS_DEVICES
-        compact_block.ROWS_DEVICES = saved + ((device,) if label == "apart" else ())
-        try:
-            with torch.no_grad():
-                opt.set_keep_mask(keep)
-                got = _out(opt(**inputs))
-                opt.set_keep_mask(None)
-                with heads_zeroed(model, opt.sites, keep):
-                    want = _out(model(**inputs))
-        finally:
-            compact_block.ROWS_DEVICES = saved
+        # "apart" forces per-row blocks on this device, whatever the cost test says of its rows
+        policy = dict(ROWS_DEVICES=compact_block.ROWS_DEVICES + (device,), ROWS_MIN_SAVED_FLOPS_PER_WEIGHT=0.0)
+        with _block_policy(**(policy if label == "apart" else {})), torch.no_grad():
+            opt.set_keep_mask(keep)
+            got = _out(opt(**inputs))
+            opt.set_keep_mask(None)
+            with heads_zeroed(model, opt.sites, keep):
+                want = _out(model(**inputs))
         if sum(b.calls_compact for b in blocks) - before != len(opt.sites):
             raise AssertionError(f"compact {label}: a block ran every head")
         errs[f"compact_{label}_rel_err"] = rel_err(got, want) if bool(torch.isfinite(got).all()) else float("inf")
@@ -270,28 +267,47 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
                                  "vs_dense": ms / dense})
                 if graphs and scoring == "router" and not extra and p in (0.5, 0.25):
                     rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device))
+                    rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device, "masked"))
         if graphs:
             rows[0]["kernels"] = _kernel_table(lambda: model(**inputs))
     return rows
 
 
-def _time_rows_on_gpu(opt, inputs, p, dense, reps, device) -> dict:
-    """Per-sample router decisions through each row's own heads (kernels/compact_rows), which
-    dhp_fx.compact_block takes on CPU only: per-row weight gathers against the head ops, graphed."""
+@contextlib.contextmanager
+def _block_policy(**settings):
+    """compact_block's path switches set for a with-block, restored after (a failed check included)."""
     from dhp_fx import compact_block
 
-    saved = compact_block.ROWS_DEVICES
-    compact_block.ROWS_DEVICES = saved + (device,)
+    saved = {name: getattr(compact_block, name) for name in settings}
+    for name, value in settings.items():
+        setattr(compact_block, name, value)
     try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(compact_block, name, value)
+
+
+def _time_rows_on_gpu(opt, inputs, p, dense, reps, device, path: str = "rows") -> dict:
+    """Per-sample router decisions through each row's own heads (kernels/compact_rows), which
+    dhp_fx.compact_block takes on CPU only, whatever the cost test says: per-row weight gathers
+    against the head ops, graphed. path="masked": the dense block with pruned heads zeroed
+    (compact_block.MASKED_DENSE_DEVICES, also CPU only by default) instead."""
+    from dhp_fx import compact_block
+
+    if path == "rows":
+        policy = dict(ROWS_DEVICES=compact_block.ROWS_DEVICES + (device,), ROWS_MIN_SAVED_FLOPS_PER_WEIGHT=0.0)
+        counter, variant = "calls_rows", "router/sample, each row's own heads (compact_rows) + cuda graphs"
+    else:
+        policy = dict(MASKED_DENSE_DEVICES=compact_block.MASKED_DENSE_DEVICES + (device,))
+        counter, variant = "calls_masked", "router/sample, dense block with pruned heads zeroed + cuda graphs"
+    with _block_policy(**policy):
         blocks = [opt.gate(s).block_module for s in opt.sites]
-        before = sum(b.calls_rows for b in blocks)
+        before = sum(getattr(b, counter) for b in blocks)
         runner = opt.cuda_graphed()
         ms = _median_ms(lambda: runner(**inputs), reps, device)
-        ran = sum(b.calls_rows for b in blocks) > before
-    finally:
-        compact_block.ROWS_DEVICES = saved
-    return {"variant": "router/sample, each row's own heads (compact_rows) + cuda graphs", "p": p, "ms": ms,
-            "vs_dense": ms / dense, "rows_ran": ran}
+        ran = sum(getattr(b, counter) for b in blocks) > before
+    return {"variant": variant, "p": p, "ms": ms, "vs_dense": ms / dense, f"{path}_ran": ran}
 
 
 def _time_head_ops(dhp_fx, model, inputs, p, dense, reps, device) -> dict:
@@ -360,8 +376,9 @@ def time_small_batch_rows(device, dtype, batch, seq, reps) -> list[dict]:
             ms = _median_ms(lambda: runner(**inputs), reps, device)
             rows.append({"variant": f"router/sample, {batch} x {seq} + cuda graphs", "p": p, "ms": ms,
                          "vs_dense": ms / dense})
-            rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device))
-            rows[-1]["variant"] += f", {batch} x {seq}"
+            for path in ("rows", "masked"):
+                rows.append(_time_rows_on_gpu(opt, inputs, p, dense, reps, device, path))
+                rows[-1]["variant"] += f", {batch} x {seq}"
     return rows
 
 

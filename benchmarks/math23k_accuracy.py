@@ -27,7 +27,8 @@ of tokens; the number slots alone barely change the [UNK] share, numbers are few
 Rows, FLOPs and speed as benchmarks/asdiv_accuracy.py (whose functions this imports): teacher,
 dynamic probe, dynamic router, static prune (calibrated), each before and after dhp_fx.distill;
 speed is timed on 8 of the 32 held-out batches of 32 (--speed-batches), spread from the shortest
-problems to the longest, to keep the 4 × 7 timing passes short. Accuracy is answer accuracy over all 1,000 test problems; a problem whose gold
+problems to the longest, to keep the timing passes short (each speed: 5 passes of the teacher
+and 5 of the model, alternating). Accuracy is answer accuracy over all 1,000 test problems; a problem whose gold
 template is outside the K classes counts as right only if the predicted template still gives its
 answer, so the ceiling is the test coverage of the K templates (70.1 %) plus such coincidences:
 76.1 % of test problems have some class that gives their answer. Template accuracy is reported

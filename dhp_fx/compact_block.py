@@ -3,11 +3,13 @@
 Per call it asks the gate in how many KV groups (heads, for MHA) the call's kept heads lie at
 most (``HeadGate.compact_plan``: a host-side bound from the budget and the batch size, never a
 device sync). Below the group count, the block runs on those groups alone
-(``kernels/compact_heads.py``); otherwise, or when the gate
+(``kernels/compact_heads.py``). Rows that decide apart may each run their own groups
+(``kernels/compact_rows.py``) where that pays (:func:`rows_pay`). Otherwise, or when the gate
 left work that needs every head's q, k and v (calibration, attention maps, straight-through
 training), it runs the head ops the graph held before and calls the gate's tap; when the gate
 kept every head (host state: the budget, the straight-through estimator), the dense originals
-(F.linear, SDPA) instead, which compute the same faster.
+(F.linear, SDPA) instead, which compute the same faster; and on a CPU, for rows that decide
+apart, the dense originals with the pruned heads' outputs zeroed (MASKED_DENSE_DEVICES).
 """
 from __future__ import annotations
 
@@ -28,6 +30,26 @@ from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows,
 # at large batch, a GPU's whole budget (BERT-base, 32 rows, p = .5: 75 MB a layer). Untimed on
 # a GPU; there per-sample decisions keep the union compaction and the head ops.
 ROWS_DEVICES = ("cpu",)
+
+# A row computing its own groups saves GEMM work that grows with its tokens, and pays for
+# weights that do not: its gather, then a batched GEMM that streams a copy per row where the
+# dense GEMM reads one copy for every token. Per-row compaction runs only when the multiply-adds
+# it saves per gathered weight element, 2 · tokens · (union − cap) / cap, reach this bound
+# (MiniLM on the 2-core CI machine, session 16: see benchmarks/RESULTS.md).
+ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = 128.0
+
+# Devices on which rows that decide apart, where no compaction pays, run the dense block with the
+# pruned heads' outputs zeroed (exact: their share of the output projection is then zero) rather
+# than the head ops: on a CPU the per-sample head ops cost more than the dense GEMMs they thin
+# (MiniLM 32 × 48, p = .7: 1.35× the dense block). A GPU keeps the head ops, whose grouped GEMMs
+# skip each row's pruned heads.
+MASKED_DENSE_DEVICES = ("cpu",)
+
+
+def rows_pay(tokens: int, cap: int, union: int) -> bool:
+    """Whether computing each row's own ``cap`` groups beats computing ``union`` for every row,
+    for rows of ``tokens`` tokens (see ROWS_MIN_SAVED_FLOPS_PER_WEIGHT)."""
+    return 2.0 * tokens * (union - cap) >= ROWS_MIN_SAVED_FLOPS_PER_WEIGHT * cap
 
 
 class CompactBlock(nn.Module):
@@ -54,6 +76,7 @@ class CompactBlock(nn.Module):
         self.calls_rows = 0  # how many of them ran each row's own kept heads (compact_rows)
         self.calls_every_head = 0  # how many calls ran every head: the head ops, or ...
         self.calls_dense = 0  # ... the dense originals, the gate having kept every head
+        self.calls_masked = 0  # ... or the dense originals with pruned heads' outputs zeroed
         self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
         self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
@@ -62,7 +85,7 @@ class CompactBlock(nn.Module):
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         plan = self.gate.compact_plan(keep.shape[0])
-        row_plan = self._row_plan(keep, plan, kv_heads)
+        row_plan = self._row_plan(keep, plan, kv_heads, projections[roles[0][0]][6].shape[1])
         if row_plan is not None or (plan is not None and plan[0] < kv_heads):
             factor = qk_factors[0] * qk_factors[1]
             if factor != 1.0:
@@ -86,17 +109,26 @@ class CompactBlock(nn.Module):
         return self._every_head(keep, attn_mask, dropout_p, is_causal, scale, projections, roles, out_projection,
                                 geometry, qk_factors)
 
-    def _row_plan(self, keep: torch.Tensor, plan, kv_heads: int):
+    def _row_plan(self, keep: torch.Tensor, plan, kv_heads: int, tokens: Optional[int]):
         """(cap, whole) when each row should compute its own kept groups (kernels/compact_rows):
         rows decide apart, a row keeps fewer groups than the union bound would compute for every
-        row, and the block runs on a device in ROWS_DEVICES."""
+        row, enough so for rows of ``tokens`` tokens (:func:`rows_pay`; None: unknown, assumed
+        to), and the block runs on a device in ROWS_DEVICES."""
         if keep.shape[0] < 2 or keep.device.type not in ROWS_DEVICES or (plan is not None and plan[1]):
             return None
         row_plan = self.gate.compact_row_plan()
         union = kv_heads if plan is None else min(plan[0], kv_heads)
         if row_plan is None or row_plan[0] >= union:
             return None
+        if tokens is not None and not rows_pay(tokens, row_plan[0], union):
+            return None
         return row_plan
+
+    def _masks_dense(self, keep: torch.Tensor) -> bool:
+        """Whether this call, about to compute every head, should run the dense originals and zero
+        the pruned heads' outputs (see MASKED_DENSE_DEVICES)."""
+        return (keep.dim() == 2 and keep.shape[0] > 1 and keep.device.type in MASKED_DENSE_DEVICES
+                and self.gate.decides_rows_apart())
 
     def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads,
                   gather=gather_block_weights):
@@ -137,8 +169,10 @@ class CompactBlock(nn.Module):
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         union = None
         dense = self.gate.keeps_every_head()
+        masked = not dense and self._masks_dense(keep)
         self.calls_every_head += 1
         self.calls_dense += dense
+        self.calls_masked += masked
 
         def flags(spec):
             nonlocal union
@@ -150,7 +184,7 @@ class CompactBlock(nn.Module):
                 union = keep.any(0)
             return union
 
-        if dense:  # every head kept: the original GEMMs and attention, not their gated forms
+        if dense or masked:  # the original GEMMs and attention, not their gated forms
             features = [_linear(p[0], p[1], p[2], p[5]) for p in projections]
         else:
             features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
@@ -164,15 +198,17 @@ class CompactBlock(nn.Module):
 
         q, k, v = role(0, heads, head_dim), role(1, kv_heads, head_dim), role(2, kv_heads, v_head_dim)
         q, k = (t if f == 1.0 else t * f for t, f in zip((q, k), qk_factors))
-        if dense:
+        if dense or masked:
             o = dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
+            if masked:
+                o = zero_pruned(o, keep)
         else:
             o = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         o = self.gate.tap_module(o, q, k, v, attn_mask)
         B, _, L, _ = o.shape
         o = o.transpose(1, 2).reshape(B, L, heads * v_head_dim)
         o = o.flatten(0, 1) if flat else o
-        if dense:
+        if dense or masked:
             return _linear(o, w_o, b_o, in_out_o)
         return torch.ops.dhp.head_linear_in(o, w_o, b_o, flags(flags_o), unit_o, in_out_o)
 
@@ -181,9 +217,10 @@ class CompactChain(CompactBlock):
     """The calls ``passes/compact_chain.py`` puts in place of a block's head ops when the graph's
     own ops (RoPE) stay between projections and attention. One module, four kinds of call:
 
-    - ``chain(keep, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
+    - ``chain(keep, x, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
       (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
-      (per_row: each row its own, kernels/compact_rows), else None;
+      (per_row: each row its own, kernels/compact_rows), else DENSE, MASKED or None (the head
+      ops); x, the first projection's input, gives the rows' token count;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's;
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
@@ -193,15 +230,18 @@ class CompactChain(CompactBlock):
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)
 
-    def _plan(self, keep, *, weights, starts, geometry):
+    def _plan(self, keep, x=None, *, weights, starts, geometry):
         heads, kv_heads, head_dim, v_head_dim = geometry
         plan = self.gate.compact_plan(keep.shape[0])
-        row_plan = self._row_plan(keep, plan, kv_heads)
+        tokens = None if x is None else x.numel() // max(x.shape[-1], 1) // max(keep.shape[0], 1)
+        row_plan = self._row_plan(keep, plan, kv_heads, tokens)
         if row_plan is None and (plan is None or plan[0] >= kv_heads):
             dense = self.gate.keeps_every_head()
+            masked = not dense and self._masks_dense(keep)
             self.calls_every_head += 1
             self.calls_dense += dense
-            return DENSE if dense else None
+            self.calls_masked += masked
+            return DENSE if dense else MASKED if masked else None
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
@@ -217,7 +257,7 @@ class CompactChain(CompactBlock):
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
-        if plan is DENSE:
+        if plan is DENSE or plan is MASKED:
             return _linear(x, w, b, in_out)
         heads, kv_heads, head_dim, v_head_dim = geometry
         cap, _, gathered, per_row = plan
@@ -235,6 +275,9 @@ class CompactChain(CompactBlock):
         heads, kv_heads, _, _ = geometry
         if plan is DENSE:
             return dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
+        if plan is MASKED:
+            return zero_pruned(dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads),
+                               keep)
         cap, shared_or_whole, gathered, per_row = plan
         core = rows_core if per_row else compact_core
         return core(q, k, v, keep, gathered, heads // kv_heads, attn_mask, dropout_p, is_causal, scale,
@@ -243,7 +286,7 @@ class CompactChain(CompactBlock):
     def _out(self, keep, o, w, b, flags, unit, in_out, *, plan, role, geometry):
         if plan is None:
             return torch.ops.dhp.head_linear_in(o, w, b, _flags(flags, keep), unit, in_out)
-        if plan is DENSE:
+        if plan is DENSE or plan is MASKED:
             return _linear(o, w, b, in_out)
         w_o = plan[2].w_o
         if plan[3]:
@@ -258,6 +301,15 @@ def _capturing(keep: torch.Tensor) -> bool:
 
 # The chain's plan when the gate kept every head: each call runs its dense original.
 DENSE = "dense"
+# ... and when rows decide apart and nothing compacts (see MASKED_DENSE_DEVICES): the same, with
+# the pruned heads' attention outputs zeroed.
+MASKED = "masked"
+
+
+def zero_pruned(o: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """o [B, H, L, D] with the heads keep [B, H] prunes set to zero. A select, not a product:
+    a pruned head's row that is NaN (every key masked) must come out zero, as from the gated op."""
+    return o.masked_fill(~keep[..., None, None], 0)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_out: bool) -> torch.Tensor:

@@ -120,6 +120,7 @@ class HeadGate(nn.Module):
         self.register_buffer("fixed_keep", torch.ones(0, dtype=torch.bool), persistent=False)
         self._fixed_plan: Optional[tuple[int, bool]] = None  # (heads in the mask's union, rows equal)
         self._fixed_row_plan: Optional[tuple[int, bool]] = None  # (most groups of one row, whole groups)
+        self._fixed_rows_apart = False  # a [B, H] mask whose rows differ
         self._init_stats()
 
     # ------------------------------------------------------------------ budget
@@ -147,6 +148,7 @@ class HeadGate(nn.Module):
         if mask is None:
             self.fixed_keep = torch.ones(0, dtype=torch.bool, device=self.fixed_keep.device)
             self._fixed_plan = self._fixed_row_plan = None
+            self._fixed_rows_apart = False
             return
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or mask.dim() not in (1, 2) or mask.shape[-1] != self.num_heads:
@@ -163,6 +165,7 @@ class HeadGate(nn.Module):
         self._fixed_plan = (int(groups.any(0).sum()), whole and bool((rows == rows[:1]).all()))
         self._fixed_row_plan = (max(int(groups.sum(-1).max()), 1), whole)
         self._fixed_all = bool(mask.all())
+        self._fixed_rows_apart = mask.dim() == 2 and not bool((mask == mask[:1]).all())
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         """Importance per (batch, head), higher = keep. Scoring strategies override this."""
@@ -247,6 +250,17 @@ class HeadGate(nn.Module):
             return None
         per_row, _, whole = self._group_bounds()
         return per_row, whole
+
+    def decides_rows_apart(self) -> bool:
+        """Whether this gate's last decision may differ row by row (per-sample scoring, or a pinned
+        [B, H] mask whose rows differ) and left no tap work that reads the heads' values. Then a
+        block may compute every head densely and zero the pruned ones' outputs: the cheapest exact
+        form where per-row compaction does not pay (dhp_fx.compact_block). Host state only."""
+        if self._tap_work is not None or self.recording:
+            return False
+        if self.fixed_keep.numel():
+            return self._fixed_rows_apart
+        return self.granularity == "sample"
 
     def keeps_every_head(self) -> bool:
         """Whether this gate's last decision kept every head of every row, from host state: a

@@ -188,8 +188,10 @@ def block_paths(model) -> str:
         return ""
     rows = sum(b.calls_rows for b in blocks)
     dense = sum(b.calls_dense for b in blocks)
+    masked = sum(b.calls_masked for b in blocks)
     return (f"\nblock calls so far: {compact} on kept heads only ({rows} of them each row its own), "
-            f"{every} on every head ({dense} of them dense, the gate having kept every head)")
+            f"{every} on every head ({dense} of them dense, the gate having kept every head; "
+            f"{masked} dense with pruned heads zeroed, where no compaction paid)")
 
 
 def model_report(model, stats=None, max_keep_freq: float = 0.01) -> str:

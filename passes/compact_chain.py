@@ -6,8 +6,9 @@ Mistral) multiply and add on that path. They are head-agnostic, though: cos and 
 over the head dim. So here the graph between the projections and the output projection stays as
 it is, and only four kinds of node change, each into a call of the gate's ``chain_module``:
 
-- ``plan = chain(keep, kind="plan", ...)``, before the first projection: the call's kept KV groups
-  and their gathered weights, or None (every head: the head ops run as before);
+- ``plan = chain(keep, x, kind="plan", ...)``, before the first projection (x: its input): the
+  call's kept KV groups and their gathered weights, or None (every head: the head ops run as
+  before);
 - each Q/K/V head op: ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan=..., role=...)``
   gives [B, L, cap · dim] features;
 - the gated op: ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan=...)``
@@ -159,8 +160,9 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     geometry = (site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim)
     starts = tuple((state.proj.features.get(r) or (0,))[0] for r in ROLES)
     with graph.inserting_before(first):
-        plan = graph.call_module(target, (keep,), dict(kind="plan", weights=weights[:6] + weights[6:7],
-                                                          starts=starts, geometry=geometry))
+        # first's input gives the rows' token count, which decides whether rows compact apart
+        plan = graph.call_module(target, (keep, first.args[0]),
+                                 dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry))
     for role_index, node in enumerate(nodes):
         x, w, b, flags, unit, in_out = node.args[:6]
         kind = "proj" if role_index < 3 else "out"

@@ -409,13 +409,16 @@ def test_compact_graph_computes_no_fallback_flags(monkeypatch):
     # compact, gathering (on CPU as plain index_selects, not the custom op), and no flag union
     assert sum(b.calls_every_head for b in blocks) == before and ops["aten::scaled_dot_product_attention"], ops
     assert ops["aten::index_select"] >= 4 * len(opt.sites) and "aten::any" not in ops, ops
-    # a batch of 3 keeps up to every head in union: on CPU each row runs its own (compact_rows)
+    # a batch of 3 keeps up to every head in union: on CPU each row runs its own (compact_rows;
+    # forced: these rows are too short for it to pay, see test_compact_rows)
+    monkeypatch.setattr("dhp_fx.compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
     batch = {"input_ids": entry.inputs()["input_ids"][:1].repeat(3, 1)}
     ops = kernel_ops(lambda: opt(**batch))
     batched = ops["aten::bmm"] + ops["aten::baddbmm"]  # per-row projections: four batched GEMMs a block
     assert "dhp::head_linear_in" not in ops and "aten::any" not in ops and batched == 4 * len(opt.sites), ops
-    # where rows are not compacted (GPUs), the fallback still finds its flags
+    # where rows are not compacted nor masked (GPUs), the fallback still finds its flags
     monkeypatch.setattr("dhp_fx.compact_block.ROWS_DEVICES", ())
+    monkeypatch.setattr("dhp_fx.compact_block.MASKED_DENSE_DEVICES", ())
     ops = kernel_ops(lambda: opt(**batch))
     assert "dhp::gather_heads" not in ops and ops["dhp::head_linear_in"] == len(opt.sites), ops
 

@@ -92,6 +92,7 @@ def test_rows_block_refuses_a_bad_cap():
 # ---------------------------------------------------------------------------- models
 import dhp_fx  # noqa: E402
 from dhp_fx.config import DHPConfig  # noqa: E402
+from dhp_fx import compact_block  # noqa: E402
 from dhp_fx.testing import check_keep_mask  # noqa: E402
 
 from test_compact_heads import COMPACTED, ENTRIES, _NO_CACHE  # noqa: E402
@@ -110,23 +111,88 @@ def _rows_apart(entry, whole: bool) -> torch.Tensor:
     return keep
 
 
+@pytest.fixture
+def rows_always(monkeypatch):
+    """The zoo's rows are a few tokens long, too short for per-row compaction to pay (rows_pay):
+    these tests are of its exactness, so they switch the cost test off."""
+    monkeypatch.setattr(compact_block, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
+
+
+def _modules(opt, name):
+    chained = name.startswith(("llama", "qwen3"))
+    return [opt.gate(s).chain_module if chained else opt.gate(s).block_module for s in opt.sites]
+
+
 @pytest.mark.parametrize("name", [n for n in COMPACTED + ["llama-sdpa", "llama-eager", "qwen3-sdpa"] if n in ENTRIES])
-def test_zoo_blocks_run_each_rows_own_heads_exactly(name):
+def test_zoo_blocks_run_each_rows_own_heads_exactly(name, rows_always):
     entry = ENTRIES[name]
     model, inputs = entry.build(), entry.inputs()
     inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert entry.batch >= 2 and all(s.compact_block for s in opt.sites), opt.report()
-    chained = name.startswith(("llama", "qwen3"))
-    modules = [opt.gate(s).chain_module if chained else opt.gate(s).block_module for s in opt.sites]
+    modules = _modules(opt, name)
     for whole in ((True, False) if entry.kv_heads < entry.heads else (True,)):
         before = sum(m.calls_rows for m in modules)
         check_keep_mask(model, opt, inputs, _rows_apart(entry, whole))
         assert sum(m.calls_rows for m in modules) - before == len(modules)
 
 
+@pytest.mark.parametrize("name", ["bert-sdpa", "gpt2-eager", "t5-sdpa", "opt-sdpa", "llama-sdpa", "qwen3-sdpa"])
+def test_rows_apart_too_short_to_compact_run_the_masked_dense_block_exactly(name):
+    """Rows that decide apart, a few tokens long: per-row compaction does not pay, so blocks and
+    chains run the dense originals and zero the pruned heads' outputs, no gated op at all; the
+    output equals the zeroed-head model's (GQA rows with part of a group too)."""
+    from test_launch_count import kernel_ops
+
+    entry = ENTRIES[name]
+    model, inputs = entry.build(), entry.inputs()
+    inputs.update(_NO_CACHE.get(name.split("-")[0], {}))
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    modules = _modules(opt, name)
+    for whole in ((True, False) if entry.kv_heads < entry.heads else (True,)):
+        keep = _rows_apart(entry, whole)
+        before = [(m.calls_masked, m.calls_rows, m.calls_compact) for m in modules]
+        check_keep_mask(model, opt, inputs, keep)
+        assert [(m.calls_masked - a, m.calls_rows - b, m.calls_compact - c)
+                for m, (a, b, c) in zip(modules, before)] == [(1, 0, 0)] * len(modules)
+    opt.set_keep_mask({s.name: _rows_apart(entry, True) for s in opt.sites})
+    try:
+        ops = kernel_ops(lambda: opt(**inputs))
+    finally:
+        opt.set_keep_mask(None)
+    assert not any(op.startswith("dhp::") for op in ops), ops
+
+
+def test_the_block_compacts_rows_only_where_their_tokens_pay():
+    """Per-sample router decisions on 5 rows, each a quarter of the heads (cap 1 of 4 groups): at 8
+    tokens a row, 2 · 8 · 3 / 1 = 48 saved multiply-adds per gathered weight, below the bound
+    (masked dense); at 64 tokens, 384 (each row its own head). Both equal the head ops."""
+    entry = ENTRIES["bert-sdpa"]
+    model = entry.build()
+    assert compact_block.rows_pay(64, 1, 4) and not compact_block.rows_pay(8, 1, 4)
+    assert compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == 128.0
+    for tokens, path in ((8, "calls_masked"), (64, "calls_rows")):
+        # 5 rows: more than the 4 groups, so the budget does not bound the union below them
+        ids = torch.randint(3, 60, (5, tokens), generator=torch.Generator().manual_seed(tokens))
+        opts = [dhp_fx.optimize(model, DHPConfig(keep_ratio=0.25, scoring="router", compact_heads=compact),
+                                example_inputs={"input_ids": ids}) for compact in (True, False)]
+        with torch.no_grad():
+            for site in opts[0].sites:  # rows that disagree (the union is every head); one router for both
+                router = opts[0].gate(site).router
+                torch.nn.init.normal_(router[-1].weight, std=4.0, generator=torch.Generator().manual_seed(1))
+                opts[1].gate(site).router.load_state_dict(router.state_dict())
+        blocks = [opts[0].gate(s).block_module for s in opts[0].sites]
+        before = [(b.calls_masked, b.calls_rows, b.calls_compact + b.calls_every_head) for b in blocks]
+        with torch.no_grad():
+            outs = [opt(input_ids=ids).last_hidden_state for opt in opts]
+        ran = [(b.calls_masked - m, b.calls_rows - r, b.calls_compact + b.calls_every_head - c)
+               for b, (m, r, c) in zip(blocks, before)]
+        assert ran == [((1, 0, 1) if path == "calls_masked" else (0, 1, 1))] * len(blocks), (tokens, ran)
+        assert_outputs_close(outs[0], outs[1], what=f"{tokens} tokens: block vs head ops")
+
+
 @pytest.mark.parametrize("name", ["bert-sdpa", "llama-sdpa"])
-def test_router_batches_run_rows_and_match_the_head_ops(name):
+def test_router_batches_run_rows_and_match_the_head_ops(name, rows_always):
     """Per-sample router decisions on a batch of 3: each row's own heads (compact_rows) give the
     output and the weight gradients of the head ops (compact_heads=False)."""
     entry = ENTRIES[name]
@@ -172,20 +238,22 @@ def test_every_head_kept_runs_the_dense_originals(name):
     with torch.no_grad():
         assert_outputs_close(opt(**inputs), model(**inputs), what="gates open")
     opt.set_keep_ratio(0.5)
-    from dhp_fx import compact_block
-
-    saved = compact_block.ROWS_DEVICES
-    compact_block.ROWS_DEVICES = ()  # per-sample decisions on 2 rows: the head ops (as on a GPU)
+    # per-sample decisions on 2 short rows: the dense originals with pruned heads zeroed on CPU,
+    # the head ops where neither per-row nor masked blocks run (as on a GPU)
+    ops = kernel_ops(lambda: opt(**inputs))
+    assert not any(op.startswith("dhp::") for op in ops), ops
+    saved = compact_block.ROWS_DEVICES, compact_block.MASKED_DENSE_DEVICES
+    compact_block.ROWS_DEVICES = compact_block.MASKED_DENSE_DEVICES = ()
     try:
         ops = kernel_ops(lambda: opt(**inputs))
     finally:
-        compact_block.ROWS_DEVICES = saved
+        compact_block.ROWS_DEVICES, compact_block.MASKED_DENSE_DEVICES = saved
     assert ops["dhp::gated_attention"] == len(opt.sites), ops
 
 
-def test_report_counts_what_the_blocks_ran():
+def test_report_counts_what_the_blocks_ran(monkeypatch):
     """The sites table says where blocks compact; which path each call took is per call, and the
-    report sums it: kept heads only (per row or not), every head (dense or head ops)."""
+    report sums it: kept heads only (per row or not), every head (dense, masked dense or head ops)."""
     entry = ENTRIES["bert-sdpa"]
     model = entry.build()
     ids = entry.inputs()["input_ids"]
@@ -194,7 +262,9 @@ def test_report_counts_what_the_blocks_ran():
     base = opt.report()
     with torch.no_grad():
         opt(input_ids=ids[:1])  # batch 1: the budget bounds the union, compact
-        opt(input_ids=ids[:1].repeat(3, 1))  # batch 3, rows apart on CPU
+        opt(input_ids=ids[:1].repeat(3, 1))  # batch 3 of short rows: masked dense
+        monkeypatch.setattr(compact_block, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
+        opt(input_ids=ids[:1].repeat(3, 1))  # rows apart, compaction forced
         opt.set_keep_ratio(1.0)
         opt(input_ids=ids[:1])  # every head kept: the dense originals
     report = opt.report()
@@ -203,5 +273,6 @@ def test_report_counts_what_the_blocks_ran():
     calls = [int(t) for t in line[0].replace("(", " ").split() if t.isdigit()]
     before = [int(t) for ln in base.splitlines() if ln.startswith("block calls so far")
               for t in ln.replace("(", " ").split() if t.isdigit()]
-    got = [a - b for a, b in zip(calls, before or [0, 0, 0, 0])]
-    assert got == [2 * layers, layers, layers, layers], (got, report)
+    got = [a - b for a, b in zip(calls, before or [0] * 5)]
+    # compact, of them rows; every head, of them dense, masked
+    assert got == [2 * layers, layers, 2 * layers, layers, layers], (got, report)

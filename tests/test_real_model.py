@@ -58,8 +58,8 @@ def test_demo_runs_on_the_real_and_tiny_models(capsys):
 
 
 def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
-    """The GPU-only A/B of per-row blocks (graphed on a card), run on CPU here: it must take the
-    per-row path and leave compact_block.ROWS_DEVICES as it found it."""
+    """The GPU-only A/Bs of per-row blocks and masked dense blocks (graphed on a card), run on CPU
+    here: each must take its path and leave compact_block's switches as it found them."""
     import importlib.util
 
     from dhp_fx import compact_block
@@ -71,16 +71,21 @@ def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
     spec.loader.exec_module(module)
     model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                  intermediate_size=64)).eval()
-    inputs = {"input_ids": torch.randint(3, 64, (3, 8))}
+    inputs = {"input_ids": torch.randint(3, 64, (5, 8))}
     opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.25, scoring="router"), example_inputs=inputs)
-    saved = compact_block.ROWS_DEVICES
-    compact_block.ROWS_DEVICES = ()  # as on a GPU: the A/B must switch the path on itself
+    names = ("ROWS_DEVICES", "MASKED_DENSE_DEVICES", "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT")
+    saved = {name: getattr(compact_block, name) for name in names}
+    # as on a GPU: each A/B must switch its path on itself
+    compact_block.ROWS_DEVICES = compact_block.MASKED_DENSE_DEVICES = ()
     try:
         with torch.no_grad():
-            row = module._time_rows_on_gpu(opt, inputs, 0.25, 1.0, 1, "cpu")
-        assert row["rows_ran"] and row["ms"] > 0 and compact_block.ROWS_DEVICES == ()
+            rows = [module._time_rows_on_gpu(opt, inputs, 0.25, 1.0, 1, "cpu", path) for path in ("rows", "masked")]
+        assert rows[0]["rows_ran"] and rows[1]["masked_ran"] and all(r["ms"] > 0 for r in rows), rows
+        assert compact_block.ROWS_DEVICES == compact_block.MASKED_DENSE_DEVICES == ()
+        assert compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == saved["ROWS_MIN_SAVED_FLOPS_PER_WEIGHT"]
     finally:
-        compact_block.ROWS_DEVICES = saved
+        for name, value in saved.items():
+            setattr(compact_block, name, value)
 
 
 def test_gpu_check_script_runs_small_on_cpu(capsys):
