@@ -54,7 +54,8 @@ def main() -> None:
                              "router model itself with per-row blocks switched off call by call")
     parser.add_argument("--paths", action="store_true",
                         help="at batch > 1 adds the router model with each path the block chooses between "
-                             "forced: per-row blocks, and the dense block with pruned heads zeroed")
+                             "forced: per-row blocks, and the dense block with pruned heads zeroed; and the "
+                             "probe model with its per-sample output GEMM forced")
     parser.add_argument("--only", nargs="+", metavar="SCORING", choices=["static", "router", "probe"],
                         help="time only these gates (and dense): a tighter A/B on a noisy machine")
     args = parser.parse_args()
@@ -83,7 +84,7 @@ def main() -> None:
                         torch.nn.init.normal_(gate.router[-1].weight, std=1.0)
             variants[f"{scoring}/{granularity}{'' if compact else ' head ops'} p={p:g}"] = opt
     from dhp_fx import compact_block
-    from dhp_fx.kernels import head_linear
+    from dhp_fx.kernels import head_linear, row_cost
 
     # (name, model, policy): the policy switches set around that run's calls, as module attributes
     runs = [(name, m, {}) for name, m in variants.items()]
@@ -96,10 +97,12 @@ def main() -> None:
         runs += [(name + " (rows off: head ops)", m, {"ROWS_DEVICES": (), "MASKED_DENSE_DEVICES": ()})
                  for name, m in routers]
     if args.paths and args.batch > 1:
-        # what the cost test chooses between, each forced: per-row blocks, the masked dense block
-        runs += [(name + " (rows forced)", m, {"ROWS_MIN_SAVED_FLOPS_PER_WEIGHT": 0.0}) for name, m in routers]
+        # what the cost test chooses between, each forced: per-row work (blocks, or the probe's
+        # per-sample output GEMM), the masked dense block
+        probes = [(name, m) for name, m in variants.items() if name.startswith("probe/sample p=")]
+        runs += [(name + " (rows forced)", m, {"ROWS_MIN_SAVED_FLOPS_PER_WEIGHT": 0.0}) for name, m in routers + probes]
         runs += [(name + " (masked dense forced)", m, {"ROWS_DEVICES": ()}) for name, m in routers]
-    homes = {"PER_SAMPLE_GEMM": head_linear}
+    homes = {"PER_SAMPLE_GEMM": head_linear, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT": row_cost}
     defaults = {key: getattr(homes.get(key, compact_block), key)
                 for key in ("ROWS_DEVICES", "MASKED_DENSE_DEVICES", "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", "PER_SAMPLE_GEMM")}
 

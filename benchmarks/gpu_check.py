@@ -275,17 +275,20 @@ def time_encoder(device, dtype, batch, seq, reps, small: bool) -> list[dict]:
 
 @contextlib.contextmanager
 def _block_policy(**settings):
-    """compact_block's path switches set for a with-block, restored after (a failed check included)."""
+    """compact_block's path switches (and row_cost's bound) set for a with-block, restored after
+    (a failed check included)."""
     from dhp_fx import compact_block
+    from dhp_fx.kernels import row_cost
 
-    saved = {name: getattr(compact_block, name) for name in settings}
+    homes = {name: row_cost if hasattr(row_cost, name) else compact_block for name in settings}
+    saved = {name: getattr(homes[name], name) for name in settings}
     for name, value in settings.items():
-        setattr(compact_block, name, value)
+        setattr(homes[name], name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(compact_block, name, value)
+            setattr(homes[name], name, value)
 
 
 def _time_rows_on_gpu(opt, inputs, p, dense, reps, device, path: str = "rows") -> dict:

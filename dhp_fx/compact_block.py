@@ -4,7 +4,7 @@ Per call it asks the gate in how many KV groups (heads, for MHA) the call's kept
 most (``HeadGate.compact_plan``: a host-side bound from the budget and the batch size, never a
 device sync). Below the group count, the block runs on those groups alone
 (``kernels/compact_heads.py``). Rows that decide apart may each run their own groups
-(``kernels/compact_rows.py``) where that pays (:func:`rows_pay`). Otherwise, or when the gate
+(``kernels/compact_rows.py``) where that pays (``kernels/row_cost.py``). Otherwise, or when the gate
 left work that needs every head's q, k and v (calibration, attention maps, straight-through
 training), it runs the head ops the graph held before and calls the gate's tap; when the gate
 kept every head (host state: the budget, the straight-through estimator), the dense originals
@@ -23,20 +23,15 @@ import torch.nn.functional as F
 from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, dense_attention,
                                     gather_block_weights, role_widths)
 from .cuda_graphs import freeze_for_capture, tensor_state
+from .kernels import row_cost
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
 
 # Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
-# rather than the head ops: each row gathers its own weights, small next to a CPU's GEMMs but,
-# at large batch, a GPU's whole budget (BERT-base, 32 rows, p = .5: 75 MB a layer). Untimed on
-# a GPU; there per-sample decisions keep the union compaction and the head ops.
+# where a row's tokens pay for its weight gather (kernels/row_cost): on a CPU the gather is
+# small next to the GEMMs of long rows but, at large batch, a GPU's whole budget (BERT-base, 32
+# rows, p = .5: 75 MB a layer). Untimed on a GPU; there per-sample decisions keep the union
+# compaction and the head ops.
 ROWS_DEVICES = ("cpu",)
-
-# A row computing its own groups saves GEMM work that grows with its tokens, and pays for
-# weights that do not: its gather, then a batched GEMM that streams a copy per row where the
-# dense GEMM reads one copy for every token. Per-row compaction runs only when the multiply-adds
-# it saves per gathered weight element, 2 · tokens · (union − cap) / cap, reach this bound
-# (MiniLM on the 2-core CI machine, session 16: see benchmarks/RESULTS.md).
-ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = 128.0
 
 # Devices on which rows that decide apart, where no compaction pays, run the dense block with the
 # pruned heads' outputs zeroed (exact: their share of the output projection is then zero) rather
@@ -44,12 +39,6 @@ ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = 128.0
 # (MiniLM 32 × 48, p = .7: 1.35× the dense block). A GPU keeps the head ops, whose grouped GEMMs
 # skip each row's pruned heads.
 MASKED_DENSE_DEVICES = ("cpu",)
-
-
-def rows_pay(tokens: int, cap: int, union: int) -> bool:
-    """Whether computing each row's own ``cap`` groups beats computing ``union`` for every row,
-    for rows of ``tokens`` tokens (see ROWS_MIN_SAVED_FLOPS_PER_WEIGHT)."""
-    return 2.0 * tokens * (union - cap) >= ROWS_MIN_SAVED_FLOPS_PER_WEIGHT * cap
 
 
 class CompactBlock(nn.Module):
@@ -112,15 +101,15 @@ class CompactBlock(nn.Module):
     def _row_plan(self, keep: torch.Tensor, plan, kv_heads: int, tokens: Optional[int]):
         """(cap, whole) when each row should compute its own kept groups (kernels/compact_rows):
         rows decide apart, a row keeps fewer groups than the union bound would compute for every
-        row, enough so for rows of ``tokens`` tokens (:func:`rows_pay`; None: unknown, assumed
-        to), and the block runs on a device in ROWS_DEVICES."""
+        row, enough so for rows of ``tokens`` tokens (``kernels/row_cost.py``; None: unknown,
+        assumed to), and the block runs on a device in ROWS_DEVICES."""
         if keep.shape[0] < 2 or keep.device.type not in ROWS_DEVICES or (plan is not None and plan[1]):
             return None
         row_plan = self.gate.compact_row_plan()
         union = kv_heads if plan is None else min(plan[0], kv_heads)
         if row_plan is None or row_plan[0] >= union:
             return None
-        if tokens is not None and not rows_pay(tokens, row_plan[0], union):
+        if tokens is not None and not row_cost.rows_pay(tokens, row_plan[0], union):
             return None
         return row_plan
 

@@ -14,10 +14,11 @@ CUDA tensors (fp16/bf16/fp32) run the Triton kernels of ``triton_head_linear.py`
 backward, which read the mask on the device; the rest of this module is the CPU (and fallback) path.
 
 ``heads_keep`` is [H] (one head set for every row) or [B, H] with ``x.shape[0] == B`` (per-sample
-gates). Per sample, when every row keeps the same number of heads (top-k budgets), each sample's
-kept weight rows/columns are gathered into one batched GEMM, so a head is computed only for the
-samples that keep it; otherwise the union of the rows' heads is computed (and pruned features of
-head_linear_out are zeroed per row). On the torch path the backward of the per-sample form uses
+gates). Per sample, when every row keeps the same number of heads (top-k budgets) and the rows
+are long enough to pay for it (``row_cost.py``), each sample's kept weight rows/columns are
+gathered into one batched GEMM, so a head is computed only for the samples that keep it;
+otherwise the union of the rows' heads is computed (and pruned features of head_linear_out are
+zeroed per row). On the torch path the backward of the per-sample form uses
 masked dense products: training pays full projection cost there.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import row_cost
 
 
 def _feature_index(heads_keep: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -63,13 +66,17 @@ def _feature_mask(heads_keep: torch.Tensor, head_dim: int, x: torch.Tensor) -> t
     return mask
 
 
-def _per_sample_index(heads_keep: torch.Tensor, head_dim: int) -> Optional[torch.Tensor]:
-    """[B, n*D] feature indices of each row's kept heads, or None when rows keep different counts."""
+def _per_sample_index(heads_keep: torch.Tensor, head_dim: int, tokens: int) -> Optional[torch.Tensor]:
+    """[B, n*D] feature indices of each row's kept heads, or None for the union of the rows'
+    heads: when rows keep different counts, or rows of ``tokens`` tokens are too short to pay
+    for gathering their own weights (row_cost)."""
     if not PER_SAMPLE_GEMM:
         return None
     counts = heads_keep.sum(-1)
     n = int(counts[0])
     if not bool((counts == n).all()) or n == 0:
+        return None
+    if not row_cost.rows_pay(tokens, n, int(heads_keep.any(0).sum())):
         return None
     heads = heads_keep.nonzero()[:, 1].view(heads_keep.shape[0], n)
     return (heads[..., None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten(1)
@@ -93,8 +100,8 @@ def head_linear_in_reference(x, weight, bias, heads_keep, head_dim, weight_in_ou
 def _out_per_sample(x, w, bias, heads_keep, head_dim):
     if _rows_agree(heads_keep):
         return _out_compute(x, w, bias, heads_keep[0], head_dim, False)
-    idx = _per_sample_index(heads_keep, head_dim)
-    if idx is None:  # rows keep different counts: the union, then zero each row's pruned features
+    idx = _per_sample_index(heads_keep, head_dim, x.numel() // max(1, x.shape[0] * x.shape[-1]))
+    if idx is None:  # the union, then zero each row's pruned features
         y = _out_compute(x, w, bias, heads_keep.any(0), head_dim, False)
         return y * _feature_mask(heads_keep, head_dim, y)
     B = x.shape[0]
@@ -111,7 +118,7 @@ def _out_per_sample(x, w, bias, heads_keep, head_dim):
 def _in_per_sample(x, w, bias, heads_keep, head_dim):
     if _rows_agree(heads_keep):
         return _in_compute(x, w, bias, heads_keep[0], head_dim, False)
-    idx = _per_sample_index(heads_keep, head_dim)
+    idx = _per_sample_index(heads_keep, head_dim, x.numel() // max(1, x.shape[0] * x.shape[-1]))
     if idx is None:  # pruned inputs are zeros: the union of the rows' heads is exact
         return _in_compute(x, w, bias, heads_keep.any(0), head_dim, False)
     B = x.shape[0]

@@ -411,7 +411,7 @@ def test_compact_graph_computes_no_fallback_flags(monkeypatch):
     assert ops["aten::index_select"] >= 4 * len(opt.sites) and "aten::any" not in ops, ops
     # a batch of 3 keeps up to every head in union: on CPU each row runs its own (compact_rows;
     # forced: these rows are too short for it to pay, see test_compact_rows)
-    monkeypatch.setattr("dhp_fx.compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
+    monkeypatch.setattr("dhp_fx.kernels.row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
     batch = {"input_ids": entry.inputs()["input_ids"][:1].repeat(3, 1)}
     ops = kernel_ops(lambda: opt(**batch))
     batched = ops["aten::bmm"] + ops["aten::baddbmm"]  # per-row projections: four batched GEMMs a block

@@ -93,6 +93,7 @@ def test_rows_block_refuses_a_bad_cap():
 import dhp_fx  # noqa: E402
 from dhp_fx.config import DHPConfig  # noqa: E402
 from dhp_fx import compact_block  # noqa: E402
+from dhp_fx.kernels import row_cost  # noqa: E402
 from dhp_fx.testing import check_keep_mask  # noqa: E402
 
 from test_compact_heads import COMPACTED, ENTRIES, _NO_CACHE  # noqa: E402
@@ -115,7 +116,7 @@ def _rows_apart(entry, whole: bool) -> torch.Tensor:
 def rows_always(monkeypatch):
     """The zoo's rows are a few tokens long, too short for per-row compaction to pay (rows_pay):
     these tests are of its exactness, so they switch the cost test off."""
-    monkeypatch.setattr(compact_block, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
+    monkeypatch.setattr(row_cost, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
 
 
 def _modules(opt, name):
@@ -169,8 +170,8 @@ def test_the_block_compacts_rows_only_where_their_tokens_pay():
     (masked dense); at 64 tokens, 384 (each row its own head). Both equal the head ops."""
     entry = ENTRIES["bert-sdpa"]
     model = entry.build()
-    assert compact_block.rows_pay(64, 1, 4) and not compact_block.rows_pay(8, 1, 4)
-    assert compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == 128.0
+    assert row_cost.rows_pay(64, 1, 4) and not row_cost.rows_pay(8, 1, 4)
+    assert row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == 128.0
     for tokens, path in ((8, "calls_masked"), (64, "calls_rows")):
         # 5 rows: more than the 4 groups, so the budget does not bound the union below them
         ids = torch.randint(3, 60, (5, tokens), generator=torch.Generator().manual_seed(tokens))
@@ -263,7 +264,7 @@ def test_report_counts_what_the_blocks_ran(monkeypatch):
     with torch.no_grad():
         opt(input_ids=ids[:1])  # batch 1: the budget bounds the union, compact
         opt(input_ids=ids[:1].repeat(3, 1))  # batch 3 of short rows: masked dense
-        monkeypatch.setattr(compact_block, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
+        monkeypatch.setattr(row_cost, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", 0.0)
         opt(input_ids=ids[:1].repeat(3, 1))  # rows apart, compaction forced
         opt.set_keep_ratio(1.0)
         opt(input_ids=ids[:1])  # every head kept: the dense originals

@@ -9,6 +9,8 @@ import pytest
 import torch
 from all_pairs import all_pairs
 from hypothesis import given, settings
+
+from dhp_fx.kernels import row_cost
 from hypothesis import strategies as st
 
 from dhp_fx.kernels.head_linear import (
@@ -93,8 +95,20 @@ def per_sample_cases(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(per_sample_cases())
-def test_per_sample_masks_match_the_masked_reference_with_grads(case):
+@given(per_sample_cases(), st.sampled_from([0.0, None]))
+def test_per_sample_masks_match_the_masked_reference_with_grads(case, bound):
+    """Per-sample masks give the masked reference and its gradients, by either path: each row's
+    own heads (bound 0: rows always pay) or the union (the default bound: rows this short never
+    pay)."""
+    saved = row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT
+    row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = saved if bound is None else bound
+    try:
+        _check_per_sample_case(case)
+    finally:
+        row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = saved
+
+
+def _check_per_sample_case(case):
     keep, hd, d_in, seq, in_out, with_bias, seed = case
     batch, heads = keep.shape
     g = torch.Generator().manual_seed(seed)
@@ -124,6 +138,26 @@ def test_per_sample_masks_match_the_masked_reference_with_grads(case):
         for a, r in zip(args, refs):
             if a is not None:
                 torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("tokens, per_row", [(8, False), (64, True)])
+def test_per_sample_gemm_runs_only_where_the_rows_tokens_pay(tokens, per_row):
+    """Each of 4 rows keeps its own one of 4 heads: 2 · tokens · 3 saved multiply-adds per
+    gathered weight, 48 at 8 tokens (the union: dense GEMMs), 384 at 64 (batched GEMMs on each
+    row's own weights). Both equal the reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keep = torch.eye(4, dtype=torch.bool)
+    x = torch.randn(4, tokens, 6, dtype=torch.float64)
+    w = torch.randn(8, 6, dtype=torch.float64)
+    o = torch.randn(4, tokens, 8, dtype=torch.float64) * keep.repeat_interleave(2, -1)[:, None]
+    w_o = torch.randn(5, 8, dtype=torch.float64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        head_linear_out(x, w, None, keep, 2), head_linear_in(o, w_o, None, keep, 2)
+    bmm = sum(e.name == "aten::bmm" for e in prof.events())  # inside the ops, at any depth
+    assert bmm == (2 if per_row else 0), bmm
+    torch.testing.assert_close(head_linear_out(x, w, None, keep, 2), head_linear_out_reference(x, w, None, keep, 2))
+    torch.testing.assert_close(head_linear_in(o, w_o, None, keep, 2), head_linear_in_reference(o, w_o, None, keep, 2))
 
 
 def test_per_sample_opcheck_and_bad_batch():

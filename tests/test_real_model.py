@@ -63,6 +63,7 @@ def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
     import importlib.util
 
     from dhp_fx import compact_block
+    from dhp_fx.kernels import row_cost
     from transformers import BertConfig, BertModel
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.py")
@@ -73,8 +74,7 @@ def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
                                  intermediate_size=64)).eval()
     inputs = {"input_ids": torch.randint(3, 64, (5, 8))}
     opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.25, scoring="router"), example_inputs=inputs)
-    names = ("ROWS_DEVICES", "MASKED_DENSE_DEVICES", "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT")
-    saved = {name: getattr(compact_block, name) for name in names}
+    saved = compact_block.ROWS_DEVICES, compact_block.MASKED_DENSE_DEVICES, row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT
     # as on a GPU: each A/B must switch its path on itself
     compact_block.ROWS_DEVICES = compact_block.MASKED_DENSE_DEVICES = ()
     try:
@@ -82,10 +82,9 @@ def test_gpu_check_rows_timing_runs_and_restores_the_device_policy():
             rows = [module._time_rows_on_gpu(opt, inputs, 0.25, 1.0, 1, "cpu", path) for path in ("rows", "masked")]
         assert rows[0]["rows_ran"] and rows[1]["masked_ran"] and all(r["ms"] > 0 for r in rows), rows
         assert compact_block.ROWS_DEVICES == compact_block.MASKED_DENSE_DEVICES == ()
-        assert compact_block.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == saved["ROWS_MIN_SAVED_FLOPS_PER_WEIGHT"]
+        assert row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT == saved[2]
     finally:
-        for name, value in saved.items():
-            setattr(compact_block, name, value)
+        compact_block.ROWS_DEVICES, compact_block.MASKED_DENSE_DEVICES, row_cost.ROWS_MIN_SAVED_FLOPS_PER_WEIGHT = saved
 
 
 def test_gpu_check_script_runs_small_on_cpu(capsys):
