@@ -153,6 +153,9 @@ class StaticGate(ScoringGate):
         per_row, _, whole = self._group_bounds()
         return min(plan[0], per_row), whole  # one decision, handed to every row
 
+    def decides_rows_apart(self) -> bool:
+        return bool(self.fixed_keep.numel()) and super().decides_rows_apart()  # else one decision for all
+
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         self._last_entropy = None
         ref = q if q is not None else hidden

@@ -7,8 +7,9 @@ over the head dim. So here the graph between the projections and the output proj
 it is, and only four kinds of node change, each into a call of the gate's ``chain_module``:
 
 - ``plan = chain(keep, x, kind="plan", ...)``, before the first projection (x: its input): the
-  call's kept KV groups and their gathered weights, or None (every head: the head ops run as
-  before);
+  call's kept KV groups and their gathered weights; or, where every head runs, the dense
+  originals (all kept; on CPU also rows too short to compact apart, pruned heads then zeroed)
+  or None (the head ops run as before);
 - each Q/K/V head op: ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan=..., role=...)``
   gives [B, L, cap · dim] features;
 - the gated op: ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan=...)``

@@ -162,6 +162,8 @@ def test_rows_apart_too_short_to_compact_run_the_masked_dense_block_exactly(name
     finally:
         opt.set_keep_mask(None)
     assert not any(op.startswith("dhp::") for op in ops), ops
+    # unpinned, a static gate hands one decision to every row: never apart
+    assert not any(opt.gate(s).decides_rows_apart() for s in opt.sites)
 
 
 def test_the_block_compacts_rows_only_where_their_tokens_pay():
