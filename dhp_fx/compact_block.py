@@ -211,7 +211,8 @@ class CompactChain(CompactBlock):
       (per_row: each row its own, kernels/compact_rows), else DENSE, MASKED or None (the head
       ops); x, the first projection's input, gives the rows' token count;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
-      role's features, [B, L, cap · group · D] from the gathered rows, or the head op's;
+      role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
+      one projection of q, k and v, whose features are q's, k's, then v's;
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
     - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
     """
@@ -250,6 +251,12 @@ class CompactChain(CompactBlock):
             return _linear(x, w, b, in_out)
         heads, kv_heads, head_dim, v_head_dim = geometry
         cap, _, gathered, per_row = plan
+        if role < 0:  # one projection of q, k and v, laid out as the gathered rows are
+            if per_row:
+                w = torch.cat(gathered.weights, -1)
+                b = None if gathered.biases[0] is None else torch.cat(gathered.biases, -1)
+                return _per_row(x, keep.shape[0], lambda x3: project_rows(x3, w, b))
+            return F.linear(x, gathered.w_qkv, gathered.b_qkv)
         widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
         lo = sum(widths[:role])
         if per_row:

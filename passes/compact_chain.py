@@ -18,13 +18,18 @@ it is, and only four kinds of node change, each into a call of the gate's ``chai
 
 That is exact only if every op in between works for any head count. Proven per node, from the
 layouts ``skip_projections`` tracked: views and reshapes give the head dim as -1; elementwise
-operands other than the path broadcast over the head dim; selections and concatenations act on
-the last dim only. Anything else declines (``no_compact_chain:<reason>``).
+operands other than the path broadcast over the head dim; selections, unbinds and
+concatenations act on dims that hold no heads (a projection's flat output holds them all, so a
+slice of it declines: Phi-3). Anything else declines (``no_compact_chain:<reason>``).
+
+One projection of q, k and v (ModernBERT's Wqkv) is one "proj" call with role -1 when its
+features are q's heads, then k's, then v's, the order of the gathered rows; the graph's own
+view(..., 3, -1, D) and unbind then split the kept heads' features as they split all of them.
 """
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -39,11 +44,20 @@ from .skip_projections import ROLES, _Site
 _VIEWS = ("view", "reshape")
 
 
-def _head_dims(lay: hl.Layout, dim: int) -> list[int]:
+def _head_dims(lay: hl.Layout, dim: int, width: Optional[int] = None) -> list[int]:
     """Dims of a layout that hold the head index: a "head" atom, or a digit of the projection's
-    features worth a whole head (``dim`` features) or more."""
-    return [i for i, d in enumerate(lay.dims)
-            if any(a.kind == "head" or (a.kind == "raw" and a.stride >= dim) for a in d)]
+    features that spans more than one head (``dim`` features), short of the role's ``width`` (a
+    digit worth a role's whole width picks q, k or v of a fused projection, not a head). A
+    projection's flat output is such a dim: a slice of it would cut at a fixed feature, which
+    moves when fewer heads are computed."""
+    def spans_heads(a: hl.Atom) -> bool:
+        if a.kind == "head":
+            return True
+        if a.kind != "raw" or (width is not None and a.stride >= width):
+            return False
+        return not isinstance(a.size, int) or a.stride * a.size > dim
+
+    return [i for i, d in enumerate(lay.dims) if any(spans_heads(a) for a in d)]
 
 
 def _shape_args(node: fx.Node) -> Optional[list]:
@@ -67,9 +81,10 @@ def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
     return all(i == slice(None) or d not in heads for d, i in zip(dims, index))
 
 
-def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[str]:
-    """None when ``node`` works unchanged on fewer heads; else why not."""
-    heads = _head_dims(lay, dim)
+def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None) -> Optional[str]:
+    """None when ``node`` works unchanged on fewer heads; else why not. ``lay`` is the node's
+    input layout along the path (for getitem of an unbind, the unbound tensor's)."""
+    heads = _head_dims(lay, dim, width)
     if len(heads) > 1:
         return "heads_split"
     if is_method(node, *_VIEWS) or is_call(node, torch.reshape):
@@ -91,7 +106,12 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[
                     return "per_head_operand"
         return None
     if is_call(node, operator.getitem):
+        if isinstance(node.args[1], int) and _is_unbind(node.args[0]):
+            return None  # one tensor of an unbind, whose dim was checked at the unbind
         return None if _slices_spare_heads(node.args[1], len(lay.dims), heads) else "selection"
+    if _is_unbind(node):  # its layout is its input's (head_layout): the dim must hold no heads
+        dim = _unbind_dim(node, len(lay.dims))
+        return None if dim is not None and dim not in heads else "unbind_of_heads"
     if is_call(node, torch.cat, torch.stack):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return None if dim in (-1, len(lay.dims) - 1) else "concatenation"
@@ -104,15 +124,25 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int) -> Optional[
     return "op"
 
 
-def _paths_ok(state: _Site) -> Optional[str]:
+def _unbind_dim(node: fx.Node, ndim: int) -> Optional[int]:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim % ndim if isinstance(dim, int) else None
+
+
+def _is_unbind(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (is_method(node, "unbind") or is_call(node, torch.unbind))
+
+
+def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
     for role in ROLES:
         layouts, path = state.node_layouts.get(role), state.paths.get(role)
         if layouts is None or path is None:
             return "layout"
         on_path = set(path)
-        dim = state.role_geometry(role)[1]
+        heads, dim = state.role_geometry(role)
+        width = heads * dim if fused else None
         for node in path[1:]:
-            why = _node_ok(node, layouts[node], on_path, dim)
+            why = _node_ok(node, layouts[node], on_path, dim, width)
             if why is not None:
                 return why
     chain = {node for node, _ in state.out_chain} | {state.gated}
@@ -123,17 +153,39 @@ def _paths_ok(state: _Site) -> Optional[str]:
     return None
 
 
+# The role of a chain "proj" call standing for one projection of q, k and v together.
+FUSED_QKV = -1
+
+
+def _role_major(state: _Site, node: fx.Node) -> bool:
+    """One projection whose features are q's heads, then k's, then v's, and nothing else
+    (ModernBERT's Wqkv): the order of the chain's gathered rows, so the graph's own view and
+    unbind after it split the kept heads' features as they split every head's."""
+    start = 0
+    for role in ROLES:
+        heads, dim = state.role_geometry(role)
+        if (state.proj.features.get(role) or (None,))[0] != start:
+            return False
+        start += heads * dim
+    val = example_value(node)
+    return isinstance(val, torch.Tensor) and val.shape[-1] == start
+
+
 def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -> Optional[fx.Node]:
     """Rewrite the site's head ops into chain calls when the proofs allow; returns the node that
     took the gated op's place (the tap goes after it), or None."""
     site = state.site
     chain_module = getattr(gm.get_submodule(gate_target), "chain_module", None) if gate_target else None
     nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
+    fused = all(n is not None for n in nodes) and nodes[0] is nodes[1] is nodes[2] is not nodes[3]
     why = None
     if not isinstance(chain_module, nn.Module):
         why = "gate_has_no_chain"
-    elif any(n is None for n in nodes) or len(set(nodes)) != 4:
-        why = "projections_not_separate"  # a fused Q/K/V projection splits by constant widths
+    elif any(n is None for n in nodes) or (len(set(nodes)) != 4 and not fused):
+        why = "projections_not_separate"
+    elif fused and not _role_major(state, nodes[0]):
+        # the chain's gathered rows are q's, k's, then v's: a fused projection must be laid out so
+        why = "fused_layout"
     elif any(state.proj.head_strides.get(r) is not None for r in ROLES):
         why = "interleaved_heads"
     elif any(n.args[5] for n in nodes):
@@ -141,7 +193,7 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     elif site.num_kv_heads < 2:
         why = "one_kv_head"
     else:
-        why = _paths_ok(state)
+        why = _paths_ok(state, fused)
     if why is not None:
         state.result.bump(f"no_compact_chain:{why}")
         return None
@@ -164,12 +216,17 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         # first's input gives the rows' token count, which decides whether rows compact apart
         plan = graph.call_module(target, (keep, first.args[0]),
                                  dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry))
+    done = set()
     for role_index, node in enumerate(nodes):
+        if node in done:
+            continue  # a fused projection, rewritten as q's
+        done.add(node)
         x, w, b, flags, unit, in_out = node.args[:6]
         kind = "proj" if role_index < 3 else "out"
+        role = FUSED_QKV if fused and role_index == 0 else role_index
         with graph.inserting_before(node):
             new = graph.call_module(target, (keep, x, w, b, _flags_spec(flags, keep), unit, in_out),
-                                    dict(kind=kind, plan=plan, role=role_index, geometry=geometry))
+                                    dict(kind=kind, plan=plan, role=role, geometry=geometry))
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

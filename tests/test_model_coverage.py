@@ -639,3 +639,76 @@ def _head_linear_flags(opt, inputs, keep, width: int) -> list[list[bool]]:
     finally:
         opt.set_keep_mask(None)
     return seen
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_modernbert_fused_qkv_with_rope_runs_as_a_compact_chain(attn, monkeypatch):
+    """ModernBERT projects q, k and v in one Wqkv (q's heads, k's, then v's), views it as
+    [B, L, 3, -1, D], unbinds the three and applies RoPE. The chain computes the kept heads'
+    rows of Wqkv in that order, so the graph's own view, unbind and RoPE run unchanged on them:
+    compact for a shared decision, each row its own heads (forced: these rows are short) or the
+    masked dense block for rows apart; a router's outputs and weight gradients equal the head
+    ops' (compact_heads=False)."""
+    import transformers as T
+    from dhp_fx import compact_block
+    from dhp_fx.kernels import row_cost
+
+    config = T.ModernBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64, global_attn_every_n_layers=1,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = T.ModernBertModel(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert all(s.compact_block for s in opt.sites) and len(opt.sites) == 2, opt.report()
+    chains = [opt.gate(s).chain_module for s in opt.sites]
+    apart = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    for keep, rows_min, path in ((apart[:1].expand(2, -1).clone(), None, "compact"), (apart, None, "masked"),
+                                 (apart, 0.0, "rows")):
+        if rows_min is not None:
+            monkeypatch.setattr(row_cost, "ROWS_MIN_SAVED_FLOPS_PER_WEIGHT", rows_min)
+        before = [(c.calls_compact, c.calls_rows, c.calls_masked) for c in chains]
+        check_keep_mask(model, opt, inputs, keep)
+        ran = [(c.calls_compact - a, c.calls_rows - b, c.calls_masked - m) for c, (a, b, m) in zip(chains, before)]
+        want = {"compact": (1, 0, 0), "rows": (1, 1, 0), "masked": (0, 0, 1)}[path]
+        assert ran == [want] * 2, (path, ran)
+    assert compact_block.MASKED_DENSE_DEVICES == ("cpu",)
+    results = []
+    for compact in (True, False):
+        opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.25, scoring="router", compact_heads=compact),
+                              example_inputs=inputs)
+        chains = [opt.gate(s).chain_module for s in opt.sites] if compact else []
+        before = [c.calls_rows for c in chains]
+        model.zero_grad()
+        out = opt(**inputs).last_hidden_state
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None and ".attn." in n}))
+        assert [c.calls_rows - b for c, b in zip(chains, before)] == [1] * len(chains), opt.report()
+    (out_c, grads_c), (out_h, grads_h) = results
+    assert_outputs_close(out_c, out_h, what="router chain vs head ops")
+    assert grads_c.keys() == grads_h.keys() and any("Wqkv" in n for n in grads_c)
+    for n in grads_c:
+        assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
+
+
+def test_hf_phi3_fused_qkv_sliced_at_fixed_widths_is_declined_by_the_chain():
+    """Phi-3 also fuses q, k and v in one projection, but splits it with slices at fixed feature
+    widths (qkv[..., :H * D], ...): on the kept heads' rows those widths would cut the wrong
+    features, so the chain declines ("selection") and the head ops run, exactly."""
+    import transformers as T
+
+    config = T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, max_position_embeddings=64, **_LM)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = T.Phi3Model(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert [set(s.skipped_projections) for s in opt.sites] == [{"q", "k", "v", "out"}] * 2, opt.report()
+    assert not any(s.compact_block for s in opt.sites)
+    assert opt._compiler.counters.get("no_compact_chain:selection") == 2, opt._compiler.counters
+    check_keep_mask(model, opt, inputs, _PINNED)
