@@ -212,7 +212,8 @@ class CompactChain(CompactBlock):
       ops); x, the first projection's input, gives the rows' token count;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
-      one projection of q, k and v, whose features are q's, k's, then v's;
+      one projection of q, k and v, whose features are q's, k's, then v's; role -2: the same,
+      [q_h, k_h, v_h] head by head;
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
     - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
     """
@@ -220,7 +221,7 @@ class CompactChain(CompactBlock):
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)
 
-    def _plan(self, keep, x=None, *, weights, starts, geometry):
+    def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None)):
         heads, kv_heads, head_dim, v_head_dim = geometry
         plan = self.gate.compact_plan(keep.shape[0])
         tokens = None if x is None else x.numel() // max(x.shape[-1], 1) // max(keep.shape[0], 1)
@@ -235,8 +236,8 @@ class CompactChain(CompactBlock):
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
-        q, k, v = (HeadProjection(None, w, b, False, start)
-                   for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
+        q, k, v = (HeadProjection(None, w, b, False, start, period)
+                   for (w, b), start, period in zip(((wq, bq), (wk, bk), (wv, bv)), starts, periods))
         gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads, gather)
         if gathered is None:  # under autograd: gathered by torch ops, every call
             gathered = gather(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
@@ -251,12 +252,20 @@ class CompactChain(CompactBlock):
             return _linear(x, w, b, in_out)
         heads, kv_heads, head_dim, v_head_dim = geometry
         cap, _, gathered, per_row = plan
-        if role < 0:  # one projection of q, k and v, laid out as the gathered rows are
+        if role == FUSED_QKV:  # one projection of q, k and v, laid out as the gathered rows are
             if per_row:
                 w = torch.cat(gathered.weights, -1)
                 b = None if gathered.biases[0] is None else torch.cat(gathered.biases, -1)
                 return _per_row(x, keep.shape[0], lambda x3: project_rows(x3, w, b))
             return F.linear(x, gathered.w_qkv, gathered.b_qkv)
+        if role == FUSED_PER_HEAD:  # ... laid out [q_h, k_h, v_h] head by head
+            dims = (head_dim, head_dim, v_head_dim)
+            if per_row:
+                w = _per_head(gathered.weights, dims, cap, -1)
+                b = None if gathered.biases[0] is None else _per_head(gathered.biases, dims, cap, -1)
+                return _per_row(x, keep.shape[0], lambda x3: project_rows(x3, w, b))
+            w, b = self._per_head_rows(gathered, dims, cap)
+            return F.linear(x, w, b)
         widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
         lo = sum(widths[:role])
         if per_row:
@@ -264,6 +273,18 @@ class CompactChain(CompactBlock):
                             lambda x3: project_rows(x3, gathered.weights[role], gathered.biases[role]))
         rows = slice(lo, lo + widths[role])
         return F.linear(x, gathered.w_qkv[rows], None if gathered.b_qkv is None else gathered.b_qkv[rows])
+
+    def _per_head_rows(self, gathered, dims, cap):
+        """The gathered q, k, v rows reordered head by head: once per gather (a static decision's
+        gather is reused call after call, so is this)."""
+        last = getattr(self, "_per_head_last", None)
+        if last is not None and last[0] is gathered:
+            return last[1]
+        widths = [cap * d for d in dims]
+        w = _per_head(gathered.w_qkv.split(widths), dims, cap, 0)
+        b = None if gathered.b_qkv is None else _per_head(gathered.b_qkv.split(widths), dims, cap, 0)
+        self._per_head_last = (gathered, (w, b))
+        return w, b
 
     def _core(self, q, k, v, keep, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, plan, geometry):
         if plan is None:
@@ -291,12 +312,23 @@ class CompactChain(CompactBlock):
         return F.linear(o, w_o, b)
 
 
+def _per_head(parts, dims, cap: int, axis: int) -> torch.Tensor:
+    """q, k and v features of ``cap`` heads, each role's heads adjacent along ``axis`` (as
+    gathered), interleaved into [q_h, k_h, v_h] head by head along that axis."""
+    axis = axis % parts[0].dim()
+    split = [p.unflatten(axis, (cap, d)) for p, d in zip(parts, dims)]
+    return torch.cat(split, axis + 1).flatten(axis, axis + 1)
+
+
 def _capturing(keep: torch.Tensor) -> bool:
     return keep.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # The chain's plan when the gate kept every head: each call runs its dense original.
 DENSE = "dense"
+# Roles of a chain "proj" call for one projection of q, k and v (passes/compact_chain): its
+# features q's heads, k's, then v's, or [q_h, k_h, v_h] head by head.
+FUSED_QKV, FUSED_PER_HEAD = -1, -2
 # ... and when rows decide apart and nothing compacts (see MASKED_DENSE_DEVICES): the same, with
 # the pruned heads' attention outputs zeroed.
 MASKED = "masked"

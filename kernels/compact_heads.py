@@ -33,6 +33,20 @@ class HeadProjection(NamedTuple):
     bias: Optional[torch.Tensor]
     in_out: bool
     start: int
+    # features between two slots' starts where that is more than a slot's own features: one
+    # projection interleaving q, k and v per head (GPT-NeoX: [q_h, k_h, v_h] for each head h)
+    period: Optional[int] = None
+
+
+def slot_view(t: torch.Tensor, axis: int, start: int, slots: int, dim: int, period: Optional[int] = None):
+    """t's features ``start + s * period + j`` (j < dim; period None: dim) for slots s < slots,
+    as a view with [slots, dim] in place of ``axis``: gathers index_select slots out of it."""
+    if period is None or period == dim:
+        return t.narrow(axis, start, slots * dim).unflatten(axis, (slots, dim))
+    base, offset = start - start % period, start % period
+    if offset + dim > period:
+        raise ValueError(f"a slot's {dim} features from {offset} overrun its period of {period}")
+    return t.narrow(axis, base, slots * period).unflatten(axis, (slots, period)).narrow(axis + 1, offset, dim)
 
 
 def kept_first(union: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,24 +58,25 @@ def kept_first(union: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tenso
     return idx, union.index_select(0, idx)
 
 
-def _head_rows(weight, bias, start, in_out, idx, valid, heads: int, dim: int):
+def _head_rows(weight, bias, start, in_out, idx, valid, heads: int, dim: int, period: Optional[int] = None):
     """Rows of heads ``idx`` as [len(idx) * dim, d_in] (F.linear's layout) and their bias, zero
     for filler entries (valid False): one index_select over a [heads, dim, ...] view each."""
     n = idx.numel() * dim
     if in_out:
-        w = weight.narrow(1, start, heads * dim).unflatten(1, (heads, dim)).index_select(1, idx)
+        w = slot_view(weight, 1, start, heads, dim, period).index_select(1, idx)
         w = torch.where(valid[None, :, None], w, w.new_zeros(())).reshape(-1, n).t()
     else:
-        w = weight.narrow(0, start, heads * dim).unflatten(0, (heads, dim)).index_select(0, idx)
+        w = slot_view(weight, 0, start, heads, dim, period).index_select(0, idx)
         w = torch.where(valid[:, None, None], w, w.new_zeros(())).reshape(n, -1)
     b = None
     if bias is not None:
-        b = bias.narrow(0, start, heads * dim).view(heads, dim).index_select(0, idx)
+        b = slot_view(bias, 0, start, heads, dim, period).index_select(0, idx)
         b = torch.where(valid[:, None], b, b.new_zeros(())).reshape(n)
     return w, b
 
 
-def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims):
+def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims,
+                       periods=(None, None, None)):
     """(idx, valid, w_qkv [cap * (dq + dk + dv), d_in], b_qkv or None, w_o [d_out, cap * do]) in
     torch ops (differentiable: the weights' gradients flow back to the kept slots' rows).
 
@@ -69,8 +84,8 @@ def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weig
     role's features per slot (a KV group's q features are its heads' q features, adjacent)."""
     S = keep.shape[1]
     idx, valid = kept_first(keep.any(0), cap)
-    parts = [_head_rows(w, b, st, io, idx, valid, S, dim)
-             for w, b, st, io, dim in zip(weights, biases, starts, in_out, dims[:3])]
+    parts = [_head_rows(w, b, st, io, idx, valid, S, dim, per)
+             for w, b, st, io, dim, per in zip(weights, biases, starts, in_out, dims[:3], periods)]
     w_qkv = torch.cat([w for w, _ in parts])
     b_qkv = None if any(b is None for _, b in parts) else torch.cat([b for _, b in parts])
     d_o = dims[3]
@@ -83,7 +98,8 @@ def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weig
     return idx, valid, w_qkv, b_qkv, w_o
 
 
-def gather_heads_inference(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims):
+def gather_heads_inference(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims,
+                           periods=(None, None, None)):
     """:func:`gather_heads_torch` for calls without autograd, on CPU: each role's kept slots are
     index_selected straight into one [cap * (dq + dk + dv), d_in] buffer (no concatenation), and
     only V's filler rows and bias are zeroed. With V zero a filler slot's attention output is zero
@@ -97,14 +113,14 @@ def gather_heads_inference(keep, cap: int, weights, biases, starts, in_out, out_
     w_qkv = torch.empty(cap * sum(dims[:3]), d_in, dtype=w0.dtype, device=w0.device)
     b_qkv = None if any(b is None for b in biases) else w_qkv.new_empty(w_qkv.shape[0])
     lo = 0
-    for role, (w, b, start, io, dim) in enumerate(zip(weights, biases, starts, in_out, dims[:3])):
+    for role, (w, b, start, io, dim, per) in enumerate(zip(weights, biases, starts, in_out, dims[:3], periods)):
         rows = w_qkv[lo:lo + cap * dim].view(cap, dim, d_in)
         if io:  # [d_in, features]: gathered along dim 1, then laid out as rows
-            rows.copy_(w.narrow(1, start, S * dim).unflatten(1, (S, dim)).index_select(1, idx).permute(1, 2, 0))
+            rows.copy_(slot_view(w, 1, start, S, dim, per).index_select(1, idx).permute(1, 2, 0))
         else:
-            torch.index_select(w.narrow(0, start, S * dim).unflatten(0, (S, dim)), 0, idx, out=rows)
+            torch.index_select(slot_view(w, 0, start, S, dim, per), 0, idx, out=rows)
         if b_qkv is not None:
-            torch.index_select(b.narrow(0, start, S * dim).view(S, dim), 0, idx,
+            torch.index_select(slot_view(b, 0, start, S, dim, per), 0, idx,
                                out=b_qkv[lo:lo + cap * dim].view(cap, dim))
         if role == 2:
             rows.masked_fill_(~valid[:, None, None], 0)
@@ -236,13 +252,17 @@ def gather_block_weights(q_proj: HeadProjection, k_proj: HeadProjection, v_proj:
     projs = (q_proj, k_proj, v_proj)
     weights, biases = [p.weight for p in projs], [p.bias for p in projs]
     starts, in_out = [p.start for p in projs], [p.in_out for p in projs]
+    periods = [p.period for p in projs]
     dims = [group * head_dim, head_dim, v_head_dim, group * v_head_dim]
     if needs_grad(*weights, *biases, out_weight):
         return GatheredHeads(*gather_heads_torch(groups_keep, cap, weights, biases, starts, in_out, out_weight,
-                                                 out_in_out, dims))
-    if not keep.is_cuda and triton_gather_for(groups_keep, (*weights, *biases, out_weight)) is None:
+                                                 out_in_out, dims, periods))
+    # interleaved roles (periods) take the torch gather on every device: the Triton one reads
+    # each role's slots as one contiguous range
+    if any(p is not None for p in periods) or (
+            not keep.is_cuda and triton_gather_for(groups_keep, (*weights, *biases, out_weight)) is None):
         return GatheredHeads(*gather_heads_inference(groups_keep, cap, weights, biases, starts, in_out, out_weight,
-                                                     out_in_out, dims))
+                                                     out_in_out, dims, periods))
     return GatheredHeads(*torch.ops.dhp.gather_heads(
         groups_keep, cap, *(t for p in projs for t in (p.weight, p.bias)), out_weight, starts,
         [int(f) for f in in_out], out_in_out, dims))

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .compact_heads import (HeadProjection, block_geometry, dense_attention, needs_grad, role_widths,
+from .compact_heads import (HeadProjection, block_geometry, dense_attention, needs_grad, role_widths, slot_view,
                             triton_gather_for)
 
 
@@ -49,18 +49,18 @@ def _role_rows(p: HeadProjection, idx, valid, slots: int, dim: int, zero_filler:
     B, cap = idx.shape
     flat = idx.reshape(-1)
     if p.in_out:  # [d_in, features]: slots gathered along dim 1, [d_in, B * cap, dim]
-        w = p.weight.narrow(1, p.start, slots * dim).unflatten(1, (slots, dim)).index_select(1, flat)
+        w = slot_view(p.weight, 1, p.start, slots, dim, p.period).index_select(1, flat)
         if zero_filler:
             w.masked_fill_(~valid.reshape(1, -1, 1), 0)
         w = w.reshape(-1, B, cap * dim).permute(1, 0, 2)
     else:  # [features, d_in]: [B * cap, dim, d_in]
-        w = p.weight.narrow(0, p.start, slots * dim).unflatten(0, (slots, dim)).index_select(0, flat)
+        w = slot_view(p.weight, 0, p.start, slots, dim, p.period).index_select(0, flat)
         if zero_filler:
             w.masked_fill_(~valid.reshape(-1, 1, 1), 0)
         w = w.reshape(B, cap * dim, -1).transpose(1, 2)
     b = None
     if p.bias is not None:
-        b = p.bias.narrow(0, p.start, slots * dim).view(slots, dim).index_select(0, flat)
+        b = slot_view(p.bias, 0, p.start, slots, dim, p.period).index_select(0, flat)
         if zero_filler:
             b.masked_fill_(~valid.reshape(-1, 1), 0)
         b = b.reshape(B, cap * dim)
@@ -81,7 +81,8 @@ def gather_rows(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: HeadProj
     groups_keep = keep if group == 1 else keep.view(B, kv, group).any(-1)
     projs = (q_proj, k_proj, v_proj)
     tensors = (*(t for p in projs for t in (p.weight, p.bias)), out_weight)
-    triton = None if needs_grad(*tensors) else triton_gather_for(groups_keep, tensors, per_row=True)
+    interleaved = any(p.period is not None for p in projs)  # the Triton gather reads contiguous slots
+    triton = None if needs_grad(*tensors) or interleaved else triton_gather_for(groups_keep, tensors, per_row=True)
     if triton is not None:
         return _from_triton(triton.gather_rows_triton(
             groups_keep, cap, [p.weight for p in projs], [p.bias for p in projs], [p.start for p in projs],

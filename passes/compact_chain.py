@@ -22,9 +22,10 @@ operands other than the path broadcast over the head dim; selections, unbinds an
 concatenations act on dims that hold no heads (a projection's flat output holds them all, so a
 slice of it declines: Phi-3). Anything else declines (``no_compact_chain:<reason>``).
 
-One projection of q, k and v (ModernBERT's Wqkv) is one "proj" call with role -1 when its
-features are q's heads, then k's, then v's, the order of the gathered rows; the graph's own
-view(..., 3, -1, D) and unbind then split the kept heads' features as they split all of them.
+One projection of q, k and v is one "proj" call: role -1 when its features are q's heads, then
+k's, then v's (ModernBERT's Wqkv, the order of the gathered rows), role -2 when they are
+[q_h, k_h, v_h] head by head (GPT-NeoX). The graph's own view(..., 3, -1, D) and unbind, or
+view(..., -1, 3 * D) and chunk, then split the kept heads' features as they split all of them.
 """
 from __future__ import annotations
 
@@ -125,12 +126,15 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
 
 
 def _unbind_dim(node: fx.Node, ndim: int) -> Optional[int]:
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    position = 1 if node.target in ("unbind", torch.unbind) else 2  # split/chunk: (t, sizes, dim)
+    dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else 0)
     return dim % ndim if isinstance(dim, int) else None
 
 
 def _is_unbind(node: Any) -> bool:
-    return isinstance(node, fx.Node) and (is_method(node, "unbind") or is_call(node, torch.unbind))
+    """unbind, split or chunk: tuple-valued, along one dim, whatever that dim's size."""
+    return isinstance(node, fx.Node) and (is_method(node, "unbind", "split", "chunk")
+                                          or is_call(node, torch.unbind, torch.split, torch.chunk))
 
 
 def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
@@ -139,10 +143,11 @@ def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
         if layouts is None or path is None:
             return "layout"
         on_path = set(path)
-        heads, dim = state.role_geometry(role)
-        width = heads * dim if fused else None
+        heads = state.role_geometry(role)[0]
+        period = state.head_stride(role)  # a head's features, or its share of a per-head fused layout
+        width = heads * period if fused else None
         for node in path[1:]:
-            why = _node_ok(node, layouts[node], on_path, dim, width)
+            why = _node_ok(node, layouts[node], on_path, period, width)
             if why is not None:
                 return why
     chain = {node for node, _ in state.out_chain} | {state.gated}
@@ -153,22 +158,34 @@ def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
     return None
 
 
-# The role of a chain "proj" call standing for one projection of q, k and v together.
+# The roles of a chain "proj" call standing for one projection of q, k and v together: its
+# features q's heads, then k's, then v's (ModernBERT's Wqkv), or [q_h, k_h, v_h] head by head
+# (GPT-NeoX's query_key_value; MHA only).
 FUSED_QKV = -1
+FUSED_PER_HEAD = -2
 
 
-def _role_major(state: _Site, node: fx.Node) -> bool:
-    """One projection whose features are q's heads, then k's, then v's, and nothing else
-    (ModernBERT's Wqkv): the order of the chain's gathered rows, so the graph's own view and
-    unbind after it split the kept heads' features as they split every head's."""
-    start = 0
-    for role in ROLES:
-        heads, dim = state.role_geometry(role)
-        if (state.proj.features.get(role) or (None,))[0] != start:
-            return False
-        start += heads * dim
+def _fused_layout(state: _Site, node: fx.Node) -> Optional[int]:
+    """FUSED_QKV or FUSED_PER_HEAD when one projection holds exactly q's, k's and v's features
+    in that layout, else None. The chain computes the kept heads' rows in the same layout, so
+    the graph's own view, split and RoPE after it divide them as they divide every head's."""
     val = example_value(node)
-    return isinstance(val, torch.Tensor) and val.shape[-1] == start
+    if not isinstance(val, torch.Tensor):
+        return None
+    starts = [(state.proj.features.get(r) or (None,))[0] for r in ROLES]
+    strides = [state.proj.head_strides.get(r) for r in ROLES]
+    geometry = [state.role_geometry(r) for r in ROLES]
+    if all(s is None for s in strides):
+        bounds = [0]
+        for heads, dim in geometry:
+            bounds.append(bounds[-1] + heads * dim)
+        return FUSED_QKV if starts == bounds[:3] and val.shape[-1] == bounds[3] else None
+    site = state.site
+    period = sum(dim for _, dim in geometry)
+    if site.num_kv_heads != site.num_heads or strides != [period] * 3:
+        return None
+    head_starts = [0, geometry[0][1], geometry[0][1] + geometry[1][1]]
+    return FUSED_PER_HEAD if starts == head_starts and val.shape[-1] == site.num_heads * period else None
 
 
 def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -> Optional[fx.Node]:
@@ -178,15 +195,15 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     chain_module = getattr(gm.get_submodule(gate_target), "chain_module", None) if gate_target else None
     nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
     fused = all(n is not None for n in nodes) and nodes[0] is nodes[1] is nodes[2] is not nodes[3]
+    layout = _fused_layout(state, nodes[0]) if fused else None
     why = None
     if not isinstance(chain_module, nn.Module):
         why = "gate_has_no_chain"
     elif any(n is None for n in nodes) or (len(set(nodes)) != 4 and not fused):
         why = "projections_not_separate"
-    elif fused and not _role_major(state, nodes[0]):
-        # the chain's gathered rows are q's, k's, then v's: a fused projection must be laid out so
-        why = "fused_layout"
-    elif any(state.proj.head_strides.get(r) is not None for r in ROLES):
+    elif fused and layout is None:
+        why = "fused_layout"  # neither q's heads, k's, v's, nor [q_h, k_h, v_h] head by head
+    elif layout != FUSED_PER_HEAD and any(state.proj.head_strides.get(r) is not None for r in ROLES):
         why = "interleaved_heads"
     elif any(n.args[5] for n in nodes):
         why = "conv1d_layout"
@@ -214,8 +231,10 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     starts = tuple((state.proj.features.get(r) or (0,))[0] for r in ROLES)
     with graph.inserting_before(first):
         # first's input gives the rows' token count, which decides whether rows compact apart
+        periods = tuple(state.proj.head_strides.get(r) for r in ROLES)
         plan = graph.call_module(target, (keep, first.args[0]),
-                                 dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry))
+                                 dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry,
+                                      periods=periods))
     done = set()
     for role_index, node in enumerate(nodes):
         if node in done:
@@ -223,7 +242,7 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         done.add(node)
         x, w, b, flags, unit, in_out = node.args[:6]
         kind = "proj" if role_index < 3 else "out"
-        role = FUSED_QKV if fused and role_index == 0 else role_index
+        role = layout if fused and role_index == 0 else role_index
         with graph.inserting_before(node):
             new = graph.call_module(target, (keep, x, w, b, _flags_spec(flags, keep), unit, in_out),
                                     dict(kind=kind, plan=plan, role=role, geometry=geometry))

@@ -641,27 +641,40 @@ def _head_linear_flags(opt, inputs, keep, width: int) -> list[list[bool]]:
     return seen
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_hf_modernbert_fused_qkv_with_rope_runs_as_a_compact_chain(attn, monkeypatch):
-    """ModernBERT projects q, k and v in one Wqkv (q's heads, k's, then v's), views it as
-    [B, L, 3, -1, D], unbinds the three and applies RoPE. The chain computes the kept heads'
-    rows of Wqkv in that order, so the graph's own view, unbind and RoPE run unchanged on them:
-    compact for a shared decision, each row its own heads (forced: these rows are short) or the
-    masked dense block for rows apart; a router's outputs and weight gradients equal the head
-    ops' (compact_heads=False)."""
+def _fused_qkv_model(name: str, attn: str):
     import transformers as T
+
+    if name == "modernbert":
+        config = T.ModernBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=64, global_attn_every_n_layers=1,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        model_cls = T.ModernBertModel
+    else:
+        config = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 rotary_pct=0.5, max_position_embeddings=64, **_LM)
+        model_cls = T.GPTNeoXModel
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(config).eval(), {} if name == "modernbert" else {"use_cache": False}
+
+
+@pytest.mark.parametrize("name,attn", [("modernbert", "sdpa"), ("modernbert", "eager"), ("gpt_neox", "sdpa")])
+def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch):
+    """One projection of q, k and v, then RoPE: ModernBERT's Wqkv holds q's heads, k's, then v's
+    (viewed [B, L, 3, -1, D], unbound); GPT-NeoX's query_key_value holds [q_h, k_h, v_h] head by
+    head (viewed [B, L, -1, 3 D], chunked; RoPE on half of each head). The chain computes the
+    kept heads' rows in that same layout, so the graph's own view, split and RoPE run unchanged
+    on them: compact for a shared decision, each row its own heads (forced: these rows are
+    short) or the masked dense block for rows apart; a router's outputs and weight gradients
+    equal the head ops' (compact_heads=False)."""
     from dhp_fx import compact_block
     from dhp_fx.kernels import row_cost
 
-    config = T.ModernBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64, global_attn_every_n_layers=1,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    model = T.ModernBertModel(config).eval()
+    model, extra = _fused_qkv_model(name, attn)
     ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    inputs = {"input_ids": ids, "attention_mask": mask, **extra}
     opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert opt._compiler.counters.get("compact_chain") == 2, opt._compiler.counters
     assert all(s.compact_block for s in opt.sites) and len(opt.sites) == 2, opt.report()
     chains = [opt.gate(s).chain_module for s in opt.sites]
     apart = torch.tensor([[True, True, False, False], [False, False, True, True]])
@@ -685,11 +698,11 @@ def test_hf_modernbert_fused_qkv_with_rope_runs_as_a_compact_chain(attn, monkeyp
         out = opt(**inputs).last_hidden_state
         out.square().sum().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                       if p.grad is not None and ".attn." in n}))
+                                       if p.grad is not None and (".attn." in n or ".attention." in n)}))
         assert [c.calls_rows - b for c, b in zip(chains, before)] == [1] * len(chains), opt.report()
     (out_c, grads_c), (out_h, grads_h) = results
     assert_outputs_close(out_c, out_h, what="router chain vs head ops")
-    assert grads_c.keys() == grads_h.keys() and any("Wqkv" in n for n in grads_c)
+    assert grads_c.keys() == grads_h.keys() and any("Wqkv" in n or "query_key_value" in n for n in grads_c)
     for n in grads_c:
         assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
 
