@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import dhp_fx
 from dhp_fx.config import DHPConfig
 from dhp_fx.gates import HeadGate
-from dhp_fx.kernels.compact_heads import HeadProjection, compact_attention_block, kept_first
+from dhp_fx.kernels.compact_heads import HeadProjection, compact_attention_block, kept_first, slot_view
 from dhp_fx.passes import AttentionSite
 from dhp_fx.strategies import StaticGate
 from dhp_fx.testing import assert_outputs_close, attention_specs, build_attention, check_keep_mask
@@ -538,3 +538,25 @@ def test_inference_gather_equals_the_torch_gather_on_what_it_promises(B, S, G, D
     assert (b_qkv is None) == (not bias)
     cols = valid.repeat_interleave(dims[3])
     assert torch.equal(w_o[:, cols], w_o_t[:, cols])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 3), st.integers(0, 2), st.integers(0, 1), st.integers(1, 3))
+def test_slot_view_reads_each_slots_features(slots, dim, spare, before, axis, other):
+    """slot_view(t, axis, start, slots, dim, period)[s, j] is feature start + s * period + j, as a
+    view (gathers index_select out of it): contiguous slots (period None) and interleaved ones
+    (GPT-NeoX's per-head q, k, v), with features before the first slot, along either axis."""
+    period = dim + spare
+    base = before * period
+    for offset in range(period - dim + 1):
+        start = base + offset
+        features = base + slots * period
+        t = torch.arange(features * other, dtype=torch.float64).reshape(features, other)
+        t = t if axis == 0 else t.t().contiguous()
+        got = slot_view(t, axis, start, slots, dim, period if spare else None)
+        want = torch.tensor([[start + s * period + j for j in range(dim)] for s in range(slots)])
+        picked = t.index_select(axis, want.flatten()).unflatten(axis, (slots, dim))
+        assert torch.equal(got, picked) and got.data_ptr() >= t.data_ptr()
+        assert got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # a view, no copy
+    with pytest.raises(ValueError, match="overrun its period"):
+        slot_view(torch.zeros(12, 2), 0, 2, 2, 3, 4)
