@@ -47,7 +47,8 @@ _VIEWS = ("view", "reshape")
 
 def _head_dims(lay: hl.Layout, dim: int, width: Optional[int] = None) -> list[int]:
     """Dims of a layout that hold the head index: a "head" atom, or a digit of the projection's
-    features that spans more than one head (``dim`` features), short of the role's ``width`` (a
+    features that spans more than one head (``dim`` features: a head's own, or its period in a
+    per-head fused layout), short of the role's ``width`` (a
     digit worth a role's whole width picks q, k or v of a fused projection, not a head). A
     projection's flat output is such a dim: a slice of it would cut at a fixed feature, which
     moves when fewer heads are computed."""
@@ -84,7 +85,7 @@ def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
 
 def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None) -> Optional[str]:
     """None when ``node`` works unchanged on fewer heads; else why not. ``lay`` is the node's
-    input layout along the path (for getitem of an unbind, the unbound tensor's)."""
+    layout (head_layout gives a tuple-valued node, an unbind or split, its input's)."""
     heads = _head_dims(lay, dim, width)
     if len(heads) > 1:
         return "heads_split"
