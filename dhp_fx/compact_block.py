@@ -25,6 +25,7 @@ from .kernels.compact_heads import (HeadProjection, compact_attention_block, com
 from .cuda_graphs import freeze_for_capture, tensor_state
 from .kernels import row_cost
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
+from .passes.compact_chain import FUSED_PER_HEAD, FUSED_QKV
 
 # Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
 # where a row's tokens pay for its weight gather (kernels/row_cost): on a CPU the gather is
@@ -113,11 +114,19 @@ class CompactBlock(nn.Module):
             return None
         return row_plan
 
-    def _masks_dense(self, keep: torch.Tensor) -> bool:
-        """Whether this call, about to compute every head, should run the dense originals and zero
-        the pruned heads' outputs (see MASKED_DENSE_DEVICES)."""
-        return (keep.dim() == 2 and keep.shape[0] > 1 and keep.device.type in MASKED_DENSE_DEVICES
-                and self.gate.decides_rows_apart())
+    def _every_head_plan(self, keep: torch.Tensor) -> Optional[str]:
+        """How a call that computes every head runs, counted: DENSE (the gate kept every head),
+        MASKED (rows decide apart on a device in MASKED_DENSE_DEVICES: the dense originals, the
+        pruned heads' outputs zeroed) or None (the head ops)."""
+        self.calls_every_head += 1
+        if self.gate.keeps_every_head():
+            self.calls_dense += 1
+            return DENSE
+        if (keep.dim() == 2 and keep.shape[0] > 1 and keep.device.type in MASKED_DENSE_DEVICES
+                and self.gate.decides_rows_apart()):
+            self.calls_masked += 1
+            return MASKED
+        return None
 
     def _gathered(self, q, k, v, w_o, in_out_o, keep, cap, head_dim, v_head_dim, kv_heads,
                   gather=gather_block_weights):
@@ -157,11 +166,7 @@ class CompactBlock(nn.Module):
         heads, kv_heads, head_dim, v_head_dim = geometry
         w_o, b_o, flags_o, unit_o, in_out_o, flat = out_projection
         union = None
-        dense = self.gate.keeps_every_head()
-        masked = not dense and self._masks_dense(keep)
-        self.calls_every_head += 1
-        self.calls_dense += dense
-        self.calls_masked += masked
+        originals = self._every_head_plan(keep)  # DENSE or MASKED: F.linear and SDPA, not the head ops
 
         def flags(spec):
             nonlocal union
@@ -173,7 +178,7 @@ class CompactBlock(nn.Module):
                 union = keep.any(0)
             return union
 
-        if dense or masked:  # the original GEMMs and attention, not their gated forms
+        if originals:
             features = [_linear(p[0], p[1], p[2], p[5]) for p in projections]
         else:
             features = [torch.ops.dhp.head_linear_out(*p[:3], flags(p[3]), *p[4:6]) for p in projections]
@@ -187,9 +192,9 @@ class CompactBlock(nn.Module):
 
         q, k, v = role(0, heads, head_dim), role(1, kv_heads, head_dim), role(2, kv_heads, v_head_dim)
         q, k = (t if f == 1.0 else t * f for t, f in zip((q, k), qk_factors))
-        if dense or masked:
+        if originals:
             o = dense_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, heads // kv_heads)
-            if masked:
+            if originals is MASKED:
                 o = zero_pruned(o, keep)
         else:
             o = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
@@ -197,7 +202,7 @@ class CompactBlock(nn.Module):
         B, _, L, _ = o.shape
         o = o.transpose(1, 2).reshape(B, L, heads * v_head_dim)
         o = o.flatten(0, 1) if flat else o
-        if dense or masked:
+        if originals:
             return _linear(o, w_o, b_o, in_out_o)
         return torch.ops.dhp.head_linear_in(o, w_o, b_o, flags(flags_o), unit_o, in_out_o)
 
@@ -218,21 +223,20 @@ class CompactChain(CompactBlock):
     - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
     """
 
+    def __init__(self, gate: nn.Module):
+        super().__init__(gate)
+        self._per_head_last: Optional[tuple] = None  # (gathered, its rows head by head)
+
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)
 
     def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None)):
         heads, kv_heads, head_dim, v_head_dim = geometry
         plan = self.gate.compact_plan(keep.shape[0])
-        tokens = None if x is None else x.numel() // max(x.shape[-1], 1) // max(keep.shape[0], 1)
+        tokens = None if x is None else row_cost.tokens_per_row(x, keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads, tokens)
         if row_plan is None and (plan is None or plan[0] >= kv_heads):
-            dense = self.gate.keeps_every_head()
-            masked = not dense and self._masks_dense(keep)
-            self.calls_every_head += 1
-            self.calls_dense += dense
-            self.calls_masked += masked
-            return DENSE if dense else MASKED if masked else None
+            return self._every_head_plan(keep)
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
@@ -277,7 +281,7 @@ class CompactChain(CompactBlock):
     def _per_head_rows(self, gathered, dims, cap):
         """The gathered q, k, v rows reordered head by head: once per gather (a static decision's
         gather is reused call after call, so is this)."""
-        last = getattr(self, "_per_head_last", None)
+        last = self._per_head_last
         if last is not None and last[0] is gathered:
             return last[1]
         widths = [cap * d for d in dims]
@@ -326,9 +330,6 @@ def _capturing(keep: torch.Tensor) -> bool:
 
 # The chain's plan when the gate kept every head: each call runs its dense original.
 DENSE = "dense"
-# Roles of a chain "proj" call for one projection of q, k and v (passes/compact_chain): its
-# features q's heads, k's, then v's, or [q_h, k_h, v_h] head by head.
-FUSED_QKV, FUSED_PER_HEAD = -1, -2
 # ... and when rows decide apart and nothing compacts (see MASKED_DENSE_DEVICES): the same, with
 # the pruned heads' attention outputs zeroed.
 MASKED = "masked"

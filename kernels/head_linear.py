@@ -100,7 +100,7 @@ def head_linear_in_reference(x, weight, bias, heads_keep, head_dim, weight_in_ou
 def _out_per_sample(x, w, bias, heads_keep, head_dim):
     if _rows_agree(heads_keep):
         return _out_compute(x, w, bias, heads_keep[0], head_dim, False)
-    idx = _per_sample_index(heads_keep, head_dim, x.numel() // max(1, x.shape[0] * x.shape[-1]))
+    idx = _per_sample_index(heads_keep, head_dim, row_cost.tokens_per_row(x, x.shape[0]))
     if idx is None:  # the union, then zero each row's pruned features
         y = _out_compute(x, w, bias, heads_keep.any(0), head_dim, False)
         return y * _feature_mask(heads_keep, head_dim, y)
@@ -118,7 +118,7 @@ def _out_per_sample(x, w, bias, heads_keep, head_dim):
 def _in_per_sample(x, w, bias, heads_keep, head_dim):
     if _rows_agree(heads_keep):
         return _in_compute(x, w, bias, heads_keep[0], head_dim, False)
-    idx = _per_sample_index(heads_keep, head_dim, x.numel() // max(1, x.shape[0] * x.shape[-1]))
+    idx = _per_sample_index(heads_keep, head_dim, row_cost.tokens_per_row(x, x.shape[0]))
     if idx is None:  # pruned inputs are zeros: the union of the rows' heads is exact
         return _in_compute(x, w, bias, heads_keep.any(0), head_dim, False)
     B = x.shape[0]

@@ -23,3 +23,9 @@ def rows_pay(tokens: int, kept: int, union: int) -> bool:
     """Whether rows of ``tokens`` tokens should each compute their own ``kept`` heads (or KV
     groups) rather than all compute the ``union``."""
     return 2.0 * tokens * (union - kept) >= ROWS_MIN_SAVED_FLOPS_PER_WEIGHT * kept
+
+
+def tokens_per_row(x, rows: int) -> int:
+    """Tokens a row of ``x`` holds: x is [rows, L, features], or its rows flattened to
+    [rows * L, features]."""
+    return x.numel() // max(1, rows * x.shape[-1])
