@@ -209,7 +209,7 @@ class CompactBlock(nn.Module):
 
 class CompactChain(CompactBlock):
     """The calls ``passes/compact_chain.py`` puts in place of a block's head ops when the graph's
-    own ops (RoPE) stay between projections and attention. One module, four kinds of call:
+    own ops (RoPE) stay between projections and attention. One module, five kinds of call:
 
     - ``chain(keep, x, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
       (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
@@ -219,6 +219,8 @@ class CompactChain(CompactBlock):
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
       one projection of q, k and v, whose features are q's, k's, then v's; role -2: the same,
       [q_h, k_h, v_h] head by head;
+    - ``chain(t, kind="role", plan, role, geometry)``: role's features of a role -1 projection's
+      output t, for a graph that slices them at fixed widths (Phi-3);
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
     - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
     """
@@ -277,6 +279,14 @@ class CompactChain(CompactBlock):
                             lambda x3: project_rows(x3, gathered.weights[role], gathered.biases[role]))
         rows = slice(lo, lo + widths[role])
         return F.linear(x, gathered.w_qkv[rows], None if gathered.b_qkv is None else gathered.b_qkv[rows])
+
+    def _role(self, t, *, plan, role, geometry):
+        heads, kv_heads, head_dim, v_head_dim = geometry
+        # Every head's features unless this call computes its kept groups alone.
+        cap = plan[0] if isinstance(plan, tuple) else kv_heads
+        widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
+        lo = sum(widths[:role])
+        return t[..., lo:lo + widths[role]]
 
     def _per_head_rows(self, gathered, dims, cap):
         """The gathered q, k, v rows reordered head by head: once per gather (a static decision's

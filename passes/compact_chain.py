@@ -20,12 +20,15 @@ That is exact only if every op in between works for any head count. Proven per n
 layouts ``skip_projections`` tracked: views and reshapes give the head dim as -1; elementwise
 operands other than the path broadcast over the head dim; selections, unbinds and
 concatenations act on dims that hold no heads (a projection's flat output holds them all, so a
-slice of it declines: Phi-3). Anything else declines (``no_compact_chain:<reason>``).
+slice of it declines). Anything else declines (``no_compact_chain:<reason>``).
 
 One projection of q, k and v is one "proj" call: role -1 when its features are q's heads, then
 k's, then v's (ModernBERT's Wqkv, the order of the gathered rows), role -2 when they are
 [q_h, k_h, v_h] head by head (GPT-NeoX). The graph's own view(..., 3, -1, D) and unbind, or
 view(..., -1, 3 * D) and chunk, then split the kept heads' features as they split all of them.
+Phi-3 instead slices its fused output at fixed widths (``qkv[..., :H * D]``); a slice that takes
+exactly one role's features becomes ``chain(t, kind="role", plan, role, geometry)``, which cuts at
+the widths of the heads the call computes.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch.nn as nn
 from . import head_layout as hl
 from .compact_heads import _flags_spec
 from .graph_utils import example_value, is_call, is_method
+from .projections import last_dim_slice
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -138,7 +142,23 @@ def _is_unbind(node: Any) -> bool:
                                           or is_call(node, torch.unbind, torch.split, torch.chunk))
 
 
-def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
+def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
+    """Role index -> the node slicing exactly that role's features out of the fused projection
+    (Phi-3's ``qkv[..., :H * D]``, ``qkv[..., H * D:(H + K) * D]``, ``qkv[..., (H + K) * D:]``)."""
+    val = example_value(fused_node)
+    sizes = list(val.shape) if isinstance(val, torch.Tensor) else None
+    found = {}
+    for i, role in enumerate(ROLES):
+        features = state.proj.features.get(role)
+        for node in (state.paths.get(role) or [])[1:]:
+            if (is_call(node, operator.getitem) and node.args[0] is fused_node and features is not None
+                    and last_dim_slice(node.args[1], sizes) == tuple(features)):
+                found[i] = node
+    return found
+
+
+def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None) -> Optional[str]:
+    rewritten = set((role_slices or {}).values())  # they become "role" calls, proven by _role_slices
     for role in ROLES:
         layouts, path = state.node_layouts.get(role), state.paths.get(role)
         if layouts is None or path is None:
@@ -148,6 +168,8 @@ def _paths_ok(state: _Site, fused: bool = False) -> Optional[str]:
         period = state.head_stride(role)  # a head's features, or its share of a per-head fused layout
         width = heads * period if fused else None
         for node in path[1:]:
+            if node in rewritten:
+                continue
             why = _node_ok(node, layouts[node], on_path, period, width)
             if why is not None:
                 return why
@@ -197,6 +219,8 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
     fused = all(n is not None for n in nodes) and nodes[0] is nodes[1] is nodes[2] is not nodes[3]
     layout = _fused_layout(state, nodes[0]) if fused else None
+    # Only the role-major layout is cut into roles by slices; GPT-NeoX's per-head one by a view.
+    role_slices = _role_slices(state, nodes[0]) if layout == FUSED_QKV else {}
     why = None
     if not isinstance(chain_module, nn.Module):
         why = "gate_has_no_chain"
@@ -211,7 +235,7 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     elif site.num_kv_heads < 2:
         why = "one_kv_head"
     else:
-        why = _paths_ok(state, fused)
+        why = _paths_ok(state, fused, role_slices)
     if why is not None:
         state.result.bump(f"no_compact_chain:{why}")
         return None
@@ -249,6 +273,13 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
                                     dict(kind=kind, plan=plan, role=role, geometry=geometry))
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    for role_index, node in role_slices.items():
+        with graph.inserting_before(node):
+            cut = graph.call_module(target, (node.args[0],), dict(kind="role", plan=plan, role=role_index,
+                                                                  geometry=geometry))
+        cut.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        node.replace_all_uses_with(cut)
         graph.erase_node(node)
     gated = state.gated
     with graph.inserting_before(gated):

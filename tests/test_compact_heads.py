@@ -331,19 +331,31 @@ def test_rope_blocks_compact_as_a_chain(name):
 
 class _RotaryAttention(torch.nn.Module):
     """A RoPE-like block: ``variant`` "ok" (views with -1 heads, cos broadcast over heads),
-    "per_head" (a per-head scale on q), or "fixed_view" (a view naming the head count)."""
+    "per_head" (a per-head scale on q), "fixed_view" (a view naming the head count), or one
+    fused projection cut into q, k and v by slices: "role_slices" (each takes one role's
+    features, as Phi-3's do) or "sliced_heads" (viewed per head, then cut at fixed head counts)."""
 
     def __init__(self, variant: str):
         super().__init__()
         self.variant = variant
         self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.qkv = torch.nn.Linear(16, 48)
         self.register_buffer("cos", torch.rand(5, 4))
         self.register_buffer("head_scale", torch.rand(1, 4, 1, 1) + 0.5)
+
+    def _qkv(self, x):
+        if self.variant == "role_slices":  # Phi-3: one projection, cut at each role's fixed width
+            qkv = self.qkv(x)
+            return qkv[..., :16], qkv[..., 16:32], qkv[..., 32:]
+        if self.variant == "sliced_heads":  # viewed [B, L, -1, 4], cut at fixed head counts
+            qkv = self.qkv(x).view(*x.shape[:2], -1, 4)
+            return qkv[:, :, :4], qkv[:, :, 4:8], qkv[:, :, 8:]
+        return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x):
         B, L, _ = x.shape
         heads = 4 if self.variant == "fixed_view" else -1
-        q, k, v = (p(x).view(B, L, heads, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (t.view(B, L, heads, 4).transpose(1, 2) for t in self._qkv(x))
         q = q * self.cos[:L]
         k = k * self.cos[:L]
         if self.variant == "per_head":
@@ -353,7 +365,8 @@ class _RotaryAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("variant,why", [("ok", None), ("per_head", "per_head_operand"),
-                                         ("fixed_view", "head_count_in_view")])
+                                         ("fixed_view", "head_count_in_view"), ("role_slices", None),
+                                         ("sliced_heads", "selection")])
 def test_chain_needs_head_count_free_ops(variant, why):
     module, x = _RotaryAttention(variant).eval(), torch.randn(2, 5, 16)
     opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=(x,))
@@ -361,6 +374,12 @@ def test_chain_needs_head_count_free_ops(variant, why):
     assert site.compact_block == (why is None), opt._compiler.counters
     if why is not None:
         assert opt._compiler.counters.get(f"no_compact_chain:{why}") == 1, opt._compiler.counters
+    if variant in ("role_slices", "sliced_heads"):
+        assert set(site.skipped_projections) == {"q", "k", "v", "out"}, opt._compiler.counters
+        chain = opt.gate(site).chain_module if why is None else None
+        compact = None if chain is None else chain.calls_compact
+        check_keep_mask(module, opt, (x,), torch.tensor([[True, False, False, True]] * 2))
+        assert chain is None or chain.calls_compact == compact + 1
     chain = opt.gate(site).chain_module
     before = chain.calls_compact
     check_keep_mask(module, opt, (x,), torch.tensor([[False, True, True, False], [False, True, False, False]]))

@@ -649,6 +649,10 @@ def _fused_qkv_model(name: str, attn: str):
                                     intermediate_size=64, max_position_embeddings=64, global_attn_every_n_layers=1,
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
         model_cls = T.ModernBertModel
+    elif name == "phi3":
+        config = T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, **_LM)
+        model_cls = T.Phi3Model
     else:
         config = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                  rotary_pct=0.5, max_position_embeddings=64, **_LM)
@@ -658,13 +662,15 @@ def _fused_qkv_model(name: str, attn: str):
     return model_cls(config).eval(), {} if name == "modernbert" else {"use_cache": False}
 
 
-@pytest.mark.parametrize("name,attn", [("modernbert", "sdpa"), ("modernbert", "eager"), ("gpt_neox", "sdpa")])
+@pytest.mark.parametrize("name,attn", [("modernbert", "sdpa"), ("modernbert", "eager"), ("gpt_neox", "sdpa"),
+                                       ("phi3", "sdpa")])
 def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch):
     """One projection of q, k and v, then RoPE: ModernBERT's Wqkv holds q's heads, k's, then v's
     (viewed [B, L, 3, -1, D], unbound); GPT-NeoX's query_key_value holds [q_h, k_h, v_h] head by
-    head (viewed [B, L, -1, 3 D], chunked; RoPE on half of each head). The chain computes the
-    kept heads' rows in that same layout, so the graph's own view, split and RoPE run unchanged
-    on them: compact for a shared decision, each row its own heads (forced: these rows are
+    head (viewed [B, L, -1, 3 D], chunked; RoPE on half of each head); Phi-3's qkv_proj (GQA)
+    holds q's heads, k's, then v's, cut by slices at fixed widths, which become cuts at the
+    computed heads' widths. The chain computes the kept heads' rows in that same layout, so the
+    graph's own view, split and RoPE run unchanged on them: compact for a shared decision, each row its own heads (forced: these rows are
     short) or the masked dense block for rows apart; a router's outputs and weight gradients
     equal the head ops' (compact_heads=False)."""
     from dhp_fx import compact_block
@@ -677,7 +683,7 @@ def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch)
     assert opt._compiler.counters.get("compact_chain") == 2, opt._compiler.counters
     assert all(s.compact_block for s in opt.sites) and len(opt.sites) == 2, opt.report()
     chains = [opt.gate(s).chain_module for s in opt.sites]
-    apart = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    apart = torch.tensor([[True, True, False, False], [False, False, True, True]])  # whole KV groups
     for keep, rows_min, path in ((apart[:1].expand(2, -1).clone(), None, "compact"), (apart, None, "masked"),
                                  (apart, 0.0, "rows")):
         if rows_min is not None:
@@ -698,30 +704,10 @@ def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch)
         out = opt(**inputs).last_hidden_state
         out.square().sum().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                       if p.grad is not None and (".attn." in n or ".attention." in n)}))
+                                       if p.grad is not None and ("attn." in n or "attention." in n)}))
         assert [c.calls_rows - b for c, b in zip(chains, before)] == [1] * len(chains), opt.report()
     (out_c, grads_c), (out_h, grads_h) = results
     assert_outputs_close(out_c, out_h, what="router chain vs head ops")
-    assert grads_c.keys() == grads_h.keys() and any("Wqkv" in n or "query_key_value" in n for n in grads_c)
+    assert grads_c.keys() == grads_h.keys() and any(w in n for w in ("Wqkv", "query_key_value", "qkv_proj") for n in grads_c)
     for n in grads_c:
         assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
-
-
-def test_hf_phi3_fused_qkv_sliced_at_fixed_widths_is_declined_by_the_chain():
-    """Phi-3 also fuses q, k and v in one projection, but splits it with slices at fixed feature
-    widths (qkv[..., :H * D], ...): on the kept heads' rows those widths would cut the wrong
-    features, so the chain declines ("selection") and the head ops run, exactly."""
-    import transformers as T
-
-    config = T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=64, max_position_embeddings=64, **_LM)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = T.Phi3Model(config).eval()
-    ids, mask = _ids()
-    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
-    assert [set(s.skipped_projections) for s in opt.sites] == [{"q", "k", "v", "out"}] * 2, opt.report()
-    assert not any(s.compact_block for s in opt.sites)
-    assert opt._compiler.counters.get("no_compact_chain:selection") == 2, opt._compiler.counters
-    check_keep_mask(model, opt, inputs, _PINNED)
