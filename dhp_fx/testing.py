@@ -31,7 +31,9 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("dhp_fx.testing needs hypothesis: pip install 'dhp_fx[test]'") from exc
 
-STYLES = ("sdpa", "sdpa_gqa", "eager", "eager_div", "bmm")
+# "fused_rope": one projection for q, k and v cut by slices at each role's width (Phi-3), rotary
+# embeddings on q and k, SDPA with enable_gqa; self-attention only.
+STYLES = ("sdpa", "sdpa_gqa", "eager", "eager_div", "bmm", "fused_rope")
 MASK_KINDS = ("none", "bool", "additive")
 
 # Tolerances per dtype: the rewritten graph may take a different (but exact-in-math) kernel path.
@@ -82,13 +84,22 @@ class SpecAttention(nn.Module):
             raise ValueError(f"AttentionSpec.style must be one of {STYLES}, got {spec.style!r}")
         if spec.heads % spec.kv_heads:
             raise ValueError(f"heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
+        if spec.style == "fused_rope" and (spec.cross or spec.head_dim % 2):
+            raise ValueError("style 'fused_rope' needs self-attention (seq_q == seq_k) and an even head_dim")
         self.spec = spec
         d_model = spec.heads * spec.head_dim
-        self.q_proj = nn.Linear(d_model, spec.heads * spec.head_dim)
-        self.k_proj = nn.Linear(d_model, spec.kv_heads * spec.head_dim)
-        self.v_proj = nn.Linear(d_model, spec.kv_heads * spec.head_dim)
         self.o_proj = nn.Linear(spec.heads * spec.head_dim, d_model)
-        if spec.causal and spec.style not in ("sdpa", "sdpa_gqa"):
+        widths = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim)
+        if spec.style == "fused_rope":
+            self.qkv_proj = nn.Linear(d_model, sum(widths))
+            self.widths = widths
+            angles = torch.arange(64.0)[:, None] * 10000.0 ** (-torch.arange(0, spec.head_dim, 2) / spec.head_dim)
+            angles = torch.cat([angles, angles], -1)
+            self.register_buffer("cos", angles.cos(), persistent=False)
+            self.register_buffer("sin", angles.sin(), persistent=False)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d_model, w) for w in widths)
+        if spec.causal and spec.style not in ("sdpa", "sdpa_gqa", "fused_rope"):
             self.register_buffer("tril", torch.ones(64, 64, dtype=torch.bool).tril(), persistent=False)
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
@@ -101,14 +112,33 @@ class SpecAttention(nn.Module):
         b, h, s, d = t.shape
         return t[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
+    def _fused_rope(self, x):
+        qkv = self.qkv_proj(x)
+        wq, wk, _ = self.widths
+        q, k, v = qkv[..., :wq], qkv[..., wq:wq + wk], qkv[..., wq + wk:]
+        # view with -1 heads, as HF models write it; cos/sin broadcast over heads
+        q, k, v = (t.view(x.shape[0], x.shape[1], -1, self.spec.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = self.cos[: x.shape[1]], self.sin[: x.shape[1]]
+
+        def rotate(t):
+            half = t.shape[-1] // 2
+            return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+        return rotate(q), rotate(k), v
+
     def forward(self, x, context=None, mask=None, head_mask=None):
         s = self.spec
         src = x if context is None else context
-        q = self._heads(self.q_proj(x), s.heads)
-        k = self._heads(self.k_proj(src), s.kv_heads)
-        v = self._heads(self.v_proj(src), s.kv_heads)
+        if s.style == "fused_rope":
+            if context is not None:
+                raise ValueError("style 'fused_rope' is self-attention: it takes no context")
+            q, k, v = self._fused_rope(x)
+        else:
+            q = self._heads(self.q_proj(x), s.heads)
+            k = self._heads(self.k_proj(src), s.kv_heads)
+            v = self._heads(self.v_proj(src), s.kv_heads)
         scale = s.scale if s.scale is not None else 1.0 / math.sqrt(s.head_dim)
-        if s.style == "sdpa_gqa":
+        if s.style in ("sdpa_gqa", "fused_rope"):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=s.causal, scale=s.scale, enable_gqa=s.heads != s.kv_heads
             )
@@ -120,7 +150,9 @@ class SpecAttention(nn.Module):
                 out = self._eager(q, k, v, mask, scale)
         if head_mask is not None:
             out = out * head_mask[:, :, None, None].to(out.dtype)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], s.heads * s.head_dim)
+        # fused_rope merges heads as HF models do, with -1: a chain needs views free of head counts
+        width = -1 if s.style == "fused_rope" else s.heads * s.head_dim
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], width)
         return self.o_proj(out)
 
     def _eager(self, q, k, v, mask, scale):
@@ -202,19 +234,19 @@ def attention_specs(
     heads = kv_heads * draw(st.integers(1, max(1, max_heads // kv_heads)))
     batch = draw(st.integers(1, max_batch))
     seq_q = draw(st.integers(1, max_seq))
-    cross = draw(st.booleans())
+    cross = draw(st.booleans()) and style != "fused_rope"
     seq_k = draw(st.integers(1, max_seq)) if cross else seq_q
     if seq_k == seq_q and cross:
         seq_k = seq_q + 1
     causal = draw(st.booleans()) and not cross
     mask_kind = draw(st.sampled_from(MASK_KINDS))
-    if causal and style.startswith("sdpa"):
+    if causal and (style.startswith("sdpa") or style == "fused_rope"):
         mask_kind = "none"  # SDPA refuses attn_mask together with is_causal
     scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
     keep = draw(keep_masks(batch, heads)) if with_keep else None
     return AttentionSpec(
         style=style, batch=batch, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_k=seq_k,
-        head_dim=draw(st.sampled_from(list(head_dims))), causal=causal, mask_kind=mask_kind,
+        head_dim=draw(st.sampled_from([d for d in head_dims if d % 2 == 0 or style != "fused_rope"] or [2])), causal=causal, mask_kind=mask_kind,
         dtype=draw(st.sampled_from(list(dtypes))), scale=scale, keep=keep, seed=draw(st.integers(0, 2**16)),
     )
 

@@ -259,11 +259,12 @@ def test_zoo_blocks_compacted_and_exact(name):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(attention_specs(styles=("sdpa", "sdpa_gqa", "eager", "bmm")),  # float32: eager softmaxes in float32 anyway
-       st.integers(0, 2**16))
+@given(attention_specs(styles=("sdpa", "sdpa_gqa", "eager", "bmm", "fused_rope")),  # float32: eager softmaxes in
+       st.integers(0, 2**16))                                                         # float32 anyway
 def test_every_attention_style_compacts_exactly(spec, seed):
-    """The dhp_fx.testing specs (SDPA, SDPA with enable_gqa, eager, bmm; GQA groups, cross-attention,
-    masks, causal, any scale): every block is compacted, and with pinned keep masks whose heads lie
+    """The dhp_fx.testing specs (SDPA, SDPA with enable_gqa, eager, bmm, a Phi-3-like fused
+    projection cut by slices with RoPE; GQA groups, cross-attention, masks, causal, any scale):
+    every block is compacted (fused_rope as a chain), and with pinned keep masks whose heads lie
     in part of the KV groups the output equals the zeroed-head reference."""
     module, inputs = build_attention(spec)
     opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
@@ -280,7 +281,9 @@ def test_every_attention_style_compacts_exactly(spec, seed):
     groups = torch.zeros(spec.kv_heads, dtype=torch.bool)
     groups[torch.randperm(spec.kv_heads, generator=g)[: max(1, spec.kv_heads // 2)]] = True
     keep = spec.keep_tensor() & groups.repeat_interleave(group)[None]
-    block = opt.gate(site).block_module
+    chain = spec.style == "fused_rope"
+    assert opt._compiler.counters.get("compact_chain" if chain else "compact_block") == 1, opt._compiler.counters
+    block = opt.gate(site).chain_module if chain else opt.gate(site).block_module
     before = block.calls_compact
     check_keep_mask(module, opt, inputs, keep)
     assert block.calls_compact == before + 1
