@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -164,8 +165,17 @@ def report(args) -> int:
     import dhp_fx
 
     model = AutoModel.from_pretrained(args.model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    inputs = dict(tokenizer(["dhp_fx finds every attention head.", "Short."], padding=True, return_tensors="pt"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    except (OSError, ValueError):  # no tokenizer files: token ids of the model's vocabulary do as well
+        vocab = getattr(model.config, "vocab_size", None)
+        if not vocab:
+            print(f"dhp-fx report: {args.model_dir} has no tokenizer and its config no vocab_size; "
+                  "report needs a text model", file=sys.stderr)
+            return 2
+        inputs = {"input_ids": torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))}
+    else:
+        inputs = dict(tokenizer(["dhp_fx finds every attention head.", "Short."], padding=True, return_tensors="pt"))
     optimized = dhp_fx.optimize(model, example_inputs=inputs)
     print(optimized.report())
     return 0
@@ -186,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_report.add_argument("model_dir")
     p_report.set_defaults(func=report)
     args = parser.parse_args(argv)
+    if args.command == "report" and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        parser.error(f"report: {args.model_dir!r} is not a local Hugging Face model directory (no config.json there)")
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
     return args.func(args)

@@ -159,6 +159,24 @@ def test_backend_is_found_without_importing_dhp_fx():
     assert out.stdout.strip().endswith("True")
 
 
+def test_python_dash_m_runs_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "dhp_fx", "report", "/no/such/model"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "'/no/such/model' is not a local Hugging Face model directory" in out.stderr, (
+        out.stdout, out.stderr)
+
+
+def test_report_command_on_a_model_saved_without_a_tokenizer(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from dhp_fx.cli import main
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    assert "2 attention site(s) rewritten" in capsys.readouterr().out
+
+
 def test_model_without_attention_runs_and_says_so(caplog):
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(3, 4)
