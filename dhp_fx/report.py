@@ -28,6 +28,10 @@ def sites_table(sites: list[AttentionSite], skipped: list[SkippedSite]) -> str:
     if rows:
         out.append(_table(["site", "module", "heads", "kv heads", "head dim", "pattern", "mask", "causal", "kind",
                            "pruned heads skip"], rows))
+    declined = [[s.name, ", ".join(s.declined)] for s in sites if s.declined]
+    if declined:
+        out.append("\nwhy pruned heads skip no more work (pass counters):")
+        out.append(_table(["site", "declined"], declined))
     if skipped:
         out.append(f"\n{len(skipped)} candidate(s) left unchanged:")
         out.append(_table(["module", "pattern", "reason"], [[s.module_path or "<root>", s.pattern, s.reason] for s in skipped]))

@@ -173,6 +173,7 @@ def rewrite_attention(
         gated = out.args[0] if out.op == "call_method" else out  # bmm-style sites end in a flatten
         site.head_major = prove_head_layouts(gm, gated, site, provisional)
         compacted = False
+        before = dict(result.counters)
         if skip_projections:
             state = skip_site_projections(gm, gated, site, provisional, gate_target, result)
             site.skipped_projections = state.roles()
@@ -182,6 +183,8 @@ def rewrite_attention(
                     core = compact_chain_site(gm, state, gate_target)
                     if core is not None:
                         gated, site.compact_block = core, True
+        if not site.compact_block:
+            site.declined = tuple(k for k, n in result.counters.items() if k.startswith("no_") and n > before.get(k, 0))
         if gate_target is not None and not compacted:  # a block module calls the tap itself
             insert_tap(gm, gated, gate_target)
         result.sites.append(site)

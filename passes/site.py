@@ -60,6 +60,10 @@ class AttentionSite:
     # The whole block (projections, core, output projection) is one call of the gate's block
     # module, which can run the kept heads alone (see compact_heads).
     compact_block: bool = False
+    # What the projection-skipping and compaction passes declined here, as their counter names
+    # ("no_skip_qkv_proj:gate_reads_qkv", "no_compact_chain:head_count_in_view", ...): why a
+    # pruned head's work is not skipped further. Empty where the block is compact.
+    declined: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mask_kind not in MASK_KINDS:
@@ -77,8 +81,9 @@ class AttentionSite:
                 if p.get("features") is not None:
                     p["features"] = tuple(p["features"])
                 d[key] = ProjectionRef(**p)
-        if "skipped_projections" in d:
-            d["skipped_projections"] = tuple(d["skipped_projections"])
+        for key in ("skipped_projections", "declined"):
+            if key in d:
+                d[key] = tuple(d[key])
         if d.get("head_major") is not None:
             d["head_major"] = tuple(d["head_major"])
         return cls(**d)

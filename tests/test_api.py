@@ -145,6 +145,9 @@ def test_inductor_downstream_matches_eager():
         optimized = dhp_fx.optimize(module, DHPConfig(compiler="inductor"), example_inputs=inputs)
         assert_outputs_close(optimized(**inputs), expected)
     assert len(optimized.sites) == 1
+    # the probe reads every head's q and k: the report says why those projections run whole
+    assert "no_skip_qkv_proj:gate_reads_qkv" in optimized.sites[0].declined
+    assert "no_skip_qkv_proj:gate_reads_qkv" in optimized.report()
 
 
 def test_backend_is_found_without_importing_dhp_fx():

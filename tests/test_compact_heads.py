@@ -377,6 +377,11 @@ def test_chain_needs_head_count_free_ops(variant, why):
     assert site.compact_block == (why is None), opt._compiler.counters
     if why is not None:
         assert opt._compiler.counters.get(f"no_compact_chain:{why}") == 1, opt._compiler.counters
+        # the site says why (its block declined too: RoPE computes between projection and op)
+        assert site.declined == ("no_compact_block:layout", f"no_compact_chain:{why}"), site.declined
+        assert f"no_compact_chain:{why}" in opt.report()
+    else:
+        assert site.declined == () and "declined" not in opt.report()
     if variant in ("role_slices", "sliced_heads"):
         assert set(site.skipped_projections) == {"q", "k", "v", "out"}, opt._compiler.counters
         chain = opt.gate(site).chain_module if why is None else None
