@@ -13,15 +13,16 @@ apart, the dense originals with the pruned heads' outputs zeroed (MASKED_DENSE_D
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 import torch.nn.functional as F
 
-from .kernels.compact_heads import (HeadProjection, compact_attention_block, compact_core, dense_attention,
-                                    gather_block_weights, role_widths)
+from .kernels.compact_heads import (GatheredHeads, HeadProjection, compact_attention_block, compact_core,
+                                    dense_attention, gather_block_weights, gather_query_heads, query_heads_core,
+                                    role_widths)
 from .cuda_graphs import freeze_for_capture, tensor_state
 from .kernels import row_cost
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
@@ -67,6 +68,7 @@ class CompactBlock(nn.Module):
         self.calls_every_head = 0  # how many calls ran every head: the head ops, or ...
         self.calls_dense = 0  # ... the dense originals, the gate having kept every head
         self.calls_masked = 0  # ... or the dense originals with pruned heads' outputs zeroed
+        self.calls_query_heads = 0  # compact calls that ran every KV group and the kept query heads (GQA)
         self.gathers = 0  # how many of them gathered weights (the rest reused the last gather)
         self._last: Optional[tuple] = None  # (key tensors, key values, GatheredHeads)
 
@@ -238,7 +240,10 @@ class CompactChain(CompactBlock):
         tokens = None if x is None else row_cost.tokens_per_row(x, keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads, tokens)
         if row_plan is None and (plan is None or plan[0] >= kv_heads):
-            return self._every_head_plan(keep)
+            query = None
+            if plan is not None and heads > kv_heads and all(p is None for p in periods):
+                query = self._query_heads_plan(keep, weights, starts, geometry)
+            return self._every_head_plan(keep) if query is None else query
         cap, shared_or_whole = row_plan if row_plan is not None else plan
         gather = gather_rows if row_plan is not None else gather_block_weights
         wq, bq, wk, bk, wv, bv, wo = weights
@@ -251,7 +256,35 @@ class CompactChain(CompactBlock):
         self.calls_rows += row_plan is not None
         return cap, shared_or_whole, gathered, row_plan is not None
 
+    def _query_heads_plan(self, keep, weights, starts, geometry) -> Optional["QueryHeads"]:
+        """Under GQA, when the kept heads touch every KV group: the kept query heads alone
+        (their Q rows and W_o columns gathered) over every group's K and V, if the gate bounds
+        them below every head."""
+        heads, kv_heads, head_dim, v_head_dim = geometry
+        head_plan = self.gate.compact_head_plan(keep.shape[0])
+        if head_plan is None:
+            return None
+        cap, rows_same = head_plan
+        if not rows_same and keep.device.type in MASKED_DENSE_DEVICES and self.gate.decides_rows_apart():
+            return None  # the masked dense block, as where the head ops would run (see MASKED_DENSE_DEVICES)
+        wq, bq, wk, bk, wv, bv, wo = weights
+        q, k, v = (HeadProjection(None, w, b, False, start)
+                   for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
+        gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads, gather_query_heads)
+        if gathered is None:  # under autograd: gathered by torch ops, every call
+            gathered = gather_query_heads(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+        self.calls_compact += 1
+        self.calls_query_heads += 1
+        return QueryHeads(cap, rows_same, gathered)
+
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
+        if isinstance(plan, QueryHeads):
+            gathered = plan.gathered
+            if role == FUSED_QKV:  # the gathered Q rows, then every K and V row
+                return F.linear(x, gathered.w_qkv, gathered.b_qkv)
+            if role == 0:
+                return F.linear(x, gathered.w_qkv, gathered.b_qkv)
+            return _linear(x, w, b, in_out)
         if plan is None:
             return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
         if plan is DENSE or plan is MASKED:
@@ -282,6 +315,10 @@ class CompactChain(CompactBlock):
 
     def _role(self, t, *, plan, role, geometry):
         heads, kv_heads, head_dim, v_head_dim = geometry
+        if isinstance(plan, QueryHeads):
+            widths = [plan.cap * head_dim, kv_heads * head_dim, kv_heads * v_head_dim]
+            lo = sum(widths[:role])
+            return t[..., lo:lo + widths[role]]
         # Every head's features unless this call computes its kept groups alone.
         cap = plan[0] if isinstance(plan, tuple) else kv_heads
         widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
@@ -301,6 +338,10 @@ class CompactChain(CompactBlock):
         return w, b
 
     def _core(self, q, k, v, keep, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, plan, geometry):
+        if isinstance(plan, QueryHeads):
+            heads, kv_heads, _, _ = geometry
+            return query_heads_core(q, k, v, keep, plan.gathered, heads // kv_heads, attn_mask, dropout_p, is_causal,
+                                    scale, plan.rows_same)
         if plan is None:
             return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         heads, kv_heads, _, _ = geometry
@@ -315,6 +356,8 @@ class CompactChain(CompactBlock):
                     shared_or_whole)
 
     def _out(self, keep, o, w, b, flags, unit, in_out, *, plan, role, geometry):
+        if isinstance(plan, QueryHeads):
+            return F.linear(o, plan.gathered.w_o, b)
         if plan is None:
             return torch.ops.dhp.head_linear_in(o, w, b, _flags(flags, keep), unit, in_out)
         if plan is DENSE or plan is MASKED:
@@ -336,6 +379,17 @@ def _per_head(parts, dims, cap: int, axis: int) -> torch.Tensor:
 
 def _capturing(keep: torch.Tensor) -> bool:
     return keep.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+class QueryHeads(NamedTuple):
+    """The chain's plan for a GQA call whose kept heads touch every KV group: ``cap`` query heads
+    gathered (their Q rows, then every K/V row for a fused projection; their W_o columns), every
+    group's K and V computed. rows_same: every row keeps the same heads (dense attention on the
+    gathered heads); otherwise the gated op zeroes each row's own pruned heads among them."""
+
+    cap: int
+    rows_same: bool
+    gathered: GatheredHeads
 
 
 # The chain's plan when the gate kept every head: each call runs its dense original.

@@ -149,6 +149,7 @@ class HeadGate(nn.Module):
             self.fixed_keep = torch.ones(0, dtype=torch.bool, device=self.fixed_keep.device)
             self._fixed_plan = self._fixed_row_plan = None
             self._fixed_rows_apart = False
+            self._fixed_heads = None
             return
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or mask.dim() not in (1, 2) or mask.shape[-1] != self.num_heads:
@@ -164,6 +165,7 @@ class HeadGate(nn.Module):
         whole = bool((rows == groups[..., None]).all())
         self._fixed_plan = (int(groups.any(0).sum()), whole and bool((rows == rows[:1]).all()))
         self._fixed_row_plan = (max(int(groups.sum(-1).max()), 1), whole)
+        self._fixed_heads = int(mask.reshape(-1, self.num_heads).any(0).sum())
         self._fixed_all = bool(mask.all())
         self._fixed_rows_apart = mask.dim() == 2 and not bool((mask == mask[:1]).all())
 
@@ -235,6 +237,28 @@ class HeadGate(nn.Module):
         if self.granularity == "batch":
             return min(union, batch * per_row), whole
         return min(self.num_kv_heads, batch * per_row), whole and batch == 1
+
+    def compact_head_plan(self, batch: int) -> Optional[tuple[int, bool]]:
+        """(cap, rows_same) for a call whose kept heads touch every KV group (GQA, groups not
+        pruned whole): the rows' kept query heads lie, together, in at most ``cap`` heads, and
+        rows_same says every row keeps the same heads. None when the call must compute every head
+        (as for :meth:`compact_plan`), when groups are pruned whole, or when the bound is every
+        head. Host state only."""
+        if self._tap_work is not None or self.prune_kv_groups:
+            return None
+        H = self.num_heads
+        if self.fixed_keep.numel():
+            cap = self._fixed_heads
+            return (max(cap, 1), not self._fixed_rows_apart) if cap < H else None
+        if self.recording or (self.score_threshold is None and self.n_keep >= H):
+            return None
+        per_row = self.per_row_bound()
+        if self.granularity == "batch":
+            union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
+            cap = min(union, batch * per_row)
+        else:
+            cap = min(H, batch * per_row)
+        return (cap, batch == 1 or not self.decides_rows_apart()) if cap < H else None
 
     def compact_row_plan(self) -> Optional[tuple[int, bool]]:
         """(cap, whole) for a per-row compaction of this gate's last decision: no row's kept

@@ -191,9 +191,11 @@ def block_paths(model) -> str:
     if not compact and not every:
         return ""
     rows = sum(b.calls_rows for b in blocks)
+    query = sum(b.calls_query_heads for b in blocks)
     dense = sum(b.calls_dense for b in blocks)
     masked = sum(b.calls_masked for b in blocks)
-    return (f"\nblock calls so far: {compact} on kept heads only ({rows} of them each row its own), "
+    query_text = f", {query} of them the kept query heads over every KV group" if query else ""
+    return (f"\nblock calls so far: {compact} on kept heads only ({rows} of them each row its own{query_text}), "
             f"{every} on every head ({dense} of them dense, the gate having kept every head; "
             f"{masked} dense with pruned heads zeroed, where no compaction paid)")
 

@@ -153,6 +153,11 @@ class StaticGate(ScoringGate):
         per_row, _, whole = self._group_bounds()
         return min(plan[0], per_row), whole  # one decision, handed to every row
 
+    def compact_head_plan(self, batch: int) -> Optional[tuple[int, bool]]:
+        if self.fixed_keep.numel() or self.recording:
+            return super().compact_head_plan(batch)
+        return super().compact_head_plan(1)  # one decision, handed to every row: bounded as one row's
+
     def decides_rows_apart(self) -> bool:
         return bool(self.fixed_keep.numel()) and super().decides_rows_apart()  # else one decision for all
 

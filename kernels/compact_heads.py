@@ -348,3 +348,50 @@ def _project(projs, w_qkv: torch.Tensor, b_qkv: Optional[torch.Tensor], widths: 
         out += list(y.split(widths[i:j], dim=-1)) if j - i > 1 else [y]
         i = j
     return out
+
+
+def gather_query_heads(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: HeadProjection,
+                       out_weight: torch.Tensor, out_in_out: bool, keep: torch.Tensor, cap: int, head_dim: int,
+                       v_head_dim: int, kv_heads: Optional[int] = None) -> GatheredHeads:
+    """Under GQA, where the kept heads touch every KV group: the Q rows and W_o columns of at most
+    ``cap`` query heads (kept first, then filler heads whose W_o columns are zero), every KV
+    group's K/V computed as before. ``w_qkv`` holds the Q rows, followed by every K and V row when
+    one projection computes q, k and v (so one GEMM serves it). Torch ops: differentiable, any
+    device."""
+    H = keep.shape[1]
+    if not 0 < cap <= H:
+        raise ValueError(f"gather_query_heads: cap must be in [1, {H}], got {cap}")
+    idx, valid = kept_first(keep[0] if keep.shape[0] == 1 else keep.any(0), cap)
+    w_q, b_q = _head_rows(q_proj.weight, q_proj.bias, q_proj.start, q_proj.in_out, idx, valid, H, head_dim,
+                          q_proj.period)
+    if out_in_out:
+        w_o = out_weight.unflatten(0, (H, v_head_dim)).index_select(0, idx)
+        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * v_head_dim, -1).t()
+    else:
+        w_o = out_weight.unflatten(1, (H, v_head_dim)).index_select(1, idx)
+        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * v_head_dim)
+    if q_proj.weight is k_proj.weight is v_proj.weight:
+        kv = H if kv_heads is None else kv_heads
+        every = torch.arange(kv, device=idx.device)
+        full = torch.ones(kv, dtype=torch.bool, device=idx.device)
+        rows = [_head_rows(p.weight, p.bias, p.start, p.in_out, every, full, kv, dim, p.period)
+                for p, dim in ((k_proj, head_dim), (v_proj, v_head_dim))]
+        w_q = torch.cat([w_q, *(w for w, _ in rows)])
+        b_q = None if b_q is None else torch.cat([b_q, *(b for _, b in rows)])
+    return GatheredHeads(idx, valid, w_q, b_q, w_o)
+
+
+def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_mask, dropout_p, is_causal, scale,
+                     rows_shared: bool) -> torch.Tensor:
+    """Attention for :func:`gather_query_heads`: q [B, cap, Lq, D] of the gathered query heads,
+    k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V."""
+    idx, valid = gathered.idx, gathered.valid
+    H = keep.shape[1]
+    if group > 1:
+        groups = torch.div(idx, group, rounding_mode="floor")
+        k, v = k.index_select(1, groups), v.index_select(1, groups)
+    mask = _heads_of_mask(attn_mask, H, idx)
+    if rows_shared:
+        return dense_attention(q, k, v, mask, dropout_p, is_causal, scale, 1)
+    return torch.ops.dhp.gated_attention(q, k, v, keep.index_select(1, idx) & valid, mask, dropout_p, is_causal,
+                                         scale)

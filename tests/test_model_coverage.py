@@ -711,3 +711,65 @@ def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch)
     assert grads_c.keys() == grads_h.keys() and any(w in n for w in ("Wqkv", "query_key_value", "qkv_proj") for n in grads_c)
     for n in grads_c:
         assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_gqa_chain_runs_the_kept_query_heads_over_every_kv_group(name, monkeypatch):
+    """GQA with heads decided one by one (prune_kv_groups off): where the kept heads touch every
+    KV group, no group can be left out, but the chain still runs the kept query heads alone: their
+    Q rows and W_o columns gathered (Phi-3: the fused projection's Q rows, then every K/V row),
+    every group's K and V. Rows that keep the same heads attend densely; rows apart run the
+    masked dense block on CPU (MASKED_DENSE_DEVICES), elsewhere the gated op over the gathered
+    heads; a union of every head runs every head. A router's outputs and weight gradients equal
+    the head ops'."""
+    import transformers as T
+
+    from dhp_fx import compact_block
+
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=64, **_LM)
+    config = T.LlamaConfig(**cfg) if name == "llama" else T.Phi3Config(**cfg)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = (T.LlamaModel if name == "llama" else T.Phi3Model)(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert opt._compiler.counters.get("compact_chain") == 2, opt._compiler.counters
+    chains = [opt.gate(s).chain_module for s in opt.sites]
+    shared = torch.tensor([[True, False, True, False]] * 2)  # one head of each group, in both rows
+    apart = torch.tensor([[True, False, False, False], [False, False, True, False]])  # union: 2 heads
+    every = torch.tensor([[True, True, False, False], [False, False, True, True]])  # union: every head
+    for keep, want, devices in ((shared, (1, 1, 0), ("cpu",)), (apart, (0, 0, 1), ("cpu",)),
+                                (apart, (1, 1, 0), ()), (every, (0, 0, 1), ("cpu",))):
+        monkeypatch.setattr(compact_block, "MASKED_DENSE_DEVICES", devices)
+        before = [(c.calls_compact, c.calls_query_heads, c.calls_masked) for c in chains]
+        check_keep_mask(model, opt, inputs, keep)
+        ran = [(c.calls_compact - a, c.calls_query_heads - b, c.calls_masked - m)
+               for c, (a, b, m) in zip(chains, before)]
+        assert ran == [want] * 2, (keep, ran)
+    static = dhp_fx.optimize(model, DHPConfig(scoring="static", keep_ratio=0.5), example_inputs=inputs)
+    before = [static.gate(s).chain_module.calls_query_heads for s in static.sites]
+    with torch.no_grad():
+        static(**inputs)
+    ran = [static.gate(s).chain_module.calls_query_heads - b for s, b in zip(static.sites, before)]
+    assert ran == [1, 1] and "4 of them the kept query heads over every KV group" in static.report(), static.report()
+    # rows apart, as on a GPU: the gathered query heads, not each row's own or the masked block
+    monkeypatch.setattr(compact_block, "ROWS_DEVICES", ())
+    monkeypatch.setattr(compact_block, "MASKED_DENSE_DEVICES", ())
+    results = []
+    for compact in (True, False):
+        routed = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.25, scoring="router", compact_heads=compact),
+                                 example_inputs=inputs)
+        model.zero_grad()
+        out = routed(**inputs).last_hidden_state
+        out.square().sum().backward()
+        if compact:  # the example call and this one
+            assert [routed.gate(s).chain_module.calls_query_heads for s in routed.sites] == [2, 2]
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None and "self_attn." in n}))
+    (out_c, grads_c), (out_h, grads_h) = results
+    assert_outputs_close(out_c, out_h, what="router: query heads vs head ops")
+    assert grads_c.keys() == grads_h.keys() and len(grads_c) >= 4
+    for n in grads_c:
+        assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
