@@ -83,7 +83,7 @@ def test_tma_forward_matches_reference_and_pointer_loads(case):
 
 
 @interpreted
-@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=18, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
        Lq=st.sampled_from([17, 23, 40]), Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40, 64]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -289,7 +289,7 @@ def test_default_on_hopper_offers_tma_only_for_bhld_storage(monkeypatch):
 
 
 @interpreted
-@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=16, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
        Lq=st.sampled_from([17, 23, 40]), Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40]),
        dtype=st.sampled_from([torch.float32, torch.float16]), mask_kind=st.sampled_from(["none", "bool", "additive"]),

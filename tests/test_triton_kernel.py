@@ -130,7 +130,7 @@ def test_interpreter_suite_in_subprocess():
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-SLOW = settings(deadline=None, max_examples=80,
+SLOW = settings(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -367,7 +367,7 @@ def test_backward_matches_reference(case):
 
 
 @interpreted
-@settings(SLOW, max_examples=20)
+@settings(SLOW, max_examples=15)
 @given(
     B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 3]), Lq=st.sampled_from([1, 9, 24, 32]),
     Lk=st.integers(1, 48), D=st.sampled_from([16, 40]), dtype=st.sampled_from([torch.float32, torch.float16]),
