@@ -88,14 +88,18 @@ def gather_heads_torch(keep, cap: int, weights, biases, starts, in_out, out_weig
              for w, b, st, io, dim, per in zip(weights, biases, starts, in_out, dims[:3], periods)]
     w_qkv = torch.cat([w for w, _ in parts])
     b_qkv = None if any(b is None for _, b in parts) else torch.cat([b for _, b in parts])
-    d_o = dims[3]
+    return idx, valid, w_qkv, b_qkv, _out_columns(out_weight, out_in_out, idx, valid, S, dims[3])
+
+
+def _out_columns(out_weight, out_in_out: bool, idx, valid, slots: int, dim: int) -> torch.Tensor:
+    """W_o's input columns of slots ``idx`` as [d_out, len(idx) * dim] (F.linear's layout), zero for
+    filler entries (valid False)."""
+    n = idx.numel() * dim
     if out_in_out:
-        w_o = out_weight.unflatten(0, (S, d_o)).index_select(0, idx)
-        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * d_o, -1).t()
-    else:
-        w_o = out_weight.unflatten(1, (S, d_o)).index_select(1, idx)
-        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * d_o)
-    return idx, valid, w_qkv, b_qkv, w_o
+        w_o = out_weight.unflatten(0, (slots, dim)).index_select(0, idx)
+        return torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(n, -1).t()
+    w_o = out_weight.unflatten(1, (slots, dim)).index_select(1, idx)
+    return torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, n)
 
 
 def gather_heads_inference(keep, cap: int, weights, biases, starts, in_out, out_weight, out_in_out: bool, dims,
@@ -364,12 +368,7 @@ def gather_query_heads(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: H
     idx, valid = kept_first(keep[0] if keep.shape[0] == 1 else keep.any(0), cap)
     w_q, b_q = _head_rows(q_proj.weight, q_proj.bias, q_proj.start, q_proj.in_out, idx, valid, H, head_dim,
                           q_proj.period)
-    if out_in_out:
-        w_o = out_weight.unflatten(0, (H, v_head_dim)).index_select(0, idx)
-        w_o = torch.where(valid[:, None, None], w_o, w_o.new_zeros(())).reshape(cap * v_head_dim, -1).t()
-    else:
-        w_o = out_weight.unflatten(1, (H, v_head_dim)).index_select(1, idx)
-        w_o = torch.where(valid[None, :, None], w_o, w_o.new_zeros(())).reshape(-1, cap * v_head_dim)
+    w_o = _out_columns(out_weight, out_in_out, idx, valid, H, v_head_dim)
     if q_proj.weight is k_proj.weight is v_proj.weight:
         kv = H if kv_heads is None else kv_heads
         every = torch.arange(kv, device=idx.device)
