@@ -215,8 +215,9 @@ class CompactChain(CompactBlock):
 
     - ``chain(keep, x, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
       (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
-      (per_row: each row its own, kernels/compact_rows), else DENSE, MASKED or None (the head
-      ops); x, the first projection's input, gives the rows' token count;
+      (per_row: each row its own, kernels/compact_rows), a QueryHeads under GQA when the kept
+      heads touch every group (the kept query heads over every group's K/V), else DENSE, MASKED
+      or None (the head ops); x, the first projection's input, gives the rows' token count;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
       one projection of q, k and v, whose features are q's, k's, then v's; role -2: the same,
@@ -278,12 +279,9 @@ class CompactChain(CompactBlock):
         return QueryHeads(cap, rows_same, gathered)
 
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
-        if isinstance(plan, QueryHeads):
-            gathered = plan.gathered
-            if role == FUSED_QKV:  # the gathered Q rows, then every K and V row
-                return F.linear(x, gathered.w_qkv, gathered.b_qkv)
-            if role == 0:
-                return F.linear(x, gathered.w_qkv, gathered.b_qkv)
+        if isinstance(plan, QueryHeads):  # w_qkv: the gathered Q rows (then every K/V row, fused)
+            if role in (0, FUSED_QKV):
+                return F.linear(x, plan.gathered.w_qkv, plan.gathered.b_qkv)
             return _linear(x, w, b, in_out)
         if plan is None:
             return torch.ops.dhp.head_linear_out(x, w, b, _flags(flags, keep), unit, in_out)
@@ -315,13 +313,11 @@ class CompactChain(CompactBlock):
 
     def _role(self, t, *, plan, role, geometry):
         heads, kv_heads, head_dim, v_head_dim = geometry
-        if isinstance(plan, QueryHeads):
+        if isinstance(plan, QueryHeads):  # the kept query heads, every group's K and V
             widths = [plan.cap * head_dim, kv_heads * head_dim, kv_heads * v_head_dim]
-            lo = sum(widths[:role])
-            return t[..., lo:lo + widths[role]]
-        # Every head's features unless this call computes its kept groups alone.
-        cap = plan[0] if isinstance(plan, tuple) else kv_heads
-        widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
+        else:  # every head's features unless this call computes its kept groups alone
+            cap = plan[0] if isinstance(plan, tuple) else kv_heads
+            widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
         lo = sum(widths[:role])
         return t[..., lo:lo + widths[role]]
 
