@@ -388,7 +388,8 @@ def time_small_batch_rows(device, dtype, batch, seq, reps) -> list[dict]:
 def time_llama_prefill(device, dtype, seq, reps) -> list[dict]:
     """A Llama-shaped decoder (1024 wide, 8 layers, 16 heads over 4 KV heads, RoPE; random
     weights) on one prompt without a cache: static gates' blocks compact as chains (RoPE stays
-    in the graph), against dense and the head ops. Graphed."""
+    in the graph), whole KV groups or the kept query heads over every group, against dense and
+    the head ops. Graphed."""
     import dhp_fx
     from transformers import LlamaConfig, LlamaModel
     from dhp_fx.cuda_graphs import CUDAGraphRunner
@@ -404,12 +405,15 @@ def time_llama_prefill(device, dtype, seq, reps) -> list[dict]:
         runner = CUDAGraphRunner(model)
         dense = _median_ms(lambda: runner(**inputs), reps, device)
         rows.append({"variant": f"llama-like dense, 1 x {seq} + cuda graphs", "p": 1.0, "ms": dense, "vs_dense": 1.0})
-        for p, compact in ((0.5, True), (0.5, False), (0.25, True)):
-            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="static", prune_kv_groups=True,
+        # groups=False: heads decided one by one, so kept heads touch every KV group and the
+        # chains run the kept query heads over every group's K/V (session 17, CPU-timed only)
+        for p, compact, groups in ((0.5, True, True), (0.5, False, True), (0.25, True, True), (0.5, True, False),
+                                   (0.5, False, False)):
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="static", prune_kv_groups=groups,
                                                           compact_heads=compact), example_inputs=inputs)
             runner = opt.cuda_graphed()
             ms = _median_ms(lambda: runner(**inputs), reps, device)
-            how = "compact chains" if compact else "head ops"
+            how = ("compact chains" if compact else "head ops") + ("" if groups else ", heads one by one")
             rows.append({"variant": f"llama-like static/sample, 1 x {seq}, {how} + cuda graphs", "p": p, "ms": ms,
                          "vs_dense": ms / dense})
     return rows
