@@ -232,8 +232,8 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         why = "interleaved_heads"
     elif any(n.args[5] for n in nodes):
         why = "conv1d_layout"
-    elif site.num_kv_heads < 2:
-        why = "one_kv_head"
+    elif site.num_heads < 2:
+        why = "one_head"  # nothing to leave out (MQA's one KV head still leaves query heads)
     else:
         why = _paths_ok(state, fused, role_slices)
     if why is not None:

@@ -264,23 +264,31 @@ def test_zoo_blocks_compacted_and_exact(name):
 def test_every_attention_style_compacts_exactly(spec, seed):
     """The dhp_fx.testing specs (SDPA, SDPA with enable_gqa, eager, bmm, a Phi-3-like fused
     projection cut by slices with RoPE; GQA groups, cross-attention, masks, causal, any scale):
-    every block is compacted (fused_rope as a chain), and with pinned keep masks whose heads lie
-    in part of the KV groups the output equals the zeroed-head reference."""
+    every block is compacted (fused_rope as a chain, also with one KV head), and with pinned keep
+    masks whose heads lie in part of the KV groups (one KV head: one query head, the same in every
+    row) the output equals the zeroed-head reference."""
     module, inputs = build_attention(spec)
     opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert len(opt.sites) == 1
     site = opt.sites[0]
-    if site.num_kv_heads < 2 or set(site.skipped_projections) != {"q", "k", "v", "out"}:
-        # one KV group has nothing to leave out; a bmm block repeats K/V before the matcher's
-        # view of it, so its K/V projections (and the block) stay as they were
+    mqa = spec.kv_heads == 1  # no group to leave out: only a chain (the kept query heads) compacts
+    if (site.num_heads < 2 or set(site.skipped_projections) != {"q", "k", "v", "out"}
+            or (mqa and spec.style != "fused_rope")):
+        # one head has nothing to leave out; a bmm block repeats K/V before the matcher's view of
+        # it, so its K/V projections (and the block) stay as they were; the other styles' views
+        # name the head count, which a chain cannot change
         assert not site.compact_block
         return
     assert site.compact_block, opt.report()
     g = torch.Generator().manual_seed(seed)
     group = spec.heads // spec.kv_heads
-    groups = torch.zeros(spec.kv_heads, dtype=torch.bool)
-    groups[torch.randperm(spec.kv_heads, generator=g)[: max(1, spec.kv_heads // 2)]] = True
-    keep = spec.keep_tensor() & groups.repeat_interleave(group)[None]
+    if mqa:
+        keep = torch.zeros(spec.batch, spec.heads, dtype=torch.bool)
+        keep[:, int(torch.randint(spec.heads, (), generator=g))] = True
+    else:
+        groups = torch.zeros(spec.kv_heads, dtype=torch.bool)
+        groups[torch.randperm(spec.kv_heads, generator=g)[: max(1, spec.kv_heads // 2)]] = True
+        keep = spec.keep_tensor() & groups.repeat_interleave(group)[None]
     chain = spec.style == "fused_rope"
     assert opt._compiler.counters.get("compact_chain" if chain else "compact_block") == 1, opt._compiler.counters
     block = opt.gate(site).chain_module if chain else opt.gate(site).block_module

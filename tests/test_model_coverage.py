@@ -713,12 +713,12 @@ def test_hf_fused_qkv_with_rope_runs_as_a_compact_chain(name, attn, monkeypatch)
         assert_outputs_close(grads_c[n], grads_h[n], what=f"grad {n}")
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3"])
-def test_gqa_chain_runs_the_kept_query_heads_over_every_kv_group(name, monkeypatch):
-    """GQA with heads decided one by one (prune_kv_groups off): where the kept heads touch every
-    KV group, no group can be left out, but the chain still runs the kept query heads alone: their
-    Q rows and W_o columns gathered (Phi-3: the fused projection's Q rows, then every K/V row),
-    every group's K and V. Rows that keep the same heads attend densely; rows apart run the
+@pytest.mark.parametrize("name,kv_heads", [("llama", 2), ("phi3", 2), ("llama", 1)])
+def test_gqa_chain_runs_the_kept_query_heads_over_every_kv_group(name, kv_heads, monkeypatch):
+    """GQA with heads decided one by one (prune_kv_groups off), and MQA: where the kept heads
+    touch every KV group, no group can be left out, but the chain still runs the kept query heads
+    alone: their Q rows and W_o columns gathered (Phi-3: the fused projection's Q rows, then every
+    K/V row), every group's K and V. Rows that keep the same heads attend densely; rows apart run the
     masked dense block on CPU (MASKED_DENSE_DEVICES), elsewhere the gated op over the gathered
     heads; a union of every head runs every head. A router's outputs and weight gradients equal
     the head ops'."""
@@ -726,7 +726,7 @@ def test_gqa_chain_runs_the_kept_query_heads_over_every_kv_group(name, monkeypat
 
     from dhp_fx import compact_block
 
-    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                intermediate_size=64, max_position_embeddings=64, **_LM)
     config = T.LlamaConfig(**cfg) if name == "llama" else T.Phi3Config(**cfg)
     config._attn_implementation = "sdpa"
@@ -737,7 +737,7 @@ def test_gqa_chain_runs_the_kept_query_heads_over_every_kv_group(name, monkeypat
     opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
     assert opt._compiler.counters.get("compact_chain") == 2, opt._compiler.counters
     chains = [opt.gate(s).chain_module for s in opt.sites]
-    shared = torch.tensor([[True, False, True, False]] * 2)  # one head of each group, in both rows
+    shared = torch.tensor([[True, False, True, False]] * 2)  # heads 0 and 2 (two groups, or the one) in both rows
     apart = torch.tensor([[True, False, False, False], [False, False, True, False]])  # union: 2 heads
     every = torch.tensor([[True, True, False, False], [False, False, True, True]])  # union: every head
     for keep, want, devices in ((shared, (1, 1, 0), ("cpu",)), (apart, (0, 0, 1), ("cpu",)),
