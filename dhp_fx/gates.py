@@ -214,9 +214,12 @@ class HeadGate(nn.Module):
             per_row = min(kv, max(int(round(self.keep_ratio * kv)), min_units))
             union = kv if self.union_cap is None else min(kv, max(int(round(self.union_cap * kv)), min_units))
             return per_row, union, True
-        per_row = self.per_row_bound()
-        union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
-        return min(kv, per_row), min(kv, union), group == 1
+        return min(kv, self.per_row_bound()), min(kv, self._head_union_bound()), group == 1
+
+    def _head_union_bound(self) -> int:
+        """The most heads a batch vote (granularity "batch") keeps: every head unless union_cap."""
+        H = self.num_heads
+        return H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
 
     def compact_plan(self, batch: int) -> Optional[tuple[int, bool]]:
         """(cap, rows_shared) for this gate's last decision on a batch of ``batch`` rows: the kept
@@ -252,12 +255,8 @@ class HeadGate(nn.Module):
             return (max(cap, 1), not self._fixed_rows_apart) if cap < H else None
         if self.recording or (self.score_threshold is None and self.n_keep >= H):
             return None
-        per_row = self.per_row_bound()
-        if self.granularity == "batch":
-            union = H if self.union_cap is None else min(H, max(int(round(self.union_cap * H)), self.min_heads))
-            cap = min(union, batch * per_row)
-        else:
-            cap = min(H, batch * per_row)
+        union = self._head_union_bound() if self.granularity == "batch" else H
+        cap = min(union, batch * self.per_row_bound())
         return (cap, batch == 1 or not self.decides_rows_apart()) if cap < H else None
 
     def compact_row_plan(self) -> Optional[tuple[int, bool]]:

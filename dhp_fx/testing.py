@@ -244,9 +244,10 @@ def attention_specs(
         mask_kind = "none"  # SDPA refuses attn_mask together with is_causal
     scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
     keep = draw(keep_masks(batch, heads)) if with_keep else None
+    dims = ([d for d in head_dims if d % 2 == 0] or [2]) if style == "fused_rope" else list(head_dims)  # RoPE: even
     return AttentionSpec(
         style=style, batch=batch, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_k=seq_k,
-        head_dim=draw(st.sampled_from([d for d in head_dims if d % 2 == 0 or style != "fused_rope"] or [2])), causal=causal, mask_kind=mask_kind,
+        head_dim=draw(st.sampled_from(dims)), causal=causal, mask_kind=mask_kind,
         dtype=draw(st.sampled_from(list(dtypes))), scale=scale, keep=keep, seed=draw(st.integers(0, 2**16)),
     )
 
