@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import kernels as _kernels  # noqa: F401  (registers dhp::gated_attention)
 from .config import DHPConfig
+from .opaque import make_opaque
 from .passes import AttentionSite, SkippedSite, rewrite_attention
 
 log = logging.getLogger("dhp_fx")
@@ -121,8 +122,19 @@ class DHPCompiler:
         prefix = self._frame_prefix(gm, example_inputs)
         self._params = {prefix + name: t for name, t in graph_parameters(gm, example_inputs).items()}
         make_gate = (lambda site: self._make_gate(prefixed_site(site, prefix))) if prefix else self._make_gate
+        traced = self.config.compiler != "eager"
+        # A traced graph runs compact blocks as opaque ops, which have no autograd formula: a
+        # graph traced for training keeps the head ops. Dynamo guards on grad mode, so the
+        # inference and training graphs of one model are separate calls here.
+        training = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         result = rewrite_attention(gm, make_gate, taken_names=set(), skip_projections=self.config.skip_projections,
-                                    compact_heads=self.config.compact_heads)
+                                    compact_heads=self.config.compact_heads and not (traced and training),
+                                    opaque_blocks=traced)
+        if traced and training and self.config.compact_heads:
+            for site in result.sites:
+                if set(site.skipped_projections) == {"q", "k", "v", "out"}:
+                    site.declined += ("no_compact_block:traced_training",)
         result.sites = [prefixed_site(site, prefix) for site in result.sites]
         for skip in result.skipped:
             skip.module_path = _join(prefix, skip.module_path)
@@ -133,7 +145,10 @@ class DHPCompiler:
         self.skipped += [s for s in result.skipped if (s.module_path, s.reason) not in known_skips]
         for skip in result.skipped:
             log.info("dhp_fx left %s unchanged (%s): %s", skip.module_path or "<root>", skip.pattern, skip.reason)
-        if self.config.compiler != "eager":
+        if traced:
+            if not training:
+                for key, value in make_opaque(gm).items():
+                    self.counters[key] = self.counters.get(key, 0) + value
             _freeze_gates(gm)
         return downstream_compile(gm, example_inputs, self.config.compiler)
 

@@ -101,9 +101,6 @@ class HeadGate(nn.Module):
         self.union_cap = config.union_cap
         self.recording = False
         self._last_entropy: Optional[torch.Tensor] = None
-        # Only an eagerly run graph calls gates with live tensors in both places (before the
-        # projections and at the tap); a traced downstream bakes the tap in as the identity.
-        self._may_skip_qkv = config.compiler == "eager"
         # Training switches, set by dhp_fx.distill (see GateTap): ``ste`` is False, "ste"
         # (straight-through hard decision) or "relaxed" (soft top-k); attention-map capture.
         # Plain attributes: they are run-time state, not model state.
@@ -307,7 +304,7 @@ class HeadGate(nn.Module):
     def reads_qkv(self) -> bool:
         # Read by the projection-skipping pass at capture: False lets the gate run before the
         # Q/K/V projections (called with q = k = v = None), so pruned heads are never projected.
-        return not (self._may_skip_qkv and self.decides_from_hidden())
+        return not self.decides_from_hidden()
 
     def soft_scores(self, q, k, v, attn_mask, hidden) -> Optional[torch.Tensor]:
         """Differentiable scores [B, H] in [0, 1] for the straight-through estimator, or None

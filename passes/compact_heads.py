@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from . import head_layout as hl
-from .graph_utils import constant_factor, example_value, is_call, is_method
+from .graph_utils import constant_factor, example_value, holds_non_tensor, is_call, is_method
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -114,8 +115,10 @@ def _flags_spec(flags: fx.Node, keep: fx.Node):
     return flags
 
 
-def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -> bool:
-    """Replace the site's block by its gate's block module when the proofs allow; True if done."""
+def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str], tensor_args_only: bool = False) -> bool:
+    """Replace the site's block by its gate's block module when the proofs allow; True if done.
+    ``tensor_args_only``: decline when a graph argument of the call is not a tensor (a symbolic
+    scale), which an opaque op's tensor list cannot carry."""
     site = state.site
     if set(state.roles()) != {"q", "k", "v", "out"}:
         state.result.bump("no_compact_block:projections_not_all_skipped")
@@ -155,13 +158,18 @@ def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str]) -
         state.result.bump("no_compact_block:scaled_v_or_runtime_scale")  # nothing to fold v's factor into
         return False
 
+    args = (keep, mask, dropout_p, is_causal, scale)
+    kwargs = dict(projections=projections, roles=roles, out_projection=(w_o, b_o, flags_o, unit_o, in_out_o, flat),
+                  geometry=(site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim),
+                  qk_factors=factors[:2])
+    if tensor_args_only and any(map(holds_non_tensor, pytree.tree_leaves((args, kwargs)))):
+        state.result.bump("no_compact_block:symbolic_argument")
+        return False
+
     target = gate_target.replace("dhp_gate_", "dhp_block_", 1)
     gm.add_submodule(target, block)
     with gm.graph.inserting_before(out):
-        call = gm.graph.call_module(target, (keep, mask, dropout_p, is_causal, scale), dict(
-            projections=projections, roles=roles, out_projection=(w_o, b_o, flags_o, unit_o, in_out_o, flat),
-            geometry=(site.num_heads, site.num_kv_heads, site.head_dim, site.value_head_dim),
-            qk_factors=factors[:2]))
+        call = gm.graph.call_module(target, args, kwargs)
     for key in ("example_value", "nn_module_stack", "source_fn_stack", "stack_trace"):
         if key in out.meta:
             call.meta[key] = out.meta[key]

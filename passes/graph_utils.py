@@ -18,6 +18,15 @@ def example_value(node: Any) -> Optional[torch.Tensor]:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def holds_non_tensor(node: Any) -> bool:
+    """True for a node recorded as a number or symbol (a SymInt size, a SymFloat scale); nodes
+    without a recorded value (gates, helper reductions a pass inserted) hold tensors."""
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val is not None and not isinstance(val, torch.Tensor)
+
+
 def static_int(x: Any) -> Optional[int]:
     """An int if x is a concrete integer (plain or a SymInt with a hint-free constant value)."""
     if isinstance(x, int):

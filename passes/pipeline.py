@@ -126,6 +126,7 @@ def rewrite_attention(
     taken_names: Optional[set[str]] = None,
     skip_projections: bool = False,
     compact_heads: bool = False,
+    opaque_blocks: bool = False,
 ) -> PassResult:
     """Rewrite every attention core of ``gm`` in place; returns the sites and what was skipped.
 
@@ -136,6 +137,8 @@ def rewrite_attention(
     that is provably exact (``skip_projections.py``); ``site.skipped_projections`` says where.
     ``compact_heads`` then hands each site whose four projections were all replaced, in the
     standard layout, to its gate's block module (``compact_heads.py``; ``site.compact_block``).
+    ``opaque_blocks``: each block will run as one opaque op of a traced graph, so a block takes
+    tensor graph arguments only, and no chain is built (its calls hand a host-side plan along).
     """
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
@@ -178,8 +181,10 @@ def rewrite_attention(
             state = skip_site_projections(gm, gated, site, provisional, gate_target, result)
             site.skipped_projections = state.roles()
             if compact_heads:
-                compacted = site.compact_block = compact_site(gm, state, gate_target)
-                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
+                compacted = site.compact_block = compact_site(gm, state, gate_target, opaque_blocks)
+                if not compacted and opaque_blocks:
+                    result.bump("no_compact_chain:traced_downstream")
+                elif not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
                     core = compact_chain_site(gm, state, gate_target)
                     if core is not None:
                         gated, site.compact_block = core, True

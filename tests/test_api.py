@@ -144,10 +144,18 @@ def test_inductor_downstream_matches_eager():
         expected = module(**inputs)
         optimized = dhp_fx.optimize(module, DHPConfig(compiler="inductor"), example_inputs=inputs)
         assert_outputs_close(optimized(**inputs), expected)
+        # A static gate decides before the projections: its compact block runs as one opaque op
+        # inside the compiled graph, pruning whole KV groups as the eagerly run block does.
+        config = dict(keep_ratio=0.5, scoring="static", prune_kv_groups=True)
+        eager = dhp_fx.optimize(module, DHPConfig(**config), example_inputs=inputs)
+        compiled = dhp_fx.optimize(module, DHPConfig(compiler="inductor", **config), example_inputs=inputs)
+        assert_outputs_close(compiled(**inputs), eager(**inputs))
     assert len(optimized.sites) == 1
     # the probe reads every head's q and k: the report says why those projections run whole
     assert "no_skip_qkv_proj:gate_reads_qkv" in optimized.sites[0].declined
     assert "no_skip_qkv_proj:gate_reads_qkv" in optimized.report()
+    assert compiled.sites[0].compact_block and compiled._compiler.counters["opaque_blocks"] == 1
+    assert [g.block_module.calls_compact for g in compiled.gates.values()] == [2]
 
 
 def test_backend_is_found_without_importing_dhp_fx():

@@ -84,13 +84,13 @@ def test_hidden_deciding_gates_skip_qkv_projections_exactly(build, scoring):
     assert_outputs_close(got, expected, what="Q/K/V-skipped gated output vs zeroed-head reference")
 
 
-def test_probe_gates_and_traced_downstreams_keep_qkv_projections():
+def test_probe_gates_keep_qkv_projections_under_every_compiler():
     model, inputs = _bert(), _inputs()
-    probe = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="probe"), example_inputs=inputs)
-    traced = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static", compiler="aot_eager"),
-                             example_inputs=inputs)
-    for opt in (probe, traced):
-        assert all(s.skipped_projections == ("out",) for s in opt.sites)
+    for compiler in ("eager", "aot_eager"):
+        probe = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="probe", compiler=compiler),
+                                example_inputs=inputs)
+        assert all(s.skipped_projections == ("out",) for s in probe.sites)
+        assert all("no_skip_qkv_proj:gate_reads_qkv" in s.declined for s in probe.sites)
 
 
 def test_static_calibration_scores_heads_after_the_op():

@@ -1,0 +1,149 @@
+"""Compact blocks and gate taps as opaque ops, for the downstream compilers that trace a graph.
+
+aot_eager and inductor trace the rewritten graph with fake tensors. A compact block decides on
+the host, at each call, which heads run and gathers their weights; traced, that logic would fail
+on a data-dependent read or be frozen at the traced call's decision. A gate's tap (recording the
+scores of a gate that ran before the projections) would trace to the identity. As custom ops
+both run for real at every call, as ``dhp::run_gate`` does for the gates, and the compiler still
+compiles everything around them.
+
+Inference graphs only: these ops have no autograd formula, so a graph traced for training keeps
+the head ops (whose autograd is exact) and gets no compact blocks (``DHPCompiler``).
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .compact_block import CompactBlock, CompactChain
+from .gates import GateTap, _GATES, _register
+from .passes.graph_utils import holds_non_tensor
+
+_TENSOR = object()  # where a template leaf takes the next tensor argument
+# call id -> (block, pytree spec of (args, kwargs), leaves with _TENSOR where a tensor goes).
+# Entries are a few hundred bytes per compiled block and live as long as the process, like the
+# compiled graphs that hold their ids.
+_CALLS: dict[int, tuple[weakref.ref, Any, list]] = {}
+_CALL_IDS = itertools.count()
+
+
+def _rebuild(call_id: int, tensors) -> tuple[Optional[CompactBlock], tuple, dict]:
+    ref, spec, template = _CALLS[call_id]
+    it = iter(tensors)
+    leaves = [next(it) if leaf is _TENSOR else leaf for leaf in template]
+    args, kwargs = tree_unflatten(leaves, spec)
+    return ref(), args, kwargs
+
+
+def _aliases(out: torch.Tensor, tensors) -> bool:
+    storage = out.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == storage for t in tensors)
+
+
+@torch.library.custom_op("dhp::run_block", mutates_args=())
+def run_block(tensors: list[torch.Tensor], call_id: int) -> torch.Tensor:
+    """Run compiled block call ``call_id`` (its module and non-tensor arguments were recorded
+    when the graph was compiled) on ``tensors``."""
+    block, args, kwargs = _rebuild(call_id, tensors)
+    if block is None:
+        raise RuntimeError(f"dhp::run_block: the block of call {call_id} no longer exists (its model was freed)")
+    out = block(*args, **kwargs)
+    # The op contract forbids returning an input's memory; a block never should, but a cheap
+    # check keeps a future fast path honest.
+    return out.clone() if _aliases(out, tensors) else out
+
+
+@run_block.register_fake
+def _(tensors, call_id):
+    _, args, kwargs = _rebuild(call_id, tensors)
+    return block_output_like(*args, **kwargs)
+
+
+def block_output_like(keep, attn_mask, dropout_p, is_causal, scale, *, projections, roles, out_projection,
+                      geometry, qk_factors=(1.0, 1.0)) -> torch.Tensor:
+    """An empty tensor shaped like a block call's output: the output projection's features per
+    token of the query projection's input, [B, L, out] or [B * L, out] (``flat``)."""
+    w_o, _b, _flags, _unit, in_out, flat = out_projection
+    x3 = projections[roles[0][0]][6]
+    B, L = x3.shape[:2]
+    features = w_o.shape[1] if in_out else w_o.shape[0]
+    return x3.new_empty((B * L, features) if flat else (B, L, features))
+
+
+@torch.library.custom_op("dhp::gated_attention_tapped", mutates_args=())
+def gated_attention_tapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                           attn_mask: Optional[torch.Tensor], dropout_p: float, is_causal: bool,
+                           scale: Optional[float], gate_id: int) -> torch.Tensor:
+    """``dhp::gated_attention`` followed by gate ``gate_id``'s tap, in one op: the tap's output is
+    then the op's own fresh tensor, never a copy of the attention output."""
+    out = torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
+    gate = _GATES.get(gate_id)
+    if gate is None:
+        raise RuntimeError(f"dhp::gated_attention_tapped: gate {gate_id} no longer exists (its model was freed)")
+    return gate.tap_module(out, q, k, v, attn_mask)
+
+
+@gated_attention_tapped.register_fake
+def _(q, k, v, keep, attn_mask, dropout_p, is_causal, scale, gate_id):
+    return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> fx.Node:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _block_to_op(gm: fx.GraphModule, node: fx.Node, block: CompactBlock) -> None:
+    leaves, spec = tree_flatten((node.args, node.kwargs))
+    tensors, template = [], []
+    for leaf in leaves:
+        if isinstance(leaf, fx.Node):
+            if holds_non_tensor(leaf):  # the pass declines such blocks for traced graphs
+                raise RuntimeError(f"dhp_fx: block {node.target} has a non-tensor graph argument {leaf.name}")
+            tensors.append(leaf)
+            template.append(_TENSOR)
+        else:
+            template.append(leaf)
+    call_id = next(_CALL_IDS)
+    _CALLS[call_id] = (weakref.ref(block), spec, template)
+    _replace(gm, node, torch.ops.dhp.run_block.default, (tensors, call_id))
+
+
+def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
+    gated = node.args[0]
+    if not (isinstance(gated, fx.Node) and gated.target is torch.ops.dhp.gated_attention.default
+            and list(gated.users) == [node]):
+        return False
+    new = _replace(gm, node, torch.ops.dhp.gated_attention_tapped.default, (*gated.args[:8], _register(tap.gate)))
+    new.meta.update(gated.meta)
+    gm.graph.erase_node(gated)
+    return True
+
+
+def make_opaque(gm: fx.GraphModule) -> dict[str, int]:
+    """Turn a rewritten inference graph's compact blocks and taps into opaque op calls, for a
+    downstream compiler that traces it; returns counts for the compiler's counters."""
+    counts = {"opaque_blocks": 0, "opaque_taps": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, CompactChain):
+            raise RuntimeError("dhp_fx: compact chains cannot run under a traced downstream compiler")
+        if isinstance(module, CompactBlock):
+            _block_to_op(gm, node, module)
+            counts["opaque_blocks"] += 1
+        elif isinstance(module, GateTap) and _tap_to_op(gm, node, module):
+            counts["opaque_taps"] += 1
+    gm.graph.lint()
+    gm.recompile()
+    return counts

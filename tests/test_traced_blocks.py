@@ -1,0 +1,97 @@
+"""Compact blocks and gate taps under a downstream compiler that traces the graph (aot_eager here;
+inductor in test_api): the same decisions and outputs as the eagerly run graph, no recompiles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dhp_fx
+from dhp_fx.testing import assert_outputs_close
+from zoo import hf_entries
+
+ENTRIES = {e.name: e for e in hf_entries("sdpa")}
+
+
+def _pair(name: str, **config):
+    """The same model optimized twice: run eagerly and traced by aot_eager."""
+    entry = ENTRIES[name]
+    eager = dhp_fx.optimize(entry.build(), dhp_fx.DHPConfig(compiler="eager", **config))
+    traced = dhp_fx.optimize(entry.build(), dhp_fx.DHPConfig(compiler="aot_eager", **config))
+    return entry, eager, traced
+
+
+def _blocks(opt):
+    return [g.block_module for g in opt.gates.values()]
+
+
+def _hidden(out):
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+def test_traced_static_gates_run_compact_blocks_as_opaque_ops():
+    entry, eager, traced = _pair("bert-sdpa", keep_ratio=0.5, scoring="static")
+    inputs = entry.inputs()
+    with torch.no_grad():
+        for _ in range(3):
+            assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-6)
+    assert traced.sites and all(s.compact_block and set(s.skipped_projections) == {"q", "k", "v", "out"}
+                                for s in traced.sites)
+    assert traced._compiler.counters["opaque_blocks"] == len(traced.sites)
+    # every call ran the kept heads alone; the static decision, a fresh tensor per traced call,
+    # was recognised by value, so the weights were gathered once
+    assert [b.calls_compact for b in _blocks(traced)] == [3] * len(traced.sites)
+    assert [b.gathers for b in _blocks(traced)] == [1] * len(traced.sites)
+    # a budget change applies at the next call, without a recompile
+    graphs = traced.graphs_compiled
+    for opt in (eager, traced):
+        opt.set_keep_ratio(0.75)
+    with torch.no_grad():
+        assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-6)
+        full = dhp_fx.optimize(entry.build(), dhp_fx.DHPConfig(compiler="aot_eager", keep_ratio=1.0,
+                                                                scoring="static"))
+        assert_outputs_close(_hidden(full(**inputs)), _hidden(entry.build()(**inputs)), atol=1e-5)
+    assert traced.graphs_compiled == graphs
+    assert [b.gathers for b in _blocks(traced)] == [2] * len(traced.sites)
+
+
+def test_traced_training_graphs_keep_the_head_ops():
+    """Opaque ops have no autograd formula: a graph traced with gradients runs the head ops,
+    whose gradients match the eagerly run blocks'."""
+    entry, eager, traced = _pair("bert-sdpa", keep_ratio=0.5, scoring="static")
+    inputs = entry.inputs()
+    grads = []
+    for opt in (eager, traced):
+        _hidden(opt(**inputs)).square().sum().backward()
+        grads.append({n: p.grad for n, p in opt.model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() <= grads[1].keys()
+    # AOT autograd hands parameters the loss never reached (the pooler) zeros, eager None
+    assert all(not grads[1][name].any() for name in grads[1].keys() - grads[0].keys())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert all(not s.compact_block and "no_compact_block:traced_training" in s.declined for s in traced.sites)
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in traced.sites)
+    assert "opaque_blocks" not in traced._compiler.counters
+
+
+@pytest.mark.parametrize("name", ["bert-sdpa", "llama-sdpa"])
+def test_traced_calibration_records_what_eager_records(name):
+    """A static gate runs before the projections, so its calibration scores come from the tap:
+    inside the block (BERT) or fused with the gated op (Llama, whose RoPE chain a traced graph
+    declines)."""
+    entry, eager, traced = _pair(name, keep_ratio=0.5, scoring="static")
+    batches = [entry.inputs(), entry.inputs()]
+    stats = [dhp_fx.calibrate(opt, batches, measure_flops=False) for opt in (eager, traced)]
+    for site in traced.sites:
+        ref, got = stats[0].sites[site.name], stats[1].sites[site.name]
+        assert got.samples == ref.samples > 0
+        assert got.score_mean == pytest.approx(ref.score_mean, abs=1e-5)
+        assert got.keep_freq == pytest.approx(ref.keep_freq)
+    counters = traced._compiler.counters
+    if name == "llama-sdpa":
+        assert counters["opaque_taps"] == len(traced.sites)
+        assert all("no_compact_chain:traced_downstream" in s.declined for s in traced.sites)
+    else:
+        assert counters["opaque_blocks"] == len(traced.sites)
+    with torch.no_grad():
+        inputs = entry.inputs()
+        assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
