@@ -17,6 +17,9 @@ each row's own heads (per-row gathered weights, batched GEMMs; kernels/compact_r
 ``--head-ops`` adds the A/B against the head-skipping ops; ``--paths`` the A/B of what the block
 chooses between for per-sample decisions (each row its own heads, or every head computed and the
 pruned ones zeroed).
+``--compiler inductor`` (or ``aot_eager``) runs every dhp_fx variant through that downstream
+compiler, as ``torch.compile(model, backend="dhp_fx")`` does, and adds the dense model under plain
+``torch.compile`` with the same compiler: the baseline a compiling user would compare against.
 Times are medians of ``--reps`` calls after two warm-ups, variants interleaved.
 """
 from __future__ import annotations
@@ -58,6 +61,9 @@ def main() -> None:
                              "probe model with its per-sample output GEMM forced")
     parser.add_argument("--only", nargs="+", metavar="SCORING", choices=["static", "router", "probe"],
                         help="time only these gates (and dense): a tighter A/B on a noisy machine")
+    parser.add_argument("--compiler", choices=["eager", "aot_eager", "inductor"], default="eager",
+                        help="DHPConfig.compiler of the dhp_fx variants; other than eager also times the dense "
+                             "model under plain torch.compile with that compiler")
     args = parser.parse_args()
 
     import dhp_fx
@@ -67,6 +73,8 @@ def main() -> None:
     inputs = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),
               "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
     variants = {"dense": model}
+    if args.compiler != "eager":
+        variants[f"dense, torch.compile {args.compiler}"] = torch.compile(model, backend=args.compiler)
     configs = [("static", "batch", True), ("router", "sample", True), ("probe", "sample", True)]
     if args.head_ops:
         configs += [("static", "batch", False), ("router", "sample", False)]
@@ -75,7 +83,8 @@ def main() -> None:
     for p in args.p:
         for scoring, granularity, compact in configs:
             opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring=scoring, granularity=granularity,
-                                                          compact_heads=compact), example_inputs=inputs)
+                                                          compact_heads=compact, compiler=args.compiler),
+                                   example_inputs=inputs)
             if scoring == "static" and p < 1.0:
                 dhp_fx.calibrate(opt, [inputs], measure_flops=False)
             if scoring == "router" and args.diverse_routers:
@@ -127,7 +136,7 @@ def main() -> None:
         apply({})
     dense = statistics.median(times["dense"])
     print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, dhp_fx compiler {args.compiler}")
     print("| variant | median ms | vs dense |")
     print("|---|---|---|")
     for name, t in times.items():
