@@ -21,7 +21,8 @@ class DHPConfig:
     granularity: "sample" gates each batch row on its own; "batch" keeps the union that the
         batch needs, so heads can be skipped in projections too (trade-off: dhp_fx.gates).
     compiler: what runs the rewritten graph: "eager" (no compilation, cheapest to start),
-        "aot_eager", or "inductor" (what plain torch.compile uses).
+        "aot_eager", or "inductor" (what plain torch.compile uses). The two that trace the graph
+        run compact blocks as opaque ops in inference graphs, and no compact chains.
     dynamic: passed to torch.compile; None lets Dynamo mark dims dynamic after the first change.
     fullgraph: passed to torch.compile; True raises on graph breaks instead of splitting.
 
