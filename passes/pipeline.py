@@ -182,7 +182,7 @@ def rewrite_attention(
             site.skipped_projections = state.roles()
             if compact_heads:
                 compacted = site.compact_block = compact_site(gm, state, gate_target, opaque_blocks)
-                if not compacted and opaque_blocks:
+                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"} and opaque_blocks:
                     result.bump("no_compact_chain:traced_downstream")
                 elif not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
                     core = compact_chain_site(gm, state, gate_target)

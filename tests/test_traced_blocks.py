@@ -52,6 +52,17 @@ def test_traced_static_gates_run_compact_blocks_as_opaque_ops():
         assert_outputs_close(_hidden(full(**inputs)), _hidden(entry.build()(**inputs)), atol=1e-5)
     assert traced.graphs_compiled == graphs
     assert [b.gathers for b in _blocks(traced)] == [2] * len(traced.sites)
+    # calibration scores heads at the tap, which the opaque block calls as the eager one does
+    _same_calibration(eager, traced, [inputs, entry.inputs()])
+
+
+def _same_calibration(eager, traced, batches):
+    stats = [dhp_fx.calibrate(opt, batches, measure_flops=False) for opt in (eager, traced)]
+    for site in traced.sites:
+        ref, got = stats[0].sites[site.name], stats[1].sites[site.name]
+        assert got.samples == ref.samples > 0
+        assert got.score_mean == pytest.approx(ref.score_mean, abs=1e-5)
+        assert got.keep_freq == pytest.approx(ref.keep_freq)
 
 
 def test_traced_training_graphs_keep_the_head_ops():
@@ -73,25 +84,16 @@ def test_traced_training_graphs_keep_the_head_ops():
     assert "opaque_blocks" not in traced._compiler.counters
 
 
-@pytest.mark.parametrize("name", ["bert-sdpa", "llama-sdpa"])
-def test_traced_calibration_records_what_eager_records(name):
-    """A static gate runs before the projections, so its calibration scores come from the tap:
-    inside the block (BERT) or fused with the gated op (Llama, whose RoPE chain a traced graph
-    declines)."""
-    entry, eager, traced = _pair(name, keep_ratio=0.5, scoring="static")
-    batches = [entry.inputs(), entry.inputs()]
-    stats = [dhp_fx.calibrate(opt, batches, measure_flops=False) for opt in (eager, traced)]
-    for site in traced.sites:
-        ref, got = stats[0].sites[site.name], stats[1].sites[site.name]
-        assert got.samples == ref.samples > 0
-        assert got.score_mean == pytest.approx(ref.score_mean, abs=1e-5)
-        assert got.keep_freq == pytest.approx(ref.keep_freq)
-    counters = traced._compiler.counters
-    if name == "llama-sdpa":
-        assert counters["opaque_taps"] == len(traced.sites)
-        assert all("no_compact_chain:traced_downstream" in s.declined for s in traced.sites)
-    else:
-        assert counters["opaque_blocks"] == len(traced.sites)
+def test_traced_taps_record_calibration_where_no_block_runs():
+    """Llama's RoPE sits between projections and attention: eagerly a compact chain, traced the
+    head ops. Its static gate runs before the projections, so calibration scores come from the
+    tap, fused with the gated op into one opaque op."""
+    entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="static")
+    inputs = {**entry.inputs(), "use_cache": False}  # a cache reads K and V whole
+    _same_calibration(eager, traced, [inputs, inputs])
+    assert all(s.compact_block for s in eager.sites)
+    assert traced._compiler.counters["opaque_taps"] == len(traced.sites)
+    assert all("no_compact_chain:traced_downstream" in s.declined for s in traced.sites)
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in traced.sites)
     with torch.no_grad():
-        inputs = entry.inputs()
         assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
