@@ -5,7 +5,8 @@ the host, at each call, which heads run and gathers their weights; traced, that 
 on a data-dependent read or be frozen at the traced call's decision. A gate's tap (recording the
 scores of a gate that ran before the projections) would trace to the identity. As custom ops
 both run for real at every call, as ``dhp::run_gate`` does for the gates, and the compiler still
-compiles everything around them.
+compiles everything around them. A block that alone reads its gate's decision calls the gate
+inside its op.
 
 Inference graphs only: these ops have no autograd formula, so a graph traced for training keeps
 the head ops (whose autograd is exact) and gets no compact blocks (``DHPCompiler``).
@@ -20,17 +21,18 @@ import torch
 import torch.fx as fx
 
 from .compact_block import CompactBlock, CompactChain
-from .gates import GateTap, _GATES, _register
+from .gates import GateTap, HeadGate, _GATES, _register
 from .passes.graph_utils import holds_non_tensor
 
 class _Slot(int):
     """Where a call's template takes tensor argument number ``self``."""
 
 
-# call id -> (block, the call's (args, kwargs) with a _Slot for each tensor). Entries are a few
-# hundred bytes per compiled block and live as long as the process, like the compiled graphs
-# that hold their ids.
-_CALLS: dict[int, tuple[weakref.ref, tuple]] = {}
+# call id -> (block, the call's (args, kwargs) with a _Slot for each tensor, and the same two
+# for the gate whose decision only this block reads, called inside the op, or None). Entries are
+# a few hundred bytes per compiled block and live as long as the process, like the compiled
+# graphs that hold their ids.
+_CALLS: dict[int, tuple[weakref.ref, tuple, Optional[weakref.ref], Optional[tuple]]] = {}
 _CALL_IDS = itertools.count()
 
 
@@ -57,9 +59,15 @@ def _template(value, tensors: list):
     return value
 
 
-def _rebuild(call_id: int, tensors) -> tuple[Optional[CompactBlock], tuple, dict]:
-    ref, template = _CALLS[call_id]
+def _rebuild(call_id: int, tensors, decide: bool = True) -> tuple[Optional[CompactBlock], tuple, dict]:
+    ref, template, gate_ref, gate_template = _CALLS[call_id]
     args, kwargs = _fill(template, tensors)
+    if gate_ref is not None and decide:
+        gate = gate_ref()
+        if gate is None:
+            raise RuntimeError(f"dhp::run_block: the gate of call {call_id} no longer exists (its model was freed)")
+        gate_args, gate_kwargs = _fill(gate_template, tensors)
+        args = (gate(*gate_args, **gate_kwargs), *args[1:])
     return ref(), args, kwargs
 
 
@@ -83,7 +91,7 @@ def run_block(tensors: list[torch.Tensor], call_id: int) -> torch.Tensor:
 
 @run_block.register_fake
 def _(tensors, call_id):
-    _, args, kwargs = _rebuild(call_id, tensors)
+    _, args, kwargs = _rebuild(call_id, tensors, decide=False)
     return block_output_like(*args, **kwargs)
 
 
@@ -125,15 +133,35 @@ def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> fx.Node:
     return new
 
 
-def _block_to_op(gm: fx.GraphModule, node: fx.Node, block: CompactBlock) -> None:
+def _block_to_op(gm: fx.GraphModule, node: fx.Node, block: CompactBlock) -> bool:
+    """Replace a block call by ``dhp::run_block``; True when its gate moved into the op."""
     tensors: list[fx.Node] = []
-    template = _template((node.args, dict(node.kwargs)), tensors)
+    keep = node.args[0]
+    gate_ref = gate_template = None
+    if (isinstance(keep, fx.Node) and keep.op == "call_module" and list(keep.users) == [node]
+            and isinstance(gm.get_submodule(keep.target), HeadGate)):
+        # The block is the decision's only reader: the op calls the gate itself. That saves a
+        # second op and the copy its output must be, and hands the block the gate's own tensor,
+        # so a static decision keeps its identity and its gathered weights (on a GPU, where
+        # comparing values would sync, a fresh copy would gather again at every call).
+        gate_ref = weakref.ref(gm.get_submodule(keep.target))
+        gate_template = _template((keep.args, dict(keep.kwargs)), tensors)
+        template = _template(((None, *node.args[1:]), dict(node.kwargs)), tensors)
+    else:
+        template = _template((node.args, dict(node.kwargs)), tensors)
     for arg in tensors:
         if holds_non_tensor(arg):  # the pass declines such blocks for traced graphs
             raise RuntimeError(f"dhp_fx: block {node.target} has a non-tensor graph argument {arg.name}")
     call_id = next(_CALL_IDS)
-    _CALLS[call_id] = (weakref.ref(block), template)
+    _CALLS[call_id] = (weakref.ref(block), template, gate_ref, gate_template)
     _replace(gm, node, torch.ops.dhp.run_block.default, (tensors, call_id))
+    if gate_ref is not None:
+        target = keep.target
+        gm.graph.erase_node(keep)
+        if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            # An unused submodule's buffers would still be seen as state of the traced graph.
+            gm.delete_submodule(target)
+    return gate_ref is not None
 
 
 def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
@@ -150,7 +178,7 @@ def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
 def make_opaque(gm: fx.GraphModule) -> dict[str, int]:
     """Turn a rewritten inference graph's compact blocks and taps into opaque op calls, for a
     downstream compiler that traces it; returns counts for the compiler's counters."""
-    counts = {"opaque_blocks": 0, "opaque_taps": 0}
+    counts = {"opaque_blocks": 0, "opaque_block_gates": 0, "opaque_taps": 0}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -158,7 +186,7 @@ def make_opaque(gm: fx.GraphModule) -> dict[str, int]:
         if isinstance(module, CompactChain):
             raise RuntimeError("dhp_fx: compact chains cannot run under a traced downstream compiler")
         if isinstance(module, CompactBlock):
-            _block_to_op(gm, node, module)
+            counts["opaque_block_gates"] += _block_to_op(gm, node, module)
             counts["opaque_blocks"] += 1
         elif isinstance(module, GateTap) and _tap_to_op(gm, node, module):
             counts["opaque_taps"] += 1

@@ -36,9 +36,10 @@ def test_traced_static_gates_run_compact_blocks_as_opaque_ops():
             assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-6)
     assert traced.sites and all(s.compact_block and set(s.skipped_projections) == {"q", "k", "v", "out"}
                                 for s in traced.sites)
+    # each block's op calls its gate itself, which hands it the static decision's own tensor:
+    # the weights were gathered once
     assert traced._compiler.counters["opaque_blocks"] == len(traced.sites)
-    # every call ran the kept heads alone; the static decision, a fresh tensor per traced call,
-    # was recognised by value, so the weights were gathered once
+    assert traced._compiler.counters["opaque_block_gates"] == len(traced.sites)
     assert [b.calls_compact for b in _blocks(traced)] == [3] * len(traced.sites)
     assert [b.gathers for b in _blocks(traced)] == [1] * len(traced.sites)
     # a budget change applies at the next call, without a recompile
