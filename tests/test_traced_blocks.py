@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dhp_fx
 from dhp_fx.testing import assert_outputs_close
@@ -98,3 +101,34 @@ def test_traced_taps_record_calibration_where_no_block_runs():
     assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in traced.sites)
     with torch.no_grad():
         assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
+
+
+_GRAPH = torch.fx.Graph()
+_NODES = [_GRAPH.placeholder(f"x{i}") for i in range(4)]
+_leaves = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=False), st.text(max_size=3),
+                    st.sampled_from(_NODES))
+_arguments = st.recursive(_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner, inner),
+    st.dictionaries(st.from_regex(r"[a-z_]{1,6}", fullmatch=True), inner, max_size=3)), max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_arguments)
+def test_opaque_call_arguments_rebuild_from_the_op_tensors(value):
+    """What a block op rebuilds at each call is its graph call's arguments, every node replaced
+    by the tensor the op received in its place (lists come back as tuples)."""
+    from dhp_fx.opaque import _builder, _template
+
+    nodes: list = []
+    built = _builder(_template(value, nodes))([f"tensor of {n.name}" for n in nodes])
+
+    def expected(v):
+        if isinstance(v, torch.fx.Node):
+            return f"tensor of {v.name}"
+        if isinstance(v, (list, tuple)):
+            return tuple(expected(x) for x in v)
+        if isinstance(v, dict):
+            return {k: expected(x) for k, x in v.items()}
+        return v
+
+    assert built == expected(value)
