@@ -100,6 +100,37 @@ def check_exactness(device, dtypes, batch, seq, width: int = 128, heads: int = 8
     return rows
 
 
+def check_traced(device, dtype, batch, seq, compiler: str, width: int = 128, heads: int = 8,
+                 layers: int = 2, models=("bert", "llama-gqa")) -> list[dict]:
+    """Static gates at p = .5 under a downstream compiler that traces the graph, against the same
+    gates run eagerly: BERT's blocks run as opaque ops (each calling its gate), Llama's RoPE chains
+    as head ops with fused taps. Counts what became opaque."""
+    import dhp_fx
+
+    rows = []
+    for name, model in tiny_models(dtype, device, width, heads, layers).items():
+        if name not in models:
+            continue
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(3, 512, (batch, seq), generator=g).to(device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+        outs, opts = [], []
+        for comp in ("eager", compiler):
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static", compiler=comp),
+                                  example_inputs=inputs)
+            with torch.no_grad():
+                outs.append(_out(opt(**inputs)))
+            opts.append(opt)
+        counters, sites = opts[1]._compiler.counters, len(opts[1].sites)
+        want = {"opaque_blocks": sites, "opaque_block_gates": sites} if name == "bert" else {"opaque_taps": sites}
+        err = rel_err(outs[1], outs[0])
+        ok = (err <= TOL[dtype] and bool(torch.isfinite(outs[1]).all()) and sites > 0
+              and all(counters.get(k) == n for k, n in want.items()))
+        rows.append({"model": name, "compiler": compiler, "dtype": str(dtype).split(".")[-1], "rel_err": err,
+                     **{k: counters.get(k) for k in want}, "sites": sites, "ok": ok})
+    return rows
+
+
 def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
     """Compact blocks (static gates: every block compacted, whole or as a chain) with half the KV
     groups in the union, shared by the rows (cuBLAS + SDPA on the kept heads) and per row inside it
@@ -713,6 +744,15 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
             print("  " + ("ok" if r["ok"] else "FAILED"), r, flush=True)
     run_exactness(device, dtypes, batch, seq, report)
 
+    # inductor on a GPU; on a CPU (the test's smoke run) aot_eager, which traces the same way and
+    # compiles in seconds, on one narrow layer of BERT (tests/test_traced_blocks.py covers the rest)
+    cpu = device == "cpu"
+    compiler, size, models = ("aot_eager", (64, 4, 1), ("bert",)) if cpu else ("inductor", (128, 8, 2), ("bert", "llama-gqa"))
+    rows = report["traced"] = _guarded(
+        "traced", lambda d: check_traced(d, dtypes[-1], batch, seq, compiler, *size, models), device)
+    for r in rows:
+        print(f"static gates under {compiler}: " + ("ok" if r.get("ok") else "FAILED") + f" {r}", flush=True)
+
     report["syncs"] = check_syncs(device)
     for r in report["syncs"]:
         print(f"host sync in a forward, {r['gating']}: {'none' if r['sync'] is None else r['sync']}", flush=True)
@@ -720,8 +760,8 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     report["training"] = t = check_training(device)
     print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
           f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
-    return (all(r["ok"] for r in report["exactness"] + report.get("projections", []) + report.get("router", [])
-                + report.get("backward", []))
+    return (all(r.get("ok", False) for r in report["exactness"] + report.get("projections", [])
+                + report.get("router", []) + report.get("backward", []) + report["traced"])
             and t["finite"]
             and t["attn_params_with_grad"] > 0)
 

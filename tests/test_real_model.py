@@ -98,3 +98,5 @@ def test_gpu_check_script_runs_small_on_cpu(capsys):
     assert module.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "ALL CHECKS PASSED" in out and "| llama-gqa | float32 | 2 |" in out
+    # the traced-compiler check (inductor on the device) ran, small: BERT's opaque blocks
+    assert out.count("static gates under aot_eager: ok") == 1, out
