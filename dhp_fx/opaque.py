@@ -24,6 +24,7 @@ from .compact_block import CompactBlock, CompactChain
 from .gates import GateTap, HeadGate, _GATES, _register
 from .passes.graph_utils import holds_non_tensor
 
+
 class _Slot(int):
     """Where a call's template takes tensor argument number ``self``."""
 
