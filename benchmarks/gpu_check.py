@@ -747,7 +747,8 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     # inductor on a GPU; on a CPU (the test's smoke run) aot_eager, which traces the same way and
     # compiles in seconds, on one narrow layer of BERT (tests/test_traced_blocks.py covers the rest)
     cpu = device == "cpu"
-    compiler, size, models = ("aot_eager", (64, 4, 1), ("bert",)) if cpu else ("inductor", (128, 8, 2), ("bert", "llama-gqa"))
+    compiler, size, models = (("aot_eager", (64, 4, 1), ("bert",)) if cpu
+                              else ("inductor", (128, 8, 2), ("bert", "llama-gqa")))
     rows = report["traced"] = _guarded(
         "traced", lambda d: check_traced(d, dtypes[-1], batch, seq, compiler, *size, models), device)
     for r in rows:

@@ -148,9 +148,10 @@ class CompactBlock(nn.Module):
         last = self._last
         hit = last is not None and last[1] == values and all(a is b for a, b in zip(last[0], tensors))
         if not hit and last is not None and last[3] is not None:
-            # A new tensor with the last decision's values: a per-input router repeating itself,
-            # or a traced graph's copy of a decision (dhp::run_gate). On a CPU that read needs no
-            # sync, and an equal decision reuses the gather.
+            # A new tensor with the last decision's values: a per-input router repeating itself
+            # (consecutive decoding steps often keep the same heads), or a traced graph's copy of
+            # a decision that more than its block reads (dhp::run_gate). On a CPU the compare
+            # needs no sync and is far cheaper than the gather it saves.
             hit = (last[1][:2] == values[:2] and last[1][2][1:] == values[2][1:]
                    and all(a is b for a, b in zip(last[0][1:], tensors[1:])) and torch.equal(last[3], keep))
             if hit:  # the next call of this decision tensor then hits by identity, with no compare

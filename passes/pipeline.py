@@ -182,12 +182,13 @@ def rewrite_attention(
             site.skipped_projections = state.roles()
             if compact_heads:
                 compacted = site.compact_block = compact_site(gm, state, gate_target, opaque_blocks)
-                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"} and opaque_blocks:
-                    result.bump("no_compact_chain:traced_downstream")
-                elif not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
-                    core = compact_chain_site(gm, state, gate_target)
-                    if core is not None:
-                        gated, site.compact_block = core, True
+                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
+                    if opaque_blocks:
+                        result.bump("no_compact_chain:traced_downstream")
+                    else:
+                        core = compact_chain_site(gm, state, gate_target)
+                        if core is not None:
+                            gated, site.compact_block = core, True
         if not site.compact_block:
             site.declined = tuple(k for k, n in result.counters.items() if k.startswith("no_") and n > before.get(k, 0))
         if gate_target is not None and not compacted:  # a block module calls the tap itself
