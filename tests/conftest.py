@@ -6,6 +6,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter child suites
+    from interpreter_speedup import skip_dropped_overflow_checks, skip_nested_lang_patches
+
+    skip_nested_lang_patches()
+    skip_dropped_overflow_checks()
+
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
