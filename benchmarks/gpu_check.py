@@ -103,8 +103,8 @@ def check_exactness(device, dtypes, batch, seq, width: int = 128, heads: int = 8
 def check_traced(device, dtype, batch, seq, compiler: str, width: int = 128, heads: int = 8,
                  layers: int = 2, models=("bert", "llama-gqa")) -> list[dict]:
     """Static gates at p = .5 under a downstream compiler that traces the graph, against the same
-    gates run eagerly: BERT's blocks run as opaque ops (each calling its gate), Llama's RoPE chains
-    as head ops with fused taps. Counts what became opaque."""
+    gates run eagerly: BERT's blocks and Llama's RoPE chains run as opaque ops, each calling its
+    gate. Counts what became opaque."""
     import dhp_fx
 
     rows = []
@@ -122,7 +122,8 @@ def check_traced(device, dtype, batch, seq, compiler: str, width: int = 128, hea
                 outs.append(_out(opt(**inputs)))
             opts.append(opt)
         counters, sites = opts[1]._compiler.counters, len(opts[1].sites)
-        want = {"opaque_blocks": sites, "opaque_block_gates": sites} if name == "bert" else {"opaque_taps": sites}
+        kind = "opaque_blocks" if name == "bert" else "opaque_chains"
+        want = {kind: sites, "opaque_block_gates": sites}
         err = rel_err(outs[1], outs[0])
         ok = (err <= TOL[dtype] and bool(torch.isfinite(outs[1]).all()) and sites > 0
               and all(counters.get(k) == n for k, n in want.items()))

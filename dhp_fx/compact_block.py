@@ -240,6 +240,9 @@ class CompactChain(CompactBlock):
     def __init__(self, gate: nn.Module):
         super().__init__(gate)
         self._per_head_last: Optional[tuple] = None  # (gathered, its rows head by head)
+        # Under a traced compiler, the graphs this chain runs in as one opaque op, by call id
+        # (dhp_fx/opaque.py); the op holds them weakly, so they live as long as the chain.
+        self.opaque_graphs: dict[int, nn.Module] = {}
 
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)

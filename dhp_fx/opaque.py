@@ -1,4 +1,4 @@
-"""Compact blocks and gate taps as opaque ops, for the downstream compilers that trace a graph.
+"""Compact blocks, chains and gate taps as opaque ops, for the downstream compilers that trace a graph.
 
 aot_eager and inductor trace the rewritten graph with fake tensors. A compact block decides on
 the host, at each call, which heads run and gathers their weights; traced, that logic would fail
@@ -7,6 +7,11 @@ scores of a gate that ran before the projections) would trace to the identity. A
 both run for real at every call, as ``dhp::run_gate`` does for the gates, and the compiler still
 compiles everything around them. A block that alone reads its gate's decision calls the gate
 inside its op.
+
+A compact chain (RoPE between the projections and attention) is several calls with the graph's
+own ops between them, on tensors whose widths follow the decision. Its whole region, from the
+gate (or the plan) to the output projection's call, becomes one GraphModule run eagerly by
+``dhp::run_chain``; the trace sees the output alone, whose shape does not depend on the decision.
 
 Inference graphs only: these ops have no autograd formula, so a graph traced for training keeps
 the head ops (whose autograd is exact) and gets no compact blocks (``DHPCompiler``).
@@ -22,7 +27,9 @@ import torch.fx as fx
 
 from .compact_block import CompactBlock, CompactChain
 from .gates import GateTap, HeadGate, _GATES, _register
+from .passes.compact_chain import OUT_LIKE
 from .passes.graph_utils import holds_non_tensor
+from .passes.regions import inputs_of, leaks, region_between
 
 
 class _Slot(int):
@@ -177,6 +184,78 @@ def _block_to_op(gm: fx.GraphModule, node: fx.Node, block: CompactBlock) -> bool
     return gate_ref is not None
 
 
+# call id -> (a weak reference to the chain's region as a GraphModule, which its chain module
+# holds; the slot of the tensor whose dtype and device the output takes; the output's fake value)
+_CHAINS: dict[int, tuple] = {}
+
+
+@torch.library.custom_op("dhp::run_chain", mutates_args=())
+def run_chain(tensors: list[torch.Tensor], call_id: int) -> torch.Tensor:
+    """Run compiled chain call ``call_id``: the graph from the gate's decision (or the plan) to
+    the output projection, recorded when the graph was compiled, on ``tensors``."""
+    ref, _slot, _like = _CHAINS[call_id]
+    region = ref()
+    if region is None:
+        raise RuntimeError(f"dhp::run_chain: the chain of call {call_id} no longer exists (its model was freed)")
+    out = region(*tensors)
+    return out.clone() if _aliases(out, tensors) else out
+
+
+@run_chain.register_fake
+def _(tensors, call_id):
+    _, slot, like = _CHAINS[call_id]
+    return tensors[slot].new_empty(like.shape, dtype=like.dtype)
+
+
+def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool:
+    """Replace a chain (its plan, its calls and the graph's own ops between them, up to the
+    output projection's call) by ``dhp::run_chain``; True when its gate moved into the op.
+    A chain's calls hand a host-side plan along and its widths follow the host's decision, so
+    the trace sees only the output, whose shape does not depend on the decision."""
+    sinks = [u for u in plan.users if u.op == "call_module" and u.kwargs.get("kind") == "out"]
+    if len(sinks) != 1:
+        raise RuntimeError(f"dhp_fx: chain {plan.target} has {len(sinks)} output calls")
+    sink = sinks[0]
+    like = sink.meta.get(OUT_LIKE)
+    region = region_between([plan], sink)
+    keep = plan.args[0]
+    moved_gate = False
+    if isinstance(keep, fx.Node) and keep.op == "call_module" and isinstance(gm.get_submodule(keep.target), HeadGate):
+        # As for blocks: one op, and the gate's own tensor (a static decision keeps its gather).
+        # The region then starts at the gate and takes what reads its decision on the way to the
+        # output (GQA's per-group unions of it, read by the K/V calls).
+        with_gate = region_between([keep], sink)
+        if not leaks(with_gate, sink) and not any(holds_non_tensor(n) for n in inputs_of(with_gate)):
+            region, moved_gate = with_gate, True
+    inputs = inputs_of(region)
+    why = ("its output's shape is unknown" if not isinstance(like, torch.Tensor) else
+           "a node inside is read from outside" if leaks(region, sink) else
+           "it reads a non-tensor" if any(holds_non_tensor(n) for n in inputs) else None)
+    if why is not None:  # the pass checked all this before building the chain (pipeline)
+        raise RuntimeError(f"dhp_fx: chain {plan.target} cannot run as one opaque call: {why}")
+
+    sub = fx.Graph()
+    env = {n: sub.placeholder(f"input_{i}") for i, n in enumerate(inputs)}
+    for node in region:
+        env[node] = sub.node_copy(node, env.__getitem__)
+    sub.output(env[sink])
+    graph_module = fx.GraphModule(gm, sub, class_name="OpaqueChain")
+    call_id = next(_CALL_IDS)
+    chain.opaque_graphs[call_id] = graph_module
+    _CHAINS[call_id] = (weakref.ref(graph_module), inputs.index(plan.args[1]), like)
+
+    with gm.graph.inserting_before(sink):
+        new = gm.graph.call_function(torch.ops.dhp.run_chain.default, (inputs, call_id))
+    sink.replace_all_uses_with(new)
+    targets = {n.target for n in region if n.op == "call_module"}
+    for node in reversed(region):
+        gm.graph.erase_node(node)
+    for target in targets:
+        if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            gm.delete_submodule(target)  # its state would be seen as the traced graph's
+    return moved_gate
+
+
 def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
     gated = node.args[0]
     if not (isinstance(gated, fx.Node) and gated.target is torch.ops.dhp.gated_attention.default
@@ -191,13 +270,18 @@ def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
 def make_opaque(gm: fx.GraphModule) -> dict[str, int]:
     """Turn a rewritten inference graph's compact blocks and taps into opaque op calls, for a
     downstream compiler that traces it; returns counts for the compiler's counters."""
-    counts = {"opaque_blocks": 0, "opaque_block_gates": 0, "opaque_taps": 0}
+    counts = {"opaque_blocks": 0, "opaque_block_gates": 0, "opaque_taps": 0, "opaque_chains": 0}
+    plans = [n for n in gm.graph.nodes if n.op == "call_module" and n.kwargs.get("kind") == "plan"
+             and isinstance(gm.get_submodule(n.target), CompactChain)]
+    for plan in plans:
+        counts["opaque_block_gates"] += _chain_to_op(gm, plan, gm.get_submodule(plan.target))
+        counts["opaque_chains"] += 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, CompactChain):
-            raise RuntimeError("dhp_fx: compact chains cannot run under a traced downstream compiler")
+            raise RuntimeError(f"dhp_fx: chain call {node.name} lies outside its plan's region")
         if isinstance(module, CompactBlock):
             counts["opaque_block_gates"] += _block_to_op(gm, node, module)
             counts["opaque_blocks"] += 1

@@ -181,6 +181,9 @@ def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = N
     return None
 
 
+# meta key of a chain's "out" call: the fake value of the output head op it replaced.
+OUT_LIKE = "dhp_chain_out_like"
+
 # The roles of a chain "proj" call standing for one projection of q, k and v together: its
 # features q's heads, then k's, then v's (ModernBERT's Wqkv), or [q_h, k_h, v_h] head by head
 # (GPT-NeoX's query_key_value; MHA only).
@@ -272,6 +275,10 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
             new = graph.call_module(target, (keep, x, w, b, _flags_spec(flags, keep), unit, in_out),
                                     dict(kind=kind, plan=plan, role=role, geometry=geometry))
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        if kind == "out":
+            # Its features do not depend on the heads run: an opaque call (dhp_fx/opaque.py)
+            # gives its shape to the tracer.
+            new.meta[OUT_LIKE] = example_value(node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     for role_index, node in role_slices.items():

@@ -24,6 +24,7 @@ from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
 from .compact_chain import compact_chain_site
 from .compact_heads import compact_site
+from .regions import why_not_opaque
 from .skip_projections import prove_head_layouts, skip_site_projections
 
 GateFactory = Callable[[AttentionSite], nn.Module]
@@ -120,6 +121,20 @@ def insert_tap(gm: fx.GraphModule, gated: fx.Node, gate_target: str) -> Optional
     return node
 
 
+def _why_not_opaque_chain(state) -> Optional[str]:
+    """Why a chain could not run as one opaque call of a traced graph (``dhp_fx/opaque.py``):
+    the graph between its projections and its output projection must read tensors only, and
+    nothing outside may read it but through the output projection (its widths follow the host's
+    decision, which the trace cannot see); the output's shape must be static."""
+    replaced = state.replaced
+    if any(replaced.get(role) is None for role in ("q", "k", "v", "out")):
+        return None  # compact_chain_site says why
+    out = example_value(replaced["out"])
+    if out is None or not all(isinstance(d, int) for d in out.shape):
+        return "symbolic_argument"
+    return why_not_opaque([replaced[r] for r in ("q", "k", "v")], replaced["out"])
+
+
 def rewrite_attention(
     gm: fx.GraphModule,
     make_gate: Optional[GateFactory] = None,
@@ -137,8 +152,8 @@ def rewrite_attention(
     that is provably exact (``skip_projections.py``); ``site.skipped_projections`` says where.
     ``compact_heads`` then hands each site whose four projections were all replaced, in the
     standard layout, to its gate's block module (``compact_heads.py``; ``site.compact_block``).
-    ``opaque_blocks``: each block will run as one opaque op of a traced graph, so a block takes
-    tensor graph arguments only, and no chain is built (its calls hand a host-side plan along).
+    ``opaque_blocks``: each block or chain will run as one opaque op of a traced graph, so it
+    takes tensor graph arguments only.
     """
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
@@ -183,8 +198,9 @@ def rewrite_attention(
             if compact_heads:
                 compacted = site.compact_block = compact_site(gm, state, gate_target, opaque_blocks)
                 if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
-                    if opaque_blocks:
-                        result.bump("no_compact_chain:traced_downstream")
+                    why = _why_not_opaque_chain(state) if opaque_blocks else None
+                    if why is not None:
+                        result.bump(f"no_compact_chain:{why}")
                     else:
                         core = compact_chain_site(gm, state, gate_target)
                         if core is not None:

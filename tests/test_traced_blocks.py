@@ -88,16 +88,47 @@ def test_traced_training_graphs_keep_the_head_ops():
     assert "opaque_blocks" not in traced._compiler.counters
 
 
-def test_traced_taps_record_calibration_where_no_block_runs():
-    """Llama's RoPE sits between projections and attention: eagerly a compact chain, traced the
-    head ops. Its static gate runs before the projections, so calibration scores come from the
-    tap, fused with the gated op into one opaque op."""
-    entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="static")
+@pytest.mark.parametrize("name", ["llama-sdpa", "qwen3-sdpa", "phi3-sdpa"])
+def test_traced_static_gates_run_compact_chains_as_opaque_ops(name):
+    """RoPE sits between the projections and attention (Qwen3 also normalises q and k per head;
+    Phi-3 cuts one fused projection at fixed widths): eagerly a compact chain, traced one opaque
+    op per chain, from the gate to the output projection. Same outputs as eager, one gather for a
+    static decision, a budget change with no recompile, the same calibration."""
+    entry, eager, traced = _pair(name, keep_ratio=0.5, scoring="static")
     inputs = {**entry.inputs(), "use_cache": False}  # a cache reads K and V whole
+    with torch.no_grad():
+        for _ in range(3):
+            assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
+    n = len(traced.sites)
+    assert n and all(s.compact_block and not s.declined for s in traced.sites), traced.report()
+    counters = traced._compiler.counters
+    assert counters["opaque_chains"] == counters["opaque_block_gates"] == n, counters
+    assert counters["opaque_blocks"] == counters["opaque_taps"] == 0, counters
+    chains = [g.chain_module for g in traced.gates.values()]
+    assert [c.calls_compact for c in chains] == [3] * n
+    assert [c.gathers for c in chains] == [1] * n
+    graphs = traced.graphs_compiled
+    for opt in (eager, traced):
+        opt.set_keep_ratio(0.75)
+    with torch.no_grad():
+        assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
+    assert traced.graphs_compiled == graphs
+    assert [c.gathers for c in chains] == [2] * n
+    _same_calibration(eager, traced, [inputs, entry.inputs() | {"use_cache": False}])
+
+
+def test_traced_chains_decline_symbolic_shapes_and_taps_still_score():
+    """With dynamic shapes the chain's output shape is symbolic, which an opaque op's fake
+    cannot give: the head ops run (Q/K/V still skipped), and calibration scores come from the
+    tap, fused with the gated op into one opaque op."""
+    entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="static", dynamic=True)
+    inputs = {**entry.inputs(), "use_cache": False}
     _same_calibration(eager, traced, [inputs, inputs])
     assert all(s.compact_block for s in eager.sites)
-    assert traced._compiler.counters["opaque_taps"] == len(traced.sites)
-    assert all("no_compact_chain:traced_downstream" in s.declined for s in traced.sites)
+    counters = traced._compiler.counters
+    assert counters["opaque_taps"] == len(traced.sites) * traced.graphs_compiled > 0, counters
+    assert counters["opaque_chains"] == 0, counters
+    assert all("no_compact_chain:symbolic_argument" in s.declined for s in traced.sites)
     assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in traced.sites)
     with torch.no_grad():
         assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
