@@ -28,8 +28,8 @@ import torch.fx as fx
 from .compact_block import CompactBlock, CompactChain
 from .gates import GateTap, HeadGate, _GATES, _register
 from .passes.compact_chain import OUT_LIKE
-from .passes.graph_utils import holds_non_tensor
-from .passes.regions import inputs_of, leaks, region_between
+from .passes.graph_utils import example_value, holds_non_tensor
+from .passes.regions import holds_size, inputs_of, leaks, region_between, shape_recipe
 
 
 class _Slot(int):
@@ -185,26 +185,48 @@ def _block_to_op(gm: fx.GraphModule, node: fx.Node, block: CompactBlock) -> bool
 
 
 # call id -> (a weak reference to the chain's region as a GraphModule, which its chain module
-# holds; the slot of the tensor whose dtype and device the output takes; the output's fake value)
+# holds; where each of its inputs comes from, (True, i) tensor i or (False, k) size k; the slot of
+# the tensor whose dtype and device the output takes; its dtype; its shape's recipe, from
+# passes/regions.shape_recipe)
 _CHAINS: dict[int, tuple] = {}
 
 
 @torch.library.custom_op("dhp::run_chain", mutates_args=())
-def run_chain(tensors: list[torch.Tensor], call_id: int) -> torch.Tensor:
+def run_chain(tensors: list[torch.Tensor], sizes: list[int], call_id: int) -> torch.Tensor:
     """Run compiled chain call ``call_id``: the graph from the gate's decision (or the plan) to
-    the output projection, recorded when the graph was compiled, on ``tensors``."""
-    ref, _slot, _like = _CHAINS[call_id]
+    the output projection, recorded when the graph was compiled, on ``tensors`` and ``sizes``
+    (symbolic under dynamic shapes)."""
+    ref, sources, *_ = _CHAINS[call_id]
     region = ref()
     if region is None:
         raise RuntimeError(f"dhp::run_chain: the chain of call {call_id} no longer exists (its model was freed)")
-    out = region(*tensors)
+    out = region(*[tensors[i] if is_tensor else sizes[i] for is_tensor, i in sources])
     return out.clone() if _aliases(out, tensors) else out
 
 
 @run_chain.register_fake
-def _(tensors, call_id):
-    _, slot, like = _CHAINS[call_id]
-    return tensors[slot].new_empty(like.shape, dtype=like.dtype)
+def _(tensors, sizes, call_id):
+    _, _, slot, dtype, recipe = _CHAINS[call_id]
+    reference = tensors[slot]
+    shape = [n if kind == "const" else reference.shape[n] if kind == "dim" else sizes[n] for kind, n in recipe]
+    return reference.new_empty(shape, dtype=dtype)
+
+
+def _chain_inputs(region: list[fx.Node], sink: fx.Node, like, x: fx.Node):
+    """(tensor inputs, size inputs, the output shape's recipe) of a region that can run as one
+    opaque call, else a reason it cannot."""
+    inputs = inputs_of(region)
+    sizes = [n for n in inputs if holds_size(n)]
+    tensors = [n for n in inputs if not holds_size(n)]
+    ref = example_value(x)
+    recipe = shape_recipe(like, ref, sizes) if isinstance(like, torch.Tensor) and ref is not None else None
+    if recipe is None:
+        return "its output's shape does not follow from its inputs"
+    if leaks(region, sink):
+        return "a node inside is read from outside"
+    if any(holds_non_tensor(n) for n in tensors):
+        return "it reads a number that is not a size"
+    return tensors, sizes, recipe
 
 
 def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool:
@@ -215,24 +237,23 @@ def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool
     sinks = [u for u in plan.users if u.op == "call_module" and u.kwargs.get("kind") == "out"]
     if len(sinks) != 1:
         raise RuntimeError(f"dhp_fx: chain {plan.target} has {len(sinks)} output calls")
-    sink = sinks[0]
+    sink, x, keep = sinks[0], plan.args[1], plan.args[0]
     like = sink.meta.get(OUT_LIKE)
-    region = region_between([plan], sink)
-    keep = plan.args[0]
-    moved_gate = False
+    candidates = []
     if isinstance(keep, fx.Node) and keep.op == "call_module" and isinstance(gm.get_submodule(keep.target), HeadGate):
         # As for blocks: one op, and the gate's own tensor (a static decision keeps its gather).
         # The region then starts at the gate and takes what reads its decision on the way to the
         # output (GQA's per-group unions of it, read by the K/V calls).
-        with_gate = region_between([keep], sink)
-        if not leaks(with_gate, sink) and not any(holds_non_tensor(n) for n in inputs_of(with_gate)):
-            region, moved_gate = with_gate, True
+        candidates.append((region_between([keep], sink), True))
+    candidates.append((region_between([plan], sink), False))
+    for region, moved_gate in candidates:
+        found = _chain_inputs(region, sink, like, x)
+        if not isinstance(found, str):
+            break
+    else:  # the pass checked the region without its gate before building the chain (pipeline)
+        raise RuntimeError(f"dhp_fx: chain {plan.target} cannot run as one opaque call: {found}")
+    tensors, sizes, recipe = found
     inputs = inputs_of(region)
-    why = ("its output's shape is unknown" if not isinstance(like, torch.Tensor) else
-           "a node inside is read from outside" if leaks(region, sink) else
-           "it reads a non-tensor" if any(holds_non_tensor(n) for n in inputs) else None)
-    if why is not None:  # the pass checked all this before building the chain (pipeline)
-        raise RuntimeError(f"dhp_fx: chain {plan.target} cannot run as one opaque call: {why}")
 
     sub = fx.Graph()
     env = {n: sub.placeholder(f"input_{i}") for i, n in enumerate(inputs)}
@@ -242,10 +263,11 @@ def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool
     graph_module = fx.GraphModule(gm, sub, class_name="OpaqueChain")
     call_id = next(_CALL_IDS)
     chain.opaque_graphs[call_id] = graph_module
-    _CHAINS[call_id] = (weakref.ref(graph_module), inputs.index(plan.args[1]), like)
+    sources = tuple((True, tensors.index(n)) if n in tensors else (False, sizes.index(n)) for n in inputs)
+    _CHAINS[call_id] = (weakref.ref(graph_module), sources, tensors.index(x), like.dtype, recipe)
 
     with gm.graph.inserting_before(sink):
-        new = gm.graph.call_function(torch.ops.dhp.run_chain.default, (inputs, call_id))
+        new = gm.graph.call_function(torch.ops.dhp.run_chain.default, (tensors, sizes, call_id))
     sink.replace_all_uses_with(new)
     targets = {n.target for n in region if n.op == "call_module"}
     for node in reversed(region):

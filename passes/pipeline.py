@@ -123,16 +123,19 @@ def insert_tap(gm: fx.GraphModule, gated: fx.Node, gate_target: str) -> Optional
 
 def _why_not_opaque_chain(state) -> Optional[str]:
     """Why a chain could not run as one opaque call of a traced graph (``dhp_fx/opaque.py``):
-    the graph between its projections and its output projection must read tensors only, and
-    nothing outside may read it but through the output projection (its widths follow the host's
-    decision, which the trace cannot see); the output's shape must be static."""
+    the graph between its projections and its output projection must read tensors and sizes
+    only, nothing outside may read it but through the output projection (its widths follow the
+    host's decision, which the trace cannot see), and the output's shape must follow from the
+    first projection's input and those sizes."""
     replaced = state.replaced
     if any(replaced.get(role) is None for role in ("q", "k", "v", "out")):
         return None  # compact_chain_site says why
     out = example_value(replaced["out"])
-    if out is None or not all(isinstance(d, int) for d in out.shape):
-        return "symbolic_argument"
-    return why_not_opaque([replaced[r] for r in ("q", "k", "v")], replaced["out"])
+    if out is None:
+        return "output_shape"
+    index = {n: i for i, n in enumerate(replaced["out"].graph.nodes)}
+    first = min((replaced[r] for r in ("q", "k", "v")), key=index.__getitem__)  # the chain's plan reads its input
+    return why_not_opaque([replaced[r] for r in ("q", "k", "v")], replaced["out"], like=out, reference=first.args[0])
 
 
 def rewrite_attention(

@@ -68,13 +68,36 @@ def test_region_leaks_and_inputs_match_their_definitions(case):
     assert why == ("unreached" if sink not in inside else "region_leaks" if want_leaks else None)
 
 
-def test_a_region_reading_a_number_cannot_become_an_opaque_call():
+def test_a_region_reads_tensors_and_sizes_but_no_other_number():
     graph = fx.Graph()
     x, n = graph.placeholder("x"), graph.placeholder("n")
     a = graph.call_function(_combine, (x,))
     b = graph.call_function(_combine, (a, n))
     graph.output(b)
     assert why_not_opaque([a], b) is None
-    n.meta["example_value"] = 5  # a size Dynamo recorded as a number (a SymInt under dynamic shapes)
+    n.meta["example_value"] = 5  # a size, as Dynamo records it (a SymInt under dynamic shapes)
+    assert why_not_opaque([a], b) is None
+    n.meta["example_value"] = 0.5  # a scale: an opaque op's size list cannot carry it
     assert why_not_opaque([a], b) == "symbolic_argument"
     assert inputs_of(region_between([a], b)) == [x, n]
+
+
+def test_shape_recipe_rebuilds_symbolic_output_shapes_from_the_reference_and_sizes():
+    from types import SimpleNamespace
+
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from dhp_fx.passes.regions import shape_recipe
+
+    env = ShapeEnv()
+    batch, length = (env.create_symintnode(env.create_symbol(v, ConstantSource(name)), hint=v)
+                     for name, v in (("B", 2), ("L", 7)))
+    reference = SimpleNamespace(shape=(batch, length, 64))
+    assert shape_recipe(SimpleNamespace(shape=(batch, length, 32)), reference, []) == (
+        ("dim", 0), ("dim", 1), ("const", 32))
+    flat = SimpleNamespace(shape=(batch * length, 32))
+    assert shape_recipe(flat, reference, []) is None  # B * L is no dim of the reference
+    size = fx.Graph().placeholder("tokens")
+    size.meta["example_value"] = batch * length
+    assert shape_recipe(flat, reference, [size]) == (("size", 0), ("const", 32))

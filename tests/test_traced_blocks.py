@@ -117,19 +117,36 @@ def test_traced_static_gates_run_compact_chains_as_opaque_ops(name):
     _same_calibration(eager, traced, [inputs, entry.inputs() | {"use_cache": False}])
 
 
-def test_traced_chains_decline_symbolic_shapes_and_taps_still_score():
-    """With dynamic shapes the chain's output shape is symbolic, which an opaque op's fake
-    cannot give: the head ops run (Q/K/V still skipped), and calibration scores come from the
-    tap, fused with the gated op into one opaque op."""
+def test_traced_chains_follow_dynamic_shapes():
+    """Under dynamic shapes the region reads symbolic sizes (its views') and its output's shape
+    follows the first projection's input: one graph serves every length, chains included."""
     entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="static", dynamic=True)
+    vocab = entry.build().config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    graphs = []
+    with torch.no_grad():
+        for length in (7, 12, 5):
+            ids = torch.randint(0, vocab, (2, length), generator=g)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+            assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
+            graphs.append(traced.graphs_compiled)
+    assert graphs[0] == graphs[-1]  # no recompile for a new length
+    assert all(s.compact_block and not s.declined for s in traced.sites), traced.report()
+    assert traced._compiler.counters["opaque_chains"] == len(traced.sites)
+    assert [g.chain_module.calls_compact for g in traced.gates.values()] == [3] * len(traced.sites)
+
+
+def test_traced_taps_record_calibration_where_no_block_runs():
+    """Without compact blocks (compact_heads=False) a static gate still runs before the
+    projections, so calibration scores come from the tap, fused with the gated op into one
+    opaque op."""
+    entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="static", compact_heads=False)
     inputs = {**entry.inputs(), "use_cache": False}
     _same_calibration(eager, traced, [inputs, inputs])
-    assert all(s.compact_block for s in eager.sites)
     counters = traced._compiler.counters
     assert counters["opaque_taps"] == len(traced.sites) * traced.graphs_compiled > 0, counters
     assert counters["opaque_chains"] == 0, counters
-    assert all("no_compact_chain:symbolic_argument" in s.declined for s in traced.sites)
-    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} for s in traced.sites)
+    assert all(set(s.skipped_projections) == {"q", "k", "v", "out"} and not s.compact_block for s in traced.sites)
     with torch.no_grad():
         assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
 
