@@ -155,8 +155,8 @@ def rewrite_attention(
     that is provably exact (``skip_projections.py``); ``site.skipped_projections`` says where.
     ``compact_heads`` then hands each site whose four projections were all replaced, in the
     standard layout, to its gate's block module (``compact_heads.py``; ``site.compact_block``).
-    ``opaque_blocks``: each block or chain will run as one opaque op of a traced graph, so it
-    takes tensor graph arguments only.
+    ``opaque_blocks``: each block or chain will run as one opaque op of a traced graph, so a
+    block takes tensor graph arguments only, a chain tensors and sizes.
     """
     result = PassResult()
     taken = taken_names if taken_names is not None else set()
