@@ -117,6 +117,21 @@ def test_traced_static_gates_run_compact_chains_as_opaque_ops(name):
     _same_calibration(eager, traced, [inputs, entry.inputs() | {"use_cache": False}])
 
 
+def test_traced_router_chains_match_eager():
+    """Per-sample routers decide inside the chain's op as eagerly: the same outputs, each row its
+    own heads (or the masked dense block for short rows on CPU)."""
+    entry, eager, traced = _pair("llama-sdpa", keep_ratio=0.5, scoring="router", granularity="sample")
+    traced.load_state_dict(eager.state_dict())  # the same router weights
+    inputs = {**entry.inputs(), "use_cache": False}
+    with torch.no_grad():
+        for _ in range(2):
+            assert_outputs_close(_hidden(traced(**inputs)), _hidden(eager(**inputs)), atol=1e-5)
+    assert all(s.compact_block for s in traced.sites), traced.report()
+    assert traced._compiler.counters["opaque_chains"] == len(traced.sites)
+    chains = [g.chain_module for g in traced.gates.values()]
+    assert [c.calls_compact + c.calls_every_head for c in chains] == [2] * len(traced.sites)  # every call ran a chain
+
+
 def test_traced_chains_follow_dynamic_shapes():
     """Under dynamic shapes the region reads symbolic sizes (its views') and its output's shape
     follows the first projection's input: one graph serves every length, chains included."""
