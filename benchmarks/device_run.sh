@@ -26,7 +26,8 @@
 # BENCH_ARGS narrows the timed table (e.g. "--shapes 32,12,512,64 --no-flex"), BENCH_S its limit.
 # DEVICE_STEPS picks steps (default "checks table encoder decode"; "exact" the models' exactness
 # alone, EXACT_S its limit; "profile" adds host time per
-# call, "blocks" the per-kernel block profile, two heads per program on and off, "survey" the
+# call, "compiled" torch.compile(backend="dhp_fx") against plain torch.compile on BERT-base and a Llama
+# (COMPILED_ARGS, COMPILED_S per model), "blocks" the per-kernel block profile, two heads per program on and off, "survey" the
 # full register survey under the card's triton), CHECK_S the checks' limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
@@ -101,6 +102,17 @@ if want decode; then
 timeout $(lim 35) $PY benchmarks/bench_attention.py --no-prefill --no-flex --decode > "$OUT/bench_decode.txt" 2>&1
 echo "bench_decode rc=$?" >> "$OUT/bench_decode.txt"
 stamp "decode done"
+fi
+if want compiled; then
+# torch.compile(backend="dhp_fx") against plain torch.compile (inductor both): static gates,
+# compact blocks (BERT) and chains (Llama: RoPE) as opaque ops; session 19 timed these on CPU only.
+for model in bert-base llama; do
+  timeout $(lim ${COMPILED_S:-120}) $PY benchmarks/bench_end_to_end_cpu.py --device cuda --dtype bfloat16 \
+    --compiler inductor --only static --p 1 0.5 0.25 --reps 20 --model $model ${COMPILED_ARGS:---batch 8 --seq 1024} \
+    > "$OUT/compiled_$model.txt" 2>&1
+  echo "compiled $model rc=$?" >> "$OUT/compiled_$model.txt"
+done
+stamp "compiled done"
 fi
 if want profile; then
 # Host time per call and the kernels each call launches (short shapes and decode are host-bound).

@@ -1,0 +1,20 @@
+"""benchmarks/bench_end_to_end_cpu.py runs small here: its "compiled" step on a device must not
+spend a lease on a Python error."""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compiled_llama_table_runs_small(monkeypatch, capsys):
+    argv = ["bench_end_to_end_cpu.py", "--model", "llama-gqa", "--compiler", "aot_eager", "--only", "static",
+            "--p", "0.5", "--reps", "1", "--batch", "2", "--seq", "8", "--layers", "1", "--device", "cpu", "--dtype", "float32"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_end_to_end_cpu.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "Llama (random init, 8 heads, 4 KV heads) float32, batch 2 x seq 8" in out, out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["variant", "dense", "dense, torch.compile aot_eager", "static/batch p=0.5"], out
