@@ -189,6 +189,10 @@ def run_model(model: nn.Module, call: Call, spec: CallSpec, device: torch.device
     kwargs = dict(call.kwargs)
     if extra:
         kwargs.update(extra)
+    if spec.accepted is not None and "use_cache" in spec.accepted:
+        # Nothing reads a KV cache back here, and a returned one reads every head's K and V: HF
+        # decoders build one by default, which would keep their K/V projections whole.
+        kwargs.setdefault("use_cache", False)
     if pass_labels and call.labels is not None and spec.takes_labels:
         kwargs["labels"] = call.labels
     return model(*to_device(call.args, device), **to_device(kwargs, device))

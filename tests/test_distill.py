@@ -291,3 +291,32 @@ def test_config_validation_names_the_field():
         DistillConfig(align_weight=1.0)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         DistillConfig(resume=True)
+
+
+def test_model_calls_ask_for_no_kv_cache():
+    """A returned cache reads every head's K and V, so distillation asks HF decoders for none:
+    the student's K/V projections then skip pruned heads too."""
+    from dhp_fx.distill_io import CallSpec, run_model, split_batch
+
+    seen = []
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids, use_cache=True):
+            seen.append(use_cache)
+            return input_ids.float()
+
+    class Encoder(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids.float()
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    for module in (Decoder(), Encoder()):
+        spec = CallSpec.of(module)
+        run_model(module, split_batch(batch, spec, False, "m"), spec, torch.device("cpu"), False)
+    assert seen == [False]
+    student = pruned_student(trained_teacher(), keep=0.5, scoring="static")  # decides before the projections
+    ids = copy_task(1, 2, seed=5, labels=False)[0]["input_ids"]
+    spec = CallSpec.of(student.model)
+    with torch.no_grad():
+        run_model(student, split_batch({"input_ids": ids}, spec, False, "student"), spec, torch.device("cpu"), False)
+    assert all({"k", "v"} <= set(s.skipped_projections) for s in student.sites), student.report()
