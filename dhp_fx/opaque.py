@@ -290,8 +290,9 @@ def _tap_to_op(gm: fx.GraphModule, node: fx.Node, tap: GateTap) -> bool:
 
 
 def make_opaque(gm: fx.GraphModule) -> dict[str, int]:
-    """Turn a rewritten inference graph's compact blocks and taps into opaque op calls, for a
-    downstream compiler that traces it; returns counts for the compiler's counters."""
+    """Turn a rewritten inference graph's compact chains, compact blocks and taps into opaque op
+    calls, for a downstream compiler that traces it; returns counts for the compiler's counters
+    (``opaque_block_gates`` counts the gates that moved into a block's or a chain's op)."""
     counts = {"opaque_blocks": 0, "opaque_block_gates": 0, "opaque_taps": 0, "opaque_chains": 0}
     plans = [n for n in gm.graph.nodes if n.op == "call_module" and n.kwargs.get("kind") == "plan"
              and isinstance(gm.get_submodule(n.target), CompactChain)]
