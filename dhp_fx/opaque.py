@@ -213,8 +213,8 @@ def _(tensors, sizes, call_id):
 
 
 def _chain_inputs(region: list[fx.Node], sink: fx.Node, like, x: fx.Node):
-    """(tensor inputs, size inputs, the output shape's recipe) of a region that can run as one
-    opaque call, else a reason it cannot."""
+    """(inputs, tensor inputs, size inputs, the output shape's recipe) of a region that can run
+    as one opaque call, else a reason it cannot."""
     inputs = inputs_of(region)
     sizes = [n for n in inputs if holds_size(n)]
     tensors = [n for n in inputs if not holds_size(n)]
@@ -226,7 +226,7 @@ def _chain_inputs(region: list[fx.Node], sink: fx.Node, like, x: fx.Node):
         return "a node inside is read from outside"
     if any(holds_non_tensor(n) for n in tensors):
         return "it reads a number that is not a size"
-    return tensors, sizes, recipe
+    return inputs, tensors, sizes, recipe
 
 
 def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool:
@@ -252,8 +252,7 @@ def _chain_to_op(gm: fx.GraphModule, plan: fx.Node, chain: CompactChain) -> bool
             break
     else:  # the pass checked the region without its gate before building the chain (pipeline)
         raise RuntimeError(f"dhp_fx: chain {plan.target} cannot run as one opaque call: {found}")
-    tensors, sizes, recipe = found
-    inputs = inputs_of(region)
+    inputs, tensors, sizes, recipe = found
 
     sub = fx.Graph()
     env = {n: sub.placeholder(f"input_{i}") for i, n in enumerate(inputs)}
