@@ -226,7 +226,9 @@ class CompactChain(CompactBlock):
       (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
       (per_row: each row its own, kernels/compact_rows), a QueryHeads under GQA when the kept
       heads touch every group (the kept query heads over every group's K/V), else DENSE, MASKED
-      or None (the head ops); x, the first projection's input, gives the rows' token count;
+      or None (the head ops); x, the first projection's input, gives the rows' token count.
+      ``query_only=True`` (a query chain: K/V are the graph's own, every head's; wk, bk, wv, bv
+      are None): a QueryHeads or one of the last three;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
       one projection of q, k and v, whose features are q's, k's, then v's; role -2: the same,
@@ -247,8 +249,11 @@ class CompactChain(CompactBlock):
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)
 
-    def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None)):
+    def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None), query_only=False):
         heads, kv_heads, head_dim, v_head_dim = geometry
+        if query_only:  # K and V are the graph's own, every head's: only query heads can be left out
+            query = self._query_heads_plan(keep, weights, starts, geometry)
+            return self._every_head_plan(keep) if query is None else query
         plan = self.gate.compact_plan(keep.shape[0])
         tokens = None if x is None else row_cost.tokens_per_row(x, keep.shape[0])
         row_plan = self._row_plan(keep, plan, kv_heads, tokens)
@@ -270,9 +275,9 @@ class CompactChain(CompactBlock):
         return cap, shared_or_whole, gathered, row_plan is not None
 
     def _query_heads_plan(self, keep, weights, starts, geometry) -> Optional["QueryHeads"]:
-        """Under GQA, when the kept heads touch every KV group: the kept query heads alone
-        (their Q rows and W_o columns gathered) over every group's K and V, if the gate bounds
-        them below every head."""
+        """Under GQA, when the kept heads touch every KV group, or in a query chain: the kept
+        query heads alone (their Q rows and W_o columns gathered) over every group's K and V, if
+        the gate bounds them below every head."""
         heads, kv_heads, head_dim, v_head_dim = geometry
         head_plan = self.gate.compact_head_plan(keep.shape[0])
         if head_plan is None:

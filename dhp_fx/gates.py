@@ -239,12 +239,12 @@ class HeadGate(nn.Module):
         return min(self.num_kv_heads, batch * per_row), whole and batch == 1
 
     def compact_head_plan(self, batch: int) -> Optional[tuple[int, bool]]:
-        """(cap, rows_same) for a call whose kept heads touch every KV group (GQA, groups not
-        pruned whole): the rows' kept query heads lie, together, in at most ``cap`` heads, and
-        rows_same says every row keeps the same heads. None when the call must compute every head
-        (as for :meth:`compact_plan`), when groups are pruned whole, or when the bound is every
-        head. Host state only."""
-        if self._tap_work is not None or self.prune_kv_groups:
+        """(cap, rows_same) for a call that computes every KV group's K and V (GQA whose kept
+        heads touch every group; a query chain, whose K/V something else reads): the rows' kept
+        query heads lie, together, in at most ``cap`` heads, and rows_same says every row keeps
+        the same heads. None when the call must compute every head (as for
+        :meth:`compact_plan`) or when the bound is every head. Host state only."""
+        if self._tap_work is not None:
             return None
         H = self.num_heads
         if self.fixed_keep.numel():
@@ -252,8 +252,14 @@ class HeadGate(nn.Module):
             return (max(cap, 1), not self._fixed_rows_apart) if cap < H else None
         if self.recording or (self.score_threshold is None and self.n_keep >= H):
             return None
-        union = self._head_union_bound() if self.granularity == "batch" else H
-        cap = min(union, batch * self.per_row_bound())
+        if self.prune_kv_groups:  # the budget counts whole groups, which bound the heads
+            group = H // self.num_kv_heads
+            per_row, union, _ = self._group_bounds()
+            per_row, union = per_row * group, union * group
+        else:
+            per_row, union = self.per_row_bound(), self._head_union_bound()
+        union = union if self.granularity == "batch" else H
+        cap = min(union, batch * per_row)
         return (cap, batch == 1 or not self.decides_rows_apart()) if cap < H else None
 
     def compact_row_plan(self) -> Optional[tuple[int, bool]]:

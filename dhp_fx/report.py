@@ -41,8 +41,10 @@ def sites_table(sites: list[AttentionSite], skipped: list[SkippedSite]) -> str:
 def _skips(site: AttentionSite) -> str:
     """Where a pruned head's work is skipped: the core always; which projections; or the block
     computed on the kept heads alone (compact, when the budget bounds them: whole, or as a chain
-    around RoPE)."""
+    around RoPE; or the kept query heads alone, where something else reads K and V whole)."""
     if site.compact_block:
+        if "k" not in site.skipped_projections and "v" not in site.skipped_projections:
+            return "kept query heads only (compact; K/V whole, read elsewhere)"
         return "kept heads only (compact)"
     return "+".join(["core", *site.skipped_projections])
 

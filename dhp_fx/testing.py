@@ -62,6 +62,9 @@ class AttentionSpec:
     scale: Optional[float] = None
     keep: Optional[tuple[tuple[bool, ...], ...]] = field(default=None, compare=False)
     seed: int = 0
+    # forward also returns k and v as a KV cache would keep them (every KV head, RoPE applied):
+    # read outside the block, they must stay whole
+    returns_kv: bool = False
 
     @property
     def cross(self) -> bool:
@@ -75,7 +78,8 @@ class SpecAttention(nn.Module):
     """A multi-head attention block written in the style the spec names.
 
     forward(x, context=None, mask=None, head_mask=None): ``head_mask`` [B, H] zeroes heads the
-    plain way — the reference a gated rewrite must reproduce.
+    plain way — the reference a gated rewrite must reproduce. Returns the output, or with
+    ``spec.returns_kv`` (output, k, v).
     """
 
     def __init__(self, spec: AttentionSpec):
@@ -137,6 +141,7 @@ class SpecAttention(nn.Module):
             q = self._heads(self.q_proj(x), s.heads)
             k = self._heads(self.k_proj(src), s.kv_heads)
             v = self._heads(self.v_proj(src), s.kv_heads)
+        cache = (k, v)
         scale = s.scale if s.scale is not None else 1.0 / math.sqrt(s.head_dim)
         if s.style in ("sdpa_gqa", "fused_rope"):
             out = F.scaled_dot_product_attention(
@@ -152,8 +157,8 @@ class SpecAttention(nn.Module):
             out = out * head_mask[:, :, None, None].to(out.dtype)
         # fused_rope merges heads as HF models do, with -1: a chain needs views free of head counts
         width = -1 if s.style == "fused_rope" else s.heads * s.head_dim
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], width)
-        return self.o_proj(out)
+        out = self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], width))
+        return (out, *cache) if s.returns_kv else out
 
     def _eager(self, q, k, v, mask, scale):
         s = self.spec
@@ -227,8 +232,10 @@ def attention_specs(
     max_seq: int = 9,
     head_dims: Sequence[int] = (4, 8, 16),
     with_keep: bool = True,
+    returns_kv: bool = False,
 ) -> AttentionSpec:
-    """Attention configurations over styles, GQA groups, lengths (incl. 1 and odd), masks, dtypes."""
+    """Attention configurations over styles, GQA groups, lengths (incl. 1 and odd), masks, dtypes;
+    ``returns_kv``: modules that also return their k and v (see :class:`AttentionSpec`)."""
     style = draw(st.sampled_from(list(styles)))
     kv_heads = draw(st.integers(1, max(1, max_heads // 2)))
     heads = kv_heads * draw(st.integers(1, max(1, max_heads // kv_heads)))
@@ -249,6 +256,7 @@ def attention_specs(
         style=style, batch=batch, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_k=seq_k,
         head_dim=draw(st.sampled_from(dims)), causal=causal, mask_kind=mask_kind,
         dtype=draw(st.sampled_from(list(dtypes))), scale=scale, keep=keep, seed=draw(st.integers(0, 2**16)),
+        returns_kv=returns_kv,
     )
 
 

@@ -386,9 +386,8 @@ def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_ma
     k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V."""
     idx, valid = gathered.idx, gathered.valid
     H = keep.shape[1]
-    if group > 1:
-        groups = torch.div(idx, group, rounding_mode="floor")
-        k, v = k.index_select(1, groups), v.index_select(1, groups)
+    groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
+    k, v = k.index_select(1, groups), v.index_select(1, groups)
     mask = _heads_of_mask(attn_mask, H, idx)
     if rows_shared:
         return dense_attention(q, k, v, mask, dropout_p, is_causal, scale, 1)

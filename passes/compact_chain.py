@@ -29,6 +29,15 @@ view(..., -1, 3 * D) and chunk, then split the kept heads' features as they spli
 Phi-3 instead slices its fused output at fixed widths (``qkv[..., :H * D]``); a slice that takes
 exactly one role's features becomes ``chain(t, kind="role", plan, role, geometry)``, which cuts at
 the widths of the heads the call computes.
+
+A view that names the head count (``view(B, L, H, D)``, ``reshape(B, L, H * D)``) is rewritten
+to infer it (-1) when it names no other size -1: the same H from every head's features, the
+kept heads' count from theirs.
+
+A query chain (``is_query_chain``) is the same with K and V left whole, where something else
+reads them (a KV cache): only the Q and output head ops become calls, the plan (``query_only``)
+gathers the kept query heads' Q rows and W_o columns, and the core takes the graph's K and V of
+every head. Only the q path and the output chain need the per-node proof.
 """
 from __future__ import annotations
 
@@ -87,16 +96,26 @@ def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
     return all(i == slice(None) or d not in heads for d, i in zip(dims, index))
 
 
-def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None) -> Optional[str]:
-    """None when ``node`` works unchanged on fewer heads; else why not. ``lay`` is the node's
+def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None,
+             freed: Optional[list] = None) -> Optional[str]:
+    """None when ``node`` works unchanged on fewer heads, or will once the view it is names its
+    head dim's size -1 (appended to ``freed`` as (node, dim)); else why not. ``lay`` is the node's
     layout (head_layout gives a tuple-valued node, an unbind or split, its input's)."""
     heads = _head_dims(lay, dim, width)
     if len(heads) > 1:
         return "heads_split"
     if is_method(node, *_VIEWS) or is_call(node, torch.reshape):
         shape = _shape_args(node)
-        if shape is None or len(shape) != len(lay.dims) or any(shape[i] != -1 for i in heads):
+        if shape is None or len(shape) != len(lay.dims):
             return "head_count_in_view"
+        named = [i for i in heads if not _is_minus_one(shape[i])]
+        if named:
+            # view(B, L, H, D) holds the head count; view(B, L, -1, D) infers the same H from
+            # every head's features, and the kept heads' count from theirs. Only one size may
+            # be inferred.
+            if freed is None or any(_is_minus_one(a) for a in shape):
+                return "head_count_in_view"
+            freed.append((node, named[0]))
         return None
     if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
         out_dims = len(lay.dims)
@@ -130,6 +149,25 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
     return "op"
 
 
+def _is_minus_one(size) -> bool:
+    return isinstance(size, int) and size == -1
+
+
+def _free_head_sizes(freed: list) -> None:
+    """Rewrite each (view, dim) of ``freed`` to name that dim's size -1, in whichever form the
+    view takes its shape (sizes as arguments, or one tuple)."""
+    for node, dim in freed:
+        method = node.op == "call_method"
+        args = list(node.args)
+        if method and not (len(args) == 2 and isinstance(args[1], (tuple, list))):
+            args[1 + dim] = -1
+        else:
+            shape = list(args[1])
+            shape[dim] = -1
+            args[1] = tuple(shape)
+        node.args = tuple(args)
+
+
 def _unbind_dim(node: fx.Node, ndim: int) -> Optional[int]:
     position = 1 if node.target in ("unbind", torch.unbind) else 2  # split/chunk: (t, sizes, dim)
     dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else 0)
@@ -157,9 +195,10 @@ def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
     return found
 
 
-def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None) -> Optional[str]:
+def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None,
+              roles: tuple[str, ...] = ROLES, freed: Optional[list] = None) -> Optional[str]:
     rewritten = set((role_slices or {}).values())  # they become "role" calls, proven by _role_slices
-    for role in ROLES:
+    for role in roles:
         layouts, path = state.node_layouts.get(role), state.paths.get(role)
         if layouts is None or path is None:
             return "layout"
@@ -170,12 +209,12 @@ def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = N
         for node in path[1:]:
             if node in rewritten:
                 continue
-            why = _node_ok(node, layouts[node], on_path, period, width)
+            why = _node_ok(node, layouts[node], on_path, period, width, freed)
             if why is not None:
                 return why
     chain = {node for node, _ in state.out_chain} | {state.gated}
     for node, lay in state.out_chain:
-        why = _node_ok(node, lay, chain, state.site.value_head_dim)
+        why = _node_ok(node, lay, chain, state.site.value_head_dim, freed=freed)
         if why is not None:
             return why
     return None
@@ -220,38 +259,44 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     site = state.site
     chain_module = getattr(gm.get_submodule(gate_target), "chain_module", None) if gate_target else None
     nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
+    query_only = is_query_chain(state)
     fused = all(n is not None for n in nodes) and nodes[0] is nodes[1] is nodes[2] is not nodes[3]
     layout = _fused_layout(state, nodes[0]) if fused else None
     # Only the role-major layout is cut into roles by slices; GPT-NeoX's per-head one by a view.
     role_slices = _role_slices(state, nodes[0]) if layout == FUSED_QKV else {}
+    present = [n for n in nodes if n is not None]
+    roles = ("q",) if query_only else ROLES
+    freed: list = []  # views whose head counts become -1, once every proof holds
     why = None
     if not isinstance(chain_module, nn.Module):
         why = "gate_has_no_chain"
-    elif any(n is None for n in nodes) or (len(set(nodes)) != 4 and not fused):
+    elif not query_only and (any(n is None for n in nodes) or (len(set(nodes)) != 4 and not fused)):
         why = "projections_not_separate"
     elif fused and layout is None:
         why = "fused_layout"  # neither q's heads, k's, v's, nor [q_h, k_h, v_h] head by head
-    elif layout != FUSED_PER_HEAD and any(state.proj.head_strides.get(r) is not None for r in ROLES):
+    elif layout != FUSED_PER_HEAD and any(state.proj.head_strides.get(r) is not None for r in roles):
         why = "interleaved_heads"
-    elif any(n.args[5] for n in nodes):
+    elif any(n.args[5] for n in present):
         why = "conv1d_layout"
     elif site.num_heads < 2:
         why = "one_head"  # nothing to leave out (MQA's one KV head still leaves query heads)
     else:
-        why = _paths_ok(state, fused, role_slices)
+        why = _paths_ok(state, fused, role_slices, roles, freed)
     if why is not None:
         state.result.bump(f"no_compact_chain:{why}")
         return None
 
     graph = gm.graph
     index = {n: i for i, n in enumerate(graph.nodes)}
-    first = min(nodes[:3], key=index.__getitem__)
-    weights = tuple(t for n in nodes for t in n.args[1:3])  # wq, bq, wk, bk, wv, bv, wo, bo
+    first = min(present[:-1], key=index.__getitem__)
+    # wq, bq, wk, bk, wv, bv, wo, bo; a query chain's K/V projections are the graph's own
+    weights = tuple(t for n in nodes for t in (n.args[1:3] if n is not None else (None, None)))
     if any(isinstance(t, fx.Node) and index[t] > index[first] for t in weights):
         state.result.bump("no_compact_chain:weights_after_projection")
         return None
     keep = state.gated.args[3]
-    old_flags = [n.args[3] for n in nodes]
+    old_flags = [n.args[3] for n in present]
+    _free_head_sizes(freed)
 
     target = gate_target.replace("dhp_gate_", "dhp_chain_", 1)
     gm.add_submodule(target, chain_module)
@@ -260,13 +305,15 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     with graph.inserting_before(first):
         # first's input gives the rows' token count, which decides whether rows compact apart
         periods = tuple(state.proj.head_strides.get(r) for r in ROLES)
-        plan = graph.call_module(target, (keep, first.args[0]),
-                                 dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry,
-                                      periods=periods))
+        plan_kwargs = dict(kind="plan", weights=weights[:6] + weights[6:7], starts=starts, geometry=geometry,
+                           periods=periods)
+        if query_only:
+            plan_kwargs["query_only"] = True
+        plan = graph.call_module(target, (keep, first.args[0]), plan_kwargs)
     done = set()
     for role_index, node in enumerate(nodes):
-        if node in done:
-            continue  # a fused projection, rewritten as q's
+        if node is None or node in done:
+            continue  # a query chain's K/V projection, or a fused projection rewritten as q's
         done.add(node)
         x, w, b, flags, unit, in_out = node.args[:6]
         kind = "proj" if role_index < 3 else "out"
@@ -297,5 +344,17 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     for flag in old_flags:
         if isinstance(flag, fx.Node) and flag.graph is not None:
             erase_dead(flag)  # a union the chain names instead of reading
-    state.result.bump("compact_chain")
+    state.result.bump("compact_query_chain" if query_only else "compact_chain")
     return core
+
+
+def is_query_chain(state: _Site) -> bool:
+    """Q and the output projection skip heads, K and V do not: something else reads them whole
+    (a KV cache, another site). Then a chain can still run the kept query heads alone, their Q
+    rows and W_o columns gathered, over every head's K and V as the graph computes them. Q must
+    be its own projection: one shared with K/V computes every K/V feature anyway, and its
+    graph splits the three by widths that would move."""
+    replaced, nodes = state.replaced, state.proj.nodes
+    return (replaced.get("q") is not None and replaced.get("out") is not None
+            and replaced.get("k") is None and replaced.get("v") is None
+            and all(nodes.get(r) is None or nodes.get(r) is not nodes.get("q") for r in ("k", "v")))

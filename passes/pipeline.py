@@ -22,7 +22,7 @@ from .projections import find_projections
 from .rewrite import rewrite_match
 from .sdpa import match_sdpa
 from .site import AttentionMatch, AttentionSite, PassResult, SkippedSite
-from .compact_chain import compact_chain_site
+from .compact_chain import compact_chain_site, is_query_chain
 from .compact_heads import compact_site
 from .regions import why_not_opaque
 from .skip_projections import prove_head_layouts, skip_site_projections
@@ -128,14 +128,16 @@ def _why_not_opaque_chain(state) -> Optional[str]:
     host's decision, which the trace cannot see), and the output's shape must follow from the
     first projection's input and those sizes."""
     replaced = state.replaced
-    if any(replaced.get(role) is None for role in ("q", "k", "v", "out")):
+    roles = ("q",) if is_query_chain(state) else ("q", "k", "v")
+    if any(replaced.get(role) is None for role in (*roles, "out")):
         return None  # compact_chain_site says why
     out = example_value(replaced["out"])
     if out is None:
         return "output_shape"
     index = {n: i for i, n in enumerate(replaced["out"].graph.nodes)}
-    first = min((replaced[r] for r in ("q", "k", "v")), key=index.__getitem__)  # the chain's plan reads its input
-    return why_not_opaque([replaced[r] for r in ("q", "k", "v")], replaced["out"], like=out, reference=first.args[0])
+    sources = [replaced[r] for r in roles]
+    first = min(sources, key=index.__getitem__)  # the chain's plan reads its input
+    return why_not_opaque(sources, replaced["out"], like=out, reference=first.args[0])
 
 
 def rewrite_attention(
@@ -200,7 +202,8 @@ def rewrite_attention(
             site.skipped_projections = state.roles()
             if compact_heads:
                 compacted = site.compact_block = compact_site(gm, state, gate_target, opaque_blocks)
-                if not compacted and set(site.skipped_projections) == {"q", "k", "v", "out"}:
+                if not compacted and (set(site.skipped_projections) == {"q", "k", "v", "out"}
+                                      or is_query_chain(state)):
                     why = _why_not_opaque_chain(state) if opaque_blocks else None
                     if why is not None:
                         result.bump(f"no_compact_chain:{why}")

@@ -10,6 +10,7 @@ passes/compact_heads.py, dhp_fx/compact_block.py).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -161,9 +162,40 @@ def test_cap_out_of_range_is_refused():
 
 
 # ---------------------------------------------------------------------------- gate bounds
-def _site(heads: int) -> AttentionSite:
+def _site(heads: int, kv_heads: Optional[int] = None) -> AttentionSite:
     return AttentionSite(name="s", module_path="s", module_type="X", pattern="sdpa", num_heads=heads,
-                         num_kv_heads=heads, head_dim=4, value_head_dim=4, scale=0.5, is_causal=False, mask_kind="none")
+                         num_kv_heads=kv_heads or heads, head_dim=4, value_head_dim=4, scale=0.5, is_causal=False,
+                         mask_kind="none")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.floats(0.05, 1.0), st.booleans(),
+       st.sampled_from(["sample", "batch"]), st.sampled_from([None, 0.5]), st.integers(0, 2**31 - 1))
+def test_decisions_never_exceed_the_query_head_plan(batch, kv_heads, group, ratio, whole_groups, granularity,
+                                                    union_cap, seed):
+    """The bound a query chain gathers for (compact_head_plan), also where the budget counts
+    whole KV groups, whose kept heads can outnumber keep_ratio x heads."""
+    heads = kv_heads * group
+    config = DHPConfig(keep_ratio=ratio, granularity=granularity, union_cap=union_cap, prune_kv_groups=whole_groups)
+    gate = HeadGate(_site(heads, kv_heads), config)
+    keep = gate.decide(torch.rand(batch, heads, generator=torch.Generator().manual_seed(seed)))
+    plan = gate.compact_head_plan(batch)
+    if plan is None:  # always safe: every head computed
+        return
+    cap, rows_same = plan
+    assert 1 <= cap < heads
+    assert int(keep.any(0).sum()) <= cap
+    if rows_same:
+        assert bool((keep == keep[:1]).all())
+
+
+def test_query_head_plan_counts_whole_groups():
+    """8 heads in 4 groups of 2, 40 % kept as whole groups: round(1.6) = 2 groups, 4 heads, more
+    than round(0.4 x 8) = 3; the plan bounds them by 4."""
+    gate = HeadGate(_site(8, 4), DHPConfig(keep_ratio=0.4, granularity="batch", prune_kv_groups=True))
+    keep = gate.decide(torch.rand(1, 8, generator=torch.Generator().manual_seed(0)))
+    assert int(keep.sum()) == 4
+    assert gate.compact_head_plan(1) == (4, True)
 
 
 @settings(max_examples=150, deadline=None)
@@ -264,19 +296,18 @@ def test_zoo_blocks_compacted_and_exact(name):
 def test_every_attention_style_compacts_exactly(spec, seed):
     """The dhp_fx.testing specs (SDPA, SDPA with enable_gqa, eager, bmm, a Phi-3-like fused
     projection cut by slices with RoPE; GQA groups, cross-attention, masks, causal, any scale):
-    every block is compacted (fused_rope as a chain, also with one KV head), and with pinned keep
-    masks whose heads lie in part of the KV groups (one KV head: one query head, the same in every
-    row) the output equals the zeroed-head reference."""
+    every block is compacted (fused_rope, and any style with one KV head, as a chain: views that
+    name the head count infer it), and with pinned keep masks whose heads lie in part of the KV
+    groups (one KV head: one query head, the same in every row) the output equals the zeroed-head
+    reference."""
     module, inputs = build_attention(spec)
     opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     assert len(opt.sites) == 1
     site = opt.sites[0]
     mqa = spec.kv_heads == 1  # no group to leave out: only a chain (the kept query heads) compacts
-    if (site.num_heads < 2 or set(site.skipped_projections) != {"q", "k", "v", "out"}
-            or (mqa and spec.style != "fused_rope")):
+    if site.num_heads < 2 or set(site.skipped_projections) != {"q", "k", "v", "out"}:
         # one head has nothing to leave out; a bmm block repeats K/V before the matcher's view of
-        # it, so its K/V projections (and the block) stay as they were; the other styles' views
-        # name the head count, which a chain cannot change
+        # it, so its K/V projections (and the block) stay as they were
         assert not site.compact_block
         return
     assert site.compact_block, opt.report()
@@ -289,7 +320,7 @@ def test_every_attention_style_compacts_exactly(spec, seed):
         groups = torch.zeros(spec.kv_heads, dtype=torch.bool)
         groups[torch.randperm(spec.kv_heads, generator=g)[: max(1, spec.kv_heads // 2)]] = True
         keep = spec.keep_tensor() & groups.repeat_interleave(group)[None]
-    chain = spec.style == "fused_rope"
+    chain = spec.style == "fused_rope" or mqa
     assert opt._compiler.counters.get("compact_chain" if chain else "compact_block") == 1, opt._compiler.counters
     block = opt.gate(site).chain_module if chain else opt.gate(site).block_module
     before = block.calls_compact

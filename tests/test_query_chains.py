@@ -1,0 +1,135 @@
+"""Query chains: blocks whose K and V something else reads whole (a KV cache, a returned k/v) run
+the kept query heads alone: Q rows and W_o columns gathered, every head's K/V as the graph
+computes them. Exact against the zeroed-head reference; the K/V read elsewhere unchanged."""
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import dhp_fx
+from dhp_fx import DHPConfig
+from dhp_fx.testing import assert_outputs_close, attention_specs, build_attention, check_keep_mask, heads_zeroed
+from zoo import hf_entries
+
+ENTRIES = {e.name: e for e in hf_entries("sdpa")}
+
+
+def _chains(opt):
+    return [opt.gate(s).chain_module for s in opt.sites if s.compact_block]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(attention_specs(styles=("sdpa", "sdpa_gqa", "eager", "eager_div", "fused_rope"), returns_kv=True))
+def test_kv_read_elsewhere_compacts_the_query_heads_exactly(spec):
+    """Every style whose q has its own projection (views naming the head count included: the
+    chain has them infer it) compacts as a query chain when the module also returns its k and v;
+    random keep masks (every head, one head, a row with none, rows apart) give the zeroed-head
+    reference's output and the very same k and v. One fused projection for q, k and v computes
+    every K/V feature anyway: its q stays on the head ops."""
+    module, inputs = build_attention(spec)
+    opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    (site,) = opt.sites
+    assert set(site.skipped_projections) == {"q", "out"}, opt.report()
+    if spec.heads > 1 and spec.style != "fused_rope":
+        assert site.compact_block, opt.report()
+        assert opt._compiler.counters.get("compact_query_chain") == 1
+        assert "kept query heads only" in opt.report()
+    else:
+        assert not site.compact_block
+    keep = spec.keep_tensor()
+    chains = _chains(opt)
+    before = [(c.calls_query_heads, c.calls_dense, c.calls_masked) for c in chains]
+    check_keep_mask(module, opt, inputs, keep)
+    if chains:
+        # every head kept: the dense originals; rows apart: on a CPU the masked dense block;
+        # otherwise the kept heads alone
+        counter = 1 if keep.all() else 2 if bool((keep != keep[:1]).any()) else 0
+        after = (chains[0].calls_query_heads, chains[0].calls_dense, chains[0].calls_masked)
+        assert [a - b for a, b in zip(after, before[0])] == [int(i == counter) for i in range(3)]
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    caches = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, name)]
+    return [t for c in (caches or [cache]) for layer in c.layers for t in (layer.keys, layer.values)]
+
+
+def _hf_case(name):
+    entry = ENTRIES[name]
+    model, inputs = entry.build(), entry.inputs()  # HF's default: the model returns a KV cache
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+    return entry, model, inputs, opt
+
+
+def test_hf_decoders_with_a_kv_cache_run_query_chains():
+    """Llama (GQA, RoPE), Qwen2 (one KV head) and T5 (decoder self- and cross-attention, a
+    position bias per head) with their default cache: every site whose K/V the cache reads is a
+    query chain (T5's encoder stays a whole block), exact with shared and per-row masks, the
+    cache's K and V those of the reference, and every head again with the gates open."""
+    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa"):
+        entry, model, inputs, opt = _hf_case(name)
+        query = [s for s in opt.sites if s.compact_block and set(s.skipped_projections) == {"q", "out"}]
+        expect = 4 if name.startswith("t5") else entry.sites
+        assert len(query) == expect and all(s.compact_block for s in opt.sites), opt.report()
+        assert opt._compiler.counters.get("compact_query_chain") == expect
+        g = torch.Generator().manual_seed(3)
+        shared = torch.zeros(entry.heads, dtype=torch.bool)
+        shared[torch.randperm(entry.heads, generator=g)[: entry.heads // 2]] = True
+        rows = shared[None].repeat(entry.batch, 1)
+        rows[1, shared.nonzero()[0]] = False  # the second row keeps one head fewer
+        chains = [opt.gate(s).chain_module for s in query]
+        # rows that decide apart run, on a CPU, every head densely with the pruned ones zeroed
+        # (compact_block.MASKED_DENSE_DEVICES)
+        for keep, counter in ((shared, "calls_query_heads"), (rows, "calls_masked")):
+            before = sum(getattr(c, counter) for c in chains)
+            check_keep_mask(model, opt, inputs, keep)
+            assert sum(getattr(c, counter) for c in chains) - before == len(chains), (name, counter)
+        opt.set_keep_mask(rows)
+        with torch.no_grad(), heads_zeroed(model, opt.sites, {s.name: rows for s in opt.sites}):
+            got, want = opt(**inputs), model(**inputs)
+        opt.set_keep_mask(None)
+        assert_outputs_close(_cache_tensors(got.past_key_values), _cache_tensors(want.past_key_values),
+                             what=f"{name} cache")
+        opt.set_keep_ratio(1.0)
+        with torch.no_grad():
+            assert_outputs_close(opt(**inputs), model(**inputs), what=f"{name} gates open")
+
+
+def test_generate_runs_query_chains_at_every_step():
+    """Greedy generation with a KV cache: prefill and each one-token step run the query chains
+    (gathered once: the decision is static), and the logits equal those of the same pruning
+    through the head ops."""
+    entry, model, inputs, opt = _hf_case("llama-sdpa")
+    heads_ops = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
+                                example_inputs=inputs)
+    keep = torch.tensor([True, False, True, True])  # both KV groups touched: only query heads compact
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    chains = _chains(opt)
+    before = [(c.calls_query_heads, c.gathers) for c in chains]
+    with torch.no_grad():
+        runs = []
+        for m in (opt, heads_ops):
+            m.set_keep_mask(keep)
+            runs.append(m.generate(**inputs, **kwargs))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert_outputs_close(runs[0].logits, runs[1].logits, what="logits, query chains vs head ops")
+    calls = [(c.calls_query_heads - b[0], c.gathers - b[1]) for c, b in zip(chains, before)]
+    assert calls == [(4, 1)] * entry.sites  # prefill + 3 one-token steps, one gather
+
+
+def test_traced_query_chains_run_as_opaque_ops():
+    """Under aot_eager each query chain is one dhp::run_chain (the region from the gate to the
+    output projection; K/V enter it from the graph), with the outputs of the eager chains."""
+    entry = ENTRIES["llama-sdpa"]
+    eager = dhp_fx.optimize(entry.build(), DHPConfig(compiler="eager", keep_ratio=0.5, scoring="static"))
+    traced = dhp_fx.optimize(entry.build(), DHPConfig(compiler="aot_eager", keep_ratio=0.5, scoring="static"))
+    inputs = entry.inputs()
+    with torch.no_grad():
+        for _ in range(2):
+            got, want = traced(**inputs), eager(**inputs)
+            assert_outputs_close(got.logits, want.logits, atol=1e-6)
+            assert_outputs_close(_cache_tensors(got.past_key_values), _cache_tensors(want.past_key_values))
+    counters = traced._compiler.counters
+    assert counters["compact_query_chain"] == counters["opaque_chains"] == entry.sites, counters
+    assert [c.calls_query_heads for c in _chains(traced)] == [2] * entry.sites
+    assert [c.gathers for c in _chains(traced)] == [1] * entry.sites
