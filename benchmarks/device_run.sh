@@ -27,7 +27,8 @@
 # DEVICE_STEPS picks steps (default "checks table encoder decode"; "exact" the models' exactness
 # alone, EXACT_S its limit; "profile" adds host time per
 # call, "compiled" torch.compile(backend="dhp_fx") against plain torch.compile on BERT-base and a Llama
-# (COMPILED_ARGS, COMPILED_S per model), "blocks" the per-kernel block profile, two heads per program on and off, "survey" the
+# (COMPILED_ARGS, COMPILED_S per model), "generate" generate() with a KV cache (GENERATE_ARGS,
+# GENERATE_S), "blocks" the per-kernel block profile, two heads per program on and off, "survey" the
 # full register survey under the card's triton), CHECK_S the checks' limit.
 # The device machine is offline and has torch/triton/transformers but not dhp_fx, and
 # `pip install -e .` needs a build backend from the network: the package-dir mapping
@@ -113,6 +114,14 @@ for model in bert-base llama; do
   echo "compiled $model rc=$?" >> "$OUT/compiled_$model.txt"
 done
 stamp "compiled done"
+fi
+if want generate; then
+# generate() with HF's default KV cache: query chains (K/V whole for the cache), per-token time
+# against the dense model; session 20 timed it on CPU only.
+timeout $(lim ${GENERATE_S:-90}) $PY benchmarks/bench_generate.py --device cuda --dtype bfloat16 --reps 5 \
+  ${GENERATE_ARGS:---batch 8 --prompt 1024 --new 64 --layers 8} > "$OUT/generate.txt" 2>&1
+echo "generate rc=$?" >> "$OUT/generate.txt"
+stamp "generate done"
 fi
 if want profile; then
 # Host time per call and the kernels each call launches (short shapes and decode are host-bound).

@@ -107,6 +107,8 @@ class SpecAttention(nn.Module):
             self.register_buffer("tril", torch.ones(64, 64, dtype=torch.bool).tril(), persistent=False)
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        if self.spec.style == "eager_div":  # OPT and old BART: the length inferred, the head count named
+            return t.view(t.shape[0], -1, n, self.spec.head_dim).transpose(1, 2)
         return t.view(t.shape[0], t.shape[1], n, self.spec.head_dim).transpose(1, 2)
 
     def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,11 @@ def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
 
 
 def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None,
-             freed: Optional[list] = None) -> Optional[str]:
+             freed: Optional[list] = None, lay_in: Optional[hl.Layout] = None) -> Optional[str]:
     """None when ``node`` works unchanged on fewer heads, or will once the view it is names its
-    head dim's size -1 (appended to ``freed`` as (node, dim)); else why not. ``lay`` is the node's
-    layout (head_layout gives a tuple-valued node, an unbind or split, its input's)."""
+    head dim's size -1 (appended to ``freed`` as (node, dim, inferred)); else why not. ``lay`` is
+    the node's layout (head_layout gives a tuple-valued node, an unbind or split, its input's),
+    ``lay_in`` its input's where known."""
     heads = _head_dims(lay, dim, width)
     if len(heads) > 1:
         return "heads_split"
@@ -112,10 +113,22 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
         if named:
             # view(B, L, H, D) holds the head count; view(B, L, -1, D) infers the same H from
             # every head's features, and the kept heads' count from theirs. Only one size may
-            # be inferred.
-            if freed is None or any(_is_minus_one(a) for a in shape):
+            # be inferred: one the view infers already (OPT's view(B, -1, H, D)) must then be
+            # named: its static size, or the input dim that holds the same atoms.
+            inferred = [i for i, a in enumerate(shape) if _is_minus_one(a)]
+            source = None
+            if len(inferred) == 1:
+                val = example_value(node)
+                size = val.shape[inferred[0]] if isinstance(val, torch.Tensor) else None
+                atoms = lay.dims[inferred[0]]
+                if type(size) is int:
+                    source = size
+                elif lay_in is not None and atoms:
+                    source = next((("dim", j) for j, d in enumerate(lay_in.dims)
+                                   if len(d) == len(atoms) and all(a.same(b) for a, b in zip(d, atoms))), None)
+            if freed is None or len(inferred) > 1 or (inferred and source is None):
                 return "head_count_in_view"
-            freed.append((node, named[0]))
+            freed.append((node, named[0], None if not inferred else (inferred[0], source)))
         return None
     if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
         out_dims = len(lay.dims)
@@ -153,19 +166,23 @@ def _is_minus_one(size) -> bool:
     return isinstance(size, int) and size == -1
 
 
-def _free_head_sizes(freed: list) -> None:
-    """Rewrite each (view, dim) of ``freed`` to name that dim's size -1, in whichever form the
-    view takes its shape (sizes as arguments, or one tuple)."""
-    for node, dim in freed:
-        method = node.op == "call_method"
-        args = list(node.args)
-        if method and not (len(args) == 2 and isinstance(args[1], (tuple, list))):
-            args[1 + dim] = -1
+def _free_head_sizes(graph: fx.Graph, freed: list) -> None:
+    """Rewrite each (view, dim, inferred) of ``freed`` to name that dim's size -1, in whichever
+    form the view takes its shape (sizes as arguments, or one tuple); inferred = (the dim whose
+    size the view inferred, its static size or ("dim", j): the input's dim j), which it then names."""
+    for node, dim, inferred in freed:
+        shape = list(_shape_args(node))
+        shape[dim] = -1
+        if inferred is not None:
+            i, size = inferred
+            if isinstance(size, tuple):
+                with graph.inserting_before(node):
+                    size = graph.call_method("size", (node.args[0], size[1]))
+            shape[i] = size
+        if node.op == "call_method" and not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))):
+            node.args = (node.args[0], *shape)
         else:
-            shape = list(args[1])
-            shape[dim] = -1
-            args[1] = tuple(shape)
-        node.args = tuple(args)
+            node.args = (node.args[0], tuple(shape), *node.args[2:])
 
 
 def _unbind_dim(node: fx.Node, ndim: int) -> Optional[int]:
@@ -202,14 +219,17 @@ def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = N
         layouts, path = state.node_layouts.get(role), state.paths.get(role)
         if layouts is None or path is None:
             return "layout"
-        on_path = set(path)
+        on_path = set(path) | {state.replaced.get(role)}  # path[0] is the linear its head op replaced
         heads = state.role_geometry(role)[0]
         period = state.head_stride(role)  # a head's features, or its share of a per-head fused layout
         width = heads * period if fused else None
         for node in path[1:]:
             if node in rewritten:
                 continue
-            why = _node_ok(node, layouts[node], on_path, period, width, freed)
+            source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if source is not None and source is state.replaced.get(role):
+                source = path[0]
+            why = _node_ok(node, layouts[node], on_path, period, width, freed, layouts.get(source))
             if why is not None:
                 return why
     chain = {node for node, _ in state.out_chain} | {state.gated}
@@ -260,11 +280,13 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     chain_module = getattr(gm.get_submodule(gate_target), "chain_module", None) if gate_target else None
     nodes = [state.replaced.get(r) for r in (*ROLES, "out")]
     query_only = is_query_chain(state)
+    if query_only == FUSED_QUERY:  # K/V features come out of q's head op, every head's
+        nodes[1] = nodes[2] = nodes[0]
     fused = all(n is not None for n in nodes) and nodes[0] is nodes[1] is nodes[2] is not nodes[3]
     layout = _fused_layout(state, nodes[0]) if fused else None
     # Only the role-major layout is cut into roles by slices; GPT-NeoX's per-head one by a view.
     role_slices = _role_slices(state, nodes[0]) if layout == FUSED_QKV else {}
-    present = [n for n in nodes if n is not None]
+    present = list(dict.fromkeys(n for n in nodes if n is not None))
     roles = ("q",) if query_only else ROLES
     freed: list = []  # views whose head counts become -1, once every proof holds
     why = None
@@ -274,6 +296,10 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         why = "projections_not_separate"
     elif fused and layout is None:
         why = "fused_layout"  # neither q's heads, k's, v's, nor [q_h, k_h, v_h] head by head
+    elif query_only == FUSED_QUERY and (layout != FUSED_QKV or len(role_slices) != 3):
+        # k's and v's features move when fewer q rows are computed: each role must be cut by
+        # a slice the chain can redo at the new widths
+        why = "fused_layout"
     elif layout != FUSED_PER_HEAD and any(state.proj.head_strides.get(r) is not None for r in roles):
         why = "interleaved_heads"
     elif any(n.args[5] for n in present):
@@ -289,14 +315,14 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     graph = gm.graph
     index = {n: i for i, n in enumerate(graph.nodes)}
     first = min(present[:-1], key=index.__getitem__)
-    # wq, bq, wk, bk, wv, bv, wo, bo; a query chain's K/V projections are the graph's own
+    # wq, bq, wk, bk, wv, bv, wo, bo; a query chain's own K/V projections are the graph's
     weights = tuple(t for n in nodes for t in (n.args[1:3] if n is not None else (None, None)))
     if any(isinstance(t, fx.Node) and index[t] > index[first] for t in weights):
         state.result.bump("no_compact_chain:weights_after_projection")
         return None
     keep = state.gated.args[3]
     old_flags = [n.args[3] for n in present]
-    _free_head_sizes(freed)
+    _free_head_sizes(graph, freed)
 
     target = gate_target.replace("dhp_gate_", "dhp_chain_", 1)
     gm.add_submodule(target, chain_module)
@@ -348,13 +374,20 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     return core
 
 
-def is_query_chain(state: _Site) -> bool:
+# is_query_chain's answers: q has its own projection, or shares one with k and v (Phi-3)
+SEPARATE_QUERY = "separate"
+FUSED_QUERY = "fused"
+
+
+def is_query_chain(state: _Site) -> Optional[str]:
     """Q and the output projection skip heads, K and V do not: something else reads them whole
     (a KV cache, another site). Then a chain can still run the kept query heads alone, their Q
-    rows and W_o columns gathered, over every head's K and V as the graph computes them. Q must
-    be its own projection: one shared with K/V computes every K/V feature anyway, and its
-    graph splits the three by widths that would move."""
+    rows and W_o columns gathered, over every head's K and V as the graph computes them.
+    SEPARATE_QUERY where q has its own projection, FUSED_QUERY where one projection computes
+    q, k and v (its q features the head op's), else None."""
     replaced, nodes = state.replaced, state.proj.nodes
-    return (replaced.get("q") is not None and replaced.get("out") is not None
-            and replaced.get("k") is None and replaced.get("v") is None
-            and all(nodes.get(r) is None or nodes.get(r) is not nodes.get("q") for r in ("k", "v")))
+    if not (replaced.get("q") is not None and replaced.get("out") is not None
+            and replaced.get("k") is None and replaced.get("v") is None):
+        return None
+    shared = [nodes.get(r) is not None and nodes.get(r) is nodes.get("q") for r in ("k", "v")]
+    return FUSED_QUERY if all(shared) else None if any(shared) else SEPARATE_QUERY

@@ -1,5 +1,5 @@
-"""benchmarks/bench_end_to_end_cpu.py runs small here: its "compiled" step on a device must not
-spend a lease on a Python error."""
+"""The end-to-end benchmarks run small here: bench_end_to_end_cpu.py's "compiled" step on a device
+must not spend a lease on a Python error, nor bench_generate.py's table."""
 from __future__ import annotations
 
 import os
@@ -18,3 +18,16 @@ def test_compiled_llama_table_runs_small(monkeypatch, capsys):
     assert "Llama (random init, 8 heads, 4 KV heads) float32, batch 2 x seq 8" in out, out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["variant", "dense", "dense, torch.compile aot_eager", "static/batch p=0.5"], out
+
+
+def test_generate_table_runs_small(monkeypatch, capsys):
+    """benchmarks/bench_generate.py: every row, and the query chains it is about ran at each step."""
+    argv = ["bench_generate.py", "--batch", "2", "--prompt", "6", "--new", "3", "--layers", "1", "--reps", "1",
+            "--p", "0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_generate.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["variant", "dense", "dense, torch.compile eager", "static p=0.5", "static p=0.5 head ops"], out
+    # the capture call, warm-up (3 tokens), 1 token, 3 tokens: each token one call of the layer's chain
+    assert "static p=0.5: 8 query-chain calls, 1 gathers" in out, out

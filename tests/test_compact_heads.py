@@ -373,7 +373,8 @@ def test_rope_blocks_compact_as_a_chain(name):
 
 class _RotaryAttention(torch.nn.Module):
     """A RoPE-like block: ``variant`` "ok" (views with -1 heads, cos broadcast over heads),
-    "per_head" (a per-head scale on q), "fixed_view" (a view naming the head count), or one
+    "per_head" (a per-head scale on q), "fixed_view" (views naming the head count, which the
+    chain has infer it), "fixed_view_any_length" (the same, the length inferred), or one
     fused projection cut into q, k and v by slices: "role_slices" (each takes one role's
     features, as Phi-3's do) or "sliced_heads" (viewed per head, then cut at fixed head counts)."""
 
@@ -396,8 +397,11 @@ class _RotaryAttention(torch.nn.Module):
 
     def forward(self, x):
         B, L, _ = x.shape
-        heads = 4 if self.variant == "fixed_view" else -1
-        q, k, v = (t.view(B, L, heads, 4).transpose(1, 2) for t in self._qkv(x))
+        if self.variant == "fixed_view_any_length":  # OPT's view(B, -1, H, D)
+            q, k, v = (t.view(B, -1, 4, 4).transpose(1, 2) for t in self._qkv(x))
+        else:
+            heads = 4 if self.variant == "fixed_view" else -1
+            q, k, v = (t.view(B, L, heads, 4).transpose(1, 2) for t in self._qkv(x))
         q = q * self.cos[:L]
         k = k * self.cos[:L]
         if self.variant == "per_head":
@@ -407,7 +411,7 @@ class _RotaryAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("variant,why", [("ok", None), ("per_head", "per_head_operand"),
-                                         ("fixed_view", "head_count_in_view"), ("role_slices", None),
+                                         ("fixed_view", None), ("fixed_view_any_length", None), ("role_slices", None),
                                          ("sliced_heads", "selection")])
 def test_chain_needs_head_count_free_ops(variant, why):
     module, x = _RotaryAttention(variant).eval(), torch.randn(2, 5, 16)

@@ -21,16 +21,15 @@ def _chains(opt):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(attention_specs(styles=("sdpa", "sdpa_gqa", "eager", "eager_div", "fused_rope"), returns_kv=True))
 def test_kv_read_elsewhere_compacts_the_query_heads_exactly(spec):
-    """Every style whose q has its own projection (views naming the head count included: the
-    chain has them infer it) compacts as a query chain when the module also returns its k and v;
-    random keep masks (every head, one head, a row with none, rows apart) give the zeroed-head
-    reference's output and the very same k and v. One fused projection for q, k and v computes
-    every K/V feature anyway: its q stays on the head ops."""
+    """Every style (views naming the head count included: the chain has them infer it; one
+    projection for q, k and v cut by slices, with RoPE) compacts as a query chain when the
+    module also returns its k and v; random keep masks (every head, one head, a row with none,
+    rows apart) give the zeroed-head reference's output and the very same k and v."""
     module, inputs = build_attention(spec)
     opt = dhp_fx.optimize(module, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     (site,) = opt.sites
     assert set(site.skipped_projections) == {"q", "out"}, opt.report()
-    if spec.heads > 1 and spec.style != "fused_rope":
+    if spec.heads > 1:
         assert site.compact_block, opt.report()
         assert opt._compiler.counters.get("compact_query_chain") == 1
         assert "kept query heads only" in opt.report()
@@ -61,11 +60,14 @@ def _hf_case(name):
 
 
 def test_hf_decoders_with_a_kv_cache_run_query_chains():
-    """Llama (GQA, RoPE), Qwen2 (one KV head) and T5 (decoder self- and cross-attention, a
-    position bias per head) with their default cache: every site whose K/V the cache reads is a
+    """Llama (GQA, RoPE), Qwen2 (one KV head), T5 (decoder self- and cross-attention, a
+    position bias per head) and OPT (q scaled after its projection; view(B, -1, H, D), whose
+    inferred length the chain names so that the head count can be inferred) and Phi-3 (one
+    projection for q, k and v, cut by slices the chain redoes at the kept heads' widths) with
+    their default cache: every site whose K/V the cache reads is a
     query chain (T5's encoder stays a whole block), exact with shared and per-row masks, the
     cache's K and V those of the reference, and every head again with the gates open."""
-    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa"):
+    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa"):
         entry, model, inputs, opt = _hf_case(name)
         query = [s for s in opt.sites if s.compact_block and set(s.skipped_projections) == {"q", "out"}]
         expect = 4 if name.startswith("t5") else entry.sites
@@ -133,3 +135,20 @@ def test_traced_query_chains_run_as_opaque_ops():
     assert counters["compact_query_chain"] == counters["opaque_chains"] == entry.sites, counters
     assert [c.calls_query_heads for c in _chains(traced)] == [2] * entry.sites
     assert [c.gathers for c in _chains(traced)] == [1] * entry.sites
+
+
+def test_query_chains_under_dynamic_lengths():
+    """OPT's view(B, -1, H, D): a chain names the length so that the head count can be inferred.
+    After Dynamo's switch to dynamic shapes the length is symbolic and the chain reads it off the
+    projection's output (a size call): one graph serves every later length, exactly."""
+    entry = ENTRIES["opt-sdpa"]
+    model = entry.build()
+    opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=entry.inputs())
+    keep = torch.tensor([True, False, True, False])
+    for length in (5, 9, 11):
+        ids = torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(length))
+        check_keep_mask(model, opt, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, keep)
+    # the second graph, dynamic, served lengths 9 and 11 and holds a query chain per site
+    assert opt.graphs_compiled == 2
+    assert opt._compiler.counters["compact_query_chain"] == 2 * entry.sites
+    assert [c.calls_query_heads for c in _chains(opt)] == [4] * entry.sites  # the capture call, 3 checks

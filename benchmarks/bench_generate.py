@@ -1,0 +1,107 @@
+"""Generation with a KV cache: what ``dhp_fx.optimize`` gives ``model.generate()``.
+
+    python benchmarks/bench_generate.py [--batch 8] [--prompt 128] [--new 32] [--kv-heads 8]
+
+Model: a random-init ``LlamaForCausalLM`` (RoPE; hidden 512, 8 heads, ``--kv-heads``, ``--layers``),
+HF's default cache on. The cache reads every head's K and V, so each block runs as a query chain:
+the kept query heads' Q rows and W_o columns, attention over their own K/V, K and V projected
+whole. Rows: the unmodified model; the same under ``torch.compile(backend="eager")`` (what graph
+capture alone costs a decoding step); ``optimize()`` with static gates at each ``--p`` (calibrated
+on the prompt batch); at the first p < 1 also the head-skipping ops instead of the chain
+(``compact_heads=False``). Greedy decoding, ``--new`` tokens forced. Columns: the prompt's forward
+(``max_new_tokens=1``) and each further token, ``(T(new) - T(1)) / (new - 1)``; medians of
+``--reps`` interleaved runs after one warm-up each. ``--device cuda`` synchronises each run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def load_llama(kv_heads: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, num_attention_heads=8, num_key_value_heads=kv_heads,
+                         num_hidden_layers=layers, intermediate_size=1376, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--p", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    if args.new < 2:
+        parser.error("--new must be at least 2 (per-token time needs a step after the prompt's)")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    import dhp_fx
+
+    torch.manual_seed(0)
+    model = load_llama(args.kv_heads, args.layers).to(device=device, dtype=dtype)
+    ids = torch.randint(3, 1000, (args.batch, args.prompt), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    variants = {"dense": model, "dense, torch.compile eager": torch.compile(model, backend="eager")}
+    head_ops_done = False
+    for p in args.p:
+        forms = [True] if p == 1.0 or head_ops_done else [True, False]
+        for compact in forms:
+            opt = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=p, scoring="static", compact_heads=compact),
+                                  example_inputs=inputs)
+            if p < 1.0:
+                dhp_fx.calibrate(opt, [inputs], measure_flops=False)
+            variants[f"static p={p:g}" + ("" if compact else " head ops")] = opt
+        head_ops_done = head_ops_done or len(forms) == 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(m, new: int) -> float:
+        sync()
+        start = time.perf_counter()
+        m.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - start
+
+    prompt = {name: [] for name in variants}
+    total = {name: [] for name in variants}
+    with torch.no_grad():
+        for m in variants.values():
+            run(m, args.new)  # compiles the prompt's and the steps' graphs
+        for _ in range(args.reps):
+            for name, m in variants.items():
+                prompt[name].append(run(m, 1))
+                total[name].append(run(m, args.new))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"Llama {args.layers} layers, hidden 512, 8 heads, {args.kv_heads} KV heads, {args.dtype}; batch {args.batch}, "
+          f"prompt {args.prompt}, {args.new} new tokens (greedy, KV cache); torch {torch.__version__}, {where}")
+    print("| variant | prompt ms | vs dense | per token ms | vs dense |")
+    print("|---|---|---|---|---|")
+    base = None
+    for name in variants:
+        t1, tn = statistics.median(prompt[name]), statistics.median(total[name])
+        step = (tn - t1) / (args.new - 1)
+        base = base or (t1, step)
+        print(f"| {name} | {t1 * 1e3:.1f} | {t1 / base[0]:.2f}× | {step * 1e3:.2f} | {step / base[1]:.2f}× |")
+    for name, m in variants.items():
+        chains = [g.chain_module for g in getattr(m, "gates", {}).values()]
+        if chains and any(c.calls_query_heads for c in chains):
+            print(f"{name}: {sum(c.calls_query_heads for c in chains)} query-chain calls, "
+                  f"{sum(c.gathers for c in chains)} gathers")
+
+
+if __name__ == "__main__":
+    main()
