@@ -249,10 +249,11 @@ class CompactChain(CompactBlock):
     def forward(self, *args, kind: str, **kwargs):
         return getattr(self, "_" + kind)(*args, **kwargs)
 
-    def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None), query_only=False):
+    def _plan(self, keep, x=None, *, weights, starts, geometry, periods=(None, None, None), query_only=False,
+              in_out=(False, False)):
         heads, kv_heads, head_dim, v_head_dim = geometry
         if query_only:  # K and V are the graph's own, every head's: only query heads can be left out
-            query = self._query_heads_plan(keep, weights, starts, geometry)
+            query = self._query_heads_plan(keep, weights, starts, geometry, in_out)
             return self._every_head_plan(keep) if query is None else query
         plan = self.gate.compact_plan(keep.shape[0])
         tokens = None if x is None else row_cost.tokens_per_row(x, keep.shape[0])
@@ -274,7 +275,7 @@ class CompactChain(CompactBlock):
         self.calls_rows += row_plan is not None
         return cap, shared_or_whole, gathered, row_plan is not None
 
-    def _query_heads_plan(self, keep, weights, starts, geometry) -> Optional["QueryHeads"]:
+    def _query_heads_plan(self, keep, weights, starts, geometry, in_out=(False, False)) -> Optional["QueryHeads"]:
         """Under GQA, when the kept heads touch every KV group, or in a query chain: the kept
         query heads alone (their Q rows and W_o columns gathered) over every group's K and V, if
         the gate bounds them below every head."""
@@ -286,11 +287,13 @@ class CompactChain(CompactBlock):
         if not rows_same and keep.device.type in MASKED_DENSE_DEVICES and self.gate.decides_rows_apart():
             return None  # the masked dense block, as where the head ops would run (see MASKED_DENSE_DEVICES)
         wq, bq, wk, bk, wv, bv, wo = weights
-        q, k, v = (HeadProjection(None, w, b, False, start)
+        # in_out: HF Conv1D weights, [in, out], of the q (and fused k/v) projection and W_o
+        q, k, v = (HeadProjection(None, w, b, in_out[0], start)
                    for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
-        gathered = self._gathered(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads, gather_query_heads)
+        gathered = self._gathered(q, k, v, wo, in_out[1], keep, cap, head_dim, v_head_dim, kv_heads,
+                                  gather_query_heads)
         if gathered is None:  # under autograd: gathered by torch ops, every call
-            gathered = gather_query_heads(q, k, v, wo, False, keep, cap, head_dim, v_head_dim, kv_heads)
+            gathered = gather_query_heads(q, k, v, wo, in_out[1], keep, cap, head_dim, v_head_dim, kv_heads)
         self.calls_compact += 1
         self.calls_query_heads += 1
         return QueryHeads(cap, rows_same, gathered)

@@ -26,18 +26,21 @@ One projection of q, k and v is one "proj" call: role -1 when its features are q
 k's, then v's (ModernBERT's Wqkv, the order of the gathered rows), role -2 when they are
 [q_h, k_h, v_h] head by head (GPT-NeoX). The graph's own view(..., 3, -1, D) and unbind, or
 view(..., -1, 3 * D) and chunk, then split the kept heads' features as they split all of them.
-Phi-3 instead slices its fused output at fixed widths (``qkv[..., :H * D]``); a slice that takes
-exactly one role's features becomes ``chain(t, kind="role", plan, role, geometry)``, which cuts at
-the widths of the heads the call computes.
+Phi-3 instead slices its fused output at fixed widths (``qkv[..., :H * D]``), GPT-2 splits it
+(``qkv.split(E, dim=2)``); a slice or split chunk that takes exactly one role's features becomes
+``chain(t, kind="role", plan, role, geometry)``, which cuts at the widths of the heads the call
+computes.
 
 A view that names the head count (``view(B, L, H, D)``, ``reshape(B, L, H * D)``) is rewritten
-to infer it (-1) when it names no other size -1: the same H from every head's features, the
-kept heads' count from theirs.
+to read it off the input dim that holds the same heads where there is one (GPT-2's
+``view(-1, H * D)`` of [B, L, H * D]), else to infer it (-1); a size the view inferred before
+(OPT's ``view(B, -1, H, D)``) is then named: its static value, or the input's size.
 
 A query chain (``is_query_chain``) is the same with K and V left whole, where something else
-reads them (a KV cache): only the Q and output head ops become calls, the plan (``query_only``)
-gathers the kept query heads' Q rows and W_o columns, and the core takes the graph's K and V of
-every head. Only the q path and the output chain need the per-node proof.
+reads them (a KV cache): only the Q and output head ops become calls (and, for one projection of
+q, k and v, the role cuts), the plan (``query_only``) gathers the kept query heads' Q rows and
+W_o columns (HF Conv1D weights too: ``in_out``), and the core takes the graph's K and V of every
+head. Only the q path and the output chain need the per-node proof.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ import torch.nn as nn
 from . import head_layout as hl
 from .compact_heads import _flags_spec
 from .graph_utils import example_value, is_call, is_method
-from .projections import last_dim_slice
+from .projections import last_dim_slice, split_chunk
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -76,9 +79,13 @@ def _head_dims(lay: hl.Layout, dim: int, width: Optional[int] = None) -> list[in
 
 
 def _shape_args(node: fx.Node) -> Optional[list]:
+    """A view's sizes as given: ints and size nodes; a shape computed as one value (HF Conv1D's
+    ``x.size()[:-1] + (nf,)`` under dynamic shapes) as its recorded value's entries."""
     args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
         args = list(args[0])
+    elif len(args) == 1 and is_call(args[0], torch.Size) and isinstance(args[0].args[0], (tuple, list)):
+        args = list(args[0].args[0])  # Dynamo's torch.Size([s0, s1, 96]) of the sizes it computed
     return args
 
 
@@ -112,9 +119,15 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
         named = [i for i in heads if not _is_minus_one(shape[i])]
         if named:
             # view(B, L, H, D) holds the head count; view(B, L, -1, D) infers the same H from
-            # every head's features, and the kept heads' count from theirs. Only one size may
-            # be inferred: one the view infers already (OPT's view(B, -1, H, D)) must then be
-            # named: its static size, or the input dim that holds the same atoms.
+            # every head's features, and the kept heads' count from theirs. Where an input dim
+            # holds the same heads (GPT-2's view(-1, H * D) of [B, L, H * D]), its size names
+            # them. Otherwise only one size may be inferred: one the view infers already (OPT's
+            # view(B, -1, H, D)) must then be named: its static size, or the input dim that
+            # holds the same atoms.
+            same = _same_dim(lay_in, lay.dims[named[0]])
+            if same is not None and freed is not None:
+                freed.append((node, {named[0]: ("dim", same)}))
+                return None
             inferred = [i for i, a in enumerate(shape) if _is_minus_one(a)]
             source = None
             if len(inferred) == 1:
@@ -123,12 +136,11 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
                 atoms = lay.dims[inferred[0]]
                 if type(size) is int:
                     source = size
-                elif lay_in is not None and atoms:
-                    source = next((("dim", j) for j, d in enumerate(lay_in.dims)
-                                   if len(d) == len(atoms) and all(a.same(b) for a, b in zip(d, atoms))), None)
+                elif _same_dim(lay_in, atoms) is not None:
+                    source = ("dim", _same_dim(lay_in, atoms))
             if freed is None or len(inferred) > 1 or (inferred and source is None):
                 return "head_count_in_view"
-            freed.append((node, named[0], None if not inferred else (inferred[0], source)))
+            freed.append((node, {named[0]: -1, **({inferred[0]: source} if inferred else {})}))
         return None
     if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
         out_dims = len(lay.dims)
@@ -166,23 +178,32 @@ def _is_minus_one(size) -> bool:
     return isinstance(size, int) and size == -1
 
 
+def _same_dim(lay_in: Optional[hl.Layout], atoms: list) -> Optional[int]:
+    """The dim of ``lay_in`` holding exactly ``atoms`` (a dim of size 1 holds none: no match)."""
+    if lay_in is None or not atoms:
+        return None
+    return next((j for j, d in enumerate(lay_in.dims)
+                 if len(d) == len(atoms) and all(a.same(b) for a, b in zip(d, atoms))), None)
+
+
 def _free_head_sizes(graph: fx.Graph, freed: list) -> None:
-    """Rewrite each (view, dim, inferred) of ``freed`` to name that dim's size -1, in whichever
-    form the view takes its shape (sizes as arguments, or one tuple); inferred = (the dim whose
-    size the view inferred, its static size or ("dim", j): the input's dim j), which it then names."""
-    for node, dim, inferred in freed:
-        shape = list(_shape_args(node))
-        shape[dim] = -1
-        if inferred is not None:
-            i, size = inferred
+    """Rewrite each (view, {dim: size}) of ``freed``: each dim's size becomes -1, a static int, or
+    ("dim", j): the view input's size j, read at run time; in whichever form the view takes its
+    shape (sizes as arguments, or one tuple)."""
+    for node, sizes in freed:
+        shape = list(_shape_args(node))  # a torch.Size node's entries become the view's own
+        for i, size in sizes.items():
             if isinstance(size, tuple):
                 with graph.inserting_before(node):
                     size = graph.call_method("size", (node.args[0], size[1]))
             shape[i] = size
+        packed = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], fx.Node) else None
         if node.op == "call_method" and not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))):
             node.args = (node.args[0], *shape)
         else:
             node.args = (node.args[0], tuple(shape), *node.args[2:])
+        if packed is not None and not packed.users:
+            graph.erase_node(packed)
 
 
 def _unbind_dim(node: fx.Node, ndim: int) -> Optional[int]:
@@ -198,23 +219,49 @@ def _is_unbind(node: Any) -> bool:
 
 
 def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
-    """Role index -> the node slicing exactly that role's features out of the fused projection
-    (Phi-3's ``qkv[..., :H * D]``, ``qkv[..., H * D:(H + K) * D]``, ``qkv[..., (H + K) * D:]``)."""
+    """Role index -> the node taking exactly that role's features out of the fused projection:
+    a slice (Phi-3's ``qkv[..., :H * D]``, ``qkv[..., H * D:(H + K) * D]``, ``qkv[..., (H + K) * D:]``)
+    or a chunk of a split along the features (GPT-2's ``qkv.split(E, dim=2)``), of the
+    projection's output or of a view of it that keeps its features in the last dim."""
     val = example_value(fused_node)
-    sizes = list(val.shape) if isinstance(val, torch.Tensor) else None
+    width = val.shape[-1] if isinstance(val, torch.Tensor) else None
     found = {}
     for i, role in enumerate(ROLES):
         features = state.proj.features.get(role)
         for node in (state.paths.get(role) or [])[1:]:
-            if (is_call(node, operator.getitem) and node.args[0] is fused_node and features is not None
-                    and last_dim_slice(node.args[1], sizes) == tuple(features)):
-                found[i] = node
+            if features is None or not is_call(node, operator.getitem) or not _features_of(node.args[0], fused_node,
+                                                                                            width):
+                continue
+            if _is_unbind(node.args[0]):
+                chunk = split_chunk(node.args[0], node.args[1])
+                if chunk is not None and tuple(chunk[1]) == tuple(features):
+                    found[i] = node
+            else:
+                sizes = list(example_value(node.args[0]).shape)
+                if last_dim_slice(node.args[1], sizes) == tuple(features):
+                    found[i] = node
     return found
+
+
+def _features_of(node: Any, fused_node: fx.Node, width) -> bool:
+    """``node`` is the fused projection's output, a view of it with the same last dim, or a split
+    of either along the last dim (checked by split_chunk)."""
+    if _is_unbind(node):
+        node = node.args[0]
+    if node is fused_node:
+        return True
+    val = example_value(node)
+    return (isinstance(node, fx.Node) and (is_method(node, *_VIEWS) or is_call(node, torch.reshape))
+            and node.args[0] is fused_node and isinstance(val, torch.Tensor) and width is not None
+            and hl.known_eq(val.shape[-1], width))
 
 
 def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None,
               roles: tuple[str, ...] = ROLES, freed: Optional[list] = None) -> Optional[str]:
     rewritten = set((role_slices or {}).values())  # they become "role" calls, proven by _role_slices
+    # a split all of whose chunks become "role" calls is left without readers
+    rewritten |= {n.args[0] for n in rewritten if _is_unbind(n.args[0])
+                  and {u for u in n.args[0].users} <= rewritten}
     for role in roles:
         layouts, path = state.node_layouts.get(role), state.paths.get(role)
         if layouts is None or path is None:
@@ -233,8 +280,9 @@ def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = N
             if why is not None:
                 return why
     chain = {node for node, _ in state.out_chain} | {state.gated}
+    before = dict(state.out_chain)
     for node, lay in state.out_chain:
-        why = _node_ok(node, lay, chain, state.site.value_head_dim, freed=freed)
+        why = _node_ok(node, lay, chain, state.site.value_head_dim, freed=freed, lay_in=before.get(node.args[0]))
         if why is not None:
             return why
     return None
@@ -302,8 +350,8 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         why = "fused_layout"
     elif layout != FUSED_PER_HEAD and any(state.proj.head_strides.get(r) is not None for r in roles):
         why = "interleaved_heads"
-    elif any(n.args[5] for n in present):
-        why = "conv1d_layout"
+    elif not query_only and any(n.args[5] for n in present):
+        why = "conv1d_layout"  # HF Conv1D weights [in, out]: query chains gather them (GPT-2)
     elif site.num_heads < 2:
         why = "one_head"  # nothing to leave out (MQA's one KV head still leaves query heads)
     else:
@@ -335,6 +383,8 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
                            periods=periods)
         if query_only:
             plan_kwargs["query_only"] = True
+            if nodes[0].args[5] or nodes[3].args[5]:
+                plan_kwargs["in_out"] = (nodes[0].args[5], nodes[3].args[5])
         plan = graph.call_module(target, (keep, first.args[0]), plan_kwargs)
     done = set()
     for role_index, node in enumerate(nodes):
@@ -355,12 +405,15 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     for role_index, node in role_slices.items():
+        split = node.args[0] if _is_unbind(node.args[0]) else None
         with graph.inserting_before(node):
-            cut = graph.call_module(target, (node.args[0],), dict(kind="role", plan=plan, role=role_index,
-                                                                  geometry=geometry))
+            cut = graph.call_module(target, (node.args[0] if split is None else split.args[0],),
+                                    dict(kind="role", plan=plan, role=role_index, geometry=geometry))
         cut.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(cut)
         graph.erase_node(node)
+        if split is not None and not split.users:
+            graph.erase_node(split)
     gated = state.gated
     with graph.inserting_before(gated):
         core = graph.call_module(target, tuple(gated.args[:8]), dict(kind="core", plan=plan, geometry=geometry))

@@ -3,6 +3,7 @@ the kept query heads alone: Q rows and W_o columns gathered, every head's K/V as
 computes them. Exact against the zeroed-head reference; the K/V read elsewhere unchanged."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -62,12 +63,13 @@ def _hf_case(name):
 def test_hf_decoders_with_a_kv_cache_run_query_chains():
     """Llama (GQA, RoPE), Qwen2 (one KV head), T5 (decoder self- and cross-attention, a
     position bias per head) and OPT (q scaled after its projection; view(B, -1, H, D), whose
-    inferred length the chain names so that the head count can be inferred) and Phi-3 (one
-    projection for q, k and v, cut by slices the chain redoes at the kept heads' widths) with
-    their default cache: every site whose K/V the cache reads is a
+    inferred length the chain names so that the head count can be inferred), Phi-3 (one
+    projection for q, k and v, cut by slices the chain redoes at the kept heads' widths) and
+    GPT-2 (one HF Conv1D for q, k and v, viewed at its full width and split) with their default
+    cache: every site whose K/V the cache reads is a
     query chain (T5's encoder stays a whole block), exact with shared and per-row masks, the
     cache's K and V those of the reference, and every head again with the gates open."""
-    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa"):
+    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa", "gpt2-sdpa"):
         entry, model, inputs, opt = _hf_case(name)
         query = [s for s in opt.sites if s.compact_block and set(s.skipped_projections) == {"q", "out"}]
         expect = 4 if name.startswith("t5") else entry.sites
@@ -137,11 +139,14 @@ def test_traced_query_chains_run_as_opaque_ops():
     assert [c.gathers for c in _chains(traced)] == [1] * entry.sites
 
 
-def test_query_chains_under_dynamic_lengths():
-    """OPT's view(B, -1, H, D): a chain names the length so that the head count can be inferred.
-    After Dynamo's switch to dynamic shapes the length is symbolic and the chain reads it off the
-    projection's output (a size call): one graph serves every later length, exactly."""
-    entry = ENTRIES["opt-sdpa"]
+@pytest.mark.parametrize("name", ["opt-sdpa", "gpt2-sdpa"])
+def test_query_chains_under_dynamic_lengths(name):
+    """OPT's view(B, -1, H, D): a chain names the length so that the head count can be inferred;
+    GPT-2 views its Conv1D output as torch.Size([B, L, 3 * E]) and its heads' output as
+    view(-1, E): the chain reads those widths off the input dims that hold the same features.
+    After Dynamo's switch to dynamic shapes the sizes are symbolic and read at run time (size
+    calls): one graph serves every later length, exactly."""
+    entry = ENTRIES[name]
     model = entry.build()
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=entry.inputs())
     keep = torch.tensor([True, False, True, False])
