@@ -228,7 +228,8 @@ class CompactChain(CompactBlock):
       heads touch every group (the kept query heads over every group's K/V), else DENSE, MASKED
       or None (the head ops); x, the first projection's input, gives the rows' token count.
       ``query_only=True`` (a query chain: K/V are the graph's own, every head's; wk, bk, wv, bv
-      are None): a QueryHeads or one of the last three;
+      are None, or q's own weight where one projection computes all three; ``in_out``: whether
+      q's and W_o's weights are HF Conv1D's [in, out]): a QueryHeads or one of the last three;
     - ``chain(keep, x, w, b, flags, unit, in_out, kind="proj", plan, role, geometry)``: the
       role's features, [B, L, cap · group · D] from the gathered rows, or the head op's; role -1:
       one projection of q, k and v, whose features are q's, k's, then v's; role -2: the same,

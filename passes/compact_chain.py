@@ -105,10 +105,10 @@ def _slices_spare_heads(index, ndim: int, heads: list[int]) -> bool:
 
 def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optional[int] = None,
              freed: Optional[list] = None, lay_in: Optional[hl.Layout] = None) -> Optional[str]:
-    """None when ``node`` works unchanged on fewer heads, or will once the view it is names its
-    head dim's size -1 (appended to ``freed`` as (node, dim, inferred)); else why not. ``lay`` is
-    the node's layout (head_layout gives a tuple-valued node, an unbind or split, its input's),
-    ``lay_in`` its input's where known."""
+    """None when ``node`` works unchanged on fewer heads, or will once the view it is stops naming
+    its head dim's size (appended to ``freed`` as (node, {dim: new size}), see _free_head_sizes);
+    else why not. ``lay`` is the node's layout (head_layout gives a tuple-valued node, an unbind or
+    split, its input's), ``lay_in`` its input's where known."""
     heads = _head_dims(lay, dim, width)
     if len(heads) > 1:
         return "heads_split"
