@@ -123,7 +123,8 @@ def test_generate_runs_query_chains_at_every_step():
 
 def test_traced_query_chains_run_as_opaque_ops():
     """Under aot_eager each query chain is one dhp::run_chain (the region from the gate to the
-    output projection; K/V enter it from the graph), with the outputs of the eager chains."""
+    output projection; K/V enter it from the graph), with the outputs of the eager chains, also
+    through generate()."""
     entry = ENTRIES["llama-sdpa"]
     eager = dhp_fx.optimize(entry.build(), DHPConfig(compiler="eager", keep_ratio=0.5, scoring="static"))
     traced = dhp_fx.optimize(entry.build(), DHPConfig(compiler="aot_eager", keep_ratio=0.5, scoring="static"))
@@ -137,6 +138,15 @@ def test_traced_query_chains_run_as_opaque_ops():
     assert counters["compact_query_chain"] == counters["opaque_chains"] == entry.sites, counters
     assert [c.calls_query_heads for c in _chains(traced)] == [2] * entry.sites
     assert [c.gathers for c in _chains(traced)] == [1] * entry.sites
+    # generate(): one-token steps over a growing cache (K/V enter the region with a symbolic
+    # length once Dynamo goes dynamic), the tokens and logits of the eager chains
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = traced.generate(**inputs, **kwargs), eager.generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    assert_outputs_close(got.logits, want.logits, atol=1e-6)
+    assert traced._compiler.counters["opaque_chains"] == traced._compiler.counters["compact_query_chain"] > entry.sites
 
 
 @pytest.mark.parametrize("name", ["opt-sdpa", "gpt2-sdpa"])
