@@ -46,14 +46,17 @@ def load_minilm():
     return AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
 
 
-def load_llama(kv_heads: int, layers: int = 4):
-    """A random-init Llama (RoPE: its blocks run as compact chains), hidden 512, 8 heads."""
-    from transformers import LlamaConfig, LlamaModel
+def load_llama(kv_heads: int, layers: int = 4, causal_lm: bool = False):
+    """A random-init Llama (RoPE: its blocks run as compact chains), hidden 512, 8 heads; with
+    ``causal_lm`` a LlamaForCausalLM with HF's default KV cache (bench_generate.py), else the
+    bare LlamaModel without one."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
+    tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0) if causal_lm else {}  # generate() reads them
     config = LlamaConfig(vocab_size=1000, hidden_size=512, num_attention_heads=8, num_key_value_heads=kv_heads,
-                         num_hidden_layers=layers, intermediate_size=1376, use_cache=False)
+                         num_hidden_layers=layers, intermediate_size=1376, use_cache=causal_lm, **tokens)
     config._attn_implementation = "sdpa"
-    return LlamaModel(config).eval()
+    return (LlamaForCausalLM if causal_lm else LlamaModel)(config).eval()
 
 
 def load_bert_base():

@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def load_llama(kv_heads: int, layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, num_attention_heads=8, num_key_value_heads=kv_heads,
-                         num_hidden_layers=layers, intermediate_size=1376, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_end_to_end_cpu import load_llama  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -53,7 +45,7 @@ def main(argv=None) -> None:
     import dhp_fx
 
     torch.manual_seed(0)
-    model = load_llama(args.kv_heads, args.layers).to(device=device, dtype=dtype)
+    model = load_llama(args.kv_heads, args.layers, causal_lm=True).to(device=device, dtype=dtype)
     ids = torch.randint(3, 1000, (args.batch, args.prompt), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     variants = {"dense": model, "dense, torch.compile eager": torch.compile(model, backend="eager")}

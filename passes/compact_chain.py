@@ -134,10 +134,11 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
                 val = example_value(node)
                 size = val.shape[inferred[0]] if isinstance(val, torch.Tensor) else None
                 atoms = lay.dims[inferred[0]]
+                same = _same_dim(lay_in, atoms)
                 if type(size) is int:
                     source = size
-                elif _same_dim(lay_in, atoms) is not None:
-                    source = ("dim", _same_dim(lay_in, atoms))
+                elif same is not None:
+                    source = ("dim", same)
             if freed is None or len(inferred) > 1 or (inferred and source is None):
                 return "head_count_in_view"
             freed.append((node, {named[0]: -1, **({inferred[0]: source} if inferred else {})}))
@@ -250,10 +251,10 @@ def _features_of(node: Any, fused_node: fx.Node, width) -> bool:
         node = node.args[0]
     if node is fused_node:
         return True
+    if not (is_method(node, *_VIEWS) or is_call(node, torch.reshape)) or node.args[0] is not fused_node:
+        return False
     val = example_value(node)
-    return (isinstance(node, fx.Node) and (is_method(node, *_VIEWS) or is_call(node, torch.reshape))
-            and node.args[0] is fused_node and isinstance(val, torch.Tensor) and width is not None
-            and hl.known_eq(val.shape[-1], width))
+    return isinstance(val, torch.Tensor) and width is not None and hl.known_eq(val.shape[-1], width)
 
 
 def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None,
