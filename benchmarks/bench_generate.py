@@ -8,7 +8,8 @@ the kept query heads' Q rows and W_o columns, attention over their own K/V, K an
 whole. Rows: the unmodified model; the same under ``torch.compile(backend="eager")`` (what graph
 capture alone costs a decoding step); ``optimize()`` with static gates at each ``--p`` (calibrated
 on the prompt batch); at the first p < 1 also the head-skipping ops instead of the chain
-(``compact_heads=False``). Greedy decoding, ``--new`` tokens forced. Columns: the prompt's forward
+(``compact_heads=False``); on a GPU, also the chain with its decode reading the kept heads' K/V
+gathered per step rather than in place (``compact_heads.IN_PLACE_DECODE = False``). Greedy decoding, ``--new`` tokens forced. Columns: the prompt's forward
 (``max_new_tokens=1``) and each further token, ``(T(new) - T(1)) / (new - 1)``; medians of
 ``--reps`` interleaved runs after one warm-up each. ``--device cuda`` synchronises each run.
 """
@@ -37,12 +38,15 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--gathered-row", action="store_true",
+                        help="the K/V-gathered A/B row on a CPU too (where both rows gather: a smoke test)")
     args = parser.parse_args(argv)
     if args.new < 2:
         parser.error("--new must be at least 2 (per-token time needs a step after the prompt's)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     import dhp_fx
+    from dhp_fx.kernels import compact_heads
 
     torch.manual_seed(0)
     model = load_llama(args.kv_heads, args.layers, causal_lm=True).to(device=device, dtype=dtype)
@@ -58,10 +62,14 @@ def main(argv=None) -> None:
             if p < 1.0:
                 dhp_fx.calibrate(opt, [inputs], measure_flops=False)
             variants[f"static p={p:g}" + ("" if compact else " head ops")] = opt
+            if compact and p < 1.0 and (device.type == "cuda" or args.gathered_row):
+                variants[f"static p={p:g} K/V gathered"] = opt
         head_ops_done = head_ops_done or len(forms) == 2
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run(m, new: int) -> float:
+    def run(name: str, new: int) -> float:
+        m = variants[name]
+        compact_heads.IN_PLACE_DECODE = not name.endswith("K/V gathered")
         sync()
         start = time.perf_counter()
         m.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -71,12 +79,13 @@ def main(argv=None) -> None:
     prompt = {name: [] for name in variants}
     total = {name: [] for name in variants}
     with torch.no_grad():
-        for m in variants.values():
-            run(m, args.new)  # compiles the prompt's and the steps' graphs
+        for name in variants:
+            run(name, args.new)  # compiles the prompt's and the steps' graphs
         for _ in range(args.reps):
-            for name, m in variants.items():
-                prompt[name].append(run(m, 1))
-                total[name].append(run(m, args.new))
+            for name in variants:
+                prompt[name].append(run(name, 1))
+                total[name].append(run(name, args.new))
+    compact_heads.IN_PLACE_DECODE = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"Llama {args.layers} layers, hidden 512, 8 heads, {args.kv_heads} KV heads, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens (greedy, KV cache); torch {torch.__version__}, {where}")
@@ -89,6 +98,8 @@ def main(argv=None) -> None:
         base = base or (t1, step)
         print(f"| {name} | {t1 * 1e3:.1f} | {t1 / base[0]:.2f}× | {step * 1e3:.2f} | {step / base[1]:.2f}× |")
     for name, m in variants.items():
+        if name.endswith("K/V gathered"):
+            continue  # its model's counters are the in-place row's
         chains = [g.chain_module for g in getattr(m, "gates", {}).values()]
         if chains and any(c.calls_query_heads for c in chains):
             print(f"{name}: {sum(c.calls_query_heads for c in chains)} query-chain calls, "

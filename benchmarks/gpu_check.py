@@ -176,6 +176,63 @@ def _compact_errors(dhp_fx, heads_zeroed, model, inputs, g, device) -> dict:
     return errs
 
 
+def check_generate(device, dtype=torch.float32, batch: int = 2, prompt: int = 9, new: int = 4, width: int = 128,
+                   heads: int = 8, layers: int = 2, in_place: bool | None = None) -> list[dict]:
+    """Greedy generate() with HF's KV cache, static gates pinned to keep two of every three query
+    heads (every KV group touched): each block is a query chain, and on a GPU its attention reads
+    each kept head's cached K/V in place (the decode kernels' head map). Against the same pruning
+    through the head-skipping ops (``compact_heads=False``): the same tokens and logits, each step
+    a query-chain call, and each chain's attention a head-map launch where ``in_place`` (default:
+    on a GPU), none elsewhere."""
+    from unittest import mock
+
+    import dhp_fx
+    from dhp_fx.kernels import compact_heads
+
+    rows = []
+    for name, model in tiny_models(dtype, device, width, heads, layers).items():
+        if name == "bert":
+            continue
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(3, 512, (batch, prompt), generator=g).to(device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        chains = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
+        head_ops = dhp_fx.optimize(model, dhp_fx.DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
+                                   example_inputs=inputs)
+        keep = (torch.arange(heads) % 3 != 1).to(device)
+        modules = [chains.gate(s).chain_module for s in chains.sites if s.compact_block]
+        before = sum(m.calls_query_heads for m in modules)
+        launches = []
+        real = compact_heads._in_place_decode
+
+        def spy(*args):
+            found = real(*args)
+            launches.append(found is not None)
+            return found
+
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True, pad_token_id=0)
+        runs = []
+        with torch.no_grad(), mock.patch.object(compact_heads, "_in_place_decode", spy):
+            for m in (chains, head_ops):
+                m.set_keep_mask(keep)
+                runs.append(m.generate(**inputs, **kwargs))
+        calls = sum(m.calls_query_heads for m in modules) - before
+        # Step i's logits follow from the tokens before it: compared while both runs agree on those.
+        # Below fp32 a near tie may pick another token; fp32 must agree throughout.
+        new_tokens = [r.sequences[:, prompt:] for r in runs]
+        agree = int((new_tokens[0] == new_tokens[1]).all(0).long().cumprod(0).sum())
+        same = agree == new
+        err = max(rel_err(a, b) for a, b in zip(runs[0].logits[:agree + 1], runs[1].logits[:agree + 1]))
+        want = device != "cpu" if in_place is None else in_place
+        ok = ((same or dtype != torch.float32) and err <= TOL[dtype] and len(modules) == len(chains.sites) == layers
+              and calls == new * layers and len(launches) == calls and all(x == want for x in launches))
+        rows.append({"model": name, "dtype": str(dtype).split(".")[-1], "query_chains": len(modules),
+                     "chain_calls": calls, "in_place_calls": sum(launches), "same_tokens": same,
+                     "logits_rel_err": err, "ok": ok})
+    return rows
+
+
 def check_syncs(device) -> list[dict]:
     """Which gating modes run a forward without a device-to-host sync (CUDA only)."""
     import dhp_fx
@@ -755,6 +812,13 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     for r in rows:
         print(f"static gates under {compiler}: " + ("ok" if r.get("ok") else "FAILED") + f" {r}", flush=True)
 
+    gen_dtypes = (torch.float32,) if cpu else (torch.float32, torch.bfloat16)
+    rows = report["generate"] = _guarded(
+        "generate", lambda d: [r for dt in gen_dtypes
+                               for r in check_generate(d, dt, width=size[0], heads=size[1], layers=size[2])], device)
+    for r in rows:
+        print("generate() with query chains: " + ("ok" if r.get("ok") else "FAILED") + f" {r}", flush=True)
+
     report["syncs"] = check_syncs(device)
     for r in report["syncs"]:
         print(f"host sync in a forward, {r['gating']}: {'none' if r['sync'] is None else r['sync']}", flush=True)
@@ -763,7 +827,7 @@ def run_checks(device, dtypes, batch, seq, report) -> bool:
     print(f"\ntraining through the op (amp={t['amp']}): losses {['%.4g' % x for x in t['losses']]}, "
           f"attention params with a gradient {t['attn_params_with_grad']}/{t['attn_params']}", flush=True)
     return (all(r.get("ok", False) for r in report["exactness"] + report.get("projections", [])
-                + report.get("router", []) + report.get("backward", []) + report["traced"])
+                + report.get("router", []) + report.get("backward", []) + report["traced"] + report["generate"])
             and t["finite"]
             and t["attn_params_with_grad"] > 0)
 

@@ -288,14 +288,15 @@ def attention_cases(dtype: str, head_dims, mask_kind: int = 2, causal: bool = Tr
 def decode_cases(dtype: str, head_dims):
     """The split-KV decode kernels at the fixed launch options they use (not autotuned): per head,
     and GQA-packed at 8 and 64 rows (GROUP * Lq; 16- and 64-row tiles), storing partials for the
-    combine (SPLIT0) or the results themselves (SPLIT1, one split)."""
+    combine (SPLIT0) or the results themselves (SPLIT1, one split); each also with the head map
+    (HEAD_MAP: q holds some heads only, a query chain's), packed at 64 rows."""
     import torch
 
     from dhp_fx.kernels import triton_decode as dec
 
     t = _TORCH_TO_TRITON[dtype]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    pointers = dict(Q=t, K=t, V=t, Mask=t, Acc="fp32", M="fp32", L="fp32", S="fp32", KeepFlags="u8")
+    pointers = dict(Q=t, K=t, V=t, Mask=t, Acc="fp32", M="fp32", L="fp32", S="fp32", KeepFlags="u8", KvHeads="i32")
     for d in head_dims:
         block = max(16, 1 << (d - 1).bit_length())
         launch = dec._launch_options(torch_dtype, block)
@@ -305,7 +306,9 @@ def decode_cases(dtype: str, head_dims):
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
         # the default: programs shared among the kept pairs (ranks over up to 256 pairs)
         consts = dict(consts, SHARE=dec.SHARE_PIECES, BLOCK_PAIRS=256)
-        yield "decode_split", dec._decode_split, pointers, consts, d, kwargs, launch["num_warps"], launch["num_stages"]
+        for head_map in (False, True):
+            yield ("decode_split", dec._decode_split, pointers, dict(consts, HEAD_MAP=head_map), d,
+                   dict(kwargs, HEAD_MAP=1) if head_map else kwargs, launch["num_warps"], launch["num_stages"])
     packed = dict(pointers, Out=t, Ent="fp32", Lse="fp32")
     for d in head_dims:
         block = max(16, 1 << (d - 1).bit_length())
@@ -319,6 +322,10 @@ def decode_cases(dtype: str, head_dims):
                               ENTROPY=True, STORE_LSE=True, COMPUTE_PV=True, DOT_F32=False,
                               DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **kwargs)
                 yield "decode_packed", dec._decode_split_packed, packed, consts, d, kwargs, warps, stages
+                if rows == 64:
+                    mapped = dict(kwargs, HEAD_MAP=1)
+                    yield ("decode_packed", dec._decode_split_packed, packed, dict(consts, **mapped), d, mapped,
+                           warps, stages)
 
 
 def projection_unit_stride(name: str) -> bool:

@@ -380,15 +380,44 @@ def gather_query_heads(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: H
     return GatheredHeads(idx, valid, w_q, b_q, w_o)
 
 
+# A/B switch for benchmarks: False gathers the kept heads' K/V on a GPU too.
+IN_PLACE_DECODE = True
+
+
+def _in_place_decode(q, k, v, dropout_p: float):
+    """The Triton module where a query chain's decode step reads K/V in place: the gated op's GPU
+    path would serve the call, q is a decode query (the head map lives in the decode kernels) and
+    nothing needs a gradient (they have no backward)."""
+    if not IN_PLACE_DECODE:
+        return None
+    from .gated_attention import _triton_path
+
+    triton = _triton_path(q, v, dropout_p)
+    if triton is None or needs_grad(q, k, v):
+        return None
+    from .triton_decode import MAX_DECODE_LQ
+
+    return triton if q.shape[2] <= MAX_DECODE_LQ else None
+
+
 def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_mask, dropout_p, is_causal, scale,
                      rows_shared: bool) -> torch.Tensor:
     """Attention for :func:`gather_query_heads`: q [B, cap, Lq, D] of the gathered query heads,
-    k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V."""
+    k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V.
+
+    Decoding on a GPU the Triton decode kernels read each head's group in place: gathering the
+    kept heads' K/V would copy the cache's share of them at every step, three times the bytes
+    the attention itself reads. Elsewhere K/V are gathered and attention runs dense."""
     idx, valid = gathered.idx, gathered.valid
     H = keep.shape[1]
     groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
-    k, v = k.index_select(1, groups), v.index_select(1, groups)
     mask = _heads_of_mask(attn_mask, H, idx)
+    triton = _in_place_decode(q, k, v, dropout_p)
+    if triton is not None:
+        rows = (valid if rows_shared else keep.index_select(1, idx) & valid).expand(q.shape[0], -1)
+        return triton.triton_gated_attention(q, k, v, rows, mask, is_causal, scale, kv_heads=groups,
+                                             kv_group=group)
+    k, v = k.index_select(1, groups), v.index_select(1, groups)
     if rows_shared:
         return dense_attention(q, k, v, mask, dropout_p, is_causal, scale, 1)
     return torch.ops.dhp.gated_attention(q, k, v, keep.index_select(1, idx) & valid, mask, dropout_p, is_causal,

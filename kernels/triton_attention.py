@@ -822,9 +822,31 @@ def head_blocks(D: int, Dv: int):
     return max(16, next_pow2(D)), max(16, next_pow2(Dv))
 
 
+def _checked_head_map(kv_heads, kv_group, Hq: int, Hkv: int, Lq: int, device) -> torch.Tensor:
+    """kv_heads as the decode kernels read it (int32, contiguous), after checking what can be
+    checked without reading device memory; its values too where it lives on the host."""
+    from .triton_decode import MAX_DECODE_LQ  # lazy: it imports this module
+
+    if Lq > MAX_DECODE_LQ:
+        raise ValueError(f"kv_heads: the head map serves decode (Lq <= {MAX_DECODE_LQ}), got Lq = {Lq}")
+    if kv_heads.shape != (Hq,) or kv_heads.dtype not in (torch.int32, torch.int64) or kv_heads.device != device:
+        raise ValueError(f"kv_heads must be an int32/int64 [{Hq}] tensor on {device}, "
+                         f"got {kv_heads.dtype} {tuple(kv_heads.shape)} on {kv_heads.device}")
+    if isinstance(kv_group, bool) or not isinstance(kv_group, int) or kv_group < 1:
+        raise ValueError(f"kv_heads needs kv_group, a positive int, got {kv_group!r}")
+    if kv_heads.device.type == "cpu" and Hq:
+        if int(kv_heads.min()) < 0 or int(kv_heads.max()) >= Hkv:
+            raise ValueError(f"kv_heads must name kv heads in [0, {Hkv}), got {kv_heads.tolist()}")
+        most = int(torch.bincount(kv_heads, minlength=Hkv).max())
+        if most > kv_group:
+            raise ValueError(f"kv_heads names one kv head {most} times, more than kv_group = {kv_group}")
+    return kv_heads.to(torch.int32).contiguous()
+
+
 def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale=None,
                            return_entropy=False, *, return_lse=False, out=None, compute_out=True,
-                           pairs=None, entropy_rows=False, num_splits=None, tma=None, pv_behind=None):
+                           pairs=None, entropy_rows=False, num_splits=None, tma=None, pv_behind=None,
+                           kv_heads=None, kv_group=None):
     """Gated attention on the Triton kernel. Returns ``out``, or a tuple ``(out, [entropy], [lse])``
     when ``return_entropy`` / ``return_lse`` ask for them.
 
@@ -847,12 +869,18 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
     ``pv_behind`` picks the prefill kernel's inner loop the same way: None lets the autotuner
     also try the loop with P@V one key block behind the softmax (overlapping the tensor cores
     with the exp2s on Hopper), True runs only that loop, False only the plain one.
+    ``kv_heads`` (int [Hq], on q's device) names each query head's KV head, for a q that holds
+    some heads only (a query chain's kept heads over every head's cached K/V): K/V are read in
+    place instead of gathered per step. Decode shapes only (Lq <= 16); ``kv_group`` bounds how
+    many query heads name one KV head (at most the model's query heads per KV head).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if keep.shape != (B, Hq) or keep.dtype != torch.bool:
         raise ValueError(f"keep must be bool [{B}, {Hq}], got {keep.dtype} {tuple(keep.shape)}")
-    if Hq % Hkv:
+    if kv_heads is not None:
+        kv_heads = _checked_head_map(kv_heads, kv_group, Hq, Hkv, Lq, q.device)
+    elif Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) not a multiple of kv heads ({Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if compute_out and out is None:
@@ -867,10 +895,13 @@ def triton_gated_attention(q, k, v, keep, attn_mask=None, is_causal=False, scale
 
     from .triton_decode import decode_splits, gated_decode_forward  # lazy: it imports this module
 
-    splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits, Hkv=Hkv)
+    group = None if kv_heads is None else kv_group
+    splits = decode_splits(B, Hq, Lq, Lk, is_causal, q.device, num_splits, Hkv=Hkv, group=group)
+    if splits is None and kv_heads is not None:
+        splits = 1  # the head map lives in the decode kernels only
     if splits is not None:
         gated_decode_forward(q, k, v, (kind, mask_t, mstr), out if compute_out else None, ent_rows, lse,
-                             keep, is_causal, scale, splits)
+                             keep, is_causal, scale, splits, kv_heads=kv_heads, group=group)
     elif B * Hq > 0 and Lq > 0:
         descs, tma_mode = None, TMA_OFF
         if tma or (tma is None and _uses_tma_by_default(q.device, Lq)):

@@ -37,6 +37,12 @@ lse +inf for pruned heads from the per-pair keep flags. GQA decode takes the pac
 one split suffices; the split heuristic then counts B*Hkv programs. ``PACK_GQA`` forces either
 kernel (tests).
 
+Head map (``HEAD_MAP``): a query chain's q holds the kept query heads only, while K/V (a KV
+cache) hold every KV head. ``KvHeads`` [Hq] names each q slot's KV head, so K/V are read in place
+rather than gathered per step (a gather copies the cached rows of the kept heads at every step:
+three times the bytes the attention reads). The per-head kernel reads its slot's entry; the packed
+kernel finds its KV head's slots by scanning the map (``_group_slots``), at most GROUP of them.
+
 Nothing reads device values on the host: no sync.
 """
 from __future__ import annotations
@@ -150,7 +156,7 @@ def _store_partials(Acc, M, L, S, row, rows, acc, m_i, l_i, s_i, offs_dv, BLOCK_
 
 @triton.jit
 def _decode_split(
-    Q, K, V, Mask, Acc, M, L, S, KeepFlags,
+    Q, K, V, Mask, Acc, M, L, S, KeepFlags, KvHeads,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -159,7 +165,7 @@ def _decode_split(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, COMPUTE_PV: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SHARE: tl.constexpr = False, BLOCK_PAIRS: tl.constexpr = 16,
+    SHARE: tl.constexpr = False, BLOCK_PAIRS: tl.constexpr = 16, HEAD_MAP: tl.constexpr = False,
 ):
     # Program g = slot * splits + split. Its partials go to scratch row g: pair-major, since
     # with every pair kept g is (pair, split).
@@ -182,7 +188,10 @@ def _decode_split(
         kept = tl.load(KeepFlags + pair) != 0
     b = pair // Hq
     h = pair % Hq
-    hk = h // GROUP
+    if HEAD_MAP:  # q holds some heads only (a query chain's kept heads): each names its KV head
+        hk = tl.load(KvHeads + h).to(tl.int64)
+    else:
+        hk = h // GROUP
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -212,8 +221,26 @@ def _decode_split(
 
 
 @triton.jit
+def _group_slots(KvHeads, hk, Hq, Lq, r, SLOT_CHUNK: tl.constexpr):
+    """(slot of each packed row, rows in use) where q holds some heads only, each naming its KV
+    head: KV head hk's g-th query head is the g-th slot, in slot order, that names hk, and row
+    r = g * Lq + i belongs to it. Rows past the group's get slot 0 (masked by the callers). The
+    slots are scanned SLOT_CHUNK at a time: a [rows, all slots] comparison spilled at 64 rows."""
+    g = r // Lq
+    h = tl.zeros_like(r)
+    found = 0
+    for start in range(0, Hq, SLOT_CHUNK):
+        slots = start + tl.arange(0, SLOT_CHUNK)
+        mine = (tl.load(KvHeads + slots, mask=slots < Hq, other=-1) == hk).to(tl.int32)
+        nth = (mine[None, :] != 0) & ((found + tl.cumsum(mine, axis=0))[None, :] == g[:, None] + 1)
+        h += tl.sum(tl.where(nth, slots[None, :], 0), axis=1)
+        found += tl.sum(mine, axis=0)
+    return h.to(tl.int64), found * Lq
+
+
+@triton.jit
 def _decode_split_packed(
-    Q, K, V, Mask, Acc, M, L, S, Out, Ent, Lse, KeepFlags,
+    Q, K, V, Mask, Acc, M, L, S, Out, Ent, Lse, KeepFlags, KvHeads,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -223,7 +250,7 @@ def _decode_split_packed(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ENTROPY: tl.constexpr, STORE_LSE: tl.constexpr,
     COMPUTE_PV: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_MAP: tl.constexpr = False, SLOT_CHUNK: tl.constexpr = 16,
 ):
     split = tl.program_id(0)
     # int32 division (a 64-bit one is a subroutine call whose spills showed up at some head
@@ -232,23 +259,30 @@ def _decode_split_packed(
     b = (grp // Hkv).to(tl.int64)
     hk = (grp % Hkv).to(tl.int64)
 
-    # Row r holds query i of head hk * GROUP + g, r = g * Lq + i. Padded rows get query index Lq,
+    # Row r holds query i of the group's g-th head, r = g * Lq + i. Padded rows get query index Lq,
     # which the forward loop's row test rejects, so their mask loads stay in bounds.
     r = tl.arange(0, BLOCK_M)
-    valid = r < GROUP * Lq
-    g = tl.where(valid, r // Lq, 0)
+    if HEAD_MAP:
+        h, n_rows = _group_slots(KvHeads, hk, Hq, Lq, r, SLOT_CHUNK)
+        valid = r < n_rows
+        g = tl.where(valid, r // Lq, 0)
+        kept = tl.max((tl.load(KeepFlags + (b * Hq + h), mask=valid, other=0) != 0).to(tl.int32), axis=0) > 0
+    else:
+        n_rows = GROUP * Lq
+        valid = r < n_rows
+        g = tl.where(valid, r // Lq, 0)
+        h = hk * GROUP + g
+        # Kept when any head of the group is: a scalar loop (a vector load and reduction here, live
+        # across the key loop, cost spills at D = 128).
+        n_heads = 0
+        for g0 in range(GROUP):
+            n_heads += (tl.load(KeepFlags + (b * Hq + hk * GROUP + g0)) != 0).to(tl.int32)
+        kept = n_heads > 0
     qi = tl.where(valid, r - g * Lq, Lq)
-    h = hk * GROUP + g
-    # Kept when any head of the group is: a scalar loop (a vector load and reduction here, live
-    # across the key loop, cost spills at D = 128).
-    n_heads = 0
-    for g0 in range(GROUP):
-        n_heads += (tl.load(KeepFlags + (b * Hq + hk * GROUP + g0)) != 0).to(tl.int32)
-    kept = n_heads > 0
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # A row-count limit rather than `& kept` (the interpreter rejects bool & scalar-bool masks).
-    row_st = r < tl.where(kept, GROUP * Lq, 0)
+    row_st = r < tl.where(kept, n_rows, 0)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_st[:, None] & (offs_d[None, :] < HEAD_D), other=0)
 
@@ -264,6 +298,10 @@ def _decode_split_packed(
         k_base, v_base, 0, 0, False, BLOCK_M, BLOCK_N, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, ENTROPY,
         COMPUTE_PV, DOT_F32, DOT_PRECISION, False)
 
+    if HEAD_MAP:
+        # Found again rather than kept live across the key loop (a 120-byte spill at D = 128 in
+        # the 64-row tile that stores partials).
+        h, _ = _group_slots(KvHeads, hk, Hq, Lq, r, SLOT_CHUNK)
     pair = b * Hq + h
     if ONE_SPLIT:
         # The program owns its rows' results: no scratch, no combine. Every valid row is stored,
@@ -390,10 +428,12 @@ def split_heuristic(programs: int, n_blocks: int, n_sms: int) -> int:
     return next(s for s in useful if efficiency(s) >= 0.85 * best)
 
 
-def packs_gqa(Hq: int, Hkv: int, Lq: int) -> bool:
+def packs_gqa(Hq: int, Hkv: int, Lq: int, group: int | None = None) -> bool:
     """Whether decode runs one program per (batch, KV head) over all its query heads' rows:
-    for GQA (group > 1) with group * Lq <= MAX_PACKED_ROWS, unless ``PACK_GQA`` forces a kernel."""
-    group = Hq // Hkv if Hkv else 1
+    for GQA (group > 1) with group * Lq <= MAX_PACKED_ROWS, unless ``PACK_GQA`` forces a kernel.
+    ``group``: the most query heads sharing one KV head, where q holds some heads only."""
+    if group is None:
+        group = Hq // Hkv if Hkv else 1
     fits = Lq <= MAX_DECODE_LQ and group * Lq <= MAX_PACKED_ROWS
     if PACK_GQA is None:
         return group > 1 and fits
@@ -402,7 +442,8 @@ def packs_gqa(Hq: int, Hkv: int, Lq: int) -> bool:
     return bool(PACK_GQA)
 
 
-def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, num_splits=None, Hkv=None):
+def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, num_splits=None, Hkv=None,
+                  group=None):
     """Split count for the split-KV path, or None where the regular forward should run.
 
     ``num_splits`` forces the split path with exactly that many pieces (tests; a count past the
@@ -410,7 +451,8 @@ def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, nu
     heuristic wants more than one split, or always when the query heads of a KV group pack into
     one program (:func:`packs_gqa`; ``Hkv`` None means no GQA): one packed split still reads K/V
     once per group where the regular forward reads them once per head. Packed, the heuristic
-    counts B*Hkv programs. Shapes only: no device values are read.
+    counts B*Hkv programs. ``group`` as :func:`packs_gqa` takes it. Shapes only: no device values
+    are read.
     """
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -420,7 +462,7 @@ def decode_splits(B: int, Hq: int, Lq: int, Lk: int, is_causal: bool, device, nu
         return num_splits
     if Lq > MAX_DECODE_LQ:
         return None
-    packed = packs_gqa(Hq, Hkv or Hq, Lq)
+    packed = packs_gqa(Hq, Hkv or Hq, Lq, group)
     programs = B * (Hkv if packed else Hq)
     splits = split_heuristic(programs, _key_blocks(Lq, Lk, is_causal), _sm_count(torch.device(device)))
     return splits if splits > 1 or packed else None
@@ -462,10 +504,11 @@ def _packed_launch_options(dtype: torch.dtype, block_d: int, block_m: int) -> di
                 BLOCK_N=64 if wide_keys else (16 if block_d == 16 else 32))
 
 
-def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits):
+def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits, kv_heads=None,
+                    group=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    group = Hq // Hkv
+    group = Hq // Hkv if group is None else group
     kind, mask_t, mstr = mask
     dot_f32, precision = dot_flags(q.dtype)
     block_d, block_dv = head_blocks(D, Dv)
@@ -488,12 +531,13 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, sc
     _decode_split_packed[(num_splits, B * Hkv)](
         q, k, v, mask_t, acc_part, m_part, l_part, s_part, out if compute_pv else q,
         ent_rows if entropy else q, lse if lse is not None else q, keep_flags,
+        kv_heads if kv_heads is not None else keep_flags,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *(out.stride() if compute_pv else (0, 0, 0, 0)),
         Hq, Hkv, group, Lq, Lk, keys_per_split, scale * 1.4426950408889634,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=entropy, STORE_LSE=lse is not None,
         COMPUTE_PV=compute_pv, ONE_SPLIT=one, DOT_F32=dot_f32, DOT_PRECISION=precision,
-        BLOCK_M=block_m, **launch,
+        BLOCK_M=block_m, **_head_map_args(kv_heads), **launch,
     )
     if not one:
         _decode_combine[(n,)](
@@ -505,12 +549,19 @@ def _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, sc
         )
 
 
-def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, scale, num_splits):
+def _head_map_args(kv_heads) -> dict:
+    return {} if kv_heads is None else dict(HEAD_MAP=True)
+
+
+def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, scale, num_splits, kv_heads=None,
+                         group=None):
     """Split-KV forward into preallocated results, for :func:`triton_gated_attention`.
 
     ``mask`` is :func:`mask_operand`'s (kind, tensor, strides); ``out`` (any strides), ``ent_rows``
     [B, Hq, Lq] and ``lse`` [B, Hq, Lq] (fp32, contiguous) are written where not None;
-    ``keep`` is the bool [B, Hq] keep mask, on q's device.
+    ``keep`` is the bool [B, Hq] keep mask, on q's device. ``kv_heads`` (int32 [Hq], on q's device)
+    names each query head's KV head where q holds some heads only; ``group`` then bounds how many
+    query heads name one KV head.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -522,8 +573,9 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, sca
     if slots == 0 or Lq == 0:
         return
     keep_flags = keep.reshape(-1).view(torch.uint8)
-    if packs_gqa(Hq, Hkv, Lq):
-        _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits)
+    if packs_gqa(Hq, Hkv, Lq, group):
+        _packed_forward(q, k, v, mask, out, ent_rows, lse, keep_flags, is_causal, scale, num_splits,
+                        kv_heads=kv_heads, group=group)
         return
     kind, mask_t, mstr = mask
     dot_f32, precision = dot_flags(q.dtype)
@@ -542,11 +594,13 @@ def gated_decode_forward(q, k, v, mask, out, ent_rows, lse, keep, is_causal, sca
     share = dict(SHARE=SHARE_PIECES, BLOCK_PAIRS=min(1024, max(16, next_pow2(slots))))
     _decode_split[(num_splits, slots)](
         q, k, v, mask_t, acc_part, m_part, l_part, s_part, keep_flags,
+        kv_heads if kv_heads is not None else keep_flags,
         *q.stride(), *k.stride(), *v.stride(), *mstr,
-        Hq, Hq // Hkv, Lq, Lk, keys_per_split, n_blocks, scale * 1.4426950408889634,
+        Hq, max(1, Hq // Hkv), Lq, Lk, keys_per_split, n_blocks, scale * 1.4426950408889634,
         HEAD_D=D, HEAD_DV=Dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_CAUSAL=bool(is_causal), MASK_KIND=kind, ENTROPY=entropy, COMPUTE_PV=compute_pv,
-        DOT_F32=dot_f32, DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, **share, **launch,
+        DOT_F32=dot_f32, DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, **share,
+        **_head_map_args(kv_heads), **launch,
     )
     _decode_combine[(slots,)](
         acc_part, m_part, l_part, s_part, out if compute_pv else q,

@@ -355,7 +355,15 @@ def _cat(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
         return inputs[tracked[0]]  # a cache seeded with an empty tensor
     dim = arg(node, 1, "dim", 0)
     if shape is not None and isinstance(dim, int) and dim % len(shape) != len(shape) - 1:
-        return _restack(parts, inputs, dim % len(shape))
+        d = dim % len(shape)
+        if len(tracked) == 1 and all(p in tracked or (isinstance(p, fx.Node) and p.op == "placeholder")
+                                     for p in parts):
+            # A decoding step's K/V after the cache's rows (a graph input), along a dim that
+            # holds no features (the sequence): the other dims line up with the tracked part's.
+            lay = inputs[tracked[0]]
+            cut = _cut(lay.dims[d], shape[d], head_dim) if len(lay.dims) == len(shape) else None
+            return None if cut is None else Layout(lay.dims[:d] + [cut] + lay.dims[d + 1:], lay.offset)
+        return _restack(parts, inputs, d)
     if not tracked or shape is None or not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
         return None
     first = inputs[tracked[0]]

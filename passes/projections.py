@@ -337,6 +337,11 @@ class _Walker:
         live = [p for p in parts if not _is_empty(p)]
         if len(live) == 1:
             return self.walk(live[0], None, None, depth + 1)  # KV cache seeded with an empty tensor
+        computed = [p for p in live if not (isinstance(p, fx.Node) and p.op == "placeholder")]
+        if len(computed) == 1 and len(sizes) >= 4 and dim % len(sizes) == len(sizes) - 2:
+            # A decoding step's K/V: the cache's rows (a graph input) and this step's, along the
+            # sequence. Only this step's come from a projection.
+            return self.walk(computed[0], None, None, depth + 1)
         if len(sizes) >= 4 and (dim % len(sizes) == len(sizes) - 1 or all(
                 (_sizes(p) or [0] * len(sizes))[dim] == 1 for p in live)):
             # within-head pieces on the last dim, or per-head pieces put back together

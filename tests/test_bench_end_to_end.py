@@ -23,11 +23,15 @@ def test_compiled_llama_table_runs_small(monkeypatch, capsys):
 def test_generate_table_runs_small(monkeypatch, capsys):
     """benchmarks/bench_generate.py: every row, and the query chains it is about ran at each step."""
     argv = ["bench_generate.py", "--batch", "2", "--prompt", "6", "--new", "3", "--layers", "1", "--reps", "1",
-            "--p", "0.5"]
+            "--p", "0.5", "--gathered-row"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_generate.py"), run_name="__main__")
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows == ["variant", "dense", "dense, torch.compile eager", "static p=0.5", "static p=0.5 head ops"], out
-    # the capture call, warm-up (3 tokens), 1 token, 3 tokens: each token one call of the layer's chain
-    assert "static p=0.5: 8 query-chain calls, 1 gathers" in out, out
+    assert rows == ["variant", "dense", "dense, torch.compile eager", "static p=0.5", "static p=0.5 K/V gathered",
+                    "static p=0.5 head ops"], out
+    # the capture call, then for each of the two rows sharing the model a warm-up (3 tokens),
+    # 1 token, 3 tokens: each token one call of the layer's chain
+    assert "static p=0.5: 15 query-chain calls, 1 gathers" in out, out
+    from dhp_fx.kernels import compact_heads
+    assert compact_heads.IN_PLACE_DECODE

@@ -98,11 +98,14 @@ def test_hf_decoders_with_a_kv_cache_run_query_chains():
             assert_outputs_close(opt(**inputs), model(**inputs), what=f"{name} gates open")
 
 
-def test_generate_runs_query_chains_at_every_step():
+@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa"])
+def test_generate_runs_query_chains_at_every_step(name):
     """Greedy generation with a KV cache: prefill and each one-token step run the query chains
     (gathered once: the decision is static), and the logits equal those of the same pruning
-    through the head ops."""
-    entry, model, inputs, opt = _hf_case("llama-sdpa")
+    through the head ops. A step's K/V are the cache's rows and the step's own, concatenated
+    along the sequence: GPT-2's fused projection is still found (and its k/v cuts) through that
+    concatenation."""
+    entry, model, inputs, opt = _hf_case(name)
     heads_ops = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
                                 example_inputs=inputs)
     keep = torch.tensor([True, False, True, True])  # both KV groups touched: only query heads compact

@@ -100,3 +100,5 @@ def test_gpu_check_script_runs_small_on_cpu(capsys):
     assert "ALL CHECKS PASSED" in out and "| llama-gqa | float32 | 2 |" in out
     # the traced-compiler check (inductor on the device) ran, small: BERT's opaque blocks
     assert out.count("static gates under aot_eager: ok") == 1, out
+    # generate() through query chains, GPT-2 and Llama (K/V gathered: a CPU has no head-map kernel)
+    assert out.count("generate() with query chains: ok") == 2, out

@@ -288,6 +288,59 @@ class MaskAfterQ(_Attn):
         return self.o(self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
+class PastConcat(_Attn):
+    """A decoding step: K/V are the past rows (inputs) and this step's, concatenated along the
+    sequence, where only this step's rows come from the projections."""
+
+    def __init__(self, returns_kv=False):
+        super().__init__()
+        self.returns_kv = returns_kv
+
+    def forward(self, x, past_k, past_v):
+        q = self.heads(self.q(x))
+        k = torch.cat([past_k, self.heads(self.k(x))], dim=2)
+        v = torch.cat([past_v, self.heads(self.v(x))], dim=2)
+        out = self.o(self.merge(F.scaled_dot_product_attention(q, k, v)))
+        return (out, k, v) if self.returns_kv else out
+
+
+class PastHeads(_Attn):
+    """K/V heads from an input put before the projected ones: two of the six heads the q
+    projection computes attend over heads no projection computed."""
+
+    def __init__(self, E=16, H=4, extra=2):
+        super().__init__(E, H)
+        self.q, self.o = nn.Linear(E, (H + extra) * self.D), nn.Linear((H + extra) * self.D, E)
+
+    def forward(self, x, past_k, past_v):
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, -1, self.D).transpose(1, 2)
+        k = torch.cat([past_k, self.heads(self.k(x))], dim=1)
+        v = torch.cat([past_v, self.heads(self.v(x))], dim=1)
+        return self.o(self.merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+def _past_inputs(past_shape, batch=2, L=1, E=16):
+    g = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(batch, L, E, generator=g), "past_k": torch.randn(batch, *past_shape, generator=g),
+            "past_v": torch.randn(batch, *past_shape, generator=g)}
+
+
+@pytest.mark.parametrize("returns_kv", [False, True])
+def test_kv_after_past_rows_along_the_sequence_are_found_and_skipped_unless_returned(returns_kv):
+    run = compare(_build(lambda: PastConcat(returns_kv)), _past_inputs((4, 5, 4)), masks_for(2))
+    if returns_kv:  # the caller's cache reads every head's new rows
+        expect(run, ("q", "out"), 1, 1)
+        assert run.counters["no_skip_k_proj:used_elsewhere"] == run.counters["no_skip_v_proj:used_elsewhere"] == 1
+    else:  # pruned heads' new K/V rows are never read: their projection rows are skipped
+        expect(run, ("q", "k", "v", "out"), 3, 1)
+
+
+def test_past_heads_put_before_the_projected_ones_keep_the_kv_projections():
+    run = compare(_build(PastHeads), _past_inputs((2, 1, 4)), masks_for(2))
+    expect(run, ("q", "out"), 1, 1)
+
+
 def _pad_inputs(batch=2, L=6, E=16):
     g = torch.Generator().manual_seed(0)
     pad = torch.zeros(batch, 1, 1, L)

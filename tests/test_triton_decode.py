@@ -229,15 +229,105 @@ def test_packed_gqa_random_shapes(group, Hkv, Lq, Lk, dtype, mask_kind, mask_sha
                  mask_shape=mask_shape, is_causal=is_causal, keep=keep, splits=splits, seed=seed, packed=True)
 
 
+def check_head_map(B=2, Hkv=2, group=2, cap=3, Lq=1, Lk=70, D=16, dtype=torch.float32, mask_kind="none",
+                   mask_shape="full", is_causal=False, keep="random", splits=2, packed=None, model_layout=False,
+                   seed=0):
+    """A query chain's decode: q holds ``cap`` of the Hkv * group query heads (kept heads ascending,
+    then filler heads, as ``kept_first`` orders them), K/V every KV head's, ``kv_heads`` naming each
+    slot's KV head. Against float64 on K/V gathered per slot, and against the kernel on those
+    gathered K/V; pruned and filler slots exactly zero, every element written."""
+    gen = torch.Generator().manual_seed(seed)
+    Hq = Hkv * group
+    q_all, k, v = qkv(B, Hq, Hkv, Lq, Lk, D, D, dtype, gen, model_layout)
+    union = torch.rand(Hq, generator=gen) > 0.5
+    union[torch.randint(Hq, (1,), generator=gen)] = True
+    idx = torch.sort((~union).to(torch.int32), stable=True).indices[:cap]
+    valid = union.index_select(0, idx)
+    q = q_all.index_select(1, idx)
+    keep_rows = (make_keep(keep, B, cap, gen) if keep != "shared" else torch.ones(B, cap, dtype=torch.bool)) & valid
+    mask = make_mask(mask_kind, mask_shape, B, Hq, Lq, Lk, dtype, gen)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:
+        mask = mask.index_select(1, idx)
+    kv_heads = torch.div(idx, group, rounding_mode="floor")
+    out = torch.full((B, cap, Lq, D), float("nan"), dtype=dtype)
+    with mock.patch.object(_td, "PACK_GQA", packed), \
+            mock.patch.object(_td, "_packed_forward", wraps=_td._packed_forward) as spy:
+        got, ent = attention(q, k, v, keep_rows, mask, is_causal, None, return_entropy=True, out=out,
+                             entropy_rows=True, num_splits=splits, kv_heads=kv_heads, kv_group=group)
+    if packed is not None:
+        assert spy.called == packed
+    assert got is out and not torch.isnan(got).any() and not torch.isnan(ent).any()
+    k_sel, v_sel = k.index_select(1, kv_heads), v.index_select(1, kv_heads)
+    ref, _, row_ok, ref_rows = reference(q, k_sel, v_sel, keep_rows, mask, is_causal, None)
+    assert torch.equal(got[~keep_rows], torch.zeros_like(got[~keep_rows])), "pruned and filler slots must be zero"
+    sel = row_ok[..., None].expand_as(got)
+    torch.testing.assert_close(got.double()[sel], ref[sel], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(ent.double(), ref_rows, atol=1e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3)
+    gathered = attention(q, k_sel.contiguous(), v_sel.contiguous(), keep_rows, mask, is_causal, None,
+                         num_splits=splits)
+    torch.testing.assert_close(got, gathered, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+HEAD_MAP_CASES = {
+    # MHA: the per-head kernel, each kept slot reading its own head's K/V
+    "mha-cap3-of-4": dict(Hkv=4, group=1, cap=3, Lq=1, Lk=70, splits=2, packed=False),
+    # GQA packed: a group's slots found by their KV head, one split storing results itself
+    "g2-cap3-packed-1split": dict(Hkv=2, group=2, cap=3, splits=1, packed=True),
+    "g4-cap5-packed-3splits-fp16-headmask": dict(Hkv=2, group=4, cap=5, Lq=2, Lk=53, dtype=torch.float16,
+                                                 mask_kind="additive", mask_shape="full", splits=3, packed=True),
+    "g4-cap2-packed-bf16-pad-model-layout": dict(Hkv=2, group=4, cap=2, Lk=100, dtype=torch.bfloat16,
+                                                 mask_kind="bool", mask_shape="pad", splits=2, packed=True,
+                                                 model_layout=True),
+    # GQA through the per-head kernel, causal, shared rows
+    "g2-cap4-per-head-causal-shared": dict(Hkv=2, group=2, cap=4, Lq=3, Lk=37, is_causal=True, keep="shared",
+                                           splits=2, packed=False),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("case", list(HEAD_MAP_CASES.values()), ids=list(HEAD_MAP_CASES))
+def test_head_map_reads_each_slots_kv_head_in_place(case):
+    check_head_map(**case)
+
+
+@interpreted
+@settings(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(group=st.sampled_from([1, 2, 4]), Hkv=st.sampled_from([1, 2]), cap_share=st.floats(0.1, 1.0),
+       Lq=st.sampled_from([1, 2]), Lk=st.integers(1, 60), mask_kind=st.sampled_from(["none", "bool", "additive"]),
+       keep=st.sampled_from(["random", "shared", "row_none"]), splits=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2**16))
+def test_head_map_random_shapes(group, Hkv, cap_share, Lq, Lk, mask_kind, keep, splits, seed):
+    Hq = group * Hkv
+    check_head_map(B=2, Hkv=Hkv, group=group, cap=max(1, round(cap_share * Hq)), Lq=Lq, Lk=Lk, mask_kind=mask_kind,
+                   keep=keep, splits=splits, seed=seed)
+
+
+@interpreted
+def test_head_map_refuses_what_it_cannot_serve():
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(1, 2, 20, 16)
+    keep = torch.ones(1, 3, dtype=torch.bool)
+    heads = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match="kv_group"):
+        attention(q, k, k, keep, kv_heads=heads)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        attention(q, k, k, keep, kv_heads=torch.tensor([0, 1, 2]), kv_group=2)
+    with pytest.raises(ValueError, match="2 times, more than kv_group = 1"):
+        attention(q, k, k, keep, kv_heads=heads, kv_group=1)
+    with pytest.raises(ValueError, match=r"int32/int64 \[3\]"):
+        attention(q, k, k, keep, kv_heads=heads[:2], kv_group=2)
+    with pytest.raises(ValueError, match="serves decode"):
+        attention(torch.randn(1, 3, 17, 16), k, k, keep, kv_heads=heads, kv_group=2)
+
+
 @interpreted
 def test_packed_dispatch():
     gen = torch.Generator().manual_seed(3)
     calls = []
     real = _td._packed_forward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     k = torch.randn(1, 2, 100, 16, generator=gen)
     with mock.patch.object(_td, "_packed_forward", spy):
@@ -334,9 +424,9 @@ def test_dispatch():
     calls = []
     real = _td.gated_decode_forward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
 
     with mock.patch.object(_td, "gated_decode_forward", spy):
         q, k, v = qkv(1, 2, 2, 1, 100, 16, 16, torch.float32, gen)

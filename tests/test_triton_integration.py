@@ -35,7 +35,7 @@ def test_integrated_triton_path_in_interpreter_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, f"child failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "6 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    assert "7 passed, 1 skipped" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
 def _gpu_check():
@@ -137,6 +137,17 @@ def test_gates_deciding_before_the_projections_match_the_torch_path_forward_and_
     assert want_grads and got_grads.keys() == want_grads.keys()
     for name, w in want_grads.items():
         torch.testing.assert_close(got_grads[name], w, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
+def test_gpu_check_generate_reads_the_cache_in_place_interpreted(monkeypatch):
+    """The device run's generate() check: GPT-2's and Llama-GQA's query chains decode through the
+    decode kernels' head map (each kept query head reads its own KV head's cached rows in place),
+    token for token and logit for logit the head-skipping ops' generation."""
+    _triton_path(monkeypatch)
+    rows = _gpu_check().check_generate("cpu", torch.float32, new=3, width=64, heads=4, layers=1, in_place=True)
+    assert [r["model"] for r in rows] == ["gpt2", "llama-gqa"]
+    assert all(r["ok"] and r["in_place_calls"] == 3 for r in rows), rows
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="run by test_integrated_triton_path_in_interpreter_subprocess")
