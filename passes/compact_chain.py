@@ -166,7 +166,7 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
     if is_call(node, torch.cat, torch.stack):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return None if dim in (-1, len(lay.dims) - 1) else "concatenation"
-    if is_method(node, "flatten") or is_call(node, torch.flatten):
+    if is_method(node, "flatten", "unsqueeze") or is_call(node, torch.flatten, torch.unsqueeze):
         return None  # names no size, so it holds for any head count
     if is_method(node, "transpose", "permute", *hl.IDENTITY_METHODS) or is_call(node, torch.transpose, torch.permute):
         return None
@@ -245,14 +245,15 @@ def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
 
 
 def _features_of(node: Any, fused_node: fx.Node, width) -> bool:
-    """``node`` is the fused projection's output, a view of it with the same last dim, or a split
-    of either along the last dim (checked by split_chunk)."""
+    """``node`` is the fused projection's output, a view (or unsqueeze) of it with the same last
+    dim, or a split of either along the last dim (checked by split_chunk)."""
     if _is_unbind(node):
         node = node.args[0]
     if node is fused_node:
         return True
-    if not (is_method(node, *_VIEWS) or is_call(node, torch.reshape)) or node.args[0] is not fused_node:
-        return False
+    if not (is_method(node, *_VIEWS, "unsqueeze") or is_call(node, torch.reshape, torch.unsqueeze)) \
+            or node.args[0] is not fused_node:
+        return False  # GPTBigCode: unsqueeze(1) before its split
     val = example_value(node)
     return isinstance(val, torch.Tensor) and width is not None and hl.known_eq(val.shape[-1], width)
 
