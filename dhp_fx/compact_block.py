@@ -220,7 +220,7 @@ class CompactBlock(nn.Module):
 
 class CompactChain(CompactBlock):
     """The calls ``passes/compact_chain.py`` puts in place of a block's head ops when the graph's
-    own ops (RoPE) stay between projections and attention. One module, five kinds of call:
+    own ops (RoPE) stay between projections and attention. One module, six kinds of call:
 
     - ``chain(keep, x, kind="plan", weights=(wq, bq, wk, bk, wv, bv, wo), starts, geometry)``:
       (cap, rows_shared or whole, gathered, per_row) when this call runs its kept KV groups alone
@@ -236,6 +236,8 @@ class CompactChain(CompactBlock):
       [q_h, k_h, v_h] head by head;
     - ``chain(t, kind="role", plan, role, geometry)``: role's features of a role -1 projection's
       output t, for a graph that slices them at fixed widths (Phi-3);
+    - ``chain(t, kind="role_heads", plan, role, geometry)``: role's heads of a role -2
+      projection's output in a query chain (GPT-NeoX with a KV cache);
     - ``chain(q, k, v, keep, mask, dropout_p, is_causal, scale, kind="core", plan, geometry)``;
     - ``chain(keep, o, w, b, flags, unit, in_out, kind="out", plan, geometry)``.
     """
@@ -254,7 +256,7 @@ class CompactChain(CompactBlock):
               in_out=(False, False)):
         heads, kv_heads, head_dim, v_head_dim = geometry
         if query_only:  # K and V are the graph's own, every head's: only query heads can be left out
-            query = self._query_heads_plan(keep, weights, starts, geometry, in_out)
+            query = self._query_heads_plan(keep, weights, starts, geometry, in_out, periods)
             return self._every_head_plan(keep) if query is None else query
         plan = self.gate.compact_plan(keep.shape[0])
         tokens = None if x is None else row_cost.tokens_per_row(x, keep.shape[0])
@@ -276,7 +278,8 @@ class CompactChain(CompactBlock):
         self.calls_rows += row_plan is not None
         return cap, shared_or_whole, gathered, row_plan is not None
 
-    def _query_heads_plan(self, keep, weights, starts, geometry, in_out=(False, False)) -> Optional["QueryHeads"]:
+    def _query_heads_plan(self, keep, weights, starts, geometry, in_out=(False, False),
+                          periods=(None, None, None)) -> Optional["QueryHeads"]:
         """Under GQA, when the kept heads touch every KV group, or in a query chain: the kept
         query heads alone (their Q rows and W_o columns gathered) over every group's K and V, if
         the gate bounds them below every head."""
@@ -289,8 +292,8 @@ class CompactChain(CompactBlock):
             return None  # the masked dense block, as where the head ops would run (see MASKED_DENSE_DEVICES)
         wq, bq, wk, bk, wv, bv, wo = weights
         # in_out: HF Conv1D weights, [in, out], of the q (and fused k/v) projection and W_o
-        q, k, v = (HeadProjection(None, w, b, in_out[0], start)
-                   for (w, b), start in zip(((wq, bq), (wk, bk), (wv, bv)), starts))
+        q, k, v = (HeadProjection(None, w, b, in_out[0], start, period)
+                   for (w, b), start, period in zip(((wq, bq), (wk, bk), (wv, bv)), starts, periods))
         gathered = self._gathered(q, k, v, wo, in_out[1], keep, cap, head_dim, v_head_dim, kv_heads,
                                   gather_query_heads)
         if gathered is None:  # under autograd: gathered by torch ops, every call
@@ -301,7 +304,7 @@ class CompactChain(CompactBlock):
 
     def _proj(self, keep, x, w, b, flags, unit, in_out, *, plan, role, geometry):
         if isinstance(plan, QueryHeads):  # w_qkv: the gathered Q rows (then every K/V row, fused)
-            if role in (0, FUSED_QKV):
+            if role in (0, FUSED_QKV, FUSED_PER_HEAD):
                 return F.linear(x, plan.gathered.w_qkv, plan.gathered.b_qkv)
             return _linear(x, w, b, in_out)
         if plan is None:
@@ -341,6 +344,17 @@ class CompactChain(CompactBlock):
             widths = role_widths(cap, heads // kv_heads, head_dim, v_head_dim)
         lo = sum(widths[:role])
         return t[..., lo:lo + widths[role]]
+
+    def _role_heads(self, t, *, plan, role, geometry):
+        """Role's heads [.., n, dim] of a per-head projection's output t, for a query chain whose
+        graph cut [q_h, k_h, v_h] head by head: laid out q's, k's, then v's when the kept query
+        heads' rows were gathered (fewer q heads than k/v heads), else the graph's own layout."""
+        heads, kv_heads, head_dim, v_head_dim = geometry
+        dims = (head_dim, head_dim, v_head_dim)
+        if isinstance(plan, QueryHeads):
+            return self._role(t, plan=plan, role=role, geometry=geometry).unflatten(-1, (-1, dims[role]))
+        offset = sum(dims[:role])
+        return t.unflatten(-1, (heads, sum(dims)))[..., offset:offset + dims[role]]
 
     def _per_head_rows(self, gathered, dims, cap):
         """The gathered q, k, v rows reordered head by head: once per gather (a static decision's

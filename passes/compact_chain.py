@@ -45,7 +45,7 @@ head. Only the q path and the output chain need the per-node proof.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -244,6 +244,65 @@ def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
     return found
 
 
+class _HeadCuts(NamedTuple):
+    """How a graph cuts one projection laid out [q_h, k_h, v_h] head by head into roles."""
+
+    view: fx.Node  # (.., H, period) of the projection's output
+    moves: list  # transposes / permutes after it, redone on the heads each role's call gives
+    split: fx.Node  # of the last dim into q's, k's and v's features
+    cuts: dict  # role index -> its chunk
+
+    @property
+    def dead(self) -> frozenset:
+        """Left without readers once each role reads its own call."""
+        return frozenset({self.view, *self.moves, self.split, *self.cuts.values()})
+
+
+def _per_head_cuts(state: _Site, fused_node: fx.Node) -> Optional[_HeadCuts]:
+    """GPT-NeoX's cut of one projection laid out [q_h, k_h, v_h] head by head: a view of its
+    output to (.., H, period), transposes or permutes that keep the last dim last, then a split
+    of the last dim into q's, k's and v's features; None for any other form."""
+    users = list(fused_node.users)
+    if len(users) != 1 or not (is_method(users[0], *_VIEWS) or is_call(users[0], torch.reshape)):
+        return None
+    view = users[0]
+    src, out = example_value(fused_node), example_value(view)
+    geometry = [state.role_geometry(r) for r in ROLES]
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == src.dim() + 1
+            and all(hl.known_eq(a, b) for a, b in zip(out.shape[:-2], src.shape[:-1]))
+            and hl.known_eq(out.shape[-2], state.site.num_heads)
+            and hl.known_eq(out.shape[-1], sum(dim for _, dim in geometry))):
+        return None
+    moves, node, last = [], view, out.dim() - 1
+    while len(node.users) == 1:
+        nxt = next(iter(node.users))
+        if is_method(nxt, "transpose") or is_call(nxt, torch.transpose):
+            if any(not isinstance(d, int) or d % out.dim() == last for d in nxt.args[1:3]):
+                return None
+        elif is_method(nxt, "permute") or is_call(nxt, torch.permute):
+            dims = nxt.args[1:] if is_method(nxt, "permute") else nxt.args[1]
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+            if not dims or not isinstance(dims[-1], int) or dims[-1] % out.dim() != last:
+                return None
+        else:
+            break
+        moves.append(nxt)
+        node = nxt
+    split = next(iter(node.users)) if len(node.users) == 1 else None
+    if not _is_unbind(split):
+        return None
+    starts = [0, geometry[0][1], geometry[0][1] + geometry[1][1]]
+    cuts: dict[int, fx.Node] = {}
+    for g in split.users:
+        chunk = split_chunk(split, g.args[1]) if is_call(g, operator.getitem) else None
+        role = next((i for i, (start, (_, dim)) in enumerate(zip(starts, geometry))
+                     if chunk is not None and tuple(chunk[1]) == (start, start + dim)), None)
+        if role is None or role in cuts:
+            return None
+        cuts[role] = g
+    return _HeadCuts(view, moves, split, cuts) if len(cuts) == 3 else None
+
+
 def _features_of(node: Any, fused_node: fx.Node, width) -> bool:
     """``node`` is the fused projection's output, a view (or unsqueeze) of it with the same last
     dim, or a split of either along the last dim (checked by split_chunk)."""
@@ -259,8 +318,10 @@ def _features_of(node: Any, fused_node: fx.Node, width) -> bool:
 
 
 def _paths_ok(state: _Site, fused: bool = False, role_slices: Optional[dict] = None,
-              roles: tuple[str, ...] = ROLES, freed: Optional[list] = None) -> Optional[str]:
-    rewritten = set((role_slices or {}).values())  # they become "role" calls, proven by _role_slices
+              roles: tuple[str, ...] = ROLES, freed: Optional[list] = None, dead: frozenset = frozenset()
+              ) -> Optional[str]:
+    # role slices become "role" calls, proven by _role_slices; dead nodes lose their readers
+    rewritten = set((role_slices or {}).values()) | dead
     # a split all of whose chunks become "role" calls is left without readers
     rewritten |= {n.args[0] for n in rewritten if _is_unbind(n.args[0])
                   and {u for u in n.args[0].users} <= rewritten}
@@ -336,6 +397,10 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     layout = _fused_layout(state, nodes[0]) if fused else None
     # Only the role-major layout is cut into roles by slices; GPT-NeoX's per-head one by a view.
     role_slices = _role_slices(state, nodes[0]) if layout == FUSED_QKV else {}
+    # A query chain cannot keep a per-head layout (its q has fewer heads than k and v): the
+    # view, moves and split that cut it are redone per role on the heads each role computes.
+    head_cuts = (_per_head_cuts(state, nodes[0]) if query_only == FUSED_QUERY and layout == FUSED_PER_HEAD
+                 else None)
     present = list(dict.fromkeys(n for n in nodes if n is not None))
     roles = ("q",) if query_only else ROLES
     freed: list = []  # views whose head counts become -1, once every proof holds
@@ -346,7 +411,7 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         why = "projections_not_separate"
     elif fused and layout is None:
         why = "fused_layout"  # neither q's heads, k's, v's, nor [q_h, k_h, v_h] head by head
-    elif query_only == FUSED_QUERY and (layout != FUSED_QKV or len(role_slices) != 3):
+    elif query_only == FUSED_QUERY and (layout != FUSED_QKV or len(role_slices) != 3) and head_cuts is None:
         # k's and v's features move when fewer q rows are computed: each role must be cut by
         # a slice the chain can redo at the new widths
         why = "fused_layout"
@@ -357,7 +422,7 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
     elif site.num_heads < 2:
         why = "one_head"  # nothing to leave out (MQA's one KV head still leaves query heads)
     else:
-        why = _paths_ok(state, fused, role_slices, roles, freed)
+        why = _paths_ok(state, fused, role_slices, roles, freed, head_cuts.dead if head_cuts else frozenset())
     if why is not None:
         state.result.bump(f"no_compact_chain:{why}")
         return None
@@ -416,6 +481,17 @@ def compact_chain_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[s
         graph.erase_node(node)
         if split is not None and not split.users:
             graph.erase_node(split)
+    if head_cuts is not None:
+        for role_index, node in head_cuts.cuts.items():
+            with graph.inserting_before(node):
+                cut = graph.call_module(target, (head_cuts.view.args[0],),
+                                        dict(kind="role_heads", plan=plan, role=role_index, geometry=geometry))
+                for move in head_cuts.moves:
+                    cut = graph.create_node(move.op, move.target, (cut, *move.args[1:]), dict(move.kwargs))
+            cut.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+            node.replace_all_uses_with(cut)
+        for node in reversed([n for n in graph.nodes if n in head_cuts.dead]):
+            graph.erase_node(node)
     gated = state.gated
     with graph.inserting_before(gated):
         core = graph.call_module(target, tuple(gated.args[:8]), dict(kind="core", plan=plan, geometry=geometry))

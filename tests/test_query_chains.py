@@ -53,9 +53,10 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
     return [t for c in (caches or [cache]) for layer in c.layers for t in (layer.keys, layer.values)]
 
 
-def _gpt_bigcode_mqa():
-    """GPTBigCode (StarCoder): one projection for q (every head), k and v (one head each), split
-    after an unsqueeze(1)."""
+def _extra_entry(name):
+    """Decoders outside the zoo: GPTBigCode (StarCoder; one projection for every q head and one
+    k and v head, split after an unsqueeze(1)) and GPT-NeoX (Pythia; one projection laid out
+    [q_h, k_h, v_h] head by head, viewed (B, L, H, 3D), transposed and chunked)."""
     import transformers as T
 
     from zoo import ZooEntry, _hf, _ids
@@ -64,14 +65,17 @@ def _gpt_bigcode_mqa():
         ids, mask = _ids()
         return {"input_ids": ids, "attention_mask": mask}
 
-    config = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
-    return ZooEntry("gptbigcode-mqa-sdpa", _hf(T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, "sdpa", **config), inputs,
-                    2, 4, 1, 8)
+    ids = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "gptbigcode-mqa-sdpa":
+        config = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, **ids)
+        return ZooEntry(name, _hf(T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, "sdpa", **config), inputs, 2, 4, 1, 8)
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, rotary_pct=0.25, **ids)
+    return ZooEntry(name, _hf(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, "sdpa", **config), inputs, 2, 4, 4, 8)
 
 
 def _hf_case(name):
-    entry = _gpt_bigcode_mqa() if name == "gptbigcode-mqa-sdpa" else ENTRIES[name]
+    entry = ENTRIES[name] if name in ENTRIES else _extra_entry(name)
     model, inputs = entry.build(), entry.inputs()  # HF's default: the model returns a KV cache
     opt = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static"), example_inputs=inputs)
     return entry, model, inputs, opt
@@ -83,11 +87,14 @@ def test_hf_decoders_with_a_kv_cache_run_query_chains():
     inferred length the chain names so that the head count can be inferred), Phi-3 (one
     projection for q, k and v, cut by slices the chain redoes at the kept heads' widths) and
     GPT-2 (one HF Conv1D for q, k and v, viewed at its full width and split), GPTBigCode (one
-    projection for every q head and one k and v head, split after an unsqueeze) with their default
+    projection for every q head and one k and v head, split after an unsqueeze) and GPT-NeoX (one
+    projection laid out [q_h, k_h, v_h] head by head: each role's heads come from their own
+    call, the graph's view, transpose and chunk redone per role) with their default
     cache: every site whose K/V the cache reads is a
     query chain (T5's encoder stays a whole block), exact with shared and per-row masks, the
     cache's K and V those of the reference, and every head again with the gates open."""
-    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa"):
+    for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa",
+                 "gpt-neox-sdpa"):
         entry, model, inputs, opt = _hf_case(name)
         query = [s for s in opt.sites if s.compact_block and set(s.skipped_projections) == {"q", "out"}]
         expect = 4 if name.startswith("t5") else entry.sites
@@ -116,13 +123,14 @@ def test_hf_decoders_with_a_kv_cache_run_query_chains():
             assert_outputs_close(opt(**inputs), model(**inputs), what=f"{name} gates open")
 
 
-@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa"])
+@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa", "gpt-neox-sdpa"])
 def test_generate_runs_query_chains_at_every_step(name):
     """Greedy generation with a KV cache: prefill and each one-token step run the query chains
     (gathered once: the decision is static), and the logits equal those of the same pruning
     through the head ops. A step's K/V are the cache's rows and the step's own, concatenated
-    along the sequence: GPT-2's and GPTBigCode's fused projections are still found (and their
-    k/v cuts) through that concatenation; GPTBigCode cuts its roles after an unsqueeze."""
+    along the sequence: GPT-2's, GPTBigCode's and GPT-NeoX's fused projections are still found
+    (and their k/v cuts) through that concatenation; GPTBigCode cuts its roles after an
+    unsqueeze, GPT-NeoX head by head."""
     entry, model, inputs, opt = _hf_case(name)
     heads_ops = dhp_fx.optimize(model, DHPConfig(keep_ratio=0.5, scoring="static", compact_heads=False),
                                 example_inputs=inputs)
