@@ -1,9 +1,12 @@
 """Generation with a KV cache: what ``dhp_fx.optimize`` gives ``model.generate()``.
 
-    python benchmarks/bench_generate.py [--batch 8] [--prompt 128] [--new 32] [--kv-heads 8]
+    python benchmarks/bench_generate.py [--model llama|gpt2|gpt-neox] [--batch 8] [--prompt 128] [--new 32]
+                                         [--kv-heads 8]
 
 Model: a random-init ``LlamaForCausalLM`` (RoPE; hidden 512, 8 heads, ``--kv-heads``, ``--layers``),
-HF's default cache on. The cache reads every head's K and V, so each block runs as a query chain:
+or GPT-2 (one Conv1D for q, k and v) or GPT-NeoX (one projection laid out head by head, partial
+RoPE) of the same width, heads and depth; HF's default cache on. The cache reads every head's K
+and V, so each block runs as a query chain:
 the kept query heads' Q rows and W_o columns, attention over their own K/V, K and V projected
 whole. Rows: the unmodified model; the same under ``torch.compile(backend="eager")`` (what graph
 capture alone costs a decoding step); ``optimize()`` with static gates at each ``--p`` (calibrated
@@ -27,8 +30,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_end_to_end_cpu import load_llama  # noqa: E402
 
 
+def load_decoder(name: str, kv_heads: int, layers: int):
+    """A random-init causal LM, hidden 512, 8 heads, vocabulary 1000, HF's default cache."""
+    if name == "llama":
+        return load_llama(kv_heads, layers, causal_lm=True)
+    import transformers as T
+
+    tokens = dict(vocab_size=1000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "gpt2":
+        config = T.GPT2Config(n_embd=512, n_head=8, n_layer=layers, n_positions=2048, **tokens)
+        model_cls = T.GPT2LMHeadModel
+    else:
+        config = T.GPTNeoXConfig(hidden_size=512, num_attention_heads=8, num_hidden_layers=layers,
+                                 intermediate_size=2048, max_position_embeddings=2048, rotary_pct=0.25, **tokens)
+        model_cls = T.GPTNeoXForCausalLM
+    config._attn_implementation = "sdpa"
+    return model_cls(config).eval()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["llama", "gpt2", "gpt-neox"], default="llama")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
@@ -49,7 +71,9 @@ def main(argv=None) -> None:
     from dhp_fx.kernels import compact_heads
 
     torch.manual_seed(0)
-    model = load_llama(args.kv_heads, args.layers, causal_lm=True).to(device=device, dtype=dtype)
+    if args.model != "llama" and args.kv_heads != 8:
+        parser.error(f"--kv-heads: {args.model} has one KV head per query head")
+    model = load_decoder(args.model, args.kv_heads, args.layers).to(device=device, dtype=dtype)
     ids = torch.randint(3, 1000, (args.batch, args.prompt), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     variants = {"dense": model, "dense, torch.compile eager": torch.compile(model, backend="eager")}
@@ -87,7 +111,7 @@ def main(argv=None) -> None:
                 total[name].append(run(name, args.new))
     compact_heads.IN_PLACE_DECODE = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Llama {args.layers} layers, hidden 512, 8 heads, {args.kv_heads} KV heads, {args.dtype}; batch {args.batch}, "
+    print(f"{args.model} {args.layers} layers, hidden 512, 8 heads, {args.kv_heads} KV heads, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens (greedy, KV cache); torch {torch.__version__}, {where}")
     print("| variant | prompt ms | vs dense | per token ms | vs dense |")
     print("|---|---|---|---|---|")

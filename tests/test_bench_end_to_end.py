@@ -6,6 +6,8 @@ import os
 import runpy
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,10 +22,11 @@ def test_compiled_llama_table_runs_small(monkeypatch, capsys):
     assert rows == ["variant", "dense", "dense, torch.compile aot_eager", "static/batch p=0.5"], out
 
 
-def test_generate_table_runs_small(monkeypatch, capsys):
+@pytest.mark.parametrize("model", ["llama", "gpt-neox"])
+def test_generate_table_runs_small(monkeypatch, capsys, model):
     """benchmarks/bench_generate.py: every row, and the query chains it is about ran at each step."""
-    argv = ["bench_generate.py", "--batch", "2", "--prompt", "6", "--new", "3", "--layers", "1", "--reps", "1",
-            "--p", "0.5", "--gathered-row"]
+    argv = ["bench_generate.py", "--model", model, "--batch", "2", "--prompt", "6", "--new", "3", "--layers", "1",
+            "--reps", "1", "--p", "0.5", "--gathered-row"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_generate.py"), run_name="__main__")
     out = capsys.readouterr().out
