@@ -54,7 +54,7 @@ import torch.nn as nn
 from . import head_layout as hl
 from .compact_heads import _flags_spec
 from .graph_utils import example_value, is_call, is_method
-from .projections import last_dim_slice, split_chunk
+from .projections import last_dim_slice, second_last_index, split_chunk
 from .rewrite import erase_dead
 from .skip_projections import ROLES, _Site
 
@@ -143,6 +143,8 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
                 return "head_count_in_view"
             freed.append((node, {named[0]: -1, **({inferred[0]: source} if inferred else {})}))
         return None
+    if is_method(node, "unflatten") or is_call(node, torch.unflatten):
+        return _unflatten_ok(node, heads, freed)
     if is_call(node, *hl.ELEMENTWISE) or is_method(node, *hl.ELEMENTWISE_METHODS):
         out_dims = len(lay.dims)
         for other in node.all_input_nodes:
@@ -159,6 +161,11 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
     if is_call(node, operator.getitem):
         if isinstance(node.args[1], int) and _is_unbind(node.args[0]):
             return None  # one tensor of an unbind, whose dim was checked at the unbind
+        src = example_value(node.args[0])
+        if lay_in is not None and isinstance(src, torch.Tensor) and \
+                second_last_index(node.args[1], list(src.shape)) is not None:
+            # x[..., i, :] (BLOOM's role of a (.., H, 3, D) view): fine where that dim holds no heads
+            return None if src.dim() - 2 not in _head_dims(lay_in, dim, width) else "selection"
         return None if _slices_spare_heads(node.args[1], len(lay.dims), heads) else "selection"
     if _is_unbind(node):  # its layout is its input's (head_layout): the dim must hold no heads
         dim = _unbind_dim(node, len(lay.dims))
@@ -173,6 +180,32 @@ def _node_ok(node: fx.Node, lay: hl.Layout, on_path: set, dim: int, width: Optio
     if is_method(node, *hl.LAST_DIM_REDUCTIONS) or is_call(node, torch.mean, torch.sum):
         return None  # head_layout proved it reduces within one head (a per-head q/k norm)
     return "op"
+
+
+def _unflatten_ok(node: fx.Node, heads: list[int], freed: Optional[list]) -> Optional[str]:
+    """unflatten(d, sizes): where a size names the head count (the bmm matcher's unflatten(0,
+    (-1, H)) of heads folded into the batch), that size becomes -1 and the one it inferred is
+    named by its static value (appended to ``freed`` as (node, {"unflatten": sizes}))."""
+    val = example_value(node)
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    sizes = node.args[2] if len(node.args) > 2 else node.kwargs.get("sizes")
+    if not isinstance(val, torch.Tensor) or not isinstance(d, int) or not isinstance(sizes, (tuple, list)):
+        return "head_count_in_view"
+    d %= val.dim() - len(sizes) + 1
+    named = [i for i, size in enumerate(sizes) if d + i in heads and not _is_minus_one(size)]
+    if not named:
+        return None
+    new = list(sizes)
+    for i, size in enumerate(sizes):
+        if _is_minus_one(size):
+            if type(val.shape[d + i]) is not int:
+                return "head_count_in_view"
+            new[i] = val.shape[d + i]
+    if len(named) > 1 or freed is None:
+        return "head_count_in_view"
+    new[named[0]] = -1
+    freed.append((node, {"unflatten": tuple(new)}))
+    return None
 
 
 def _is_minus_one(size) -> bool:
@@ -192,6 +225,11 @@ def _free_head_sizes(graph: fx.Graph, freed: list) -> None:
     ("dim", j): the view input's size j, read at run time; in whichever form the view takes its
     shape (sizes as arguments, or one tuple)."""
     for node, sizes in freed:
+        if "unflatten" in sizes:
+            node.args = (node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["dim"],
+                         sizes["unflatten"])
+            node.kwargs = {}
+            continue
         shape = list(_shape_args(node))  # a torch.Size node's entries become the view's own
         for i, size in sizes.items():
             if isinstance(size, tuple):
@@ -247,31 +285,45 @@ def _role_slices(state: _Site, fused_node: fx.Node) -> dict[int, fx.Node]:
 class _HeadCuts(NamedTuple):
     """How a graph cuts one projection laid out [q_h, k_h, v_h] head by head into roles."""
 
-    view: fx.Node  # (.., H, period) of the projection's output
+    view: fx.Node  # (.., H, period) or (.., H, 3, D) of the projection's output
     moves: list  # transposes / permutes after it, redone on the heads each role's call gives
-    split: fx.Node  # of the last dim into q's, k's and v's features
-    cuts: dict  # role index -> its chunk
+    split: Optional[fx.Node]  # of the last dim into q's, k's and v's features; None: selects
+    cuts: dict  # role index -> its chunk, or its x[..., i, :]
 
     @property
     def dead(self) -> frozenset:
         """Left without readers once each role reads its own call."""
-        return frozenset({self.view, *self.moves, self.split, *self.cuts.values()})
+        return frozenset({self.view, *self.moves, *([self.split] if self.split is not None else []),
+                          *self.cuts.values()})
 
 
 def _per_head_cuts(state: _Site, fused_node: fx.Node) -> Optional[_HeadCuts]:
-    """GPT-NeoX's cut of one projection laid out [q_h, k_h, v_h] head by head: a view of its
-    output to (.., H, period), transposes or permutes that keep the last dim last, then a split
-    of the last dim into q's, k's and v's features; None for any other form."""
+    """How the graph cuts one projection laid out [q_h, k_h, v_h] head by head: GPT-NeoX views
+    its output (.., H, period), transposes or permutes that keep the last dim last, then splits
+    the last dim into q's, k's and v's features; BLOOM and Falcon view it (.., H, 3, D) and take
+    x[..., i, :] for role i. None for any other form."""
     users = list(fused_node.users)
     if len(users) != 1 or not (is_method(users[0], *_VIEWS) or is_call(users[0], torch.reshape)):
         return None
     view = users[0]
     src, out = example_value(fused_node), example_value(view)
     geometry = [state.role_geometry(r) for r in ROLES]
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() == src.dim() + 1
-            and all(hl.known_eq(a, b) for a, b in zip(out.shape[:-2], src.shape[:-1]))
-            and hl.known_eq(out.shape[-2], state.site.num_heads)
-            and hl.known_eq(out.shape[-1], sum(dim for _, dim in geometry))):
+    dims = [dim for _, dim in geometry]
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() > src.dim()
+            and all(hl.known_eq(a, b) for a, b in zip(out.shape[:src.dim() - 1], src.shape[:-1]))
+            and hl.known_eq(out.shape[src.dim() - 1], state.site.num_heads)):
+        return None
+    if out.dim() == src.dim() + 2:  # (.., H, 3, D): one role per index of the 3
+        if len(set(dims)) != 1 or not (hl.known_eq(out.shape[-2], 3) and hl.known_eq(out.shape[-1], dims[0])):
+            return None
+        cuts = {}
+        for g in view.users:
+            role = second_last_index(g.args[1], list(out.shape)) if is_call(g, operator.getitem) else None
+            if role is None or role in cuts:
+                return None
+            cuts[role] = g
+        return _HeadCuts(view, [], None, cuts) if len(cuts) == 3 else None
+    if out.dim() != src.dim() + 1 or not hl.known_eq(out.shape[-1], sum(dims)):
         return None
     moves, node, last = [], view, out.dim() - 1
     while len(node.users) == 1:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .graph_utils import arg, example_value, is_call, is_method, static_int
-from .projections import head_dim_slice, last_dim_slice, split_chunk, unit_split_dim
+from .projections import head_dim_slice, last_dim_slice, second_last_index, split_chunk, unit_split_dim
 
 IDENTITY_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16", "clone")
 VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze")
@@ -305,6 +305,11 @@ def _getitem(node: fx.Node, inputs, shape, head_dim: int) -> Optional[Layout]:
             start, stop = heads
             new = [] if stop - start == 1 else [Atom("raw", stop - start, row[0].stride)]
             return Layout(lay.dims[:-2] + [new, lay.dims[-1]], lay.offset + start * row[0].stride)
+        role = second_last_index(idx, list(_shape(src) or ()))
+        if role is not None and len(lay.dims) >= 2:
+            # x[..., i, :]: one value of the second-to-last dim, which drops (BLOOM's role of a
+            # (.., H, 3, D) view of its projection)
+            return _select(lay, len(lay.dims) - 2, role)
     if isinstance(idx, tuple) and shape is not None and all(i is Ellipsis or isinstance(i, slice) for i in idx):
         before = _shape(src)
         if before is None or len(before) != len(shape):

@@ -104,6 +104,21 @@ def last_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, i
     return (start, stop) if stop > start else None
 
 
+def second_last_index(idx: Any, src_sizes: Optional[list]) -> Optional[int]:
+    """i when ``x[idx]`` is ``x[..., i, :]``: one constant index into x's second-to-last dim, every
+    other dim whole (BLOOM's and Falcon's role of a (.., H, 3, D) view)."""
+    if src_sizes is None or not isinstance(idx, tuple) or idx.count(Ellipsis) != 1 or len(src_sizes) < 2:
+        return None
+    n, items = len(src_sizes), list(idx)
+    at = items.index(Ellipsis)
+    items[at:at + 1] = [slice(None)] * (n - len(items) + 1)
+    size = static_int(src_sizes[-2])
+    if len(items) != n or size is None or any(i != slice(None) for d, i in enumerate(items) if d != n - 2):
+        return None
+    pick = items[-2]
+    return pick % size if isinstance(pick, int) and not isinstance(pick, bool) and -size <= pick < size else None
+
+
 def head_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
     """(start, stop) when ``x[idx]`` takes a constant, step-1 range of x's second-to-last dim
     only: a slice, or a one-element index list (Falcon's multi-query ``qkv[..., :-2, :]`` and
@@ -315,6 +330,16 @@ class _Walker:
         src_sizes = _sizes(src)
         heads = head_dim_slice(idx, src_sizes)
         view_in = _sizes(src.args[0]) if is_method(src, "view", "reshape") and src.args else None
+        role = second_last_index(idx, src_sizes)
+        if role is not None and view_in is not None and len(src_sizes) == len(view_in) + 2:
+            # role i of a view(.., H, R, D) of the projection: features [i·D, (i + 1)·D) of each
+            # head's period of R·D (BLOOM, Falcon: [q_h, k_h, v_h] head by head)
+            n_heads, roles, dim = (static_int(d) for d in src_sizes[-3:])
+            whole = static_int(view_in[-1])
+            if (None not in (n_heads, roles, dim, whole) and whole == n_heads * roles * dim
+                    and all(a == b for a, b in zip(src_sizes[:-3], view_in[:-1]))):
+                return self.walk(src.args[0], (role * dim, (role + 1) * dim), None, depth + 1,
+                                 (roles * dim, n_heads))
         if heads is not None and view_in is not None and _splits_heads(view_in, src_sizes, (0, 1)):
             # heads [a, b) of a view(..., H, D) of the projection: features [a·D, b·D) of it
             dim = static_int(src_sizes[-1])

@@ -581,6 +581,35 @@ def test_hf_falcon_multi_query_skips_every_projection(attn):
     check_keep_mask(model, opt, inputs, _PINNED)
 
 
+@pytest.mark.parametrize("family,attn", [("bloom", "eager"), ("falcon", "sdpa"), ("falcon-alibi", "eager")])
+def test_hf_per_head_qkv_viewed_by_role_skips_every_projection_and_runs_as_a_chain(family, attn):
+    """BLOOM and Falcon (one KV head per query head) view their fused projection (B, L, H, 3, D)
+    and take role i as x[..., i, :]. Before, no q/k/v projection was found there
+    (`no_skip_qkv_proj:no_hidden`): only the output projection skipped heads. BLOOM folds the
+    heads into the batch (the matcher's unflatten(0, (-1, H)) names the head count, which the
+    chain infers instead)."""
+    import transformers as T
+
+    if family == "bloom":
+        config, model_cls = T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **_LM), T.BloomForCausalLM
+    else:
+        config = T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+                                new_decoder_architecture=False, alibi=family == "falcon-alibi", bias=True, **_LM)
+        model_cls = T.FalconForCausalLM
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids, mask = _ids()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    opt = check_gates_open(model, inputs, config=DHPConfig(scoring="static"))
+    assert _skips_every_projection(opt) and all(s.compact_block for s in opt.sites), opt.report()
+    # q: each head's first 8 features of its 24, from head 0's start to head 3's end
+    assert [(s.q_proj.features, s.q_proj.head_stride) for s in opt.sites] == [((0, 80), 24)] * 2
+    assert opt._compiler.counters.get("compact_chain") == 2
+    check_keep_mask(model, opt, inputs, _PINNED)
+    check_keep_mask(model, opt, inputs, _PINNED[:1].expand(2, -1))  # rows alike: the kept heads alone
+
+
 @pytest.mark.parametrize("attn,rope_interleave", [("sdpa", True), ("eager", False)])
 def test_hf_deepseek_mla_skips_the_q_v_and_output_projections(attn, rope_interleave):
     """Multi-head latent attention: each q head is split into a part without and a part with

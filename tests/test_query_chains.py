@@ -54,9 +54,10 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
 
 
 def _extra_entry(name):
-    """Decoders outside the zoo: GPTBigCode (StarCoder; one projection for every q head and one
-    k and v head, split after an unsqueeze(1)) and GPT-NeoX (Pythia; one projection laid out
-    [q_h, k_h, v_h] head by head, viewed (B, L, H, 3D), transposed and chunked)."""
+    """Decoders outside the zoo's SDPA list: GPTBigCode (StarCoder; one projection for every q
+    head and one k and v head, split after an unsqueeze(1)), GPT-NeoX (Pythia; one projection
+    laid out [q_h, k_h, v_h] head by head, viewed (B, L, H, 3D), transposed and chunked), BLOOM
+    and Falcon (the same layout viewed (B, L, H, 3, D), role i taken as x[..., i, :])."""
     import transformers as T
 
     from zoo import ZooEntry, _hf, _ids
@@ -66,6 +67,13 @@ def _extra_entry(name):
         return {"input_ids": ids, "attention_mask": mask}
 
     ids = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "bloom-eager":  # transformers has no SDPA BLOOM
+        config = dict(hidden_size=32, n_layer=2, n_head=4, **ids)
+        return ZooEntry(name, _hf(T.BloomConfig, T.BloomForCausalLM, "eager", **config), inputs, 2, 4, 4, 8)
+    if name == "falcon-mha-sdpa":
+        config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+                      new_decoder_architecture=False, alibi=False, bias=True, **ids)
+        return ZooEntry(name, _hf(T.FalconConfig, T.FalconForCausalLM, "sdpa", **config), inputs, 2, 4, 4, 8)
     if name == "gptbigcode-mqa-sdpa":
         config = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, **ids)
         return ZooEntry(name, _hf(T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, "sdpa", **config), inputs, 2, 4, 1, 8)
@@ -89,12 +97,13 @@ def test_hf_decoders_with_a_kv_cache_run_query_chains():
     GPT-2 (one HF Conv1D for q, k and v, viewed at its full width and split), GPTBigCode (one
     projection for every q head and one k and v head, split after an unsqueeze) and GPT-NeoX (one
     projection laid out [q_h, k_h, v_h] head by head: each role's heads come from their own
-    call, the graph's view, transpose and chunk redone per role) with their default
-    cache: every site whose K/V the cache reads is a
+    call, the graph's view, transpose and chunk redone per role; BLOOM and Falcon: the same
+    layout viewed (B, L, H, 3, D)) with their default cache: every site whose K/V the cache
+    reads is a
     query chain (T5's encoder stays a whole block), exact with shared and per-row masks, the
     cache's K and V those of the reference, and every head again with the gates open."""
     for name in ("llama-sdpa", "qwen2-sdpa", "t5-sdpa", "opt-sdpa", "phi3-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa",
-                 "gpt-neox-sdpa"):
+                 "gpt-neox-sdpa", "bloom-eager", "falcon-mha-sdpa"):
         entry, model, inputs, opt = _hf_case(name)
         query = [s for s in opt.sites if s.compact_block and set(s.skipped_projections) == {"q", "out"}]
         expect = 4 if name.startswith("t5") else entry.sites
@@ -123,7 +132,8 @@ def test_hf_decoders_with_a_kv_cache_run_query_chains():
             assert_outputs_close(opt(**inputs), model(**inputs), what=f"{name} gates open")
 
 
-@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa", "gpt-neox-sdpa"])
+@pytest.mark.parametrize("name", ["llama-sdpa", "gpt2-sdpa", "gptbigcode-mqa-sdpa", "gpt-neox-sdpa", "bloom-eager",
+                                  "falcon-mha-sdpa"])
 def test_generate_runs_query_chains_at_every_step(name):
     """Greedy generation with a KV cache: prefill and each one-token step run the query chains
     (gathered once: the decision is static), and the logits equal those of the same pruning
