@@ -646,3 +646,43 @@ def test_slot_view_reads_each_slots_features(slots, dim, spare, before, axis, ot
         assert got.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # a view, no copy
     with pytest.raises(ValueError, match="overrun its period"):
         slot_view(torch.zeros(12, 2), 0, 2, 2, 3, 4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]), Lq=st.sampled_from([1, 3, 17]),
+       Lk=st.integers(1, 20), mask=st.sampled_from(["none", "pad", "bias", "bool"]), causal=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_query_heads_core_every_head_or_gathered_kv_give_the_kept_heads_alone(B, kv, group, Lq, Lk, mask, causal, seed):
+    """A query chain's core on the kept query heads (plus filler heads) over every head's K/V:
+    a few query rows attend over every head with the others' q zero (SCATTER_MAX_LQ), more rows
+    over their own K/V gathered. Both equal attention of each gathered head alone, in float64."""
+    from unittest import mock
+
+    from dhp_fx.kernels import compact_heads
+    from dhp_fx.kernels.compact_heads import GatheredHeads, query_heads_core
+
+    g = torch.Generator().manual_seed(seed)
+    H, D = kv * group, 4
+    union = torch.rand(H, generator=g) < 0.5
+    union[int(torch.randint(H, (), generator=g))] = True
+    cap = min(H, int(union.sum()) + 1)
+    idx, valid = kept_first(union, cap)
+    gathered = GatheredHeads(idx, valid, torch.empty(0), None, torch.empty(0))
+    q = torch.randn(B, cap, Lq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, kv, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    attn_mask = {"none": None, "pad": torch.rand(B, 1, 1, Lk, generator=g) < 0.8,
+                 "bias": torch.randn(1, H, Lq, Lk, generator=g, dtype=torch.float64),
+                 "bool": torch.rand(B, H, Lq, Lk, generator=g) < 0.8}[mask]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask[..., 0] = True  # every row sees a key
+    causal = causal and attn_mask is None
+    keep = union[None].expand(B, H)
+    groups = torch.div(idx, group, rounding_mode="floor")
+    heads_mask = None if attn_mask is None or attn_mask.shape[1] == 1 else attn_mask.index_select(1, idx)
+    want = F.scaled_dot_product_attention(q, k.index_select(1, groups), v.index_select(1, groups),
+                                          attn_mask=heads_mask if heads_mask is not None else attn_mask,
+                                          is_causal=causal)
+    for most in (0, 16):  # every head up to `most` query rows, gathered K/V beyond
+        with mock.patch.object(compact_heads, "SCATTER_MAX_LQ", most):
+            got = query_heads_core(q, k, v, keep, gathered, group, attn_mask, 0.0, causal, None, True)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
