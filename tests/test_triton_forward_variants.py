@@ -61,8 +61,12 @@ def check_tma_forward(B, Hkv, group, Lq, Lk, D, Dv, dtype, mask_kind, mask_shape
         p_out, p_ent = tk._ta.triton_gated_attention(q, k, v, keep, mask, is_causal, None, return_entropy=True,
                                                      tma=False)
     assert [x[:2] for x in seen] == [(tk._ta.TMA_OFF, False)]
-    torch.testing.assert_close(got, p_out, atol=0, rtol=0)
-    torch.testing.assert_close(ent, p_ent, atol=0, rtol=0)
+    # Same numbers as the pointer loads up to summation order: the interpreter's numpy sums a
+    # descriptor-loaded tile in another order on some CPUs (bitwise equal on the AMD machines of
+    # sessions 1-20, within 2.4e-7 on an AVX-512 Intel one in session 21).
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got, p_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(ent, p_ent, atol=1e-6, rtol=1e-5)
 
 
 # Query lengths above MAX_DECODE_LQ: shorter ones take the split-KV decode kernel, which has no TMA variant.
