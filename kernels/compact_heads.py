@@ -409,9 +409,10 @@ def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_ma
     k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V.
 
     Decoding on a GPU the Triton decode kernels read each head's group in place: gathering the
-    kept heads' K/V would copy the cache's share of them at every step, three times the bytes
-    the attention itself reads. Elsewhere a few query rows shared by the rows run every head
-    (see SCATTER_MAX_LQ); otherwise K/V are gathered and attention runs dense."""
+    kept heads' K/V would copy the cache's share of them at every step (read and written once,
+    then read by the attention: three times the bytes the attention alone reads). Elsewhere a
+    few query rows shared by the rows run every head (see SCATTER_MAX_LQ); otherwise K/V are
+    gathered and attention runs dense."""
     idx, valid = gathered.idx, gathered.valid
     H = keep.shape[1]
     groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")

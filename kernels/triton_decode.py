@@ -39,8 +39,8 @@ kernel (tests).
 
 Head map (``HEAD_MAP``): a query chain's q holds the kept query heads only, while K/V (a KV
 cache) hold every KV head. ``KvHeads`` [Hq] names each q slot's KV head, so K/V are read in place
-rather than gathered per step (a gather copies the cached rows of the kept heads at every step:
-three times the bytes the attention reads). The per-head kernel reads its slot's entry; the packed
+rather than gathered per step (gathered, the kept heads' cached rows are read and written, then
+read again: three times the bytes). The per-head kernel reads its slot's entry; the packed
 kernel finds its KV head's slots by scanning the map (``_group_slots``), at most GROUP of them.
 
 Nothing reads device values on the host: no sync.

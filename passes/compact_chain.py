@@ -195,14 +195,14 @@ def _unflatten_ok(node: fx.Node, heads: list[int], freed: Optional[list]) -> Opt
     named = [i for i, size in enumerate(sizes) if d + i in heads and not _is_minus_one(size)]
     if not named:
         return None
+    if len(named) > 1 or freed is None:
+        return "head_count_in_view"
     new = list(sizes)
     for i, size in enumerate(sizes):
         if _is_minus_one(size):
             if type(val.shape[d + i]) is not int:
                 return "head_count_in_view"
             new[i] = val.shape[d + i]
-    if len(named) > 1 or freed is None:
-        return "head_count_in_view"
     new[named[0]] = -1
     freed.append((node, {"unflatten": tuple(new)}))
     return None
@@ -332,9 +332,9 @@ def _per_head_cuts(state: _Site, fused_node: fx.Node) -> Optional[_HeadCuts]:
             if any(not isinstance(d, int) or d % out.dim() == last for d in nxt.args[1:3]):
                 return None
         elif is_method(nxt, "permute") or is_call(nxt, torch.permute):
-            dims = nxt.args[1:] if is_method(nxt, "permute") else nxt.args[1]
-            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-            if not dims or not isinstance(dims[-1], int) or dims[-1] % out.dim() != last:
+            order = nxt.args[1:] if is_method(nxt, "permute") else nxt.args[1]
+            order = order[0] if len(order) == 1 and isinstance(order[0], (tuple, list)) else order
+            if not order or not isinstance(order[-1], int) or order[-1] % out.dim() != last:
                 return None
         else:
             break

@@ -104,25 +104,9 @@ def last_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, i
     return (start, stop) if stop > start else None
 
 
-def second_last_index(idx: Any, src_sizes: Optional[list]) -> Optional[int]:
-    """i when ``x[idx]`` is ``x[..., i, :]``: one constant index into x's second-to-last dim, every
-    other dim whole (BLOOM's and Falcon's role of a (.., H, 3, D) view)."""
-    if src_sizes is None or not isinstance(idx, tuple) or idx.count(Ellipsis) != 1 or len(src_sizes) < 2:
-        return None
-    n, items = len(src_sizes), list(idx)
-    at = items.index(Ellipsis)
-    items[at:at + 1] = [slice(None)] * (n - len(items) + 1)
-    size = static_int(src_sizes[-2])
-    if len(items) != n or size is None or any(i != slice(None) for d, i in enumerate(items) if d != n - 2):
-        return None
-    pick = items[-2]
-    return pick % size if isinstance(pick, int) and not isinstance(pick, bool) and -size <= pick < size else None
-
-
-def head_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
-    """(start, stop) when ``x[idx]`` takes a constant, step-1 range of x's second-to-last dim
-    only: a slice, or a one-element index list (Falcon's multi-query ``qkv[..., :-2, :]`` and
-    ``qkv[..., [-2], :]`` on [B, L, H + 2, D])."""
+def _second_last_pick(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, Any]]:
+    """(the static size of x's second-to-last dim, idx's entry for it) when ``x[idx]`` indexes
+    that dim only, every other dim whole; None otherwise."""
     if src_sizes is None or not isinstance(idx, tuple) or idx.count(Ellipsis) > 1 or len(src_sizes) < 2:
         return None
     n, items = len(src_sizes), list(idx)
@@ -130,10 +114,30 @@ def head_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, i
         at = items.index(Ellipsis)
         items[at:at + 1] = [slice(None)] * (n - len(items) + 1)
     items += [slice(None)] * (n - len(items))
-    heads = static_int(src_sizes[-2])
-    if len(items) != n or heads is None or any(i != slice(None) for d, i in enumerate(items) if d != n - 2):
+    size = static_int(src_sizes[-2])
+    if len(items) != n or size is None or any(i != slice(None) for d, i in enumerate(items) if d != n - 2):
         return None
-    pick = items[-2]
+    return size, items[-2]
+
+
+def second_last_index(idx: Any, src_sizes: Optional[list]) -> Optional[int]:
+    """i when ``x[idx]`` is ``x[..., i, :]``: one constant index into x's second-to-last dim, every
+    other dim whole (BLOOM's and Falcon's role of a (.., H, 3, D) view)."""
+    got = _second_last_pick(idx, src_sizes)
+    if got is None:
+        return None
+    size, pick = got
+    return pick % size if isinstance(pick, int) and not isinstance(pick, bool) and -size <= pick < size else None
+
+
+def head_dim_slice(idx: Any, src_sizes: Optional[list]) -> Optional[tuple[int, int]]:
+    """(start, stop) when ``x[idx]`` takes a constant, step-1 range of x's second-to-last dim
+    only: a slice, or a one-element index list (Falcon's multi-query ``qkv[..., :-2, :]`` and
+    ``qkv[..., [-2], :]`` on [B, L, H + 2, D])."""
+    got = _second_last_pick(idx, src_sizes)
+    if got is None:
+        return None
+    heads, pick = got
     if isinstance(pick, list) and len(pick) == 1 and isinstance(pick[0], int) and -heads <= pick[0] < heads:
         return pick[0] % heads, pick[0] % heads + 1
     if not isinstance(pick, slice) or pick.step not in (None, 1) or pick == slice(None):
