@@ -8,17 +8,21 @@ or GPT-2 (one Conv1D for q, k and v) or GPT-NeoX (one projection laid out head b
 RoPE) of the same width, heads and depth; HF's default cache on. The cache reads every head's K
 and V, so each block runs as a query chain:
 the kept query heads' Q rows and W_o columns, attention over their own K/V, K and V projected
-whole. Rows: the unmodified model; the same under ``torch.compile(backend="eager")`` (what graph
-capture alone costs a decoding step); ``optimize()`` with static gates at each ``--p`` (calibrated
-on the prompt batch); at the first p < 1 also the head-skipping ops instead of the chain
-(``compact_heads=False``); on a GPU, also the chain with its decode reading the kept heads' K/V
-gathered per step rather than in place (``compact_heads.IN_PLACE_DECODE = False``). Greedy decoding, ``--new`` tokens forced. Columns: the prompt's forward
+whole. Rows: the unmodified model; a copy whose forward runs under ``torch.compile(backend="eager")``
+(what graph capture alone costs a decoding step: Dynamo's guards and the graph's Python);
+``optimize()`` with static gates at each ``--p`` (calibrated on the prompt batch); at the first
+p < 1 also the head-skipping ops instead of the chain (``compact_heads=False``); on a GPU (on a
+CPU with ``--gathered-row``), also the chain with its attention not reading the kept heads' K/V
+in place: gathered per step on a GPU (``compact_heads.IN_PLACE_DECODE = False``), every head
+with the others' q zero on a CPU (``compact_heads.HEAD_BANDS = False``). Greedy decoding,
+``--new`` tokens forced. Columns: the prompt's forward
 (``max_new_tokens=1``) and each further token, ``(T(new) - T(1)) / (new - 1)``; medians of
 ``--reps`` interleaved runs after one warm-up each. ``--device cuda`` synchronises each run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -61,7 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--gathered-row", action="store_true",
-                        help="the K/V-gathered A/B row on a CPU too (where both rows gather: a smoke test)")
+                        help="the A/B row without K/V read in place on a CPU too (every head there)")
     args = parser.parse_args(argv)
     if args.new < 2:
         parser.error("--new must be at least 2 (per-token time needs a step after the prompt's)")
@@ -76,7 +80,10 @@ def main(argv=None) -> None:
     model = load_decoder(args.model, args.kv_heads, args.layers).to(device=device, dtype=dtype)
     ids = torch.randint(3, 1000, (args.batch, args.prompt), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    variants = {"dense": model, "dense, torch.compile eager": torch.compile(model, backend="eager")}
+    # generate() calls the model's own forward: compiling a copy's forward is what puts a step under Dynamo
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="eager")
+    variants = {"dense": model, "dense, torch.compile eager": compiled}
     head_ops_done = False
     for p in args.p:
         forms = [True] if p == 1.0 or head_ops_done else [True, False]
@@ -87,13 +94,13 @@ def main(argv=None) -> None:
                 dhp_fx.calibrate(opt, [inputs], measure_flops=False)
             variants[f"static p={p:g}" + ("" if compact else " head ops")] = opt
             if compact and p < 1.0 and (device.type == "cuda" or args.gathered_row):
-                variants[f"static p={p:g} K/V gathered"] = opt
+                variants[f"static p={p:g} K/V not in place"] = opt
         head_ops_done = head_ops_done or len(forms) == 2
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(name: str, new: int) -> float:
         m = variants[name]
-        compact_heads.IN_PLACE_DECODE = not name.endswith("K/V gathered")
+        compact_heads.IN_PLACE_DECODE = compact_heads.HEAD_BANDS = not name.endswith("K/V not in place")
         sync()
         start = time.perf_counter()
         m.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -109,7 +116,7 @@ def main(argv=None) -> None:
             for name in variants:
                 prompt[name].append(run(name, 1))
                 total[name].append(run(name, args.new))
-    compact_heads.IN_PLACE_DECODE = True
+    compact_heads.IN_PLACE_DECODE = compact_heads.HEAD_BANDS = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model} {args.layers} layers, hidden 512, 8 heads, {args.kv_heads} KV heads, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens (greedy, KV cache); torch {torch.__version__}, {where}")
@@ -122,7 +129,7 @@ def main(argv=None) -> None:
         base = base or (t1, step)
         print(f"| {name} | {t1 * 1e3:.1f} | {t1 / base[0]:.2f}× | {step * 1e3:.2f} | {step / base[1]:.2f}× |")
     for name, m in variants.items():
-        if name.endswith("K/V gathered"):
+        if name.endswith("K/V not in place"):
             continue  # its model's counters are the in-place row's
         chains = [g.chain_module for g in getattr(m, "gates", {}).values()]
         if chains and any(c.calls_query_heads for c in chains):

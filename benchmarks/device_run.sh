@@ -117,9 +117,11 @@ stamp "compiled done"
 fi
 if want generate; then
 # generate() with HF's default KV cache: query chains (K/V whole for the cache), per-token time
-# against the dense model; session 20 timed it on CPU only. The "K/V gathered" rows are the chains
-# with their decode copying the kept heads' cached K/V per step instead of the head-map kernels
-# reading them in place (session 21, untimed on a card; one more row per p: GENERATE_S 90 → 120).
+# against the dense model; session 20 timed it on CPU only. The "K/V not in place" rows are the
+# chains with their decode copying the kept heads' cached K/V per step instead of the head-map
+# kernels reading them in place (session 21, untimed on a card; one more row per p: GENERATE_S 90
+# → 120). Since session 22 the "torch.compile eager" row compiles a copy's forward (before, it
+# ran eager: generate() never called the compiled wrapper).
 timeout $(lim ${GENERATE_S:-120}) $PY benchmarks/bench_generate.py --device cuda --dtype bfloat16 --reps 5 \
   ${GENERATE_ARGS:---batch 8 --prompt 1024 --new 64 --layers 8} > "$OUT/generate.txt" 2>&1
 echo "generate rc=$?" >> "$OUT/generate.txt"

@@ -26,7 +26,9 @@ from .kernels.compact_heads import (GatheredHeads, HeadProjection, compact_atten
 from .cuda_graphs import freeze_for_capture, tensor_state
 from .kernels import row_cost
 from .kernels.compact_rows import compact_rows_block, gather_rows, project_rows, rows_core
+from .kernels.head_runs import head_bands
 from .passes.compact_chain import FUSED_PER_HEAD, FUSED_QKV
+from .passes.compact_heads import RECIPE, replay_flags
 
 # Devices on which per-sample decisions run each row's own kept heads (kernels/compact_rows)
 # where a row's tokens pay for its weight gather (kernels/row_cost): on a CPU the gather is
@@ -181,13 +183,9 @@ class CompactBlock(nn.Module):
 
         def flags(spec):
             nonlocal union
-            if isinstance(spec, torch.Tensor):
-                return spec
-            if spec == "keep":
-                return keep
-            if union is None:
+            if spec == "any" and union is None:
                 union = keep.any(0)
-            return union
+            return _flags(spec, keep, union)
 
         if originals:
             features = [_linear(p[0], p[1], p[2], p[5]) for p in projections]
@@ -245,6 +243,7 @@ class CompactChain(CompactBlock):
     def __init__(self, gate: nn.Module):
         super().__init__(gate)
         self._per_head_last: Optional[tuple] = None  # (gathered, its rows head by head)
+        self._bands_last: Optional[tuple] = None  # (gathered, group, its bands)
         # Under a traced compiler, the graphs this chain runs in as one opaque op, by call id
         # (dhp_fx/opaque.py); the op holds them weakly, so they live as long as the chain.
         self.opaque_graphs: dict[int, nn.Module] = {}
@@ -356,6 +355,18 @@ class CompactChain(CompactBlock):
         offset = sum(dims[:role])
         return t.unflatten(-1, (heads, sum(dims)))[..., offset:offset + dims[role]]
 
+    def _bands(self, plan: "QueryHeads", group: int, q: torch.Tensor) -> Optional[list]:
+        """The gathered heads' bands for a CPU core (kernels/head_runs.py), once per gather: a
+        static decision's gather serves call after call, and planning them reads the index
+        back (a device sync anywhere but on a CPU)."""
+        if not plan.rows_same or q.device.type != "cpu":
+            return None
+        last = self._bands_last
+        if last is None or last[0] is not plan.gathered or last[1] != group:
+            gathered = plan.gathered
+            last = self._bands_last = (gathered, group, head_bands(gathered.idx.tolist(), gathered.valid.tolist(), group))
+        return last[2]
+
     def _per_head_rows(self, gathered, dims, cap):
         """The gathered q, k, v rows reordered head by head: once per gather (a static decision's
         gather is reused call after call, so is this)."""
@@ -371,8 +382,9 @@ class CompactChain(CompactBlock):
     def _core(self, q, k, v, keep, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *, plan, geometry):
         if isinstance(plan, QueryHeads):
             heads, kv_heads, _, _ = geometry
-            return query_heads_core(q, k, v, keep, plan.gathered, heads // kv_heads, attn_mask, dropout_p, is_causal,
-                                    scale, plan.rows_same)
+            group = heads // kv_heads
+            return query_heads_core(q, k, v, keep, plan.gathered, group, attn_mask, dropout_p, is_causal,
+                                    scale, plan.rows_same, self._bands(plan, group, q))
         if plan is None:
             return torch.ops.dhp.gated_attention(q, k, v, keep, attn_mask, dropout_p, is_causal, scale)
         heads, kv_heads, _, _ = geometry
@@ -450,8 +462,13 @@ def _per_row(x: torch.Tensor, batch: int, fn) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _flags(spec, keep):
-    """A head op's flags from the pass's name for them (see passes/compact_heads._flags_spec)."""
+def _flags(spec, keep, union: Optional[torch.Tensor] = None):
+    """A head op's flags from the pass's name for them (see passes/compact_heads._flags_spec);
+    ``union``: keep.any(0) where the caller has it already."""
     if isinstance(spec, torch.Tensor):
         return spec
-    return keep if spec == "keep" else keep.any(0)
+    if isinstance(spec, tuple) and spec and spec[0] == RECIPE:
+        return replay_flags(spec, keep)
+    if spec == "keep":
+        return keep
+    return keep.any(0) if union is None else union

@@ -228,7 +228,7 @@ class HeadGate(nn.Module):
         Read by the block module (dhp_fx.compact_block) after the gate ran; host state only."""
         if self._tap_work is not None:
             return None
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             union, shared = self._fixed_plan
             return max(union, 1), shared
         if self.recording or (self.score_threshold is None and self.n_keep >= self.num_heads):
@@ -247,7 +247,7 @@ class HeadGate(nn.Module):
         if self._tap_work is not None:
             return None
         H = self.num_heads
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             cap = self._fixed_heads
             return (max(cap, 1), not self._fixed_rows_apart) if cap < H else None
         if self.recording or (self.score_threshold is None and self.n_keep >= H):
@@ -268,9 +268,9 @@ class HeadGate(nn.Module):
         when the call must compute every head (as for :meth:`compact_plan`), or when rows share
         one decision (granularity "batch": a row keeps the batch's union, not its own budget).
         Host state only."""
-        if self._tap_work is not None or (self.granularity == "batch" and not self.fixed_keep.numel()):
+        if self._tap_work is not None or (self.granularity == "batch" and not self._buffers["fixed_keep"].numel()):
             return None
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             return self._fixed_row_plan
         if self.recording or (self.score_threshold is None and self.n_keep >= self.num_heads):
             return None
@@ -284,7 +284,7 @@ class HeadGate(nn.Module):
         form where per-row compaction does not pay (dhp_fx.compact_block). Host state only."""
         if self._tap_work is not None or self.recording:
             return False
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             return self._fixed_rows_apart
         return self.granularity == "sample"
 
@@ -296,7 +296,7 @@ class HeadGate(nn.Module):
         work = self._tap_work
         if work is not None and "ste" in work:
             return True
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             return self._fixed_all
         if self.recording:
             return bool(work is not None and work.get("record"))
@@ -319,13 +319,17 @@ class HeadGate(nn.Module):
 
     def forward(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         ref = q if q is not None else hidden
-        if is_fake(ref):
+        # a plain tensor that no functionalization wraps is real: skips is_fake's probes
+        if (type(ref) is not torch.Tensor or torch._is_functional_tensor(ref)) and is_fake(ref):
             # A downstream compiler (aot_eager, inductor) is tracing the graph: hand it one opaque
             # op, so the gate's Python logic (budgets, lagged state, recording) runs for real at
             # every call and its buffers never meet fake tensors.
             return torch.ops.dhp.run_gate(q, k, v, attn_mask, hidden, _register(self))
-        self._tap_work = None
-        if self.ste and torch.is_grad_enabled() and not self.fixed_keep.numel():
+        # Plain attribute writes and buffer reads: nn.Module's __setattr__/__getattr__ cost
+        # several dict probes each, and a decoding step runs every gate between GEMMs that have
+        # evicted those dicts from the cache (session 22: ~75 µs a gate call there, 16 µs warm).
+        self.__dict__["_tap_work"] = None
+        if self.ste and torch.is_grad_enabled() and not self._buffers["fixed_keep"].numel():
             keep = self._straight_through(q, k, v, attn_mask, hidden)
             if keep is not None:
                 return keep
@@ -386,7 +390,7 @@ class HeadGate(nn.Module):
     def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         ref = q if q is not None else hidden
         batch = ref.shape[0]
-        if self.fixed_keep.numel():
+        if self._buffers["fixed_keep"].numel():
             fixed = self.fixed_keep.to(ref.device)
             if fixed.dim() == 2 and fixed.shape[0] != batch:
                 raise ValueError(

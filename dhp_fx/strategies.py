@@ -57,7 +57,7 @@ class ScoringGate(HeadGate):
         # Training (distillation) updates weights in place, which bumps their version counter.
         if not torch.compiler.is_compiling() and self._weights and self._version() != self._weights_version:
             self.refresh_weight_norms()
-        return self.w_hat
+        return self._buffers["w_hat"]
 
     def entropy(self, q, k, attn_mask, all_rows: bool = False) -> torch.Tensor:
         """Ĥ [B, H] from the probe rows (or every row), padding queries left out; with
@@ -148,18 +148,18 @@ class StaticGate(ScoringGate):
 
     def compact_plan(self, batch: int) -> Optional[tuple[int, bool]]:
         plan = super().compact_plan(batch)
-        if plan is None or self.fixed_keep.numel() or self.recording:
+        if plan is None or self._buffers["fixed_keep"].numel() or self.recording:
             return plan
         per_row, _, whole = self._group_bounds()
         return min(plan[0], per_row), whole  # one decision, handed to every row
 
     def compact_head_plan(self, batch: int) -> Optional[tuple[int, bool]]:
-        if self.fixed_keep.numel() or self.recording:
+        if self._buffers["fixed_keep"].numel() or self.recording:
             return super().compact_head_plan(batch)
         return super().compact_head_plan(1)  # one decision, handed to every row: bounded as one row's
 
     def decides_rows_apart(self) -> bool:
-        return bool(self.fixed_keep.numel()) and super().decides_rows_apart()  # else one decision for all
+        return bool(self._buffers["fixed_keep"].numel()) and super().decides_rows_apart()  # else one decision for all
 
     def score(self, q, k, v, attn_mask, hidden) -> torch.Tensor:
         self._last_entropy = None
@@ -168,7 +168,6 @@ class StaticGate(ScoringGate):
         ranking = torch.where(self.calibrated, self.static_scores, self._fresh_w_hat())
         return ranking[None].expand(ref.shape[0], -1).to(ref.device)
 
-    @torch.no_grad()
     def decide_eager(self, q, k, v, attn_mask=None, hidden=None) -> torch.Tensor:
         """Every input gets the same heads: decide once, then hand out a view of that decision.
 
@@ -176,16 +175,21 @@ class StaticGate(ScoringGate):
         which on a GPU under CUDA graphs is a sizeable share of a short forward. The decision is
         kept while everything it depends on is unchanged: the scores (static, calibrated flag,
         ŵ: held, so their identity and version counters can be compared), the budget and the
-        device. A pinned mask and calibration recording take the general path."""
-        if self.fixed_keep.numel() or self.recording:
+        device. A pinned mask and calibration recording take the general path (no_grad: the
+        base class's; the cached decision is boolean). Buffers are read from ``_buffers`` for
+        the reason HeadGate.forward gives."""
+        buffers = self._buffers
+        if buffers["fixed_keep"].numel() or self.recording:
             return super().decide_eager(q, k, v, attn_mask, hidden)
         ref = q if q is not None else hidden
         w_hat = self._fresh_w_hat()
-        tensors = (self.static_scores, self.calibrated, w_hat)
-        key = (tuple(t._version for t in tensors), ref.device, self.keep_ratio, self.min_heads,
+        scores, calibrated = buffers["static_scores"], buffers["calibrated"]
+        tensors = (scores, calibrated, w_hat)
+        key = ((scores._version, calibrated._version, w_hat._version), ref.device, self.keep_ratio, self.min_heads,
                self.score_threshold, self.union_cap, self.granularity, self.prune_kv_groups)
         cached = self._decision
-        if cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], tensors)):
+        if (cached is None or cached[1] != key or cached[0][0] is not scores or cached[0][1] is not calibrated
+                or cached[0][2] is not w_hat):
             keep = super().decide_eager(None, None, None, None, ref[:1])
             cached = self._decision = (tensors, key, keep)
         return cached[2].expand(ref.shape[0], self.num_heads)
@@ -284,7 +288,7 @@ class RouterGate(ScoringGate):
         """Per-sample top-k of the router's scores in the router's own launches where the budget
         is that simple (no threshold, heads as units), and a batch-shared decision's vote in one
         more; otherwise the general path."""
-        if (hidden is not None and self.router is not None and not self.fixed_keep.numel() and not self.recording
+        if (hidden is not None and self.router is not None and not self._buffers["fixed_keep"].numel() and not self.recording
                 and self.score_threshold is None and not self.prune_kv_groups and self.n_keep < self.num_heads):
             batch = hidden.shape[0] if q is None else q.shape[0]
             x = hidden.reshape(batch, -1, hidden.shape[-1])

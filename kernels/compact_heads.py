@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .head_runs import Band, attend_head_bands, head_bands
+
 
 class HeadProjection(NamedTuple):
     """One role's projection: ``x @ weight`` restricted to features [start, start + heads * dim).
@@ -382,6 +384,9 @@ def gather_query_heads(q_proj: HeadProjection, k_proj: HeadProjection, v_proj: H
 
 # A/B switch for benchmarks: False gathers the kept heads' K/V on a GPU too.
 IN_PLACE_DECODE = True
+# A/B switch for benchmarks and tests: False runs a CPU query chain's heads shared by the rows
+# as a GPU without Triton does (every head, or K/V gathered) instead of by runs of heads.
+HEAD_BANDS = True
 # Query rows up to which a query chain's heads shared by the rows attend over every head (the
 # others' q zero) rather than over their own K/V gathered: at 16 rows the two cost the same.
 SCATTER_MAX_LQ = 16
@@ -404,24 +409,33 @@ def _in_place_decode(q, k, v, dropout_p: float):
 
 
 def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_mask, dropout_p, is_causal, scale,
-                     rows_shared: bool) -> torch.Tensor:
+                     rows_shared: bool, bands: Optional[list[Band]] = None) -> torch.Tensor:
     """Attention for :func:`gather_query_heads`: q [B, cap, Lq, D] of the gathered query heads,
     k and v [B, KV heads, Lk, .] of every group; each gathered head reads its own group's K/V.
 
     Decoding on a GPU the Triton decode kernels read each head's group in place: gathering the
     kept heads' K/V would copy the cache's share of them at every step (read and written once,
-    then read by the attention: three times the bytes the attention alone reads). Elsewhere a
-    few query rows shared by the rows run every head (see SCATTER_MAX_LQ); otherwise K/V are
-    gathered and attention runs dense."""
+    then read by the attention: three times the bytes the attention alone reads). On a CPU, heads
+    shared by the rows attend by runs of adjacent heads, K/V sliced in place
+    (kernels/head_runs.py; ``bands``: :func:`head_bands` of ``gathered``, where the caller keeps
+    them). Elsewhere a few query rows shared by the rows run every head (see SCATTER_MAX_LQ);
+    otherwise K/V are gathered and attention runs dense."""
     idx, valid = gathered.idx, gathered.valid
     H = keep.shape[1]
-    groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
-    mask = _heads_of_mask(attn_mask, H, idx)
     triton = _in_place_decode(q, k, v, dropout_p)
     if triton is not None:
+        groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
         rows = (valid if rows_shared else keep.index_select(1, idx) & valid).expand(q.shape[0], -1)
-        return triton.triton_gated_attention(q, k, v, rows, mask, is_causal, scale, kv_heads=groups,
-                                             kv_group=group)
+        return triton.triton_gated_attention(q, k, v, rows, _heads_of_mask(attn_mask, H, idx), is_causal, scale,
+                                             kv_heads=groups, kv_group=group)
+    if HEAD_BANDS and rows_shared and q.device.type == "cpu" and dropout_p == 0.0:
+        if bands is None:
+            bands = head_bands(idx.tolist(), valid.tolist(), group)
+        out = None if bands is None else attend_head_bands(q, k, v, bands, group, attn_mask, is_causal, scale)
+        if out is not None:
+            return out
+    groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
+    mask = _heads_of_mask(attn_mask, H, idx)
     if rows_shared and q.shape[2] <= SCATTER_MAX_LQ:
         # A few query rows (decoding): attention over every head, q zero for the others, reads
         # each cached K/V once; gathering the kept heads' K/V first copies them. On this 2-core

@@ -105,14 +105,81 @@ def _output_in_order(state: _Site) -> bool:
 
 def _flags_spec(flags: fx.Node, keep: fx.Node):
     """What a head op's flags were, for the block's fallback: "keep" (the gate's [B, H] mask),
-    "any" (its union over the batch), or the node itself (a fused layout's feature flags). The
-    names let the block skip computing them when it runs the kept heads alone: on an H200 the two
-    unions per layer cost 13 µs at batch 1 (session 10)."""
+    "any" (its union over the batch), a recipe (see :func:`flags_recipe`) or the node itself.
+    Only the fallback reads them, so a name lets the block skip computing them when it runs the
+    kept heads alone: on an H200 the two unions per layer cost 13 µs at batch 1 (session 10); a
+    fused projection's feature flags (any, unsqueeze, expand, new_ones, cat, flatten) cost 24 µs
+    per layer on a 2-core CPU between a decoding step's GEMMs (session 22)."""
     if flags is keep:
         return "keep"
     if (flags.op == "call_method" and flags.target == "any" and flags.args == (keep, 0) and not flags.kwargs):
         return "any"
-    return flags
+    recipe = flags_recipe(flags, keep)
+    return flags if recipe is None else recipe
+
+
+# What a flags recipe may replay: the ops skip_projections builds feature flags with.
+_RECIPE_METHODS = frozenset({"any", "unflatten", "new_ones", "repeat_interleave", "unsqueeze", "expand", "flatten"})
+_RECIPE_FUNCTIONS = {"cat": torch.cat, "getitem": operator.getitem}
+RECIPE = "flags_recipe"
+
+
+def flags_recipe(flags: fx.Node, keep: fx.Node) -> Optional[tuple]:
+    """``(RECIPE, steps)``: the ops computing flags from keep alone, as literals the graph can
+    carry (strings "%keep" and "%i" name keep and step i's value); None when flags read anything
+    else or an op a recipe does not replay. :func:`replay_flags` computes them again."""
+    steps: list[tuple] = []
+    number: dict[fx.Node, int] = {}
+
+    def encode(a):
+        if isinstance(a, fx.Node):
+            if a is keep:
+                return "%keep"
+            if a not in number and not visit(a):
+                raise LookupError
+            return f"%{number[a]}"
+        if isinstance(a, (tuple, list)):
+            return tuple(encode(x) for x in a)
+        if isinstance(a, str) or not isinstance(a, (int, float, bool, slice, type(None))):
+            raise LookupError  # a literal string would read as a reference
+        return a
+
+    def visit(node: fx.Node) -> bool:
+        if node.kwargs:
+            return False
+        if node.op == "call_method" and node.target in _RECIPE_METHODS:
+            kind, name = "method", node.target
+        elif node.op == "call_function" and any(node.target is f for f in _RECIPE_FUNCTIONS.values()):
+            kind, name = "function", next(k for k, f in _RECIPE_FUNCTIONS.items() if node.target is f)
+        else:
+            return False
+        steps.append((kind, name, encode(node.args)))
+        number[node] = len(steps) - 1
+        return True
+
+    try:
+        if not visit(flags):
+            return None
+    except LookupError:
+        return None
+    return RECIPE, tuple(steps)
+
+
+def replay_flags(recipe: tuple, keep: torch.Tensor) -> torch.Tensor:
+    """The flags a :func:`flags_recipe` recorded, computed from this call's keep."""
+    values: list = []
+
+    def decode(a):
+        if isinstance(a, str):
+            return keep if a == "%keep" else values[int(a[1:])]
+        if isinstance(a, tuple):
+            return tuple(decode(x) for x in a)
+        return a
+
+    for kind, name, args in recipe[1]:
+        args = decode(args)
+        values.append(getattr(args[0], name)(*args[1:]) if kind == "method" else _RECIPE_FUNCTIONS[name](*args))
+    return values[-1]
 
 
 def compact_site(gm: fx.GraphModule, state: _Site, gate_target: Optional[str], tensor_args_only: bool = False) -> bool:

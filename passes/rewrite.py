@@ -44,7 +44,7 @@ def erase_dead(start: fx.Node) -> int:
     erased, stack = 0, [start]
     while stack:
         node = stack.pop()
-        if node.graph is None or node.users or not _is_pure(node):
+        if node.graph is None or getattr(node, "_erased", False) or node.users or not _is_pure(node):
             continue
         inputs = list(node.all_input_nodes)
         node.graph.erase_node(node)

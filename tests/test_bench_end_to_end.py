@@ -31,10 +31,10 @@ def test_generate_table_runs_small(monkeypatch, capsys, model):
     runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_generate.py"), run_name="__main__")
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows == ["variant", "dense", "dense, torch.compile eager", "static p=0.5", "static p=0.5 K/V gathered",
+    assert rows == ["variant", "dense", "dense, torch.compile eager", "static p=0.5", "static p=0.5 K/V not in place",
                     "static p=0.5 head ops"], out
     # the capture call, then for each of the two rows sharing the model a warm-up (3 tokens),
     # 1 token, 3 tokens: each token one call of the layer's chain
     assert "static p=0.5: 15 query-chain calls, 1 gathers" in out, out
     from dhp_fx.kernels import compact_heads
-    assert compact_heads.IN_PLACE_DECODE
+    assert compact_heads.IN_PLACE_DECODE and compact_heads.HEAD_BANDS

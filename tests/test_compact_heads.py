@@ -649,13 +649,16 @@ def test_slot_view_reads_each_slots_features(slots, dim, spare, before, axis, ot
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 3), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]), Lq=st.sampled_from([1, 3, 17]),
+@given(B=st.integers(1, 3), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]), Lq=st.sampled_from([1, 3, 17]),
        Lk=st.integers(1, 20), mask=st.sampled_from(["none", "pad", "bias", "bool"]), causal=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_query_heads_core_every_head_or_gathered_kv_give_the_kept_heads_alone(B, kv, group, Lq, Lk, mask, causal, seed):
     """A query chain's core on the kept query heads (plus filler heads) over every head's K/V:
-    a few query rows attend over every head with the others' q zero (SCATTER_MAX_LQ), more rows
-    over their own K/V gathered. Both equal attention of each gathered head alone, in float64."""
+    on a CPU by bands of adjacent heads, K/V sliced in place (kernels/head_runs.py: whole
+    groups, or a group's kept heads folded into query rows); elsewhere a few query rows attend
+    over every head with the others' q zero (SCATTER_MAX_LQ), more rows over their own K/V
+    gathered. Each equals attention of each kept head alone, in float64; the bands write zeros
+    for filler slots (their W_o columns are zero), the other paths finite values."""
     from unittest import mock
 
     from dhp_fx.kernels import compact_heads
@@ -682,7 +685,9 @@ def test_query_heads_core_every_head_or_gathered_kv_give_the_kept_heads_alone(B,
     want = F.scaled_dot_product_attention(q, k.index_select(1, groups), v.index_select(1, groups),
                                           attn_mask=heads_mask if heads_mask is not None else attn_mask,
                                           is_causal=causal)
-    for most in (0, 16):  # every head up to `most` query rows, gathered K/V beyond
-        with mock.patch.object(compact_heads, "SCATTER_MAX_LQ", most):
+    for bands, most in ((True, 0), (False, 0), (False, 16)):  # every head up to `most` rows, gathered K/V beyond
+        with mock.patch.object(compact_heads, "SCATTER_MAX_LQ", most), \
+                mock.patch.object(compact_heads, "HEAD_BANDS", bands):
             got = query_heads_core(q, k, v, keep, gathered, group, attn_mask, 0.0, causal, None, True)
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(got[:, valid], want[:, valid], atol=1e-10, rtol=1e-10)
+        assert torch.isfinite(got).all()
