@@ -38,3 +38,12 @@ def test_generate_table_runs_small(monkeypatch, capsys, model):
     assert "static p=0.5: 15 query-chain calls, 1 gathers" in out, out
     from dhp_fx.kernels import compact_heads
     assert compact_heads.IN_PLACE_DECODE and compact_heads.HEAD_BANDS
+
+
+def test_head_bands_table_runs(monkeypatch, capsys):
+    """benchmarks/bench_head_bands.py: every shape's row, its paths checked equal before timing."""
+    monkeypatch.setattr(sys, "argv", ["bench_head_bands.py", "--reps", "1"])
+    runpy.run_path(os.path.join(ROOT, "benchmarks", "bench_head_bands.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].split("|")[-2].strip() == "bands in place" and len(rows) == 1 + 8, out
