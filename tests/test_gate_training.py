@@ -216,6 +216,9 @@ def test_the_distillation_loss_alone_teaches_routers_which_heads_to_keep():
     from test_distill import copy_task, pruned_student, trained_teacher
 
     teacher = trained_teacher()
+    # The routers' init draws from the global generator, whose state depends on which tests ran
+    # before in this process (the teacher is cached): seeded, the test is the same in any order.
+    torch.manual_seed(0)  # seeds 0-5 all pass; CI once drew an init whose decisions never flipped
     student = pruned_student(teacher, scoring="router")
     with torch.no_grad():
         for gate in student.gates.values():
