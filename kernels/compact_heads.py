@@ -437,10 +437,12 @@ def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_ma
     groups = idx if group == 1 else torch.div(idx, group, rounding_mode="floor")
     mask = _heads_of_mask(attn_mask, H, idx)
     if rows_shared and q.shape[2] <= SCATTER_MAX_LQ:
-        # A few query rows (decoding): attention over every head, q zero for the others, reads
-        # each cached K/V once; gathering the kept heads' K/V first copies them. On this 2-core
-        # CPU at 8 x 8 heads x 160 keys it took 311 us against 964 us, at 8 x 32 heads (8 KV)
-        # x 512 keys 2.7 ms against 34 ms; at 16 rows the two were even.
+        # A few query rows (decoding) where no band runs in place (a GPU without the Triton
+        # path; on a CPU a per-head mask over scattered heads, or causality with a mask):
+        # attention over every head, q zero for the others, reads each cached K/V once;
+        # gathering the kept heads' K/V first copies them. On a 2-core CPU at 8 x 8 heads x 160
+        # keys it took 311 us against 964 us, at 8 x 32 heads (8 KV) x 512 keys 2.7 ms against
+        # 34 ms; at 16 rows the two were even (session 21).
         full = q.new_zeros(q.shape[0], H, *q.shape[2:]).index_copy(1, idx, q)
         return dense_attention(full, k, v, attn_mask, dropout_p, is_causal, scale, group).index_select(1, idx)
     k, v = k.index_select(1, groups), v.index_select(1, groups)
