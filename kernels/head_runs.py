@@ -10,7 +10,7 @@ Slicing a run of adjacent heads is a view: attention per run reads exactly the k
 and copies nothing. Under GQA a run is a band of adjacent KV groups that keep the same number n
 of query heads: whole groups go through SDPA's ``enable_gqa``; a part of a group folds its n
 query heads into the query-row dim of one head's attention (exact when no row's mask differs by
-head and nothing is causal across the folded rows).
+head; causality then goes into a mask, tiled over the folded rows).
 
 Host-side planning reads the slot index, so this serves CPU tensors (no device sync).
 """
@@ -74,16 +74,24 @@ def _band_mask(mask: Optional[torch.Tensor], band: Band, fold: bool) -> tuple[bo
     return True, mask.repeat(*([1] * (mask.dim() - 2)), band.per_group, 1)
 
 
+def _with_causality(mask: Optional[torch.Tensor], Lq: int, Lk: int, device) -> torch.Tensor:
+    """``mask`` with SDPA's causality (top-left aligned: query row i sees keys up to i) folded in."""
+    above = torch.ones(Lq, Lk, dtype=torch.bool, device=device).triu(1)
+    if mask is None:
+        return ~above
+    return mask & ~above if mask.dtype == torch.bool else mask.masked_fill(above, float("-inf"))
+
+
 def attend_head_bands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bands: list[Band], group: int,
                       attn_mask: Optional[torch.Tensor], is_causal: bool, scale: Optional[float]
                       ) -> Optional[torch.Tensor]:
     """q [B, slots, Lq, D] (kept slots first), k/v [B, KV heads, Lk, .]: [B, slots, Lq, Dv] with
     the kept slots' attention and zeros for filler slots; None where a band cannot run in place
-    (a per-head mask over folded or scattered heads, causality with a mask or across folded
-    heads)."""
-    if is_causal and attn_mask is not None:
-        return None  # SDPA takes one or the other
+    (a per-head mask over folded or scattered heads)."""
     B, slots, Lq, _ = q.shape
+    if is_causal and (attn_mask is not None or any(1 < b.per_group < group for b in bands)):
+        # SDPA takes a mask or is_causal, and folded heads' rows need the causal mask tiled
+        attn_mask, is_causal = _with_causality(attn_mask, Lq, k.shape[2], q.device), False
     outs = []
     for band in bands:
         n, G = band.per_group, band.groups
@@ -91,8 +99,6 @@ def attend_head_bands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bands: 
         qb = q.narrow(1, band.slot, width)
         kb, vb = k.narrow(1, band.kv, G), v.narrow(1, band.kv, G)
         fold = 1 < n < group  # part of each group: its heads become query rows of the group's head
-        if fold and is_causal:
-            return None
         ok, mask = _band_mask(attn_mask, band, fold)
         if not ok:
             return None
