@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,15 +213,30 @@ def test_distill_trains_routers_through_the_keep_decision():
                        DistillConfig(steps=1, train_weights=False, gate_weight=0.0, progress=False))
 
 
+_ROUTER_CHILD = "_DHP_FX_ROUTER_DISTILL_CHILD"
+
+
+@pytest.mark.skipif(os.environ.get(_ROUTER_CHILD) == "1", reason="this is the child")
 def test_the_distillation_loss_alone_teaches_routers_which_heads_to_keep():
+    """Runs the test below in a fresh process. In two of five full xdist runs on a fresh clone
+    (session 22) it failed with the KL unchanged to the last digit (0.8858...), while it passed
+    alone, after the same worker's files in one process, and with router seeds 0-5: something a
+    worker's earlier tests leave behind, not yet found."""
+    env = {**os.environ, _ROUTER_CHILD: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::"
+                           "test_routers_learn_from_the_distillation_loss_alone"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, f"child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(os.environ.get(_ROUTER_CHILD) != "1", reason="run by the test above, in a fresh process")
+def test_routers_learn_from_the_distillation_loss_alone():
     """Routers started on the wrong heads (reversed prior), weights frozen, no S regression: only
     the gradient through the keep decision can lower the KL, and it must."""
     from test_distill import copy_task, pruned_student, trained_teacher
 
     teacher = trained_teacher()
-    # The routers' init draws from the global generator, whose state depends on which tests ran
-    # before in this process (the teacher is cached): seeded, the test is the same in any order.
-    torch.manual_seed(0)  # seeds 0-5 all pass; CI once drew an init whose decisions never flipped
+    torch.manual_seed(0)  # the routers' init draws from the global generator
     student = pruned_student(teacher, scoring="router")
     with torch.no_grad():
         for gate in student.gates.values():
@@ -228,7 +246,7 @@ def test_the_distillation_loss_alone_teaches_routers_which_heads_to_keep():
                                           train_weights=False, eval_every=20, progress=False),
                             eval_data=copy_task(4, 32, seed=2, labels=False))
     before, after = result.evals[0]["kl"], result.evals[-1]["kl"]
-    assert before > 0.5 and after < 0.5 * before, (before, after)
+    assert before > 0.5 and after < 0.5 * before, (before, after, result.history[-3:])
 
 
 def test_budget_loss_is_zero_on_budget_and_grows_off_it():
