@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .head_runs import Band, attend_head_bands, head_bands
+from .head_runs import Band, attend_head_bands, head_bands, with_causality
 
 
 class HeadProjection(NamedTuple):
@@ -206,9 +206,7 @@ def dense_attention(q, k, v, mask, dropout_p, is_causal, scale, group: int):
     together with is_causal (which the gated op takes, top-left aligned, and SDPA refuses) has
     causality folded into it."""
     if mask is not None and is_causal:
-        above = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
-        mask = mask & ~above if mask.dtype == torch.bool else mask.masked_fill(above, float("-inf"))
-        is_causal = False
+        mask, is_causal = with_causality(mask, q.shape[-2], k.shape[-2], q.device), False
     if group > 1:
         try:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -438,7 +436,7 @@ def query_heads_core(q, k, v, keep, gathered: GatheredHeads, group: int, attn_ma
     mask = _heads_of_mask(attn_mask, H, idx)
     if rows_shared and q.shape[2] <= SCATTER_MAX_LQ:
         # A few query rows (decoding) where no band runs in place (a GPU without the Triton
-        # path; on a CPU a per-head mask over scattered heads, or causality with a mask):
+        # path; on a CPU a per-head mask over folded or scattered heads):
         # attention over every head, q zero for the others, reads each cached K/V once;
         # gathering the kept heads' K/V first copies them. On a 2-core CPU at 8 x 8 heads x 160
         # keys it took 311 us against 964 us, at 8 x 32 heads (8 KV) x 512 keys 2.7 ms against

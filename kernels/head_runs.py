@@ -2,9 +2,10 @@
 
 A query chain (a decoder with a KV cache) computes the kept query heads alone, but K and V are
 the cache's, every head's. Gathering the kept heads' K/V copies the cache's share of them at every
-call: on a 2-core CPU ``index_select`` along the head dim runs at 4–10 GB/s, two to five times the
-cost of the attention that then reads them. Running every head instead (the others' q zero) reads
-the cache once but does the pruned heads' work.
+call: on a 2-core CPU ``index_select`` along the head dim writes 2–8 GB/s, so gathering and
+then attending cost 1.1–21× dense attention over every head (``benchmarks/bench_head_bands.py``).
+Running every head instead (the others' q zero) reads the cache once but does the pruned heads'
+work.
 
 Slicing a run of adjacent heads is a view: attention per run reads exactly the kept heads' K/V
 and copies nothing. Under GQA a run is a band of adjacent KV groups that keep the same number n
@@ -74,8 +75,9 @@ def _band_mask(mask: Optional[torch.Tensor], band: Band, fold: bool) -> tuple[bo
     return True, mask.repeat(*([1] * (mask.dim() - 2)), band.per_group, 1)
 
 
-def _with_causality(mask: Optional[torch.Tensor], Lq: int, Lk: int, device) -> torch.Tensor:
-    """``mask`` with SDPA's causality (top-left aligned: query row i sees keys up to i) folded in."""
+def with_causality(mask: Optional[torch.Tensor], Lq: int, Lk: int, device) -> torch.Tensor:
+    """``mask`` with SDPA's causality (top-left aligned: query row i sees keys up to i) folded in,
+    for SDPA, which takes one or the other."""
     above = torch.ones(Lq, Lk, dtype=torch.bool, device=device).triu(1)
     if mask is None:
         return ~above
@@ -91,7 +93,7 @@ def attend_head_bands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bands: 
     B, slots, Lq, _ = q.shape
     if is_causal and (attn_mask is not None or any(1 < b.per_group < group for b in bands)):
         # SDPA takes a mask or is_causal, and folded heads' rows need the causal mask tiled
-        attn_mask, is_causal = _with_causality(attn_mask, Lq, k.shape[2], q.device), False
+        attn_mask, is_causal = with_causality(attn_mask, Lq, k.shape[2], q.device), False
     outs = []
     for band in bands:
         n, G = band.per_group, band.groups

@@ -140,7 +140,9 @@ def flags_recipe(flags: fx.Node, keep: fx.Node) -> Optional[tuple]:
             return f"%{number[a]}"
         if isinstance(a, (tuple, list)):
             return tuple(encode(x) for x in a)
-        if isinstance(a, str) or not isinstance(a, (int, float, bool, slice, type(None))):
+        if isinstance(a, slice):  # its bounds must be literals too
+            return slice(*(encode(x) for x in (a.start, a.stop, a.step)))
+        if isinstance(a, str) or not isinstance(a, (int, float, bool, type(None))):
             raise LookupError  # a literal string would read as a reference
         return a
 

@@ -66,7 +66,7 @@ def test_plain_forms_keep_their_names():
     assert _flags_spec(union, keep) == "any"
 
 
-@pytest.mark.parametrize("case", ["other_input", "unknown_op", "kwargs", "string_literal"])
+@pytest.mark.parametrize("case", ["other_input", "unknown_op", "kwargs", "string_literal", "slice_bound"])
 def test_flags_read_from_elsewhere_stay_nodes(case):
     """What a recipe cannot replay exactly stays the graph's node (computed by the graph)."""
     graph = fx.Graph()
@@ -78,6 +78,8 @@ def test_flags_read_from_elsewhere_stay_nodes(case):
         "unknown_op": lambda: graph.call_method("logical_not", (union,)),
         "kwargs": lambda: graph.call_method("any", (keep,), {"dim": 0}),
         "string_literal": lambda: graph.call_method("to", (union, "cpu")),
+        "slice_bound": lambda: graph.call_function(operator.getitem, (union, slice(None, graph.call_method(
+            "size", (other, 0))))),
     }[case]()
     graph.output(flags)
     assert flags_recipe(flags, keep) is None
